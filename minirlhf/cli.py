@@ -1,0 +1,68 @@
+"""Turn a settings dataclass into a command line: one flag per field, its comment as the help text.
+
+Every script keeps its settings as a `@dataclass Args` at the top (cleanrl style); `parse_args(Args)` gives `--help`,
+`--field-name VALUE` flags (underscores become dashes), and booleans as `--flag` / `--no-flag`. Field help comes from
+`field(metadata={"help": ...})` or, more readably, from the docstring-style string literal under each field, which
+`_field_docs` reads from the source.
+"""
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import typing
+
+
+def _field_docs(cls):
+    """Map field name -> the string literal written on the line after it (cleanrl's field docstrings)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def parse_args(cls, argv=None, description=None):
+    """Parse argv into an instance of the dataclass `cls`; print the settings is the caller's job."""
+    docs = _field_docs(cls)
+    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag, help_ = "--" + f.name.replace("_", "-"), docs.get(f.name, f.metadata.get("help", " "))
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        typ = hints[f.name]
+        if typ is bool:
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+            continue
+        base = _unwrap_optional(typ)
+        if typing.get_origin(base) in (list, tuple):
+            item = typing.get_args(base)[0] if typing.get_args(base) else str
+            parser.add_argument(flag, default=default, type=item, nargs="+", help=help_)
+        else:
+            parser.add_argument(flag, default=default, type=_none_or(base) if base is not typ else base,
+                                help=help_)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def _unwrap_optional(typ):
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    return args[0] if typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None)) \
+        and len(args) == 1 else typ
+
+
+def _none_or(base):
+    """For Optional[X] flags: the word 'none' means None."""
+    def convert(text):
+        return None if text.lower() == "none" else base(text)
+    convert.__name__ = base.__name__
+    return convert
+
+
+def format_args(args):
+    """The settings, one per line, for the top of every run's output."""
+    return "\n".join(f"  {k:<28} {v}" for k, v in dataclasses.asdict(args).items())

@@ -1,0 +1,59 @@
+"""Data parallelism on PyTorch's own engine, as small as it can be.
+
+Under `torchrun --nproc_per_node N script.py ...` the environment carries RANK / WORLD_SIZE / LOCAL_RANK; `setup()`
+then starts a process group (gloo on CPU, NCCL on GPU). Without torchrun everything is a no-op and world_size is 1.
+Only rank 0 logs, evaluates and writes (`is_main`). Gradients are averaged with `all_reduce_mean_grads`, which is
+exactly what DDP does, written out so the reader sees it.
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup(device_type="cpu"):
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    if device_type == "cuda":
+        torch.cuda.set_device(info.local_rank)
+    return info
+
+
+def all_reduce_mean_grads(params, world_size):
+    """Average .grad of `params` over ranks (the DDP all-reduce, written out)."""
+    if world_size == 1:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad /= world_size
+
+
+def all_reduce_mean(value, world_size):
+    """Mean of a python float or tensor over ranks."""
+    if world_size == 1:
+        return value
+    t = torch.as_tensor(value, dtype=torch.float64).clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return (t / world_size).item() if t.dim() == 0 else t / world_size
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,69 @@
+"""The output contract every script honours (DESIGN.md): args.json, metrics.jsonl, summary.json, curves.png.
+
+`RunLog(out_dir, args)` writes args.json at once; `.log(step, metrics)` appends one JSON object per logging step
+(namespaced keys such as "train/loss"); `.summary(final)` writes summary.json atomically and draws curves.png when
+matplotlib is installed.
+"""
+import dataclasses
+import json
+import os
+import time
+
+from minirlhf.checkpoint import atomic_write_json
+
+
+class RunLog:
+    def __init__(self, out_dir, args, enabled=True):
+        self.out_dir, self.enabled, self.start = out_dir, enabled, time.time()
+        self.history = []
+        if enabled:
+            os.makedirs(out_dir, exist_ok=True)
+            atomic_write_json(os.path.join(out_dir, "args.json"), dataclasses.asdict(args))
+            self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+            open(self.metrics_path, "w").close()
+
+    def log(self, step, metrics):
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        if self.enabled:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def summary(self, final):
+        final = {"time/total_seconds": round(time.time() - self.start, 2), **{k: _plain(v) for k, v in final.items()}}
+        if self.enabled:
+            atomic_write_json(os.path.join(self.out_dir, "summary.json"), final)
+            plot_curves(self.history, os.path.join(self.out_dir, "curves.png"))
+        return final
+
+
+def _plain(v):
+    return v.item() if hasattr(v, "item") else v
+
+
+def plot_curves(history, path):
+    """One small panel per numeric metric against step; silently skipped without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    keys = sorted({k for row in history for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+    if not keys:
+        return
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(r["step"], r[key]) for r in history if isinstance(r.get(key), (int, float))]
+        ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None)
+        ax.set_title(key, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
