@@ -22,6 +22,7 @@ def masked_mean(x, mask, dim=None):
 
 def masked_var(x, mask, unbiased=True):
     """Variance of the masked entries of x (Bessel-corrected by default, as TRL/OpenAI's lm-human-preferences)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))  # inf/nan padding would give nan gradients below
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     if unbiased:
@@ -34,6 +35,7 @@ def masked_whiten(x, mask, shift_mean=True, eps=1e-8):
     """(x - mean) / std over the masked entries; padding positions are returned as 0.
 
     shift_mean=False keeps the mean (used when whitening rewards so their sign is kept)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))  # inf/nan padding would give nan gradients below
     mean, var = masked_mean(x, mask), masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
@@ -50,6 +52,9 @@ def gather_logprobs(logits, labels):
 
 
 def entropy_from_logits(logits):
-    """Entropy H = -Σ p log p of the categorical softmax(logits), per position.  (..., V) -> (...)."""
-    logp = F.log_softmax(logits, dim=-1)
+    """Entropy H = -Σ p log p of the categorical softmax(logits), per position.  (..., V) -> (...).
+
+    -inf logits (filtered tokens) have p = 0 and add 0: log p is clamped to the most negative finite float so that
+    0 * log 0 is 0, not nan (as torch.distributions.Categorical does)."""
+    logp = F.log_softmax(logits, dim=-1).clamp(min=torch.finfo(logits.dtype).min)  # (..., V)
     return -(logp.exp() * logp).sum(-1)

@@ -1,0 +1,76 @@
+"""Prompt formats: a messages list -> the exact text the model is asked to continue with its answer.
+
+With template=None the tokenizer's own chat template renders the messages, with add_generation_prompt=True so the
+text ends where the assistant's reply begins (seed 002). Base models without a chat template use a named plain
+template. One user question q renders as (␣ marks a trailing space):
+
+    "question-answer"  (seed 000)   ### Question: {q}\\n\\n### Answer:
+    "qa"               (seed 001)   Question: {q}\\n\\nAnswer:␣
+    "llama3"           (seed 003)   <|begin_of_text|>[<|start_header_id|>system<|end_header_id|>\\n\\n{sys}<|eot_id|>]
+                                    <|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>
+                                    <|start_header_id|>assistant<|end_header_id|>\\n\\n          (one line in reality)
+
+Multi-turn conversations: every turn is rendered with its role's pattern and the turns are joined by the template's
+separator, so earlier exchanges read as completed question / answer blocks, e.g. for "qa":
+
+    Question: {u1}\\n\\nAnswer: {a1}\\n\\nQuestion: {u2}\\n\\nAnswer:␣
+
+A system message (put it first) is written as its own block: plain text in "question-answer" and "qa", a system
+header in "llama3" (which is how seed 003's optional system prompt is given). Contents are used verbatim.
+
+The text is later tokenised as written (no special tokens added, see tokenize.py), so it must carry any BOS token
+itself: chat templates and "llama3" write theirs; "question-answer" and "qa" start with the tokenizer's BOS token
+when the tokenizer puts one before plain text (as Llama tokenizers do; seen by tokenising ""), else with nothing.
+"""
+from dataclasses import dataclass
+
+from .schema import prompt_problem
+
+
+@dataclass(frozen=True)
+class PlainTemplate:
+    turns: dict           # role -> pattern with {content}
+    separator: str        # between turns
+    generation: str       # after the last (user) turn: opens the assistant's answer
+    prefix: str = ""      # before everything (llama3's BOS)
+
+
+_LLAMA3_TURN = "<|start_header_id|>{role}<|end_header_id|>\n\n{{content}}<|eot_id|>"
+TEMPLATES = {
+    "question-answer": PlainTemplate(
+        {"system": "{content}", "user": "### Question: {content}", "assistant": "### Answer: {content}"},
+        separator="\n\n", generation="\n\n### Answer:"),
+    "qa": PlainTemplate(
+        {"system": "{content}", "user": "Question: {content}", "assistant": "Answer: {content}"},
+        separator="\n\n", generation="\n\nAnswer: "),
+    "llama3": PlainTemplate(
+        {role: _LLAMA3_TURN.format(role=role) for role in ("system", "user", "assistant")},
+        separator="", generation="<|start_header_id|>assistant<|end_header_id|>\n\n", prefix="<|begin_of_text|>"),
+}
+
+
+def format_prompt(tokenizer, messages, template=None):
+    """The prompt text for `messages` (a list of {"role", "content"} ending with a user turn): the tokenizer's chat
+    template when template is None, else the named plain template (TEMPLATES)."""
+    problem = prompt_problem(messages)
+    if problem:
+        raise ValueError(f"format_prompt: messages must be a list of {{'role', 'content'}} dicts ending with a "
+                         f"non-empty user turn ({problem})")
+    if template is None:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the tokenizer has no chat template: pass --template with one of "
+                             f"{', '.join(TEMPLATES)}")
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    plain = TEMPLATES[template]
+    body = plain.separator.join(plain.turns[m["role"]].format(content=m["content"]) for m in messages)
+    return _bos(tokenizer, plain) + plain.prefix + body + plain.generation
+
+
+def _bos(tokenizer, plain):
+    """The tokenizer's BOS text when a plain template without its own prefix needs it (see the module docstring)."""
+    if plain.prefix or tokenizer is None or tokenizer.bos_token is None:
+        return ""
+    adds_bos = tokenizer("")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return tokenizer.bos_token if adds_bos else ""

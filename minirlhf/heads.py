@@ -1,0 +1,149 @@
+"""What we read off the shared trunk's final hidden states: token log-probs (the LM head) and scalar / rating heads.
+
+Legend: B batch, T tokens (prompt + response), H hidden size, V vocab, K rating classes, N response tokens in a batch.
+Two padding traps live here, and both are handled by looking at the attention mask, never at token ids:
+- position ids come from the mask (cumsum - 1), so a left-padded prompt starts at position 0 like an unpadded one;
+- a sequence's score is read at its LAST REAL token (`last_token_index`), never at a padding slot, on either side.
+"""
+import json
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+
+from .checkpoint import atomic_write_bytes, atomic_write_json
+from .ops import entropy_from_logits, gather_logprobs
+
+
+def trunk(model):
+    """The decoder stack without the LM head, e.g. LlamaForCausalLM.model."""
+    return getattr(model, model.base_model_prefix)
+
+
+def position_ids_from_mask(attention_mask):
+    """(B, T) -> (B, T): 0, 1, 2, ... over the real tokens; padding slots get 0 (they are masked anyway)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def final_hidden(model, input_ids, attention_mask):
+    """(B, T) token ids -> (B, T, H) final hidden states of the trunk (after its last norm)."""
+    out = trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    return out.last_hidden_state
+
+
+def last_token_index(attention_mask):
+    """(B, T) -> (B,): position of the last real token of each row, whether the padding is on the left or the right."""
+    if not attention_mask.bool().any(-1).all():
+        raise ValueError("attention_mask has a row with no real token")
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (T,)
+    return (positions * attention_mask.bool()).argmax(-1)  # (B,) the largest position whose mask is set
+
+
+def response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False):
+    """log π(token_t | tokens_<t) at every response token, under softmax(logits / temperature).
+
+    input_ids, attention_mask, response_mask: (B, T), prompt + response, any padding side. Returns (B, T) aligned with
+    input_ids (0 where response_mask is 0), and with return_entropy also the (B, T) entropy of that distribution.
+    The trunk runs once over all tokens; the LM head runs only at the N positions that predict a response token, so
+    prompt positions never build a (B, T, V) tensor. The temperature must be the sampler's, or the PPO ratio is off.
+    Assumes logits = get_output_embeddings()(hidden) (true for Llama, Qwen, Mistral, SmolLM; not for soft-capped or
+    scaled logits, e.g. Gemma 2)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    if response_mask[:, 0].bool().any():
+        raise ValueError("response_mask is set on the first token, which has no context to predict it from")
+    hidden = final_hidden(model, input_ids, attention_mask)  # (B, T, H)
+    # Shift: the hidden state at position t predicts token t+1, so token t is scored from hidden[t-1].
+    predicts = response_mask[:, 1:].bool()  # (B, T-1): True where hidden[t] predicts a response token t+1
+    logits = model.get_output_embeddings()(hidden[:, :-1][predicts])  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32 for softmax
+    logprobs = gather_logprobs(logits, input_ids[:, 1:][predicts])  # (N,)
+
+    def to_grid(values):  # (N,) -> (B, T): put back at the token's own position, 0 elsewhere
+        grid = torch.zeros(predicts.shape, dtype=values.dtype, device=values.device).masked_scatter(predicts, values)
+        return F.pad(grid, (1, 0))  # (B, T-1) -> (B, T): position 0 is never a response token
+
+    if return_entropy:
+        return to_grid(logprobs), to_grid(entropy_from_logits(logits))
+    return to_grid(logprobs)
+
+
+class ScalarHead(nn.Module):
+    """(..., H) -> (...): one number per position; the Bradley-Terry reward or the PPO value.
+
+    init_std=None (reward): weight ~ N(0, 1/(H+1)), as the reward head of Ziegler et al. 2019 (lm-human-preferences),
+    so initial rewards are O(1) and differ between sequences. init_std=0 (value): weight zero, so every initial value
+    is 0 (the bias is zero too) and the first advantages are the rewards themselves, not noise from a random head."""
+
+    def __init__(self, hidden_size, init_std=None):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=(hidden_size + 1) ** -0.5 if init_std is None else init_std)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden):
+        return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)  # (..., H) -> (..., 1) -> (...)
+
+
+class RatingHead(nn.Module):
+    """(..., H) -> (..., K): logits over K rating classes (seed 002's distributional reward model).
+
+    Weight ~ N(0, 1/(H+1)), bias zero: initial class distributions are close to uniform but not identical."""
+
+    def __init__(self, hidden_size, num_classes=10):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, num_classes)
+        nn.init.normal_(self.linear.weight, std=(hidden_size + 1) ** -0.5)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden):
+        return self.linear(hidden.to(self.linear.weight.dtype))  # (..., H) -> (..., K)
+
+
+def sequence_scores(model, head, input_ids, attention_mask):
+    """(B, T) -> (B,) for a ScalarHead or (B, K) for a RatingHead, read at each sequence's last real token."""
+    hidden = final_hidden(model, input_ids, attention_mask)  # (B, T, H)
+    last = last_token_index(attention_mask)  # (B,)
+    return head(hidden[torch.arange(hidden.shape[0], device=hidden.device), last])  # (B, H) -> (B,) or (B, K)
+
+
+HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
+
+
+def save_head(head, path):
+    """Write path/head.safetensors and path/head_config.json (kind, hidden_size, num_classes), each atomically."""
+    kind = {ScalarHead: "scalar", RatingHead: "rating"}[type(head)]
+    hidden_size, num_classes = head.linear.in_features, head.linear.out_features
+    state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
+    atomic_write_bytes(os.path.join(path, HEAD_WEIGHTS), save(state))
+    atomic_write_json(os.path.join(path, HEAD_CONFIG),
+                      {"kind": kind, "hidden_size": hidden_size, "num_classes": num_classes if kind == "rating" else None})
+
+
+def load_head(path, hidden_size=None, kind=None):
+    """Read a head written by save_head; if hidden_size (or kind) is given, check it matches, with a clear error."""
+    config_file = os.path.join(path, HEAD_CONFIG)
+    if not os.path.isfile(config_file):
+        raise ValueError(f"no {HEAD_CONFIG} in {path!r}: not a saved head")
+    with open(config_file) as f:
+        config = json.load(f)
+    if kind is not None and config["kind"] != kind:
+        raise ValueError(f"head in {path!r} is a {config['kind']} head, expected a {kind} head")
+    if hidden_size is not None and config["hidden_size"] != hidden_size:
+        raise ValueError(f"{config['kind']} head in {path!r} expects hidden size {config['hidden_size']} "
+                         f"but the model has {hidden_size}")
+    if config["kind"] == "scalar":
+        head = ScalarHead(config["hidden_size"])
+    elif config["kind"] == "rating":
+        head = RatingHead(config["hidden_size"], config["num_classes"])
+    else:
+        raise ValueError(f"unknown head kind {config['kind']!r} in {config_file!r}")
+    state = load_file(os.path.join(path, HEAD_WEIGHTS))
+    shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in state.items()} != shapes:
+        raise ValueError(f"weights in {path!r} do not match {HEAD_CONFIG} (expected shapes {shapes})")
+    head.load_state_dict(state)
+    return head

@@ -1,0 +1,64 @@
+"""PPO's clipped surrogate losses: one for the policy, one for the value head.
+
+Legend: B batch, T response tokens. Every input is (B, T); `mask` is 1 on real response tokens, 0 on padding.
+
+Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7, written as a loss to minimise per token:
+
+    ratio   = pi(a|s) / pi_old(a|s) = exp(logprobs - old_logprobs)
+    pg_loss = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps))
+
+The max (of negatives = min of the objectives) makes the clip one-sided: once the ratio has moved past 1 +- clip_eps
+in the direction the advantage asks for, that token's gradient is exactly zero, so the policy cannot be pushed far
+from the one that collected the data. The value loss clips the same way around the old value predictions.
+"""
+import torch
+
+from minirlhf.kl import k3
+from minirlhf.ops import masked_mean
+
+
+def _check(name, mask, clip_eps, *tensors):
+    if any(t.shape != mask.shape for t in tensors):
+        raise ValueError(f"{name}: all inputs must share the mask's shape {tuple(mask.shape)}, got "
+                         f"{[tuple(t.shape) for t in tensors]}")
+    if not clip_eps > 0:
+        raise ValueError(f"{name}: clip_eps must be > 0, got {clip_eps}")
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
+    """PPO-clip policy loss, a scalar masked mean over real tokens, and detached scalar stats:
+
+    clipfrac:  fraction of tokens where the clipped term is the larger one (the clip binds: zero gradient there).
+    approx_kl: masked mean of k3 = (ratio - 1) - log ratio, an unbiased, non-negative estimate of KL(pi_old || pi)
+               from tokens sampled by pi_old (see kl.py).
+    """
+    _check("policy_loss", mask, clip_eps, logprobs, old_logprobs, advantages)
+    mask = mask.bool()
+    logratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T); padding: ratio 1
+    ratio = torch.exp(logratio)  # (B, T)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask),
+            "approx_kl": masked_mean(k3(old_logprobs.detach(), logprobs.detach()), mask),
+        }
+    return loss, stats
+
+
+def value_loss(values, old_values, returns, mask, clip_eps=0.2):
+    """Clipped value loss 0.5 * masked_mean(max((V - R)^2, (clip(V, V_old +- clip_eps) - R)^2)), a scalar.
+
+    clip_eps here is in the value's own units (TRL's `cliprange_value`). stats: clipfrac, the fraction of tokens
+    where the clipped error is the larger one."""
+    _check("value_loss", mask, clip_eps, values, old_values, returns)
+    mask = mask.bool()
+    values = torch.where(mask, values, torch.zeros_like(values))  # padding: no inf/nan gradients
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # (B, T)
+    vf_losses = (values - returns) ** 2
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((vf_losses_clipped > vf_losses).to(values.dtype), mask)}
+    return loss, stats

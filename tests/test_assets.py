@@ -1,0 +1,90 @@
+"""The embedded default (minirlhf/assets/tiny-llama): loads offline like a Hub model, small, trained, rebuildable."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
+from minirlhf.data import world
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(TINY_LLAMA, local_files_only=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return AutoModelForCausalLM.from_pretrained(TINY_LLAMA, local_files_only=True).eval()
+
+
+def test_special_tokens(tok):
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|pad|>"
+    assert tok.pad_token_id != tok.eos_token_id
+    assert tok.convert_tokens_to_ids("<|im_start|>") not in (tok.pad_token_id, tok.eos_token_id)
+
+
+def test_digits_are_single_tokens(tok):
+    for d in "0123456789":
+        assert tok.decode(tok.encode(d, add_special_tokens=False)) == d
+        assert len(tok.encode(d, add_special_tokens=False)) == 1
+    ids = tok.encode("What is 1234 plus 56?", add_special_tokens=False)
+    assert [tok.decode([i]) for i in ids if tok.decode([i]).strip().isdigit()] == list("123456")
+
+
+def test_chat_template_is_chatml_without_system_prompt(tok):
+    messages = [{"role": "user", "content": "What is 3 plus 4?"}]
+    assert tok.apply_chat_template(messages, tokenize=False) == "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n"
+    assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n")
+    turns = [{"role": "system", "content": "Be brief."}, *messages, {"role": "assistant", "content": "7."}]
+    assert tok.apply_chat_template(turns, tokenize=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n"
+        "<|im_start|>assistant\n7.<|im_end|>\n")
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>") and tok.eos_token_id in ids
+
+
+def test_world_text_round_trips(tok):
+    rows = world.sft_rows("test")[:200] + [{"prompt": r["prompt"], "response": r["chosen"] + " 12 x\n y"}
+                                          for r in world.preference_rows("test")[:100]]
+    for r in rows:
+        for text in (r["prompt"][0]["content"], r["response"]):
+            assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+
+
+def test_model_loads_and_is_tiny(model, tok):
+    n = sum(p.numel() for p in model.parameters())
+    assert type(model).__name__ == "LlamaForCausalLM" and 1_000_000 <= n <= 5_000_000
+    assert model.config.vocab_size == len(tok) and model.config.tie_word_embeddings
+    assert model.config.eos_token_id == tok.eos_token_id and model.config.pad_token_id == tok.pad_token_id
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()
+
+
+def test_model_is_trained_on_the_world(model, tok):
+    """Held-out demonstrations: per-token loss far below a uniform guess (log V = 6.2 nats)."""
+    texts = [tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) + r["response"]
+             + tok.eos_token for r in world.sft_rows("test")[:64]]
+    tok.padding_side = "right"
+    enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        loss = model(**enc, labels=labels).loss.item()
+    assert loss < 0.8, loss
+
+
+def test_assets_are_small():
+    total = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(ASSETS_DIR) for f in fs)
+    assert total <= 20 * 2**20, total
+    assert os.path.isfile(os.path.join(TINY_LLAMA, "model.safetensors"))
+
+
+def test_tokenizer_rebuild_is_deterministic():
+    """build.build_tokenizer() (the first step of `python -m minirlhf.assets.build`) gives the shipped vocabulary."""
+    from minirlhf.assets.build import build_tokenizer
+    shipped = json.load(open(os.path.join(TINY_LLAMA, "tokenizer.json")))["model"]
+    rebuilt = json.loads(build_tokenizer().backend_tokenizer.to_str())["model"]
+    assert rebuilt["vocab"] == shipped["vocab"] and rebuilt["merges"] == shipped["merges"]

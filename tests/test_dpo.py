@@ -1,0 +1,114 @@
+"""dpo.py against closed forms written independently with Python floats (float64, tolerance 1e-12)."""
+import math
+
+import pytest
+import torch
+
+from minirlhf.dpo import dpo_loss, ipo_loss
+
+
+def _logps(seed, B=13):
+    g = torch.Generator().manual_seed(seed)
+    return [-50 * torch.rand(B, generator=g, dtype=torch.float64) for _ in range(4)]  # sums of token log-probs
+
+
+def log_sigmoid(z):
+    return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+
+
+def margins(c, r, rc, rr):
+    return [(a - b) - (d - e) for a, d, b, e in zip(c.tolist(), r.tolist(), rc.tolist(), rr.tolist())]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("beta", [0.1, 0.5])
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_dpo_matches_closed_form(seed, beta, eps):
+    c, r, rc, rr = _logps(seed)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(c, r, rc, rr, beta=beta, label_smoothing=eps)
+    expected = [-(1 - eps) * log_sigmoid(beta * x) - eps * log_sigmoid(-beta * x) for x in margins(c, r, rc, rr)]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chosen_rewards, beta * (c - rc), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rejected_rewards, beta * (r - rr), rtol=1e-12, atol=1e-12)
+
+
+def test_label_smoothing_zero_is_plain_dpo():
+    c, r, rc, rr = _logps(3)
+    assert torch.equal(dpo_loss(c, r, rc, rr, 0.2, 0.0)[0], dpo_loss(c, r, rc, rr, 0.2)[0])
+    assert torch.equal(dpo_loss(c, r, rc, rr, 0.2)[0], -torch.nn.functional.logsigmoid(0.2 * ((c - rc) - (r - rr))))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_policy_equal_to_reference_gives_log_two(seed):
+    c, r, _, _ = _logps(seed)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(c, r, c.clone(), r.clone(), beta=0.3)
+    torch.testing.assert_close(losses, torch.full_like(c, math.log(2)), rtol=0, atol=1e-15)
+    assert (chosen_rewards == 0).all() and (rejected_rewards == 0).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_swapping_chosen_and_rejected_maps_x_to_minus_x(seed):
+    c, r, rc, rr = _logps(seed)
+    beta = 0.1
+    swapped, sw_chosen, sw_rejected = dpo_loss(r, c, rr, rc, beta=beta)
+    expected = [-log_sigmoid(-beta * x) for x in margins(c, r, rc, rr)]
+    torch.testing.assert_close(swapped, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(c, r, rc, rr, beta=beta)
+    torch.testing.assert_close(swapped - losses, beta * torch.tensor(margins(c, r, rc, rr), dtype=torch.float64))
+    assert torch.equal(sw_chosen, rejected_rewards) and torch.equal(sw_rejected, chosen_rewards)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gradient_raises_chosen_and_lowers_rejected(seed):
+    c, r, rc, rr = _logps(seed)
+    c.requires_grad_(True), r.requires_grad_(True)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(c, r, rc, rr, beta=0.1)
+    grad_c, grad_r = torch.autograd.grad(losses.sum(), (c, r))
+    assert (grad_c < 0).all() and (grad_r > 0).all()  # a descent step increases chosen_logps, decreases rejected
+    torch.testing.assert_close(grad_c, -grad_r)
+    assert not chosen_rewards.requires_grad and not rejected_rewards.requires_grad
+
+
+def test_gradcheck():
+    c, r, rc, rr = (t[:5] / 10 for t in _logps(4))
+    inputs = tuple(t.clone().requires_grad_(True) for t in (c, r, rc, rr))
+    assert torch.autograd.gradcheck(lambda *a: dpo_loss(*a, beta=0.5, label_smoothing=0.1)[0], inputs)
+    assert torch.autograd.gradcheck(lambda *a: ipo_loss(*a, beta=0.5)[0], inputs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_ipo_matches_closed_form(seed, beta):
+    c, r, rc, rr = _logps(seed)
+    losses, chosen_rewards, _ = ipo_loss(c, r, rc, rr, beta=beta)
+    expected = [(x - 1 / (2 * beta)) ** 2 for x in margins(c, r, rc, rr)]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chosen_rewards, beta * (c - rc))
+
+
+def test_ipo_is_zero_at_its_target_margin():
+    beta = 0.25  # target x = 1 / (2 beta) = 2
+    c, r = torch.tensor([-3.0, -10.0]), torch.tensor([-5.0, -12.0])
+    losses, _, _ = ipo_loss(c, r, torch.zeros(2), torch.zeros(2), beta=beta)
+    assert (losses == 0).all()
+
+
+def test_extreme_margins_stay_finite():
+    c, r = torch.tensor([1e4, -1e4, 0.0]), torch.tensor([-1e4, 1e4, 0.0])
+    zeros = torch.zeros(3)
+    losses, _, _ = dpo_loss(c, r, zeros, zeros, beta=1.0, label_smoothing=0.1)
+    assert torch.isfinite(losses).all()
+    torch.testing.assert_close(losses[:2], torch.tensor([0.1 * 2e4, 0.9 * 2e4]))
+
+
+def test_bad_input_raises():
+    c, r, rc, rr = _logps(0)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        dpo_loss(c, r, rc, rr, beta=0.0)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        ipo_loss(c, r, rc, rr, beta=-1.0)
+    for eps in (-0.1, 0.5):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            dpo_loss(c, r, rc, rr, label_smoothing=eps)
+    with pytest.raises(ValueError, match="share one shape"):
+        dpo_loss(c, r[:-1], rc, rr)

@@ -1,0 +1,325 @@
+"""Loading (fp32 / bf16 / 8-bit / 4-bit), parameter counting, heads, response log-probs, and the roles on one base."""
+import copy
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from minirlhf import lora
+from minirlhf.models import (RatingHead, ScalarHead, count_parameters, last_token_index, load_head, load_model,
+                             load_tokenizer, parameter_report, reference, resident_bytes, response_logprobs, save_head,
+                             sequence_scores)
+from minirlhf.ops import masked_mean
+
+PAD = 0
+
+
+def prompt_response_batch(spec, vocab=101, seed=0):
+    """spec: [(prompt_len, response_len)] -> left-padded prompts + right-padded responses, all (B, T):
+    input_ids, attention_mask, response_mask."""
+    g = torch.Generator().manual_seed(seed)
+    P, R = max(p for p, _ in spec), max(r for _, r in spec)
+    ids = torch.full((len(spec), P + R), PAD)
+    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
+    for i, (p, r) in enumerate(spec):
+        ids[i, P - p:P + r] = torch.randint(3, vocab, (p + r,), generator=g)
+        attn[i, P - p:P + r] = 1
+        resp[i, P:P + r] = 1
+    return ids, attn, resp
+
+
+BATCH = prompt_response_batch([(4, 5), (1, 3), (6, 6), (3, 1)])
+
+
+# ---------------------------------------------------------------- log-probs
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_response_logprobs_equal_full_log_softmax_per_unpadded_row(temperature):
+    model = make_tiny_llama(dtype=torch.float64)
+    ids, attn, resp = BATCH
+    lm_head_rows = []
+    hook = model.lm_head.register_forward_hook(lambda mod, args, out: lm_head_rows.append(args[0].shape[0]))
+    got, ent = response_logprobs(model, ids, attn, resp, temperature=temperature, return_entropy=True)
+    hook.remove()
+    assert lm_head_rows == [int(resp.sum())]  # the LM head saw only the N response-predicting positions
+    for i in range(len(ids)):  # reference: each row alone, no padding at all, full logits, Python loop
+        real, is_resp = ids[i][attn[i].bool()], resp[i][attn[i].bool()]
+        logp = torch.log_softmax(model(real[None]).logits[0] / temperature, -1)  # (n, V)
+        want_lp, want_ent = torch.zeros(len(real), dtype=torch.float64), torch.zeros(len(real), dtype=torch.float64)
+        for t in range(1, len(real)):
+            if is_resp[t]:
+                want_lp[t] = logp[t - 1, real[t]]
+                want_ent[t] = -(logp[t - 1].exp() * logp[t - 1]).sum()
+        torch.testing.assert_close(got[i][attn[i].bool()], want_lp, atol=1e-6, rtol=0)
+        torch.testing.assert_close(ent[i][attn[i].bool()], want_ent, atol=1e-6, rtol=0)
+    assert torch.all(got[resp == 0] == 0) and torch.all(ent[resp == 0] == 0)
+
+
+def test_response_logprobs_rejects_bad_input():
+    model = make_tiny_llama()
+    ids, attn, resp = BATCH
+    with pytest.raises(ValueError, match="temperature"):
+        response_logprobs(model, ids, attn, resp, temperature=0.0)
+    with pytest.raises(ValueError, match="first token"):
+        response_logprobs(model, ids, attn, torch.ones_like(resp))
+
+
+# ---------------------------------------------------------------- heads
+def test_last_token_index_any_padding_side():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        mask = torch.zeros(7, 13, dtype=torch.long)
+        for row in mask:
+            n = int(torch.randint(1, 14, (1,), generator=g))
+            start = int(torch.randint(0, 14 - n, (1,), generator=g))  # left, right or both-side padding
+            row[start:start + n] = 1
+        want = [max(t for t in range(13) if row[t]) for row in mask.tolist()]
+        assert last_token_index(mask).tolist() == want
+    with pytest.raises(ValueError, match="no real token"):
+        last_token_index(torch.tensor([[1, 1], [0, 0]]))
+
+
+@pytest.mark.parametrize("head_cls", [ScalarHead, RatingHead])
+def test_score_is_the_same_whatever_the_padding(head_cls):
+    model = make_tiny_llama()
+    head = head_cls(32)
+    x = torch.tensor([5, 9, 33, 7, 81, 12])
+    with torch.no_grad():
+        want = head(model.model(x[None]).last_hidden_state[0, -1])  # unpadded, read at the last token
+        lefts = [0, 3, 6, 2]  # left padding; right padding fills each row to 12: right-only, both, left-only
+        ids = torch.stack([torch.cat([torch.full((l,), PAD), x, torch.full((6 - l,), PAD)]) for l in lefts])
+        mask = torch.stack([torch.cat([torch.zeros(l), torch.ones(6), torch.zeros(6 - l)]) for l in lefts]).long()
+        ids = torch.cat([ids, torch.randint(3, 101, (1, 12))])  # plus an unrelated full-length row
+        mask = torch.cat([mask, torch.ones(1, 12, dtype=torch.long)])
+        got = sequence_scores(model, head, ids, mask)
+    assert got.shape == ((5,) if head_cls is ScalarHead else (5, 10))
+    for score in got[:4]:
+        torch.testing.assert_close(score, want, atol=1e-5, rtol=0)
+
+
+def test_head_inits():
+    torch.manual_seed(0)
+    h = 4095
+    assert torch.all(ScalarHead(h, init_std=0.0)(torch.randn(3, 7, h)) == 0)  # value head: V = 0 at the start
+    std = ScalarHead(h).linear.weight.std().item()  # reward head: N(0, 1/(H+1))
+    assert abs(std - 1 / math.sqrt(h + 1)) < 0.05 / math.sqrt(h + 1)
+
+
+def test_head_save_load_round_trip_and_mismatch(tmp_path):
+    for head in (ScalarHead(16), RatingHead(16, num_classes=5)):
+        path = tmp_path / type(head).__name__
+        save_head(head, path)
+        assert sorted(os.listdir(path)) == ["head.safetensors", "head_config.json"]  # no temp files left
+        loaded = load_head(path, hidden_size=16)
+        x = torch.randn(3, 16)
+        assert type(loaded) is type(head) and torch.equal(loaded(x), head(x))
+    save_head(ScalarHead(256), tmp_path / "big")
+    with pytest.raises(ValueError, match="scalar head in .* expects hidden size 256 but the model has 128"):
+        load_head(tmp_path / "big", hidden_size=128)
+    with pytest.raises(ValueError, match="is a scalar head, expected a rating head"):
+        load_head(tmp_path / "big", kind="rating")
+    with pytest.raises(ValueError, match="not a saved head"):
+        load_head(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- loading
+def test_load_fp32_frozen_same_outputs(tiny_llama_dir):
+    model = load_model(tiny_llama_dir)
+    ids, attn, _ = BATCH
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=attn).logits,
+                                   make_tiny_llama()(ids, attention_mask=attn).logits, atol=0, rtol=0)
+    total = sum(p.numel() for p in make_tiny_llama().parameters())
+    assert count_parameters(model) == (0, total)
+    assert parameter_report(model) == f"trainable params: 0 || all params: {total:,d} || trainable%: 0.0000"
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
+    assert resident_bytes(model) == 4 * total + buffers
+    assert load_model(tiny_llama_dir, dtype="bfloat16").model.norm.weight.dtype == torch.bfloat16
+
+
+def test_load_errors_are_one_line_value_errors(tmp_path, tiny_llama_dir):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        load_model(tiny_llama_dir, quantization="3bit")
+    with pytest.raises(ValueError, match="dtype must be"):
+        load_model(tiny_llama_dir, dtype="fp16")
+    with pytest.raises(ValueError, match="neither an existing local directory nor a valid Hub id"):
+        load_model(str(tmp_path / "no" / "such" / "model"))
+    with pytest.raises(ValueError, match="has no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_tokenizer_gets_a_distinct_pad_and_the_model_grows(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(98)}}  # 101 = the model's vocab
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=raw, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                            pad_token="</s>").save_pretrained(tmp_path)  # pad == EOS: the classic bug
+    tok = load_tokenizer(tmp_path)  # a tokenizer-only folder (no config.json) is fine
+    assert "added pad token '<|pad|>'" in capsys.readouterr().out
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id == 101 != tok.eos_token_id
+    make_tiny_llama().save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), tokenizer=tok)
+    assert model.get_input_embeddings().num_embeddings == model.get_output_embeddings().out_features == 102
+    assert model.config.pad_token_id == 101 and not any(p.requires_grad for p in model.parameters())
+
+
+def nf4_bytes(n):
+    """Bytes QLoRA's storage holds for one n-value weight with double quantization (blocks of 64, then of 256):
+    packed 4-bit values, 8-bit absmax per block, the 16-value NF4 code, fp32 absmax per 256 blocks, the 256-value
+    8-bit dynamic code (fp32) and the fp32 offset."""
+    blocks = math.ceil(n / 64)
+    return math.ceil(n / 2) + blocks + 16 * 4 + math.ceil(blocks / 256) * 4 + 256 * 4 + 4
+
+
+def test_qlora_4bit_loads_trains_and_base_stays_fixed(tiny_llama_dir):
+    model = load_model(tiny_llama_dir, quantization="4bit", gradient_checkpointing=True)
+    fp32 = make_tiny_llama()
+    quantized = [m.weight for m in model.modules() if type(m.weight if hasattr(m, "weight") else None).__name__
+                 == "Params4bit"]
+    assert len(quantized) == 14  # 7 linears per layer, 2 layers; embeddings and lm_head stay float
+    assert model.model.norm.weight.dtype == torch.float32
+    total = sum(p.numel() for p in fp32.parameters())
+    assert count_parameters(model) == (0, total)  # packed 4-bit weights counted at their real size
+    float_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.is_floating_point())
+    float_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
+    assert resident_bytes(model) == float_bytes + sum(nf4_bytes(w.quant_state.shape.numel()) for w in quantized)
+    ids, attn, resp = BATCH
+    import bitsandbytes as bnb
+    dequantized = make_tiny_llama()
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):  # NF4 keeps each weight matrix to ~9 % relative error ...
+            w_hat = bnb.functional.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+            w = dequantized.get_submodule(name).weight
+            assert (w_hat - w).norm() / w.norm() < 0.12, name
+            w.data = w_hat
+    with torch.no_grad():  # ... and the 4-bit model computes exactly with those dequantized weights, in float32
+        torch.testing.assert_close(model(ids, attention_mask=attn).logits,
+                                   dequantized(ids, attention_mask=attn).logits, atol=1e-5, rtol=0)
+
+    lora.add_lora(model, ["q_proj", "v_proj"], r=4, alpha=8, adapter="policy")
+    lora_count = 2 * (4 * (32 + 32) + 4 * (32 + 16))  # 2 layers x r (in + out) for q_proj (32->32), v_proj (32->16)
+    assert count_parameters(model) == (lora_count, total + lora_count)
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    opt = torch.optim.AdamW(lora.lora_parameters(model, "policy"), lr=5e-2)
+    model.train()
+    losses = []
+    for _ in range(5):  # SFT on one fixed batch: the NLL of the responses must drop
+        loss = -masked_mean(response_logprobs(model, ids, attn, resp), resp)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            assert torch.equal(p, base[n]), n
+
+
+def test_8bit_loads_on_this_backend(tiny_llama_dir):
+    import bitsandbytes as bnb
+    try:  # does this bitsandbytes build quantize int8 on this device at all?
+        bnb.functional.int8_vectorwise_quant(torch.randn(4, 4, dtype=torch.float16))
+    except Exception as e:  # noqa: BLE001 - any backend failure means: not supported here
+        pytest.skip(f"bitsandbytes {bnb.__version__} has no int8 quantization on the CPU: {e}")
+    model = load_model(tiny_llama_dir, quantization="8bit")
+    assert sum(type(p).__name__ == "Int8Params" for p in model.parameters()) == 14
+    assert count_parameters(model) == (0, sum(p.numel() for p in make_tiny_llama().parameters()))
+    ids, attn, _ = BATCH
+    with torch.no_grad():
+        want = make_tiny_llama()(ids, attention_mask=attn).logits
+        err = (model(ids, attention_mask=attn).logits - want).abs().max()
+    assert err < 0.1 * want.abs().max()  # LLM.int8 (int8 weights, fp16 activations): a few % of the logit scale
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
+    grads = []
+    for checkpointing in (False, True):
+        model = load_model(tiny_llama_dir, gradient_checkpointing=checkpointing).train()
+        torch.manual_seed(0)
+        lora.add_lora(model, ["q_proj", "down_proj"], r=4, alpha=8)
+        for p in lora.lora_parameters(model, "default"):
+            p.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(p.numel()))  # B != 0: A gets grads too
+        ids, attn, resp = BATCH
+        (-masked_mean(response_logprobs(model, ids, attn, resp), resp)).backward()
+        grads.append([p.grad for p in lora.lora_parameters(model, "default")])
+    assert model.model.layers[0].gradient_checkpointing
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- roles on one base
+def sft_steps(model, adapter, steps=3, lr=3e-2, sign=-1.0):
+    """A few optimizer steps on one adapter (sign -1: raise the batch's log-probs)."""
+    opt = torch.optim.AdamW(lora.lora_parameters(model, adapter), lr=lr)
+    ids, attn, resp = BATCH
+    with lora.use_adapter(model, adapter):
+        for _ in range(steps):
+            loss = sign * response_logprobs(model, ids, attn, resp).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def logps(model):
+    with torch.no_grad():
+        return response_logprobs(model, *BATCH)
+
+
+def test_reference_is_the_bare_base_and_stays_there():
+    base_copy = make_tiny_llama()
+    model = lora.add_lora(make_tiny_llama(), ["q_proj", "v_proj", "up_proj"], r=4, alpha=8, adapter="policy")
+    want = logps(base_copy)
+    with reference(model):
+        torch.testing.assert_close(logps(model), want, atol=1e-6, rtol=0)
+    sft_steps(model, "policy")
+    with lora.use_adapter(model, "policy"):
+        assert (logps(model) - want).abs().max() > 1e-2  # the policy moved
+    with reference(model):
+        torch.testing.assert_close(logps(model), want, atol=1e-6, rtol=0)  # the reference did not
+    assert lora.active_adapter(model) == "policy"  # and the context manager put the policy back
+
+
+def test_reward_adapter_switches_the_reward_and_nothing_leaks():
+    model = lora.add_lora(make_tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, adapter="policy")
+    lora.add_lora(model, ["q_proj", "v_proj", "down_proj"], r=4, alpha=8, adapter="reward")
+    head = ScalarHead(32)
+    ids, attn, _ = BATCH
+    base = logps(make_tiny_llama())
+
+    def reward():
+        with lora.use_adapter(model, "reward"), torch.no_grad():
+            return sequence_scores(model, head, ids, attn)
+
+    r0 = reward()
+    sft_steps(model, "reward")  # train the reward adapter (any loss will do here)
+    r1 = reward()
+    assert (r1 - r0).abs().max() > 1e-3  # the reward adapter changes the reward
+    with lora.adapters_disabled(model), torch.no_grad():
+        torch.testing.assert_close(sequence_scores(model, head, ids, attn), r0, atol=1e-6, rtol=0)  # off = base
+    with lora.use_adapter(model, "policy"):
+        torch.testing.assert_close(logps(model), base, atol=1e-6, rtol=0)  # the policy saw nothing of it
+    sft_steps(model, "policy")
+    torch.testing.assert_close(reward(), r1, atol=1e-6, rtol=0)  # policy training leaves the reward alone
+    with reference(model):
+        torch.testing.assert_close(logps(model), base, atol=1e-6, rtol=0)
+
+
+def test_reference_is_the_trained_starting_adapter_when_there_is_one():
+    model = lora.add_lora(make_tiny_llama(), ["q_proj", "v_proj"], r=4, alpha=8, adapter="policy")
+    sft_steps(model, "policy")  # the policy starts from a trained (SFT) adapter
+    base = logps(make_tiny_llama())
+    with lora.use_adapter(model, "policy"):
+        start = logps(model)
+    lora.copy_adapter(model, "policy", "reference")  # frozen copy
+    assert not any(p.requires_grad for p in lora.lora_parameters(model, "reference"))
+    with reference(model):
+        torch.testing.assert_close(logps(model), start, atol=1e-6, rtol=0)
+        assert (logps(model) - base).abs().max() > 1e-2  # NOT the bare base
+    sft_steps(model, "policy", sign=1.0)  # move the policy away
+    with lora.use_adapter(model, "policy"):
+        assert (logps(model) - start).abs().max() > 1e-2
+    with reference(model):
+        torch.testing.assert_close(logps(model), start, atol=1e-6, rtol=0)  # the reference stayed at the start

@@ -1,0 +1,157 @@
+"""Tokenisation and collation: the truncation rules, the loss mask, and padding on either side, checked against
+hand-written expected tensors and against decoding."""
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_chat_tokenizer
+from datasets import Dataset
+
+from minirlhf.data import load_preference_dataset
+from minirlhf.data.templates import format_prompt
+from minirlhf.data.tokenize import (collate_pairs, collate_prompts, pad, require_pad_token, tokenize_pair,
+                                    tokenize_preference_dataset, tokenize_prompt, tokenize_prompt_dataset)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+LONG_CHAT = [{"role": "user", "content": "What is the capital of France?"},
+             {"role": "assistant", "content": "Paris is the capital of France."},
+             {"role": "user", "content": "And the capital?"}]
+
+
+def ids(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_pair_ids_and_eos(chat_tokenizer):
+    prompt = format_prompt(chat_tokenizer, LONG_CHAT[:1])
+    pair = tokenize_pair(chat_tokenizer, prompt, "Paris.", "Lyon.", max_length=64, max_prompt_length=32)
+    eos = chat_tokenizer.eos_token_id
+    assert pair == {"prompt_ids": ids(chat_tokenizer, prompt), "chosen_ids": ids(chat_tokenizer, "Paris.") + [eos],
+                    "rejected_ids": ids(chat_tokenizer, "Lyon.") + [eos]}
+
+
+def test_left_truncation_keeps_the_end_of_the_prompt(chat_tokenizer):
+    prompt = format_prompt(chat_tokenizer, LONG_CHAT)
+    full = ids(chat_tokenizer, prompt)
+    assert len(full) > 12
+    kept = tokenize_prompt(chat_tokenizer, prompt, max_prompt_length=12)["prompt_ids"]
+    assert kept == full[-12:]
+    assert chat_tokenizer.decode(kept).endswith("capital?<|im_end|>\n<|im_start|>assistant\n")
+    assert tokenize_prompt(chat_tokenizer, "Paris", max_prompt_length=12)["prompt_ids"] == ids(chat_tokenizer, "Paris")
+
+
+def test_long_response_is_cut_on_the_right_without_eos(chat_tokenizer):
+    prompt = format_prompt(chat_tokenizer, LONG_CHAT[:1])
+    n_prompt, long_text = len(ids(chat_tokenizer, prompt)), "Paris is the capital of France. " * 5
+    max_length = n_prompt + 6
+    pair = tokenize_pair(chat_tokenizer, prompt, long_text, "Lyon.", max_length, max_prompt_length=n_prompt)
+    assert pair["chosen_ids"] == ids(chat_tokenizer, long_text)[:6]  # cut: no EOS
+    assert chat_tokenizer.eos_token_id not in pair["chosen_ids"]
+    assert pair["rejected_ids"][-1] == chat_tokenizer.eos_token_id  # short enough: ends with EOS
+
+
+# Two hand-made pairs: pad id 0, EOS 2. Lengths: 4, 5 (pair 1) and 5, 2 (pair 2), so T = 5.
+PAIRS = [{"prompt_ids": [5, 6], "chosen_ids": [7, 2], "rejected_ids": [8, 9, 2], "margin": 1.5},
+         {"prompt_ids": [10], "chosen_ids": [11, 12, 13, 2], "rejected_ids": [2], "margin": 0.5}]
+
+
+def test_collate_pairs_right_padding():
+    batch = collate_pairs(PAIRS, pad_token_id=0, padding_side="right")
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 2, 0], [10, 11, 12, 13, 2],   # chosen rows
+                                           [5, 6, 8, 9, 2], [10, 2, 0, 0, 0]]      # rejected rows
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert batch["response_mask"].tolist() == [[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
+    assert batch["margin"].tolist() == [1.5, 0.5]
+
+
+def test_collate_pairs_left_padding():
+    batch = collate_pairs(PAIRS, pad_token_id=0, padding_side="left")
+    assert batch["input_ids"].tolist() == [[0, 5, 6, 7, 2], [10, 11, 12, 13, 2], [5, 6, 8, 9, 2], [0, 0, 0, 10, 2]]
+    assert batch["attention_mask"].tolist() == [[0, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
+    assert batch["response_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 0, 1]]
+
+
+def test_both_padding_sides_hold_the_same_real_tokens(chat_tokenizer):
+    rows = [tokenize_pair(chat_tokenizer, format_prompt(chat_tokenizer, LONG_CHAT[:k]), chosen, "No.", 48, 24)
+            for k, chosen in ((1, "Paris."), (3, "Paris is the capital of France."))]
+    pad_id = require_pad_token(chat_tokenizer)
+    right, left = (collate_pairs(rows, pad_id, side) for side in ("right", "left"))
+    assert pad_id != chat_tokenizer.eos_token_id
+    for r in range(4):
+        real_right, real_left = right["attention_mask"][r].bool(), left["attention_mask"][r].bool()
+        assert torch.equal(right["input_ids"][r][real_right], left["input_ids"][r][real_left])
+        assert torch.equal(right["response_mask"][r][real_right], left["response_mask"][r][real_left])
+        assert (right["input_ids"][r][~real_right] == pad_id).all()
+        assert (left["input_ids"][r][~real_left] == pad_id).all()
+    # the loss mask covers exactly the response and its EOS
+    chosen = right["input_ids"][1][right["response_mask"][1].bool()]
+    assert chat_tokenizer.decode(chosen) == "Paris is the capital of France.<|im_end|>"
+
+
+def test_collate_prompts_left_pads_and_passes_fields_through():
+    batch = collate_prompts([{"prompt_ids": [4, 5, 6], "prompt": "a"}, {"prompt_ids": [7], "prompt": "b"}], 0)
+    assert batch["input_ids"].tolist() == [[4, 5, 6], [0, 0, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["prompt"] == ["a", "b"]
+
+
+def test_pad_token_must_not_be_eos(chat_tokenizer):
+    assert require_pad_token(chat_tokenizer) == 0
+    no_pad = make_chat_tokenizer()
+    no_pad.pad_token = no_pad.eos_token
+    with pytest.raises(ValueError, match="pad token distinct from EOS"):
+        require_pad_token(no_pad)
+
+
+def test_dataset_helper_skips_prompts_longer_than_max_length(chat_tokenizer):
+    data = Dataset.from_list([
+        {"prompt": LONG_CHAT[:1], "chosen": "Paris.", "rejected": "Lyon.", "margin": 1.0},
+        {"prompt": [{"role": "user", "content": "France? " * 40}], "chosen": "Paris.", "rejected": "Lyon.",
+         "margin": 2.0},  # 93 prompt tokens > max_length: skipped
+        {"prompt": LONG_CHAT, "chosen": "Paris.", "rejected": "Nice.", "margin": 3.0},  # 45 > max_prompt_length: cut
+    ])
+    with pytest.warns(UserWarning, match=r"skipped 1 of 3 pairs whose prompt alone is longer than max_length=60"):
+        tokenized = tokenize_preference_dataset(data, chat_tokenizer, max_length=60, max_prompt_length=30)
+    assert tokenized["margin"] == [1.0, 3.0]
+    for row, source in zip(tokenized, (data[0], data[2])):
+        expected = tokenize_pair(chat_tokenizer, format_prompt(chat_tokenizer, source["prompt"]), source["chosen"],
+                                 source["rejected"], 60, 30)
+        assert {key: row[key] for key in expected} == expected
+    assert len(tokenized[1]["prompt_ids"]) == 30
+    with pytest.raises(ValueError, match="every prompt is longer than max_length=8"):
+        tokenize_preference_dataset(data.select([1]), chat_tokenizer, max_length=8, max_prompt_length=4)
+
+
+def test_loader_to_batch_end_to_end(chat_tokenizer):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pairs = load_preference_dataset("juyoungml/HelpSteer2-binarized",
+                                        data_files=str(FIXTURES / "helpsteer2_binarized.jsonl"))
+    # prompts of 21, 73 (multi-turn, left-truncated to 64) and 20 tokens
+    tokenized = tokenize_preference_dataset(pairs, chat_tokenizer, max_length=96, max_prompt_length=64, template="qa")
+    batch = collate_pairs(list(tokenized), require_pad_token(chat_tokenizer), padding_side="right")
+    assert batch["input_ids"].shape[0] == 2 * len(pairs) == 6
+    assert batch["margin"].tolist() == [3.0, 1.5, 3.0]
+    first = batch["input_ids"][0][batch["attention_mask"][0].bool()]
+    assert chat_tokenizer.decode(first) == "Question: What is the capital of France?\n\nAnswer: " \
+                                           "Paris is the capital of France.<|im_end|>"
+    prompts = tokenize_prompt_dataset(pairs.select_columns(["prompt"]), chat_tokenizer, max_prompt_length=48)
+    sampled = collate_prompts(list(prompts), require_pad_token(chat_tokenizer))
+    assert sampled["attention_mask"][:, -1].all()  # every prompt ends at the last column
+    assert all(text.endswith("<|im_start|>assistant\n") for text in chat_tokenizer.batch_decode(sampled["input_ids"]))
+
+
+@pytest.mark.parametrize("max_length, max_prompt_length, message", [
+    (16, 16, "must be smaller than max_length"), (0, 4, "max_length must be a positive int"),
+    (16, 2.5, "max_prompt_length must be a positive int")])
+def test_bad_lengths(chat_tokenizer, max_length, max_prompt_length, message):
+    with pytest.raises(ValueError, match=message):
+        tokenize_pair(chat_tokenizer, "Question:", "a", "b", max_length, max_prompt_length)
+
+
+def test_bad_padding_side_and_text(chat_tokenizer):
+    with pytest.raises(ValueError, match="padding_side must be 'left' or 'right'"):
+        pad([[1]], 0, "middle")
+    with pytest.raises(ValueError, match="expected a string to tokenize, got NoneType"):
+        tokenize_pair(chat_tokenizer, "Question:", None, "b", 16, 8)
