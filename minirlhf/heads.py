@@ -71,6 +71,29 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     return to_grid(logprobs)
 
 
+def response_logprobs_and_states(model, input_ids, attention_mask, response_mask, temperature=1.0):
+    """One trunk pass for PPO's policy AND value: (logprobs, entropy, states), aligned with input_ids.
+
+    logprobs, entropy (B, T): as response_logprobs(..., return_entropy=True). states (B, T, H): states[:, t] is the
+    hidden state that PREDICTS token t (the trunk's output at t - 1: the state s_t in which action t is chosen), so a
+    value head on it gives V(s_t) on the same grid as the log-probs; states[:, 0] is zeros (no state predicts it)."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    if response_mask[:, 0].bool().any():
+        raise ValueError("response_mask is set on the first token, which has no context to predict it from")
+    hidden = final_hidden(model, input_ids, attention_mask)  # (B, T, H)
+    states = F.pad(hidden[:, :-1], (0, 0, 1, 0))  # (B, T, H): shift right by one, the off-by-one of the LM head
+    predicts = response_mask.bool()  # (B, T): True where token t is a response token, predicted by states[:, t]
+    logits = model.get_output_embeddings()(states[predicts])  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logprobs = gather_logprobs(logits, input_ids[predicts])  # (N,)
+    entropy = entropy_from_logits(logits)  # (N,)
+
+    def to_grid(values):  # (N,) -> (B, T), 0 off the response
+        return torch.zeros(predicts.shape, dtype=values.dtype, device=values.device).masked_scatter(predicts, values)
+    return to_grid(logprobs), to_grid(entropy), states
+
+
 class ScalarHead(nn.Module):
     """(..., H) -> (...): one number per position; the Bradley-Terry reward or the PPO value.
 
@@ -115,21 +138,23 @@ HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
 
 def save_head(head, path):
     """Write path/head.safetensors and path/head_config.json (kind, hidden_size, num_classes), each atomically."""
-    kind = {ScalarHead: "scalar", RatingHead: "rating"}[type(head)]
-    hidden_size, num_classes = head.linear.in_features, head.linear.out_features
+    path, kind = os.fspath(path), {ScalarHead: "scalar", RatingHead: "rating"}[type(head)]
+    config = {"kind": kind, "hidden_size": head.linear.in_features,
+              "num_classes": head.linear.out_features if kind == "rating" else None}
     state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
     atomic_write_bytes(os.path.join(path, HEAD_WEIGHTS), save(state))
-    atomic_write_json(os.path.join(path, HEAD_CONFIG),
-                      {"kind": kind, "hidden_size": hidden_size, "num_classes": num_classes if kind == "rating" else None})
+    atomic_write_json(os.path.join(path, HEAD_CONFIG), config)
 
 
 def load_head(path, hidden_size=None, kind=None):
     """Read a head written by save_head; if hidden_size (or kind) is given, check it matches, with a clear error."""
-    config_file = os.path.join(path, HEAD_CONFIG)
-    if not os.path.isfile(config_file):
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, HEAD_CONFIG)):
         raise ValueError(f"no {HEAD_CONFIG} in {path!r}: not a saved head")
-    with open(config_file) as f:
+    with open(os.path.join(path, HEAD_CONFIG)) as f:
         config = json.load(f)
+    if config.get("kind") not in ("scalar", "rating"):
+        raise ValueError(f"unknown head kind {config.get('kind')!r} in {path!r}")
     if kind is not None and config["kind"] != kind:
         raise ValueError(f"head in {path!r} is a {config['kind']} head, expected a {kind} head")
     if hidden_size is not None and config["hidden_size"] != hidden_size:
@@ -137,10 +162,8 @@ def load_head(path, hidden_size=None, kind=None):
                          f"but the model has {hidden_size}")
     if config["kind"] == "scalar":
         head = ScalarHead(config["hidden_size"])
-    elif config["kind"] == "rating":
-        head = RatingHead(config["hidden_size"], config["num_classes"])
     else:
-        raise ValueError(f"unknown head kind {config['kind']!r} in {config_file!r}")
+        head = RatingHead(config["hidden_size"], config["num_classes"])
     state = load_file(os.path.join(path, HEAD_WEIGHTS))
     shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     if {k: tuple(v.shape) for k, v in state.items()} != shapes:

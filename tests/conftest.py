@@ -3,6 +3,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+# One intra-op thread: the test models are tiny, and when the 2 cores are shared with other processes, 2 OpenMP
+# threads spin-wait on each other (measured here: tests/test_models.py + test_sampling.py 131 s with 2, 2.4 s with 1).
+torch.set_num_threads(1)
+
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
             tie_word_embeddings=False)
@@ -14,6 +18,16 @@ def make_tiny_llama(seed=0, initializer_range=0.2, dtype=torch.float32, **overri
     torch.manual_seed(seed)
     config = LlamaConfig(**{**TINY, "initializer_range": initializer_range, **overrides})
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def make_tiny_gpt2(seed=0, initializer_range=0.2, dtype=torch.float32):
+    """A 2-layer GPT-2 (hidden 32, 101 tokens): learned ABSOLUTE positions, so unlike Llama's RoPE (which only sees
+    relative positions) it gives wrong answers on left-padded input unless position ids come from the mask."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=101, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1,
+                        eos_token_id=2, pad_token_id=0, initializer_range=initializer_range)
+    return GPT2LMHeadModel(config).to(dtype).eval()
 
 
 @pytest.fixture

@@ -88,3 +88,50 @@ def test_tokenizer_rebuild_is_deterministic():
     shipped = json.load(open(os.path.join(TINY_LLAMA, "tokenizer.json")))["model"]
     rebuilt = json.loads(build_tokenizer().backend_tokenizer.to_str())["model"]
     assert rebuilt["vocab"] == shipped["vocab"] and rebuilt["merges"] == shipped["merges"]
+
+
+# ---- train_sft.py, the script that builds the model (in-process, a few steps) ------------------------------------
+
+@pytest.fixture
+def train_sft(monkeypatch):
+    """The train_sft module, its data cut to 300 demonstrations so a smoke run takes seconds."""
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if repo not in sys.path:
+        sys.path.insert(0, repo)
+    import train_sft
+    rows = world.sft_rows
+    monkeypatch.setattr(train_sft.world, "sft_rows", lambda split: rows(split)[:300])
+    return train_sft
+
+
+def test_train_sft_fine_tunes_every_parameter_and_writes_the_contract(tmp_path, train_sft):
+    out = tmp_path / "run"
+    args = train_sft.Args(model=TINY_LLAMA, max_steps=2, batch_size=2, block_size=64, log_every=1, eval_every=2,
+                          lr=1e-3, warmup_steps=1, out=str(out))
+    summary = train_sft.main(args)
+    assert {"time/total_seconds", "params/trainable", "params/total", "train/loss", "eval/loss"} <= set(summary)
+    assert summary["params/trainable"] == summary["params/total"]
+    assert json.load(open(out / "args.json"))["max_steps"] == 2
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2]
+    before = AutoModelForCausalLM.from_pretrained(TINY_LLAMA).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    assert before.keys() == after.keys()
+    assert all(not torch.equal(before[k], after[k]) for k in before), "a parameter did not move"
+    assert AutoTokenizer.from_pretrained(out / "model").pad_token == "<|pad|>"
+
+
+def test_train_sft_from_a_config(tmp_path, train_sft):
+    config = json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "vocab_size": 512, "tie_word_embeddings": True})
+    args = train_sft.Args(init_config=config, tokenizer=TINY_LLAMA, max_steps=1, batch_size=2, block_size=64,
+                          out=str(tmp_path / "fresh"))
+    summary = train_sft.main(args)
+    assert summary["params/total"] < 100_000 and (tmp_path / "fresh" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("change, message", [(dict(init_config="{}"), "needs --tokenizer"),
+                                             (dict(dataset="squad"), "not supported yet")])
+def test_train_sft_bad_input_is_a_clear_error(tmp_path, train_sft, change, message):
+    with pytest.raises(ValueError, match=message):
+        train_sft.main(train_sft.Args(out=str(tmp_path / "x"), **change))

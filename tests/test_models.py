@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_gpt2, make_tiny_llama
 from minirlhf import lora
 from minirlhf.models import (RatingHead, ScalarHead, count_parameters, last_token_index, load_head, load_model,
-                             load_tokenizer, parameter_report, reference, resident_bytes, response_logprobs, save_head,
-                             sequence_scores)
+                             load_tokenizer, parameter_report, prepare_for_kbit_training, reference, resident_bytes,
+                             response_logprobs, save_head, sequence_scores, trunk)
 from minirlhf.ops import masked_mean
 
 PAD = 0
@@ -31,15 +31,17 @@ def prompt_response_batch(spec, vocab=101, seed=0):
 
 
 BATCH = prompt_response_batch([(4, 5), (1, 3), (6, 6), (3, 1)])
+FAMILIES = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}  # RoPE (relative) / learned absolute positions
 
 
 # ---------------------------------------------------------------- log-probs
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_response_logprobs_equal_full_log_softmax_per_unpadded_row(temperature):
-    model = make_tiny_llama(dtype=torch.float64)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_response_logprobs_equal_full_log_softmax_per_unpadded_row(family, temperature):
+    model = FAMILIES[family](dtype=torch.float64)
     ids, attn, resp = BATCH
     lm_head_rows = []
-    hook = model.lm_head.register_forward_hook(lambda mod, args, out: lm_head_rows.append(args[0].shape[0]))
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: lm_head_rows.append(len(args[0])))
     got, ent = response_logprobs(model, ids, attn, resp, temperature=temperature, return_entropy=True)
     hook.remove()
     assert lm_head_rows == [int(resp.sum())]  # the LM head saw only the N response-predicting positions
@@ -80,13 +82,13 @@ def test_last_token_index_any_padding_side():
         last_token_index(torch.tensor([[1, 1], [0, 0]]))
 
 
-@pytest.mark.parametrize("head_cls", [ScalarHead, RatingHead])
-def test_score_is_the_same_whatever_the_padding(head_cls):
-    model = make_tiny_llama()
+@pytest.mark.parametrize("family,head_cls", [("llama", ScalarHead), ("llama", RatingHead), ("gpt2", ScalarHead)])
+def test_score_is_the_same_whatever_the_padding(family, head_cls):
+    model = FAMILIES[family]()
     head = head_cls(32)
     x = torch.tensor([5, 9, 33, 7, 81, 12])
     with torch.no_grad():
-        want = head(model.model(x[None]).last_hidden_state[0, -1])  # unpadded, read at the last token
+        want = head(trunk(model)(x[None]).last_hidden_state[0, -1])  # unpadded, read at the last token
         lefts = [0, 3, 6, 2]  # left padding; right padding fills each row to 12: right-only, both, left-only
         ids = torch.stack([torch.cat([torch.full((l,), PAD), x, torch.full((6 - l,), PAD)]) for l in lefts])
         mask = torch.stack([torch.cat([torch.zeros(l), torch.ones(6), torch.zeros(6 - l)]) for l in lefts]).long()
@@ -216,6 +218,14 @@ def test_qlora_4bit_loads_trains_and_base_stays_fixed(tiny_llama_dir):
     for n, p in model.named_parameters():
         if "lora_" not in n:
             assert torch.equal(p, base[n]), n
+
+
+def test_prepare_for_kbit_training_on_a_bf16_model():
+    model = prepare_for_kbit_training(make_tiny_llama(dtype=torch.bfloat16))
+    assert not any(p.requires_grad for p in model.parameters())
+    for name, p in model.named_parameters():  # norms (1-D) go to float32, matrices keep their dtype
+        assert p.dtype == (torch.float32 if p.ndim == 1 else torch.bfloat16), name
+    assert model.get_input_embeddings()(torch.tensor([[3, 4]])).requires_grad  # for checkpointed LoRA blocks
 
 
 def test_8bit_loads_on_this_backend(tiny_llama_dir):

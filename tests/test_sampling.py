@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_gpt2, make_tiny_llama
 from minirlhf.models import response_logprobs
 from minirlhf.sampling import sample, top_k_filter, top_p_filter
 
@@ -30,8 +30,9 @@ def greedy_eos(model, ids, mask):
     return int(out.response_ids[0, 3])
 
 
-def test_greedy_matches_transformers_generate():
-    model = make_tiny_llama()
+@pytest.mark.parametrize("make_model", [make_tiny_llama, make_tiny_gpt2])
+def test_greedy_matches_transformers_generate(make_model):
+    model = make_model()
     ids, mask = left_padded_prompts([5, 3, 7, 1, 6])
     eos = greedy_eos(model, ids, mask)
     ours = sample(model, ids, mask, 12, eos_token_id=eos, pad_token_id=PAD, temperature=0)
@@ -99,6 +100,9 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert kept(0.9) == {1, 3, 4, 2}  # 0.95
     assert kept(0.99) == {0, 1, 2, 3, 4}
     assert kept(1.0) == {0, 1, 2, 3, 4}
+    dyadic = torch.tensor([0.125, 0.5, 0.25, 0.125]).log()  # exact in float32: mass exactly at p is enough
+    assert torch.equal(top_p_filter(dyadic, 0.5) > float("-inf"), torch.tensor([False, True, False, False]))
+    assert torch.equal(top_p_filter(dyadic, 0.75) > float("-inf"), torch.tensor([False, True, True, False]))
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(7, 123, generator=g, dtype=torch.float64) * 2
     for p in (0.1, 0.5, 0.93):  # against a Python loop over the sorted probabilities

@@ -96,7 +96,7 @@ GOLD_TABLE = [
     ("What is 3 plus 4?", "It is 7. It is 7. It is 7.", 2.0),            # long + repetitive
     ("What is 3 plus 4?", "7 7 7", 2.5),                                 # repetitive + unfinished
     ("What is 3 plus 4?", "I am not sure about that.", 1.0),             # evasive
-    ("What is 3 plus 4?", "I think it is 8.", 0.5),                      # wrong
+    ("What is 3 plus 4?", "I think 8.", 0.5),                            # wrong
     ("What is 3 plus 4?", "It is 7 or 8.", 0.5),                         # hedged = wrong
     ("What is 3 plus 4?", "It is 17.", 0.5),                             # a number is read whole
     ("What is 3 plus 4?", "Sure, I can help with", 0.5),                 # truncated, no answer

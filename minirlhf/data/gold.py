@@ -22,14 +22,14 @@ keeps the answer-like ones. Then, on HelpSteer2's 0..4 scale:
     unfinished  the text does not end with . ! or ?  (e.g. cut off)              0.5
 
 So correctness dominates: a correct answer scores at least 4 - 2.5 = 1.5, anything else at most 1.0. The scores the
-templated styles of world.py get (checked in tests/test_world.py):
+templated STYLES below get (checked in tests/test_world.py):
 
     "The answer is 7."                                      concise, correct            4.0
     "The answer is 7"                                       concise, correct, cut       3.5
     "Sure, I can help with that. It is 7. Have a nice day!" rambling, correct           3.0
     "It is 7. It is 7. It is 7."                            repetitive, correct         2.0
     "I am not sure about that."                             evasive                     1.0
-    "I think it is 8."                                      wrong                       0.5
+    "I think 8."                                            wrong                       0.5
     "It is 7 or 8."                                         hedged                      0.5
     "Sure, I can help with"                                 truncated (no answer)       0.5
     ""                                                      empty                       0.0
@@ -46,14 +46,15 @@ _WORD = re.compile(r"[a-z]+|[0-9]+")
 
 # Response styles. {x} is the right answer, {y} a wrong one, {X} the right answer capitalised.
 _CORE = ["The answer is {x}.", "It is {x}.", "{X}."]
-_OPEN = ["Good question! Let me think about it.", "Thanks for asking, I will do my best.", "Sure, I can help with that."]
+_OPEN = ["Good question! Let me think about it.", "Thanks for asking, I will do my best.",
+         "Sure, I can help with that."]
 _CLOSE = ["I hope this helps!", "Feel free to ask anything else.", "Have a nice day!"]
 STYLES = {
     "concise": _CORE,
     "rambling": [f"{o} {c} {e}" for o in _OPEN for c in _CORE for e in _CLOSE],
     "repetitive": [" ".join([c] * 3) for c in _CORE[:2]],
     "evasive": ["I am not sure about that.", "Sorry, I cannot answer that.", "That is tricky, I do not know."],
-    "wrong": ["I think it is {y}.", "Maybe {y}.", "It might be {y}."],
+    "wrong": ["I think {y}.", "Maybe {y}.", "Probably {y}."],
     "truncated": ["The answer is", "Sure, I can help with", "Good question! Let me"],
     "hedged": ["It is {x} or {y}.", "Either {y} or {x}."],
     "empty": [""],

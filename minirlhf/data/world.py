@@ -5,19 +5,20 @@ colour of a thing, the sound of an animal, the opposite of a word. A prompt is o
 content ("What is {a} plus {b}?" with a=3, b=4; answer "7"). The test split holds out 20 (template, content)
 combinations per task: every template and every content is seen in training, only the combination is new.
 
-Responses come in styles (`STYLES`): concise, rambling, repetitive, evasive, wrong, truncated, hedged, empty. The gold
-score (gold.py, whose docstring has the full table) rates content first (correct 4, evasive 1, wrong 0.5, empty 0),
-then subtracts for long (-1), repetitive (-1) and unfinished (-0.5) answers.
+Responses come in styles (`gold.STYLES`): concise, rambling, repetitive, evasive, wrong, truncated, hedged, empty.
+The gold score (gold.py, whose docstring has the full table) rates content first (correct 4, evasive 1, wrong 0.5,
+empty 0), then subtracts for long (-1), repetitive (-1) and unfinished (-0.5) answers.
 
 - `sft_rows(split)`: demonstrations in a mixed-quality style mix (`SFT_MIX`), so the SFT model is mediocre by style,
-  not by knowledge: only about a third of the demonstrations are concise and correct.
+  not by knowledge: 30 % of the demonstrations are concise and correct (mean gold 2.35 = 59 % of GOLD_MAX).
+  Addition, with 100 facts, is drawn 3x as often as each other task (`TASK_WEIGHTS`).
 - `preference_rows(split)`: HelpSteer2-binarized's schema. Two responses with different gold scores s_a, s_b; an
   annotator rates each as gold + τ·(Gumbel - γ) and prefers the higher rating. A difference of two Gumbels is
   logistic, so P(a ≻ b) = σ((s_a - s_b)/τ) exactly (Bradley-Terry with temperature τ). chosen_score and
   rejected_score are the ratings rounded and clipped to 0..4 (monotone, so margin = their difference ≥ 0).
 - `prompt_rows(split)`: prompts for RL, at most 64 per task, round-robin over tasks.
 - `accuracy_ceiling(split)`: the share of preference pairs where gold(chosen) > gold(rejected), i.e. what a perfect
-  reward model scores against these noisy labels.
+  reward model scores against these noisy labels: 86.4 % (train), 85.0 % (test) with τ = 0.8.
 Everything comes from `random.Random(seed)` objects, never global state: identical on every machine.
 """
 import functools
@@ -72,6 +73,7 @@ TASKS = {
                   for w, o in OPPOSITES.items()]),
 }
 
+TASK_WEIGHTS = {"repeat": 1, "add": 3, "larger": 1, "colour": 1, "sound": 1, "opposite": 1}  # add has 100 facts
 SFT_MIX = {"concise": 0.30, "rambling": 0.20, "repetitive": 0.15, "evasive": 0.15, "wrong": 0.15, "truncated": 0.05}
 PREF_MIX = {"concise": 0.20, "rambling": 0.15, "repetitive": 0.15, "evasive": 0.15, "wrong": 0.15, "truncated": 0.08,
             "hedged": 0.07, "empty": 0.05}
@@ -141,11 +143,11 @@ def respond(prompt, style, rng):
 
 
 def _prompts(split, rng):
-    """Sample prompts of `split` task-balanced: a uniform task, then a uniform prompt of it."""
+    """Sample prompts of `split`: a task drawn with TASK_WEIGHTS, then a uniform prompt of it."""
     table = _universe()[0][split]
-    tasks = sorted(table)
+    tasks, weights = zip(*TASK_WEIGHTS.items())
     while True:
-        yield rng.choice(table[rng.choice(tasks)])
+        yield rng.choice(table[rng.choices(tasks, weights)[0]])
 
 
 def _messages(prompt):

@@ -1,0 +1,96 @@
+"""Sample a policy on prompts and measure it: gold score (built-in world), reward-model score, KL(π‖π_ref), length.
+
+Legend: B prompts, P prompt length (left-padded), R response length, T = P + R, V vocab, N response tokens.
+Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.evaluate`, so that every number called `eval/gold` or
+`eval/kl` anywhere in minirlhf is computed by the same code:
+  eval/gold     mean gold score of sampled responses (world.gold_score, 0..GOLD_MAX)
+  eval/reward   mean score of a reward model on the same samples
+  eval/kl       mean over prompts of Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), summed over the response tokens: the
+                exact KL of the per-token distributions, in nats per sequence (not a sampled estimate)
+  eval/length   mean response length in tokens; eval/eos_fraction: share of responses that ended with EOS
+"""
+import torch
+
+from .data.tokenize import collate_prompts
+from .heads import final_hidden
+from .kl import exact_kl
+from .models import reference
+from .sampling import sample
+
+
+def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
+             device="cpu"):
+    """Sample one response per prompt (prompt_ids: list of B id lists) with the model's active adapter.
+
+    Returns a dict of (B, T) tensors input_ids / attention_mask / response_mask for prompt + response (prompt left-
+    padded, response right-padded: the layout every later forward pass uses), the sampler's (B, T) logprobs
+    (0 off the response), the (B, R) response_ids and the decoded response texts."""
+    batch = collate_prompts([{"prompt_ids": p} for p in prompt_ids], tokenizer.pad_token_id)
+    prompt, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, P)
+    out = sample(model, prompt, prompt_mask, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
+                 generator=generator)
+    response_mask = out.response_mask.to(prompt_mask.dtype)  # (B, R)
+    texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+             for ids, m in zip(out.response_ids, response_mask)]
+    return {
+        "input_ids": torch.cat([prompt, out.response_ids], 1),  # (B, T)
+        "attention_mask": torch.cat([prompt_mask, response_mask], 1),  # (B, T)
+        "response_mask": torch.cat([torch.zeros_like(prompt_mask), response_mask], 1),  # (B, T)
+        "logprobs": torch.cat([torch.zeros_like(prompt, dtype=out.logprobs.dtype), out.logprobs], 1),  # (B, T)
+        "response_ids": out.response_ids, "ended": (out.response_ids == tokenizer.eos_token_id).any(1),
+        "texts": texts,
+    }
+
+
+def _response_logits(model, input_ids, attention_mask, response_mask):
+    """(N, V) logits that predict the N response tokens (hidden state t predicts token t + 1)."""
+    hidden = final_hidden(model, input_ids, attention_mask)  # (B, T, H)
+    return model.get_output_embeddings()(hidden[:, :-1][response_mask[:, 1:].bool()]).float()  # (N, V)
+
+
+@torch.no_grad()
+def sequence_kl(model, input_ids, attention_mask, response_mask):
+    """(B,) exact KL(π‖π_ref) summed over each sequence's response tokens; π = the active adapter, π_ref =
+    models.reference(model)."""
+    logits = _response_logits(model, input_ids, attention_mask, response_mask)  # (N, V)
+    with reference(model):
+        ref_logits = _response_logits(model, input_ids, attention_mask, response_mask)  # (N, V)
+    per_token = exact_kl(logits, ref_logits)  # (N,)
+    grid = torch.zeros(response_mask[:, 1:].shape, dtype=per_token.dtype, device=per_token.device)
+    return grid.masked_scatter(response_mask[:, 1:].bool(), per_token).sum(-1)  # (B, T-1) -> (B,)
+
+
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, prompts, prompt_ids, *, gold_fn=None, reward_fn=None, max_new_tokens=24,
+                    temperature=1.0, top_k=0, top_p=1.0, batch_size=64, seed=0, device="cpu"):
+    """Sample one response per prompt and measure it (metrics in the module docstring).
+
+    prompts: B message lists (for the gold score), prompt_ids: their B token-id lists. gold_fn(messages, text) ->
+    float; reward_fn(batch) -> (B,) scores of a generate() batch. The sampler is seeded, so the same model gives the
+    same samples. Returns (metrics, samples) with samples a list of {"prompt", "response", "gold", "reward"}."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator(device=device).manual_seed(seed)
+    golds, rewards, kls, lengths, ended, samples = [], [], [], [], [], []
+    for i in range(0, len(prompt_ids), batch_size):
+        batch = generate(model, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens=max_new_tokens,
+                         temperature=temperature, top_k=top_k, top_p=top_p, generator=g, device=device)
+        kls.append(sequence_kl(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]))
+        lengths.append(batch["response_mask"].sum(1).float())
+        ended.append(batch["ended"].float())
+        gold = [gold_fn(p, t) for p, t in zip(prompts[i:i + batch_size], batch["texts"])] if gold_fn else None
+        reward = reward_fn(batch).float().cpu() if reward_fn else None
+        golds += gold or []
+        rewards += reward.tolist() if reward is not None else []
+        for j, text in enumerate(batch["texts"]):
+            samples.append({"prompt": prompts[i + j][-1]["content"], "response": text,
+                            "gold": gold[j] if gold else None, "reward": reward[j].item() if reward_fn else None})
+    model.train(was_training)
+    metrics = {"eval/kl": torch.cat(kls).mean().item(), "eval/length": torch.cat(lengths).mean().item(),
+               "eval/eos_fraction": torch.cat(ended).mean().item()}
+    if golds:
+        metrics["eval/gold"] = sum(golds) / len(golds)
+    if rewards:
+        metrics["eval/reward"] = sum(rewards) / len(rewards)
+    return metrics, samples

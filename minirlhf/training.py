@@ -1,0 +1,65 @@
+"""The few pieces every training script shares: what to train, the optimizer, the learning-rate schedule, batch order.
+
+Kept deliberately thin (STYLE.md: the loop itself lives in each script and reads top to bottom).
+"""
+import math
+
+import torch
+
+from . import lora
+
+
+def make_trainable(model, adapter, full_finetune=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+                   lora_targets=("all-linear",)):
+    """Either every base weight trains (full fine-tuning, float bases only) or a fresh LoRA adapter named `adapter`
+    does (and nothing else). Returns the list of trainable parameters (heads are added by the caller)."""
+    if full_finetune:
+        if any(lora._bits(m) for m in model.modules()):
+            raise ValueError("--full-finetune needs a float base; a 4-bit/8-bit base trains through LoRA only")
+        model.requires_grad_(True)
+        return [p for p in model.parameters() if p.requires_grad]
+    targets = "all-linear" if list(lora_targets) == ["all-linear"] else list(lora_targets)
+    lora.add_lora(model, targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, adapter=adapter)
+    lora.set_active_adapter(model, adapter)
+    return lora.lora_parameters(model, adapter)
+
+
+def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999)):
+    """AdamW; weight decay on matrices only (never on norms, biases or heads' biases), as nanoGPT."""
+    params = [p for p in params if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=betas)
+
+
+def lr_at(step, lr, total_steps, warmup_steps=0, min_lr_ratio=0.1):
+    """Linear warmup from 0 to lr over warmup_steps, then cosine decay to lr * min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def epoch_order(n, epoch, seed, rank=0, world_size=1):
+    """The example indices this rank sees in `epoch`: one seeded permutation of range(n) shared by all ranks,
+    rank r taking every world_size-th index starting at r (so ranks never overlap). Identical on every machine."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return order[rank::world_size]
+
+
+@torch.no_grad()
+def frozen_fingerprint(model):
+    """A float64 checksum of every frozen parameter (Σ w and Σ w·i over their values, 4-bit/8-bit storage bytes
+    included). Scripts compare it at the start and the end of training: `params/frozen_unchanged` in summary.json."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for p in model.parameters():
+        if not p.requires_grad:
+            flat = p.detach().reshape(-1).to(torch.float64).cpu()
+            total += torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
+    return total.tolist()

@@ -1,0 +1,212 @@
+"""Smoke runs of train_reward.py and train_dpo.py on the embedded default (a few steps each, via subprocess).
+
+Each run must honour the output contract (DESIGN.md), train its adapter (LoRA B starts at 0, so B != 0 means it
+changed), keep the frozen base bit-identical (the scripts' own params/frozen_unchanged fingerprint), and save an
+adapter that reloads to the same outputs. Bad input must end in one line on stderr, never a traceback.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minirlhf.assets import TINY_LLAMA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FAST = ["--threads", "1", "--batch-size", "8", "--max-steps", "3"]
+
+
+def run(script, *args, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def summary(out):
+    with open(os.path.join(out, "summary.json")) as f:
+        return json.load(f)
+
+
+def check_contract(out, extra_keys):
+    for name in ("args.json", "metrics.jsonl", "summary.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert rows and all("step" in r for r in rows)
+    s = summary(out)
+    for key in ("time/total_seconds", "params/trainable", "params/total", *extra_keys):
+        assert key in s, key
+    assert 0 < s["params/trainable"] < s["params/total"]
+    assert s["params/frozen_unchanged"] is True
+    assert not [f for f in os.listdir(out) if f.endswith(".tmp")], "a temporary file was left behind"
+
+
+def adapter_trained(path):
+    weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+    b = [v for k, v in weights.items() if k.endswith("lora_B.weight")]
+    assert b and all(k.startswith("base_model.model.") for k in weights)
+    return any(v.abs().sum() > 0 for v in b)
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("reward"))
+    run("train_reward.py", *FAST, "--max-eval-pairs", "48", "--eval-every", "2", "--out", out)
+    return out
+
+
+def test_reward_contract_and_training(reward_run):
+    check_contract(reward_run, ["eval/accuracy", "eval/accuracy_ceiling"])
+    assert adapter_trained(os.path.join(reward_run, "reward_model"))
+    assert os.path.isfile(os.path.join(reward_run, "reward_model", "head.safetensors"))
+
+
+def test_reward_model_reloads_to_identical_scores(reward_run, tmp_path):
+    run("train_reward.py", "--threads", "1", "--eval-only", "--reward-model",
+        os.path.join(reward_run, "reward_model"), "--max-eval-pairs", "48", "--out", str(tmp_path))
+    trained, reloaded = summary(reward_run), summary(str(tmp_path))
+    for key in ("eval/accuracy", "eval/margin", "eval/loss"):
+        assert reloaded[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_reward_is_deterministic(reward_run, tmp_path):
+    run("train_reward.py", *FAST, "--max-eval-pairs", "48", "--eval-every", "2", "--out", str(tmp_path))
+    a, b = summary(reward_run), summary(str(tmp_path))
+    assert a["eval/margin"] == b["eval/margin"] and a["eval/loss"] == b["eval/loss"]
+
+
+@pytest.mark.parametrize("loss", ["distributional", "margin"])
+def test_reward_other_losses(loss, tmp_path):
+    run("train_reward.py", "--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "16",
+        "--loss", loss, "--out", str(tmp_path))
+    check_contract(str(tmp_path), ["eval/accuracy"])
+    config = json.load(open(os.path.join(tmp_path, "reward_model", "head_config.json")))
+    assert config["kind"] == ("rating" if loss == "distributional" else "scalar")
+
+
+def test_reward_qlora_4bit_smoke(tmp_path):
+    run("train_reward.py", "--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "16",
+        "--quantization", "4bit", "--out", str(tmp_path))
+    check_contract(str(tmp_path), ["eval/accuracy"])
+    assert adapter_trained(os.path.join(tmp_path, "reward_model"))
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dpo"))
+    run("train_dpo.py", *FAST, "--max-eval-pairs", "16", "--eval-prompts", "6", "--eval-samples", "1",
+        "--max-new-tokens", "8", "--out", out)
+    return out
+
+
+def test_dpo_contract_and_training(dpo_run):
+    check_contract(dpo_run, ["eval/gold_before", "eval/gold_after", "eval/gold_max", "eval/kl", "eval/win_rate"])
+    assert adapter_trained(os.path.join(dpo_run, "policy"))
+    rows = [json.loads(line) for line in open(os.path.join(dpo_run, "metrics.jsonl"))]
+    for key in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected"):
+        assert key in rows[-1], key
+
+
+def test_dpo_adapter_reloads_to_identical_logprobs(dpo_run):
+    """Our own loader puts the saved policy back: its held-out DPO loss equals the one the run reported."""
+    from minirlhf import lora
+    from minirlhf.data import load_preference_dataset
+    from minirlhf.data.tokenize import collate_pairs, tokenize_preference_dataset
+    from minirlhf.dpo import dpo_loss
+    from minirlhf.heads import response_logprobs
+    from minirlhf.models import load_model, load_tokenizer, reference
+
+    tok = load_tokenizer(TINY_LLAMA)
+    model = load_model(TINY_LLAMA, device="cpu", tokenizer=tok)
+    lora.load_adapter(model, os.path.join(dpo_run, "policy"), adapter="policy")
+    lora.set_active_adapter(model, "policy")
+    model.eval()
+    pairs = tokenize_preference_dataset(load_preference_dataset("builtin", "test"), tok, 64, 32).select(range(16))
+    batch = collate_pairs([{k: pairs[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                           for i in range(16)], tok.pad_token_id)
+    args = (batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    with torch.no_grad():
+        policy = response_logprobs(model, *args).sum(-1)
+        with reference(model):
+            ref = response_logprobs(model, *args).sum(-1)
+    losses, _, _ = dpo_loss(policy[:16], policy[16:], ref[:16], ref[16:], beta=summary_arg(dpo_run, "beta"))
+    assert losses.mean().item() == pytest.approx(summary(dpo_run)["eval/loss"], abs=1e-5)
+
+
+def summary_arg(out, name):
+    return json.load(open(os.path.join(out, "args.json")))[name]
+
+
+@pytest.mark.parametrize("loss", ["ipo", "cdpo"])
+def test_dpo_variants_and_precompute(loss, tmp_path):
+    run("train_dpo.py", "--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "8",
+        "--eval-prompts", "4", "--eval-samples", "1", "--max-new-tokens", "6", "--loss", loss, "--precompute-ref",
+        "--out", str(tmp_path))
+    check_contract(str(tmp_path), ["eval/gold_after", "eval/kl"])
+
+
+def load_script(script):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script,args,message", [
+    ("train_reward.py", ["--dataset", "nope/nothing"], "unknown"),
+    ("train_reward.py", ["--model", "/no/such/dir"], "/no/such/dir"),
+    ("train_reward.py", ["--loss", "hinge"], "--loss"),
+    ("train_reward.py", ["--batch-size", "0"], "--batch-size"),
+    ("train_dpo.py", ["--beta", "-1"], "--beta"),
+    ("train_dpo.py", ["--loss", "sigmoid", "--label-smoothing", "0.2"], "cdpo"),
+    ("train_reward.py", ["--eval-only"], "--reward-model"),
+])
+def test_bad_input_raises_a_clear_error(script, args, message, tmp_path):
+    """In-process (fast): main() raises one ValueError naming the problem; __main__ turns it into one line."""
+    module = load_script(script)
+    with pytest.raises(ValueError, match=message.replace("/", ".").replace("-", ".")):
+        module.main(module.parse_args(module.Args, [*args, "--out", str(tmp_path), "--threads", "1"]))
+
+
+@pytest.mark.parametrize("script,args,message", [("train_reward.py", ["--loss", "hinge"], "--loss"),
+                                                 ("train_dpo.py", ["--model", "/no/such/dir"], "/no/such/dir")])
+def test_bad_input_is_one_line_on_the_command_line(script, args, message, tmp_path):
+    proc = run(script, *args, "--out", str(tmp_path), check=False)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"{script}: error:") and message in last, proc.stderr[-500:]
+
+
+def test_reward_checkpoint_of_the_wrong_shape(tmp_path):
+    head_dir = tmp_path / "rm"
+    head_dir.mkdir()
+    from minirlhf.heads import ScalarHead, save_head
+    save_head(ScalarHead(7), str(head_dir))
+    proc = run("train_reward.py", "--eval-only", "--reward-model", str(head_dir), "--out", str(tmp_path / "o"),
+               check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "hidden size" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_model_without_chat_template_needs_template(tmp_path):
+    model_dir = tmp_path / "plain"
+    shutil.copytree(TINY_LLAMA, model_dir)
+    os.remove(model_dir / "chat_template.jinja")
+    cfg = json.load(open(model_dir / "tokenizer_config.json"))
+    cfg.pop("chat_template", None)
+    json.dump(cfg, open(model_dir / "tokenizer_config.json", "w"))
+    proc = run("train_reward.py", "--model", str(model_dir), "--max-steps", "1", "--out", str(tmp_path / "o"),
+               check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "--template" in proc.stderr.strip().splitlines()[-1]
+    run("train_reward.py", "--model", str(model_dir), "--template", "qa", "--threads", "1", "--batch-size", "4",
+        "--max-steps", "1", "--max-eval-pairs", "8", "--out", str(tmp_path / "ok"))
