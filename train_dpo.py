@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import datasets
 import torch
 from tqdm import tqdm
 
@@ -135,6 +136,7 @@ def preference_loss(args, policy, ref):
 
 
 def main(args):
+    datasets.disable_progress_bars()  # one progress bar per loop is enough
     if args.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {LOSSES}, got {args.loss!r}")
     if args.loss == "cdpo" and args.label_smoothing == 0.0:

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import datasets
 import torch
 from tqdm import tqdm
 
@@ -144,6 +145,7 @@ def evaluate(model, head, data, args, pad_id, device):
 
 
 def main(args):
+    datasets.disable_progress_bars()  # one progress bar per loop is enough
     if args.loss not in LOSSES:
         raise ValueError(f"--loss must be one of {LOSSES}, got {args.loss!r}")
     if args.eval_only and not args.reward_model:

@@ -1,19 +1,27 @@
-"""Supervised fine-tuning (SFT): next-token cross-entropy on chat-formatted demonstrations, packed into blocks.
+"""Supervised fine-tuning (SFT): next-token cross-entropy on chat-formatted demonstrations.
 
-    python train_sft.py --max-steps 200                 # fine-tune the embedded tiny model on the built-in world
+    python train_sft.py --max-steps 200                 # LoRA-fine-tune the embedded tiny model on the built-in world
+    python train_sft.py --full-finetune --max-steps 200 # every weight trains
+    python train_sft.py --no-packing                    # padded examples, loss on the response tokens only
+    python train_sft.py --merge                         # fold the LoRA adapter into the base, save the merged model
     python train_sft.py --init-config cfg.json --tokenizer DIR   # a fresh model from a config (assets/build.py);
                                                                   # DIR holds a tokenizer and a config.json
 
-Each demonstration becomes   <chat-formatted prompt> + response + EOS   (the same text the sampler later sees and
-produces); all of them are joined into one stream and cut into (block_size) blocks (minirlhf/data/packing.py). The
-loss covers every token of a block, prompt tokens included. AdamW, linear warmup then cosine decay to min_lr.
-Writes DIR/args.json, DIR/metrics.jsonl, DIR/summary.json and DIR/model (save_pretrained + tokenizer, atomically).
+Each demonstration becomes   <formatted prompt> + response + EOS   (the same text the sampler later sees and
+produces). With packing (seed 001) all of them are joined into one stream and cut into block_size blocks
+(minirlhf/data/packing.py) and the loss covers every token, prompt included. Without packing each example is its own
+right-padded row, truncated to block_size tokens (the prompt keeps its end), and the loss covers response tokens only
+(completion-only loss). AdamW, linear warmup then cosine decay to min_lr.
+Data: the built-in world's demonstrations, or the chosen responses of any preference data set minirlhf.data knows
+(seed 001 fine-tunes on lvwerra/stack-exchange-paired's preferred answers).
+Writes DIR/args.json, metrics.jsonl, summary.json, curves.png and DIR/adapter (PEFT format) and/or DIR/model
+(save_pretrained + tokenizer: full fine-tuning, --init-config or --merge), each atomically.
 """
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -21,28 +29,56 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from minirlhf import lora
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.checkpoint import atomic_directory, seed_everything
 from minirlhf.cli import format_args, parse_args
-from minirlhf.data import world
+from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.packing import pack
-from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer
+from minirlhf.data.templates import format_prompt
+from minirlhf.data.tokenize import pad
+from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer, parameter_report
 from minirlhf.tracking import RunLog
+from minirlhf.training import frozen_fingerprint, make_trainable
 
 
 @dataclass
 class Args:
     """Supervised fine-tuning of a causal LM on chat-formatted demonstrations, packed into blocks."""
     model: str = TINY_LLAMA
-    """Hugging Face model dir or Hub id to fine-tune (all parameters); ignored with --init-config"""
+    """Hugging Face model dir or Hub id to fine-tune; ignored with --init-config"""
     init_config: Optional[str] = None
     """JSON file (or inline JSON) of a model config: train a fresh model from it instead of --model"""
     tokenizer: Optional[str] = None
     """tokenizer dir or Hub id; default: the one beside --model"""
     dataset: str = "builtin"
-    """demonstrations: 'builtin' (the built-in world's SFT rows) is the only one so far"""
+    """demonstrations: 'builtin' (the world's SFT rows) or a preference data set id (its chosen responses)"""
+    data_files: Optional[str] = None
+    """local files in the data set's raw schema instead of the Hub"""
+    template: Optional[str] = None
+    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
+    packing: bool = True
+    """pack demonstrations into blocks (loss on every token) or pad them (--no-packing: loss on responses only)"""
     block_size: int = 128
-    """tokens per packed training block"""
+    """tokens per packed block, or the maximum example length without packing"""
+    max_prompt_length: int = 64
+    """without packing: prompt tokens kept (from the end)"""
+    full_finetune: bool = False
+    """train every weight instead of a LoRA adapter (always so with --init-config)"""
+    quantization: str = "none"
+    """base precision for LoRA: none | 8bit | 4bit (QLoRA)"""
+    lora_r: int = 16
+    """LoRA rank"""
+    lora_alpha: float = 32.0
+    """LoRA alpha (the update is scaled by alpha / r)"""
+    lora_dropout: float = 0.0
+    """LoRA dropout"""
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
+    merge: bool = False
+    """after LoRA training, fold the adapter into the base and save the merged model (seed 001, before the next stage)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (saves memory on big models)"""
     batch_size: int = 16
     """blocks per optimizer step"""
     max_steps: int = 300
@@ -71,18 +107,42 @@ class Args:
     """output directory"""
 
 
-def tokenize_rows(tokenizer, rows):
-    """Token ids of chat-formatted prompt + response (no EOS: pack() appends it)."""
-    texts = [tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) + r["response"]
-             for r in rows]
+def demonstrations(args, split):
+    """[{"prompt": messages, "response": str}] of the built-in world, or a preference set's chosen responses."""
+    if args.dataset == "builtin":
+        return world.sft_rows(split)
+    rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
+    return [{"prompt": r["prompt"], "response": r["chosen"]} for r in rows]
+
+
+def tokenize_rows(tokenizer, rows, template=None):
+    """Token ids of formatted prompt + response (no EOS: pack() appends it)."""
+    texts = [format_prompt(tokenizer, r["prompt"], template) + r["response"] for r in rows]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def lm_loss(model, blocks):
-    """Mean next-token cross-entropy over a (B, L) batch of packed blocks."""
-    logits = model(input_ids=blocks).logits  # (B, L, V)
+def padded_examples(tokenizer, rows, args):
+    """Without packing: a (N, T) right-padded batch of prompt + response + EOS, cut to block_size tokens (the prompt
+    keeps its last max_prompt_length tokens), and the (N, T) loss mask that is 1 on response tokens only."""
+    ids, masks = [], []
+    for r in rows:
+        prompt = tokenizer(format_prompt(tokenizer, r["prompt"], args.template),
+                           add_special_tokens=False)["input_ids"][-args.max_prompt_length:]
+        response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids.append((prompt + response)[:args.block_size])
+        masks.append(([0] * len(prompt) + [1] * len(response))[:args.block_size])
+    return (pad(ids, tokenizer.pad_token_id), pad([[1] * len(x) for x in ids], 0), pad(masks, 0))  # (N, T) x 3
+
+
+def lm_loss(model, blocks, attention_mask=None, loss_mask=None):
+    """Mean next-token cross-entropy over a (B, L) batch: every token of packed blocks, or the loss_mask tokens."""
+    logits = model(input_ids=blocks, attention_mask=attention_mask).logits  # (B, L, V)
     # the off-by-one shift: the logits at position t predict the token at t + 1
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), blocks[:, 1:].reshape(-1))
+    if loss_mask is None:
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), blocks[:, 1:].reshape(-1))
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), blocks[:, 1:], reduction="none")  # (B, L-1)
+    mask = loss_mask[:, 1:].to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
 def lr_at(step, args):
@@ -94,10 +154,11 @@ def lr_at(step, args):
 
 
 @torch.no_grad()
-def eval_loss(model, blocks, batch_size):
-    """Mean next-token loss over all of `blocks` (N, L), in batches."""
+def eval_loss(model, data, batch_size):
+    """Mean next-token loss over the (N, L) tensors of `data`, in batches (weighted by rows)."""
     model.eval()
-    total = sum(lm_loss(model, blocks[i:i + batch_size]).item() * len(blocks[i:i + batch_size])
+    blocks = data[0]
+    total = sum(lm_loss(model, *[t[i:i + batch_size] for t in data]).item() * len(blocks[i:i + batch_size])
                 for i in range(0, len(blocks), batch_size))
     model.train()
     return total / len(blocks)
@@ -108,8 +169,9 @@ def main(args):
     print(format_args(args))
     if args.max_steps < 1:
         raise ValueError(f"train_sft: --max-steps must be >= 1, got {args.max_steps}")
-    if args.dataset != "builtin":
-        raise ValueError(f"train_sft: --dataset {args.dataset!r} is not supported yet; use 'builtin'")
+    if args.merge and (args.full_finetune or args.init_config or args.quantization != "none"):
+        raise ValueError("train_sft: --merge folds a LoRA adapter into a float base: it needs LoRA training "
+                         "(no --full-finetune / --init-config) and --quantization none")
     if args.init_config is not None and args.tokenizer is None:
         raise ValueError("train_sft: --init-config needs --tokenizer (a fresh model has no tokenizer beside it)")
     if args.threads > 0:
@@ -127,17 +189,26 @@ def main(args):
         if config["vocab_size"] < len(tokenizer):
             raise ValueError(f"train_sft: config vocab_size {config['vocab_size']} < {len(tokenizer)} tokenizer tokens")
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).to(device)
-    else:
-        model = load_model(args.model, dtype="float32", device=args.device, tokenizer=tokenizer)
-        model.requires_grad_(True)  # full fine-tuning (load_model returns a frozen base)
+    else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
+        model = load_model(args.model, quantization=args.quantization, dtype="float32" if args.quantization == "none"
+                           else "auto", device=args.device, tokenizer=tokenizer,
+                           gradient_checkpointing=args.gradient_checkpointing)
+        make_trainable(model, "sft", args.full_finetune, args.lora_r, args.lora_alpha, args.lora_dropout,
+                       args.lora_targets)
     trainable, total = count_parameters(model)
-    print(f"model: {total:,d} parameters ({trainable:,d} trainable) on {device}")
+    print(f"model: {parameter_report(model)} on {device}")
+    fingerprint = frozen_fingerprint(model)
 
-    # data: packed blocks
-    eos_id = tokenizer.eos_token_id
-    train_blocks = pack(tokenize_rows(tokenizer, world.sft_rows("train")), args.block_size, eos_id).to(device)
-    eval_blocks = pack(tokenize_rows(tokenizer, world.sft_rows("test")), args.block_size, eos_id).to(device)
-    print(f"data: {len(train_blocks)} train blocks, {len(eval_blocks)} eval blocks of {args.block_size} tokens")
+    # data: packed blocks (loss on every token) or padded examples (loss on response tokens)
+    def data(split):
+        rows = demonstrations(args, split)
+        if args.packing:
+            return (pack(tokenize_rows(tokenizer, rows, args.template), args.block_size, tokenizer.eos_token_id)
+                    .to(device),)  # (N, L)
+        return tuple(t.to(device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
+    train_data, eval_data = data("train"), data("test")
+    print(f"data: {len(train_data[0])} train {'blocks' if args.packing else 'examples'}, {len(eval_data[0])} eval, "
+          f"{train_data[0].shape[1]} tokens each")
 
     # optimizer: decay matrices only (nanoGPT)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -145,47 +216,60 @@ def main(args):
                                    {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
                                   lr=args.lr, betas=(0.9, 0.95))
 
-    order, cursor = torch.randperm(len(train_blocks)), 0
+    order, cursor = torch.randperm(len(train_data[0])), 0
     recent, tokens, tick = [], 0, time.time()
     metrics = {}
     model.train()
     for step in tqdm(range(1, args.max_steps + 1), desc="sft", mininterval=5):
         if cursor + args.batch_size > len(order):  # a new epoch: reshuffle the blocks
-            order, cursor = torch.randperm(len(train_blocks)), 0
-        batch = train_blocks[order[cursor:cursor + args.batch_size]]  # (B, L)
+            order, cursor = torch.randperm(len(train_data[0])), 0
+        batch = [t[order[cursor:cursor + args.batch_size]] for t in train_data]  # (B, L) each
         cursor += args.batch_size
         lr = lr_at(step - 1, args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = lm_loss(model, batch)
+        loss = lm_loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
         optimizer.step()
         recent.append(loss.item())
-        tokens += batch.numel()
+        tokens += batch[0].numel()
 
         if step % args.log_every == 0 or step == args.max_steps:
             metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr, "train/grad_norm": grad_norm.item(),
                        "perf/tokens_per_second": tokens / (time.time() - tick)}
             if step % args.eval_every == 0 or step == args.max_steps:
-                metrics["eval/loss"] = eval_loss(model, eval_blocks, args.batch_size)
+                metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
             log.log(step, metrics)
             tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
                        f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
                        f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
             recent, tokens, tick = [], 0, time.time()
 
+    # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged
+    unchanged = frozen_fingerprint(model) == fingerprint  # before a merge rewrites the base
+    lora_run = "sft" in lora.adapter_names(model)
+    if lora_run:
+        atomic_directory(os.path.join(args.out, "adapter"), lambda tmp: lora.save_adapter(model, tmp, "sft"))
+    if args.merge:
+        lora.merge_lora(model, "sft")
+
     def save(tmp_dir):
         model.save_pretrained(tmp_dir)
         tokenizer.save_pretrained(tmp_dir)
-    atomic_directory(os.path.join(args.out, "model"), save)
-    summary = log.summary({"params/trainable": trainable, "params/total": total, "train/loss": metrics["train/loss"],
-                           "eval/loss": metrics["eval/loss"]})
+    if not lora_run or args.merge:
+        atomic_directory(os.path.join(args.out, "model"), save)
+    summary = log.summary({"params/trainable": trainable, "params/total": total, "params/frozen_unchanged": unchanged,
+                           "train/loss": metrics["train/loss"], "eval/loss": metrics["eval/loss"]})
+    where = os.path.join(args.out, "model" if not lora_run or args.merge else "adapter")
     print(f"done in {time.time() - start:.0f}s: train/loss {summary['train/loss']:.4f} "
-          f"eval/loss {summary['eval/loss']:.4f}; model in {os.path.join(args.out, 'model')}")
+          f"eval/loss {summary['eval/loss']:.4f}; saved in {where}")
     return summary
 
 
 if __name__ == "__main__":
-    main(parse_args(Args))
+    try:
+        main(parse_args(Args))
+    except ValueError as e:  # bad input: one clear line, no traceback
+        raise SystemExit(f"train_sft.py: error: {e}")

@@ -108,7 +108,7 @@ def train_sft(monkeypatch):
 def test_train_sft_fine_tunes_every_parameter_and_writes_the_contract(tmp_path, train_sft):
     out = tmp_path / "run"
     args = train_sft.Args(model=TINY_LLAMA, max_steps=2, batch_size=2, block_size=64, log_every=1, eval_every=2,
-                          lr=1e-3, warmup_steps=1, out=str(out))
+                          lr=1e-3, warmup_steps=1, full_finetune=True, out=str(out))
     summary = train_sft.main(args)
     assert {"time/total_seconds", "params/trainable", "params/total", "train/loss", "eval/loss"} <= set(summary)
     assert summary["params/trainable"] == summary["params/total"]
@@ -131,7 +131,44 @@ def test_train_sft_from_a_config(tmp_path, train_sft):
 
 
 @pytest.mark.parametrize("change, message", [(dict(init_config="{}"), "needs --tokenizer"),
-                                             (dict(dataset="squad"), "not supported yet")])
+                                             (dict(dataset="squad"), "unknown"),
+                                             (dict(merge=True, full_finetune=True), "--merge")])
 def test_train_sft_bad_input_is_a_clear_error(tmp_path, train_sft, change, message):
     with pytest.raises(ValueError, match=message):
         train_sft.main(train_sft.Args(out=str(tmp_path / "x"), **change))
+
+
+def test_train_sft_lora_completion_only_and_merge(tmp_path, train_sft):
+    """LoRA SFT without packing (loss on responses only), then --merge: the merged model saved with save_pretrained
+    gives the same logits as the base with the saved adapter on top, and the frozen base never moved."""
+    from minirlhf import lora
+    out = tmp_path / "lora"
+    args = train_sft.Args(model=TINY_LLAMA, max_steps=3, batch_size=4, block_size=48, log_every=1, eval_every=3,
+                          lr=1e-2, warmup_steps=1, packing=False, merge=True, threads=1, out=str(out))
+    summary = train_sft.main(args)
+    assert summary["params/frozen_unchanged"] is True
+    assert 0 < summary["params/trainable"] < summary["params/total"]
+    ids = torch.tensor([[5, 17, 42, 99, 7, 64, 3]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(TINY_LLAMA).eval()
+    with torch.no_grad():
+        base_logits = base(ids).logits
+        lora.load_adapter(base, str(out / "adapter"), adapter="sft")
+        lora.set_active_adapter(base, "sft")
+        adapted = base(ids).logits
+        merged_logits = merged(ids).logits
+    assert not torch.allclose(adapted, base_logits, atol=1e-4), "the adapter did not train"
+    assert torch.allclose(merged_logits, adapted, atol=1e-4)
+
+
+def test_completion_only_loss_masks_the_prompt(train_sft):
+    """Without packing, only response tokens (and their EOS) carry loss."""
+    from minirlhf.models import load_tokenizer
+    tok = load_tokenizer(TINY_LLAMA)
+    rows = world.sft_rows("test")[:3]
+    args = train_sft.Args(block_size=64, max_prompt_length=64)
+    ids, attention, loss_mask = train_sft.padded_examples(tok, rows, args)
+    for i, r in enumerate(rows):
+        real = ids[i][attention[i].bool()].tolist()
+        response = real[len(real) - int(loss_mask[i].sum()):]
+        assert tok.decode(response[:-1]) == r["response"] and response[-1] == tok.eos_token_id
