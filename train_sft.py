@@ -18,7 +18,6 @@ Writes DIR/args.json, metrics.jsonl, summary.json, curves.png and DIR/adapter (P
 (save_pretrained + tokenizer: full fine-tuning, --init-config or --merge), each atomically.
 """
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad
 from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer, parameter_report
 from minirlhf.tracking import RunLog
-from minirlhf.training import frozen_fingerprint, make_trainable
+from minirlhf.training import frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
 
 
 @dataclass
@@ -145,14 +144,6 @@ def lm_loss(model, blocks, attention_mask=None, loss_mask=None):
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
-def lr_at(step, args):
-    """Linear warmup to args.lr, then cosine decay to args.lr * min_lr_ratio."""
-    if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
-    progress = (step - args.warmup_steps) / max(1, args.max_steps - args.warmup_steps)
-    return args.lr * (args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 @torch.no_grad()
 def eval_loss(model, data, batch_size):
     """Mean next-token loss over the (N, L) tensors of `data`, in batches (weighted by rows)."""
@@ -210,42 +201,44 @@ def main(args):
     print(f"data: {len(train_data[0])} train {'blocks' if args.packing else 'examples'}, {len(eval_data[0])} eval, "
           f"{train_data[0].shape[1]} tokens each")
 
-    # optimizer: decay matrices only (nanoGPT)
+    # optimizer: AdamW, weight decay on matrices only (nanoGPT)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-                                   {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, 0.95))
+    optimizer = make_optimizer(params, args.lr, args.weight_decay, betas=(0.9, 0.95))
 
     order, cursor = torch.randperm(len(train_data[0])), 0
     recent, tokens, tick = [], 0, time.time()
-    metrics = {}
+    metrics, step = {}, 0
     model.train()
-    for step in tqdm(range(1, args.max_steps + 1), desc="sft", mininterval=5):
-        if cursor + args.batch_size > len(order):  # a new epoch: reshuffle the blocks
-            order, cursor = torch.randperm(len(train_data[0])), 0
-        batch = [t[order[cursor:cursor + args.batch_size]] for t in train_data]  # (B, L) each
-        cursor += args.batch_size
-        lr = lr_at(step - 1, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = lm_loss(model, *batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-        optimizer.step()
-        recent.append(loss.item())
-        tokens += batch[0].numel()
+    try:
+        for step in tqdm(range(1, args.max_steps + 1), desc="sft", mininterval=5):
+            if cursor + args.batch_size > len(order):  # a new epoch: reshuffle the blocks
+                order, cursor = torch.randperm(len(train_data[0])), 0
+            batch = [t[order[cursor:cursor + args.batch_size]] for t in train_data]  # (B, L) each
+            cursor += args.batch_size
+            lr = lr_at(step - 1, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
+            set_lr(optimizer, lr)
+            loss = lm_loss(model, *batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
+            optimizer.step()
+            recent.append(loss.item())
+            tokens += batch[0].numel()
 
-        if step % args.log_every == 0 or step == args.max_steps:
-            metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr, "train/grad_norm": grad_norm.item(),
-                       "perf/tokens_per_second": tokens / (time.time() - tick)}
-            if step % args.eval_every == 0 or step == args.max_steps:
-                metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
-            log.log(step, metrics)
-            tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
-                       f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
-                       f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
-            recent, tokens, tick = [], 0, time.time()
+            if step % args.log_every == 0 or step == args.max_steps:
+                metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr,
+                           "train/grad_norm": grad_norm.item(), "perf/tokens_per_second": tokens / (time.time() - tick)}
+                if step % args.eval_every == 0 or step == args.max_steps:
+                    metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
+                log.log(step, metrics)
+                tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
+                           f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
+                           f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
+                recent, tokens, tick = [], 0, time.time()
+    except KeyboardInterrupt:
+        print(f"\ninterrupted at step {step}: saving what has been trained")
+        metrics.setdefault("train/loss", sum(recent) / max(1, len(recent)))
+        metrics.setdefault("eval/loss", eval_loss(model, eval_data, args.batch_size))
 
     # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged
     unchanged = frozen_fingerprint(model) == fingerprint  # before a merge rewrites the base
