@@ -1,0 +1,168 @@
+"""Score several policies with several reward models (and the gold reward) on the same held-out prompts: a table.
+
+    python -m minirlhf.evaluate --policies base runs/ppo runs/dpo --reward-models runs/reward runs/reward_dist --gold
+
+Seed 002's cross-reward-model comparison: a policy trained against one reward model is also scored by the others, so
+a policy that only pleases ITS reward model (reward hacking) shows up as a high score in one column and not in the
+rest (and, on the built-in world, in the gold column). Every policy is a LoRA adapter on the same base (--model);
+'base' is the base itself. Each policy samples --samples responses per held-out prompt with evaluation.evaluate_policy
+(seeded: the same policy always gets the same samples, the same as train_ppo.py's final evaluation with the same
+settings), and every reward model scores those same samples at their last real token. Columns:
+  <reward model>  mean score (rating heads: expected rating)       gold   mean gold score (built-in world, 0..4)
+  KL              mean exact KL(π‖π_base) per sequence, in nats     length mean response length in tokens
+A folder may be the adapter folder itself or a run folder holding policy/ (train_ppo.py, train_dpo.py) or
+reward_model/ (train_reward.py). The table is printed and, with --out, written as markdown.
+"""
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from minirlhf import lora
+from minirlhf.assets import TINY_LLAMA
+from minirlhf.checkpoint import atomic_write_bytes
+from minirlhf.cli import format_args, parse_args
+from minirlhf.data import load_prompt_dataset
+from minirlhf.data.templates import format_prompt
+from minirlhf.data.tokenize import require_pad_token, tokenize_prompt
+from minirlhf.evaluation import evaluate_policy
+from minirlhf.heads import RatingHead, load_head, sequence_scores
+from minirlhf.models import get_device, load_model, load_tokenizer
+from minirlhf.reward_losses import expected_rating
+
+
+@dataclass
+class Args:
+    model: str = TINY_LLAMA
+    """base model every adapter sits on (default: the embedded tiny Llama)"""
+    policies: list[str] = field(default_factory=lambda: ["base"])
+    """policy adapter folders (or run folders holding policy/); 'base' = the base model, no adapter"""
+    reward_models: list[str] = field(default_factory=list)
+    """reward model folders written by train_reward.py (or run folders holding reward_model/)"""
+    gold: bool = False
+    """add the built-in world's gold score as a column (--dataset builtin only)"""
+    dataset: str = "builtin"
+    """held-out prompts: 'builtin' or a data set minirlhf.data knows"""
+    data_files: Optional[str] = None
+    """local files in the data set's raw schema instead of the Hub"""
+    split: str = "test"
+    """which split's prompts"""
+    template: Optional[str] = None
+    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
+    prompts: int = 120
+    """held-out prompts (the first N)"""
+    samples: int = 2
+    """responses sampled per prompt"""
+    max_new_tokens: int = 24
+    """response tokens sampled at most"""
+    max_prompt_length: int = 32
+    """prompt tokens kept (from the end)"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    quantization: str = "none"
+    """base precision: none | 8bit | 4bit"""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16"""
+    seed: int = 0
+    """sampler seed (the same for every policy)"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: Optional[str] = None
+    """also write the markdown table to this file"""
+
+
+def resolve(path, inner, marker):
+    """`path` itself if it holds `marker`, else path/inner if that does; else a one-line error."""
+    for candidate in (path, os.path.join(path, inner)):
+        if os.path.isfile(os.path.join(candidate, marker)):
+            return candidate
+    raise ValueError(f"{path!r} has no {marker} (nor {inner}/{marker}): not a {inner.replace('_', ' ')} folder")
+
+
+def markdown_table(header, rows):
+    """A GitHub markdown table: header (list of str), rows (lists of str)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def main(args):
+    if not args.policies:
+        raise ValueError("--policies needs at least one folder (or 'base')")
+    if args.gold and args.dataset != "builtin":
+        raise ValueError("--gold is the built-in world's gold score: it needs --dataset builtin")
+    if args.prompts < 1 or args.samples < 1:
+        raise ValueError("--prompts and --samples must be >= 1")
+    policies = [p if p == "base" else resolve(p, "policy", "adapter_config.json") for p in args.policies]
+    rms = [resolve(r, "reward_model", "head_config.json") for r in args.reward_models]
+    print(format_args(args))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = get_device(args.device)
+
+    # one base; every reward model and every policy is an adapter on it (names must not contain dots)
+    tokenizer = load_tokenizer(args.model)
+    require_pad_token(tokenizer)
+    model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                       tokenizer=tokenizer).eval()
+    hidden = model.config.hidden_size
+    reward_models = []  # (adapter name or None, head)
+    for i, path in enumerate(rms):
+        name = None
+        if os.path.isfile(os.path.join(path, "adapter_config.json")):
+            name = f"reward{i}"
+            lora.load_adapter(model, path, adapter=name)
+        reward_models.append((name, load_head(path, hidden_size=hidden).to(device)))
+    for j, path in enumerate(policies):
+        if path != "base":
+            lora.load_adapter(model, path, adapter=f"policy{j}")
+
+    rows = [r["prompt"] for r in load_prompt_dataset(args.dataset, args.split, args.data_files)][:args.prompts]
+    ids = [tokenize_prompt(tokenizer, format_prompt(tokenizer, p, args.template), args.max_prompt_length)
+           ["prompt_ids"] for p in rows]
+    prompts = [p for p in rows for _ in range(args.samples)]
+    ids = [p for p in ids for _ in range(args.samples)]
+    gold_fn = None
+    if args.gold:
+        from minirlhf.data import world
+        gold_fn = world.gold_score
+
+    header = ["policy"] + [f"RM {r}" for r in args.reward_models] + (["gold"] if args.gold else []) + \
+             ["KL (nats)", "length"]
+    table = []
+    for j, path in enumerate(policies):
+        scores = [[] for _ in reward_models]
+
+        @torch.no_grad()
+        def reward_fn(batch):  # every reward model scores the same samples; evaluate_policy keeps the first
+            for k, (name, head) in enumerate(reward_models):
+                with lora.use_adapter(model, name):
+                    out = sequence_scores(model, head, batch["input_ids"], batch["attention_mask"])  # (B,) / (B, K)
+                scores[k].append(expected_rating(out) if isinstance(head, RatingHead) else out)
+            return scores[0][-1]
+
+        with lora.use_adapter(model, None if path == "base" else f"policy{j}"):
+            metrics, _ = evaluate_policy(model, tokenizer, prompts, ids, gold_fn=gold_fn,
+                                         reward_fn=reward_fn if reward_models else None,
+                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                         seed=args.seed, device=device)
+        table.append([args.policies[j]] + [f"{torch.cat(s).mean().item():+.3f}" for s in scores]
+                     + ([f"{metrics['eval/gold']:.3f}"] if args.gold else [])
+                     + [f"{metrics['eval/kl']:.2f}", f"{metrics['eval/length']:.1f}"])
+    text = markdown_table(header, table)
+    note = (f"\n\n{len(rows)} held-out prompts of {args.dataset} [{args.split}] x {args.samples} samples at "
+            f"temperature {args.temperature}, seed {args.seed}; base {args.model}.\n")
+    print("\n" + text)
+    if args.out:
+        atomic_write_bytes(args.out, (text + note).encode())
+        print(f"table written to {args.out}")
+    return table
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args(Args))
+    except ValueError as e:  # bad input: one clear line, no traceback
+        raise SystemExit(f"python -m minirlhf.evaluate: error: {e}")

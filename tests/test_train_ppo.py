@@ -1,0 +1,237 @@
+"""Smoke runs of train_ppo.py (PPO, REINFORCE, GRPO) on the embedded tiny Llama, a few seconds each, plus checks
+against independent code: the reference log-probs the run used are recomputed with a plain transformers forward of
+the base, the scores with PEFT's own LoRA (peft.PeftModel) and the head's weights read by hand. If training had
+touched the base, the reward adapter or its head, these would not match.
+
+The three runs start together in subprocesses (one thread each) to keep the file under ~40 s. The reward models are
+small random ones built here (a LoRA adapter with random B + a random head), so the test does not depend on a trained
+asset and knows exactly what went in."""
+import hashlib
+import json
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from minirlhf.assets import TINY_LLAMA
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "train_ppo.py")
+FAST = ["--iterations", "2", "--rollout-size", "8", "--minibatch-size", "4", "--group-size", "4", "--ppo-epochs", "2",
+        "--eval-prompts", "4", "--eval-samples", "1", "--eval-every", "1", "--max-new-tokens", "8", "--threads", "1"]
+RUNS = {  # algo -> extra flags; {scalar} / {rating} are the reward model folders built below
+    "ppo": ["--reward-model", "{scalar}", "--missing-eos-penalty", "1.0", "--target-kl", "0.5", "--kl-horizon", "50"],
+    "reinforce": ["--reward-model", "{rating}", "--reward-transform", "expected-minus-entropy",
+                  "--entropy-coef", "0.1", "--kl-estimator", "k3"],
+    "grpo": ["--reward", "gold"],
+}
+STEP_KEYS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approx_kl", "policy/entropy",
+             "loss/policy", "time/generation", "time/training", "perf/tokens_per_second"]
+SUMMARY_KEYS = ["time/total_seconds", "params/trainable", "params/total", "eval/gold_before", "eval/gold_after",
+                "eval/gold_max", "eval/kl", "eval/reward_before", "eval/reward_after", "eval/headroom_closed"]
+
+pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(TINY_LLAMA, "config.json")),
+                                reason="the embedded tiny Llama (minirlhf/assets/tiny-llama) is not built yet")
+
+
+def digest(folder):
+    return {f: hashlib.sha256(open(os.path.join(folder, f), "rb").read()).hexdigest()
+            for f in sorted(os.listdir(folder))}
+
+
+def make_reward_model(path, kind):
+    """A random reward model folder as train_reward.py writes it: PEFT adapter "reward" (B random) + head."""
+    from minirlhf import lora
+    from minirlhf.heads import RatingHead, ScalarHead, save_head
+    from minirlhf.models import load_model, load_tokenizer
+    torch.manual_seed(1 if kind == "scalar" else 2)
+    model = load_model(TINY_LLAMA, tokenizer=load_tokenizer(TINY_LLAMA))
+    lora.add_lora(model, "all-linear", r=4, alpha=8, adapter="reward")
+    for _, m in lora._layers(model, "reward"):
+        torch.nn.init.normal_(m.lora_B["reward"].weight, std=0.05)
+    lora.save_adapter(model, path, "reward")
+    hidden = model.config.hidden_size
+    save_head(ScalarHead(hidden) if kind == "scalar" else RatingHead(hidden, 10), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppo")
+    rms = {kind: make_reward_model(str(root / f"rm_{kind}"), kind) for kind in ("scalar", "rating")}
+    hashes = {kind: digest(path) for kind, path in rms.items()}
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = {}
+    for algo, extra in RUNS.items():
+        cmd = [sys.executable, SCRIPT, "--algo", algo, "--out", str(root / algo), *FAST,
+               *[a.format(**rms) for a in extra]]
+        procs[algo] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True)
+    results = {name: (p.wait(timeout=300), *p.communicate()) for name, p in procs.items()}
+    for algo in RUNS:
+        code, out, err = results[algo]
+        assert code == 0, f"{algo} run failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return {"root": root, "rms": rms, "hashes": hashes, "results": results}
+
+
+def rollout(runs, algo):
+    return load_file(os.path.join(runs["root"], algo, "last_rollout.safetensors"))
+
+
+@pytest.mark.parametrize("algo", list(RUNS))
+def test_output_contract(runs, algo):
+    out = runs["root"] / algo
+    for name in ("args.json", "metrics.jsonl", "summary.json", "curves.png", "last_rollout.safetensors",
+                 "policy/adapter_config.json", "policy/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    assert (out / "value_head" / "head.safetensors").is_file() == (algo == "ppo")  # only PPO has a critic
+    assert json.loads((out / "args.json").read_text())["algo"] == algo
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    keys = STEP_KEYS + {"ppo": ["policy/clipfrac", "val/vpred", "val/clipfrac", "loss/value"],
+                        "grpo": ["policy/clipfrac", "loss/kl"], "reinforce": []}[algo]
+    for row in rows:
+        assert all(k in row for k in keys), set(keys) - set(row)
+    assert "eval/gold" in rows[0]  # --eval-every 1: a mid-run evaluation after iteration 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert all(k in summary for k in SUMMARY_KEYS), set(SUMMARY_KEYS) - set(summary)
+    assert summary["eval/kl_before"] == pytest.approx(0.0, abs=1e-6)  # the fresh policy IS the reference
+    assert summary["eval/kl"] > 0  # and after training it is not
+    assert summary["eval/gold_max"] == 4.0 and summary["params/trainable"] > 0
+    assert summary["params/frozen_unchanged"] is True  # the script's own checksum of base + reward model
+    stdout = runs["results"][algo][1]
+    assert "trainable params:" in stdout and "peak RSS" in stdout and "samples after training:" in stdout
+
+
+def test_adaptive_kl_moves_the_coefficient(runs):
+    rows = [json.loads(line) for line in (runs["root"] / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["objective/kl_coef"] == 0.3 and rows[1]["objective/kl_coef"] != 0.3
+
+
+@pytest.mark.parametrize("algo", list(RUNS))
+def test_policy_adapter_changed(runs, algo):
+    adapter = load_file(os.path.join(runs["root"], algo, "policy", "adapter_model.safetensors"))
+    lora_b = [v for k, v in adapter.items() if k.endswith("lora_B.weight")]
+    assert lora_b and any(v.abs().max() > 0 for v in lora_b)  # B starts at exactly 0
+    if algo == "ppo":
+        value = load_file(os.path.join(runs["root"], algo, "value_head", "head.safetensors"))
+        assert any(v.abs().max() > 0 for v in value.values())  # the value head starts at exactly 0
+
+
+def test_reward_model_files_untouched(runs):
+    for kind, path in runs["rms"].items():
+        assert digest(path) == runs["hashes"][kind]
+
+
+@pytest.fixture(scope="module")
+def base():
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("algo", list(RUNS))
+def test_reference_logprobs_equal_the_base_models(runs, base, algo):
+    """The run's reference log-probs (last iteration) vs a plain transformers forward of the untouched base."""
+    r = rollout(runs, algo)
+    ids, attn, resp = r["input_ids"], r["attention_mask"], r["response_mask"]
+    P = ids.shape[1] - r["ref_logprobs"].shape[1]
+    with torch.no_grad():
+        logits = base(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+    logp = F.log_softmax(logits.double(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # token t from t-1
+    expected = logp[:, P - 1:] * resp[:, P:]  # (B, R)
+    assert torch.allclose(r["ref_logprobs"].double(), expected, atol=1e-4)
+    # and the policy that sampled the last rollout had moved away from it (after one iteration of updates)
+    assert not torch.allclose(r["logprobs"].double(), expected, atol=1e-4)
+
+
+def peft_scores(path, rollout_tensors, kind):
+    """Scores recomputed with peft's LoRA and the head's raw weights, at each row's last real token."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_LLAMA, dtype=torch.float32),
+                                      path).eval()
+    ids, attn = rollout_tensors["input_ids"], rollout_tensors["attention_mask"]
+    with torch.no_grad():
+        hidden = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                       output_hidden_states=True).hidden_states[-1]  # (B, T, H), after the final norm
+    last = torch.tensor([max(t for t in range(ids.shape[1]) if attn[b, t]) for b in range(ids.shape[0])])
+    head = load_file(os.path.join(path, "head.safetensors"))
+    out = hidden[torch.arange(ids.shape[0]), last] @ head["linear.weight"].T + head["linear.bias"]  # (B, 1|K)
+    if kind == "scalar":
+        return out[:, 0]
+    p = out.softmax(-1)
+    expected = p @ torch.arange(1.0, 11.0)
+    return expected - 0.1 * -(p * p.log()).sum(-1)  # expected-minus-entropy, entropy_coef 0.1
+
+
+@pytest.mark.parametrize("algo,kind", [("ppo", "scalar"), ("reinforce", "rating")])
+def test_scores_match_an_independent_reward_model(runs, algo, kind):
+    r = rollout(runs, algo)
+    expected = peft_scores(runs["rms"][kind], r, kind)
+    if algo == "ppo":  # --missing-eos-penalty 1.0 on responses without EOS
+        from minirlhf.models import load_tokenizer
+        eos = load_tokenizer(TINY_LLAMA).eos_token_id
+        P = r["input_ids"].shape[1] - r["ref_logprobs"].shape[1]
+        expected = expected - 1.0 * (~(r["input_ids"][:, P:] == eos).any(1)).float()
+    assert torch.allclose(r["scores"], expected, atol=1e-4)
+
+
+def test_grpo_scores_are_gold_and_advantages_group_normalised(runs):
+    from minirlhf.data import world
+    from minirlhf.models import load_tokenizer
+    tok = load_tokenizer(TINY_LLAMA)
+    r = rollout(runs, "grpo")
+    P = r["input_ids"].shape[1] - r["ref_logprobs"].shape[1]
+    users = [tok.decode(row[:P], skip_special_tokens=False) for row in r["input_ids"]]
+    texts = [tok.decode(row[P:][m.bool()], skip_special_tokens=True) for row, m in zip(r["input_ids"],
+                                                                                       r["response_mask"][:, P:])]
+    prompts = [u.split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for u in users]
+    assert r["scores"].tolist() == pytest.approx([world.gold_score(p, t) for p, t in zip(prompts, texts)])
+    adv = r["advantages"][:, 0].view(-1, 4)  # group-contiguous, G = 4
+    assert all(len(set(prompts[i:i + 4])) == 1 for i in range(0, len(prompts), 4))
+    assert torch.allclose(adv.sum(1), torch.zeros(adv.shape[0]), atol=1e-4)
+
+
+def test_evaluate_table_reproduces_the_runs_final_numbers(runs, tmp_path):
+    from minirlhf import evaluate
+    from minirlhf.cli import parse_args
+    out = tmp_path / "table.md"
+    args = parse_args(evaluate.Args, ["--policies", "base", str(runs["root"] / "ppo"), "--reward-models",
+                                      runs["rms"]["scalar"], "--gold", "--prompts", "4", "--samples", "1",
+                                      "--max-new-tokens", "8", "--threads", "1", "--out", str(out)])
+    table = evaluate.main(args)
+    summary = json.loads((runs["root"] / "ppo" / "summary.json").read_text())
+    base_row, ppo_row = table
+    assert float(base_row[1]) == pytest.approx(summary["eval/reward_before"], abs=2e-3)
+    assert float(ppo_row[1]) == pytest.approx(summary["eval/reward_after"], abs=2e-3)
+    assert float(ppo_row[2]) == pytest.approx(summary["eval/gold_after"], abs=2e-3)
+    assert float(ppo_row[3]) == pytest.approx(summary["eval/kl"], abs=1e-2)
+    assert out.read_text().startswith("| policy |")
+
+
+def test_bad_flags_give_one_line_errors(runs, tmp_path, monkeypatch):
+    # the script's __main__ block, run in this process (a subprocess would spend ~8 s importing torch again):
+    # SystemExit with a message string is what prints that one line to stderr and exits with status 1
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--algo", "a2c"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(SCRIPT, run_name="__main__")
+    assert exit_info.value.code == "train_ppo.py: error: --algo must be one of ('ppo', 'reinforce', 'grpo'), got 'a2c'"
+    import train_ppo
+    from minirlhf.cli import parse_args
+    rm = runs["rms"]["scalar"]
+    for argv, message in [
+        (["--minibatch-size", "100"], "larger than --rollout-size"),
+        (["--algo", "grpo", "--group-size", "3"], "dividing --rollout-size"),
+        (["--reward-model", str(tmp_path / "nowhere")], "not a reward model folder"),
+        (["--reward-model", rm, "--reward-transform", "expected-minus-entropy"], "rating"),
+        (["--reward", "gold", "--dataset", "rajpurkar/squad"], "built-in world"),
+        (["--kl-estimator", "k5"], "--kl-estimator"),
+        (["--target-kl", "1.0", "--algo", "grpo"], "--target-kl"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            train_ppo.check_args(parse_args(train_ppo.Args, ["--reward-model", rm] + argv))
