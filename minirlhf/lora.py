@@ -12,22 +12,24 @@ at a time, or none. Rules:
 - save/load use PEFT's on-disk format, so peft.PeftModel.from_pretrained(base, path) gives the same outputs.
 Shapes: `...` any leading dims, `in`/`out` the layer's features, `r` the rank.
 """
-import contextlib, json, math, os
+import contextlib, json, math, os, sys
 from pathlib import Path
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-try:
-    import bitsandbytes as bnb
-    QUANTIZED = {bnb.nn.Linear4bit: 4, bnb.nn.Linear8bitLt: 8}  # both subclass nn.Linear
-except ImportError:  # bitsandbytes is only needed for k-bit bases
-    QUANTIZED = {}
 PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (a LoraModel) .model (the transformer)
 
 
 def _bits(layer):
-    return next((bits for cls, bits in QUANTIZED.items() if isinstance(layer, cls)), None)
+    """4 or 8 for a bitsandbytes Linear4bit / Linear8bitLt (both subclass nn.Linear), else None. bitsandbytes is only
+    imported when something else already loaded it (a k-bit model did): no quantized layer can exist otherwise, and
+    importing it costs seconds at every start."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return None
+    return next((bits for cls, bits in ((bnb.nn.Linear4bit, 4), (bnb.nn.Linear8bitLt, 8)) if isinstance(layer, cls)),
+                None)
 
 
 class LoRALinear(nn.Module):
