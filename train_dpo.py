@@ -13,7 +13,6 @@ On the built-in world the policy is sampled on held-out prompts before and after
 reward: eval/gold_before, eval/gold_after, eval/kl, eval/win_rate (gold after > gold before on the same prompt).
 """
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,8 +25,8 @@ from minirlhf.assets import TINY_LLAMA
 from minirlhf.checkpoint import atomic_directory, seed_everything
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_preference_dataset, load_prompt_dataset
-from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset, tokenize_prompt
-from minirlhf.data.templates import format_prompt
+from minirlhf.data.tokenize import (collate_pairs, require_pad_token, tokenize_preference_dataset,
+                                   tokenize_prompt_dataset)
 from minirlhf.dpo import dpo_loss, ipo_loss
 from minirlhf.evaluation import evaluate_policy
 from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer, parameter_report, reference
@@ -183,12 +182,13 @@ def main(args):
     if args.dataset == "builtin":
         from minirlhf.data import world
         gold_fn = world.gold_score
-        eval_prompts = [r["prompt"] for r in load_prompt_dataset("builtin", split=args.eval_split)]
+        eval_set = load_prompt_dataset("builtin", split=args.eval_split)
     else:
-        eval_prompts = [r["prompt"] for r in load_preference_dataset(args.dataset, args.eval_split, args.data_files)]
-    eval_prompts = [p for p in eval_prompts[:args.eval_prompts] for _ in range(args.eval_samples)]
-    eval_ids = [tokenize_prompt(tokenizer, format_prompt(tokenizer, p, args.template), args.max_prompt_length)
-                ["prompt_ids"] for p in eval_prompts]
+        eval_set = load_preference_dataset(args.dataset, args.eval_split, args.data_files)
+    eval_set = tokenize_prompt_dataset(eval_set.select(range(min(args.eval_prompts, len(eval_set)))), tokenizer,
+                                       args.max_prompt_length, args.template)
+    eval_prompts = [p for p in eval_set["prompt"] for _ in range(args.eval_samples)]
+    eval_ids = [p for p in eval_set["prompt_ids"] for _ in range(args.eval_samples)]
 
     def sample_eval():
         return evaluate_policy(model, tokenizer, eval_prompts, eval_ids, gold_fn=gold_fn,

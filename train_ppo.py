@@ -49,15 +49,14 @@ from minirlhf.baselines import MovingAverageBaseline, group_advantages
 from minirlhf.checkpoint import atomic_directory, seed_everything
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_prompt_dataset
-from minirlhf.data.templates import format_prompt
-from minirlhf.data.tokenize import require_pad_token, tokenize_prompt
+from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
 from minirlhf.evaluation import evaluate_policy, generate
 from minirlhf.gae import gae
-from minirlhf.heads import (RatingHead, ScalarHead, load_head, response_logprobs, response_logprobs_and_states,
+from minirlhf.heads import (RatingHead, ScalarHead, response_logprobs, response_logprobs_and_states,
                             save_head, sequence_scores)
 from minirlhf.kl import AdaptiveKLController, k3
-from minirlhf.models import (count_parameters, get_device, load_model, load_tokenizer, parameter_report, reference,
-                             resident_bytes)
+from minirlhf.models import (count_parameters, get_device, load_model, load_reward_model, load_tokenizer,
+                             parameter_report, reference, resident_bytes)
 from minirlhf.ops import masked_mean
 from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.reward_losses import expected_rating, rating_entropy
@@ -237,9 +236,8 @@ def main(args):
         params += list(value_head.parameters())
     reward_head = None
     if args.reward == "model":
-        reward_head = load_head(args.reward_model, hidden_size=hidden).to(device).requires_grad_(False)
-        if os.path.isfile(os.path.join(args.reward_model, "adapter_config.json")):
-            lora.load_adapter(model, args.reward_model, adapter="reward")  # frozen; "policy" stays active
+        _, reward_head = load_reward_model(model, args.reward_model)  # adapter "reward", frozen; "policy" stays active
+        reward_head.requires_grad_(False)
     model.eval()  # dropout off: sampling, old and new log-probs must come from one and the same policy
     trainable, total = count_parameters(model)
     heads = [value_head] if args.algo == "ppo" else []
@@ -254,10 +252,9 @@ def main(args):
 
     # 2. prompts: training prompts for the rollouts, held-out prompts for the evaluations
     def load(split):
-        rows = [r["prompt"] for r in load_prompt_dataset(args.dataset, split=split, data_files=args.data_files)]
-        ids = [tokenize_prompt(tokenizer, format_prompt(tokenizer, p, args.template), args.max_prompt_length)
-               ["prompt_ids"] for p in rows]
-        return rows, ids
+        data = tokenize_prompt_dataset(load_prompt_dataset(args.dataset, split=split, data_files=args.data_files),
+                                       tokenizer, args.max_prompt_length, args.template)
+        return data["prompt"], data["prompt_ids"]
     train_prompts, train_ids = load(args.split)
     eval_prompts, eval_ids = load(args.eval_split)
     eval_prompts = [p for p in eval_prompts[:args.eval_prompts] for _ in range(args.eval_samples)]

@@ -27,8 +27,9 @@ from minirlhf.checkpoint import atomic_directory, seed_everything
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_preference_dataset
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
-from minirlhf.heads import RatingHead, ScalarHead, load_head, save_head, sequence_scores
-from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer, parameter_report
+from minirlhf.heads import RatingHead, ScalarHead, save_head, sequence_scores
+from minirlhf.models import (count_parameters, get_device, load_model, load_reward_model, load_tokenizer,
+                             parameter_report)
 from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expected_rating
 from minirlhf.tracking import RunLog
 from minirlhf.training import epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
@@ -167,10 +168,8 @@ def main(args):
                        tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
     hidden = model.config.hidden_size
     if args.eval_only:
-        head = load_head(args.reward_model, hidden_size=hidden).to(device)
-        if os.path.isfile(os.path.join(args.reward_model, "adapter_config.json")):
-            lora.load_adapter(model, args.reward_model, adapter="reward")
-            lora.set_active_adapter(model, "reward")
+        adapter, head = load_reward_model(model, args.reward_model)
+        lora.set_active_adapter(model, adapter)
         if isinstance(head, RatingHead) != (args.loss == "distributional"):  # evaluate with the head's own loss
             args.loss = "distributional" if isinstance(head, RatingHead) else "bt"
         params = []

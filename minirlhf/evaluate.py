@@ -24,11 +24,10 @@ from minirlhf.assets import TINY_LLAMA
 from minirlhf.checkpoint import atomic_write_bytes
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_prompt_dataset
-from minirlhf.data.templates import format_prompt
-from minirlhf.data.tokenize import require_pad_token, tokenize_prompt
+from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
 from minirlhf.evaluation import evaluate_policy
-from minirlhf.heads import RatingHead, load_head, sequence_scores
-from minirlhf.models import get_device, load_model, load_tokenizer
+from minirlhf.heads import RatingHead, sequence_scores
+from minirlhf.models import get_device, load_model, load_reward_model, load_tokenizer
 from minirlhf.reward_losses import expected_rating
 
 
@@ -107,21 +106,15 @@ def main(args):
     require_pad_token(tokenizer)
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
                        tokenizer=tokenizer).eval()
-    hidden = model.config.hidden_size
-    reward_models = []  # (adapter name or None, head)
-    for i, path in enumerate(rms):
-        name = None
-        if os.path.isfile(os.path.join(path, "adapter_config.json")):
-            name = f"reward{i}"
-            lora.load_adapter(model, path, adapter=name)
-        reward_models.append((name, load_head(path, hidden_size=hidden).to(device)))
+    reward_models = [load_reward_model(model, path, adapter=f"reward{i}") for i, path in enumerate(rms)]
     for j, path in enumerate(policies):
         if path != "base":
             lora.load_adapter(model, path, adapter=f"policy{j}")
 
-    rows = [r["prompt"] for r in load_prompt_dataset(args.dataset, args.split, args.data_files)][:args.prompts]
-    ids = [tokenize_prompt(tokenizer, format_prompt(tokenizer, p, args.template), args.max_prompt_length)
-           ["prompt_ids"] for p in rows]
+    data = load_prompt_dataset(args.dataset, args.split, args.data_files)
+    data = tokenize_prompt_dataset(data.select(range(min(args.prompts, len(data)))), tokenizer,
+                                   args.max_prompt_length, args.template)
+    rows, ids = data["prompt"], data["prompt_ids"]
     prompts = [p for p in rows for _ in range(args.samples)]
     ids = [p for p in ids for _ in range(args.samples)]
     gold_fn = None

@@ -143,6 +143,17 @@ def reference(model):
             yield model
 
 
+def load_reward_model(model, path, adapter="reward"):
+    """Put a reward_model/ folder written by train_reward.py on the shared base: its LoRA adapter (frozen, named
+    `adapter`; the folder of a fully fine-tuned reward model has none) and its head, checked against the model's
+    hidden size. Returns (adapter name or None, head); the active adapter is left as it was."""
+    head = load_head(path, hidden_size=model.config.hidden_size).to(model.get_input_embeddings().weight.device)
+    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+        return None, head
+    lora.load_adapter(model, path, adapter=adapter)
+    return adapter, head
+
+
 def _numel(p):
     """Number of values a parameter stands for: a bitsandbytes Params4bit packs two 4-bit values per uint8 byte."""
     state = getattr(p, "quant_state", None)
