@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import atomic_directory, seed_everything
+from minirlhf.checkpoint import (GracefulStop, atomic_directory, load_checkpoint, restore_training, save_training,
+                                 seed_everything, set_rng_state)
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_preference_dataset, load_prompt_dataset
 from minirlhf.data.tokenize import (collate_pairs, require_pad_token, tokenize_preference_dataset,
@@ -108,6 +109,10 @@ class Args:
     """evaluation: response tokens sampled at most"""
     temperature: float = 1.0
     """evaluation sampling temperature"""
+    save_every: int = 50
+    """optimizer steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
+    resume: Optional[str] = None
+    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
     seed: int = 0
     """seed for python, numpy, torch, the data order and the evaluation sampler"""
     device: str = "auto"
@@ -144,7 +149,10 @@ def main(args):
         raise ValueError("--label-smoothing is the cdpo loss's ε: use it with --loss cdpo")
     if args.batch_size < 1 or args.grad_accum < 1 or args.lr <= 0 or args.beta <= 0:
         raise ValueError("--batch-size and --grad-accum must be >= 1, --lr and --beta > 0")
+    if args.resume:
+        args.out = args.resume  # a resumed run continues in its own directory
     dist = distributed.setup(get_device(args.device).type)
+    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None  # settings checked before loading
     if dist.is_main:
         print(format_args(args))
     if args.threads > 0:
@@ -218,19 +226,38 @@ def main(args):
                 ref_logps += torch.stack(logps.chunk(2), 1).tolist()  # b rows of [chosen, rejected]
         train_data = train_data.add_column("ref_logps", ref_logps)
 
-    log = RunLog(args.out, args, enabled=dist.is_main)
-    before, before_samples = sample_eval() if dist.is_main else ({}, [])
-    if dist.is_main:
-        print(" | ".join(f"{k} {v:.3f}" for k, v in before.items()) + "   (before training)")
     steps_per_epoch = len(train_data) // (args.batch_size * args.grad_accum * dist.world_size)
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    if dist.is_main:
+        print(f"data: {len(train_data)} train pairs; {total_steps} steps of "
+              f"{args.batch_size * args.grad_accum * dist.world_size} pairs (per process {args.batch_size} x "
+              f"{args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr)
     fingerprint = frozen_fingerprint(model)  # the frozen base must be bit-identical at the end
+    step, epoch, order, recent = 0, 0, [], []  # optimizer steps, data position, metrics since the last log line
+    if checkpoint:  # weights, optimizer, counters, data position and the "before" evaluation, then the RNG
+        restore_training(checkpoint, model=model, heads={}, optimizer=optimizer)
+        state, local = checkpoint
+        step, epoch, order, recent = state["step"], local["epoch"], local["order"], local["recent"]
+        before, before_samples = state["before"], state["before_samples"]
+        if dist.is_main:
+            print(f"resumed {args.resume} at step {step}")
+    else:
+        before, before_samples = sample_eval() if dist.is_main else ({}, [])
+        if dist.is_main:
+            print(" | ".join(f"{k} {v:.3f}" for k, v in before.items()) + "   (before training)")
+    log = RunLog(args.out, args, enabled=dist.is_main, resume_step=step if checkpoint else None)
+
+    def save_checkpoint():
+        return save_training(args.out, dist, step=step, args=args, model=model, heads={}, optimizer=optimizer,
+                             shared={"before": before, "before_samples": before_samples},
+                             local={"epoch": epoch, "order": order, "recent": recent})
 
     # 3. the loop: policy log-probs of chosen and rejected -> reference log-probs -> preference loss -> step
-    step, epoch, order, recent = 0, 0, [], []
-    bar = tqdm(total=total_steps, desc=args.loss, disable=not dist.is_main, mininterval=5)
-    try:
+    if checkpoint:
+        set_rng_state(local["rng"])
+    bar = tqdm(total=total_steps, initial=step, desc=args.loss, disable=not dist.is_main, mininterval=5)
+    with GracefulStop() as stop:
         while step < total_steps:
             optimizer.zero_grad(set_to_none=True)
             for _ in range(args.grad_accum):
@@ -258,7 +285,8 @@ def main(args):
             optimizer.step()
             step += 1
             bar.update(1)
-            if dist.is_main and (step % args.log_every == 0 or step == total_steps):
+            log_now = step % args.log_every == 0 or step == total_steps
+            if dist.is_main and log_now:
                 m = torch.cat(recent).mean(0).tolist()
                 metrics = dict(zip(["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                     "rewards/margins", "logps/chosen", "logps/rejected"], m))
@@ -268,9 +296,16 @@ def main(args):
                 log.log(step, metrics)
                 tqdm.write(f"step {step:4d} | loss {m[0]:.4f} | rewards/chosen {m[1]:+.3f} rejected {m[2]:+.3f} | "
                            f"acc {m[3]:.3f} | margin {m[4]:+.3f}")
+            if log_now:
                 recent = []
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: saving what has been trained")
+            stopping = distributed.any_rank(stop.requested, dist.world_size)  # a Ctrl-C on any rank stops all
+            if stopping or step == total_steps or (args.save_every and step % args.save_every == 0):
+                save_checkpoint()
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}: checkpoint in {os.path.join(args.out, 'checkpoint')}; "
+                          f"continue with --resume {args.out}")
+                break
     bar.close()
 
     # 4. save the policy adapter (PEFT format); evaluate after training
@@ -278,7 +313,8 @@ def main(args):
     if dist.is_main:
         atomic_directory(os.path.join(args.out, "policy"), lambda tmp: lora.save_adapter(model, tmp, "policy"))
         after, after_samples = sample_eval()
-        final = {"params/trainable": trainable, "params/total": total, "train/steps": step, **pair_eval(),
+        final = {"params/trainable": trainable, "params/total": total, "train/steps": step,
+                 "train/finished": step == total_steps, **pair_eval(),
                  "params/frozen_unchanged": frozen_fingerprint(model) == fingerprint,
                  **{k + "_before": v for k, v in before.items()},
                  **{k + "_after": v for k, v in after.items()}, "eval/kl": after["eval/kl"]}

@@ -23,7 +23,8 @@ from tqdm import tqdm
 
 from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import atomic_directory, seed_everything
+from minirlhf.checkpoint import (GracefulStop, atomic_directory, load_checkpoint, restore_training, save_training,
+                                 seed_everything, set_rng_state)
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_preference_dataset
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
@@ -103,6 +104,10 @@ class Args:
     """only evaluate --reward-model on the held-out split"""
     reward_model: Optional[str] = None
     """with --eval-only: a reward_model/ folder written by this script"""
+    save_every: int = 50
+    """optimizer steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
+    resume: Optional[str] = None
+    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
     seed: int = 0
     """seed for python, numpy, torch and the data order"""
     device: str = "auto"
@@ -153,7 +158,10 @@ def main(args):
         raise ValueError("--eval-only needs --reward-model DIR (a reward_model/ folder written by train_reward.py)")
     if args.batch_size < 1 or args.grad_accum < 1 or args.lr <= 0:
         raise ValueError("--batch-size and --grad-accum must be >= 1 and --lr > 0")
+    if args.resume:
+        args.out = args.resume  # a resumed run continues in its own directory
     dist = distributed.setup(get_device(args.device).type)
+    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None  # settings checked before loading
     if dist.is_main:
         print(format_args(args))
     if args.threads > 0:
@@ -201,8 +209,8 @@ def main(args):
         from minirlhf.data import world
         ceiling = world.accuracy_ceiling(args.eval_split)
 
-    log = RunLog(args.out, args, enabled=dist.is_main)
     if args.eval_only:
+        log = RunLog(args.out, args, enabled=dist.is_main)
         metrics = evaluate(model, head, eval_data, args, pad_id, device)
         if ceiling is not None:
             metrics["eval/accuracy_ceiling"] = ceiling
@@ -218,13 +226,25 @@ def main(args):
               f"{micro * args.grad_accum * dist.world_size} pairs (per process {micro} x {args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
     fingerprint = frozen_fingerprint(model)  # the frozen base must be bit-identical at the end
+    step, epoch, order, recent = 0, 0, [], []  # optimizer steps, data position, metrics since the last log line
+    if checkpoint:  # weights, optimizer, counters, data position and RNG exactly as the checkpoint left them
+        restore_training(checkpoint, model=model, heads={"head": head}, optimizer=optimizer)
+        state, local = checkpoint
+        step, epoch, order, recent = state["step"], local["epoch"], local["order"], local["recent"]
+        set_rng_state(local["rng"])
+        if dist.is_main:
+            print(f"resumed {args.resume} at step {step}")
+    log = RunLog(args.out, args, enabled=dist.is_main, resume_step=step if args.resume else None)
+
+    def save_checkpoint():
+        return save_training(args.out, dist, step=step, args=args, model=model, heads={"head": head},
+                             optimizer=optimizer, local={"epoch": epoch, "order": order, "recent": recent})
 
     # 3. the loop: micro-batches of pairs -> rewards at the last token -> pairwise loss -> step
     model.train()
-    step, epoch, order, metrics = 0, 0, [], {}
-    tick, recent = time.time(), []
-    bar = tqdm(total=total_steps, desc="reward", disable=not dist.is_main, mininterval=5)
-    try:
+    tick, metrics = time.time(), {}
+    bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not dist.is_main, mininterval=5)
+    with GracefulStop() as stop:
         while step < total_steps:
             optimizer.zero_grad(set_to_none=True)
             for _ in range(args.grad_accum):
@@ -255,8 +275,14 @@ def main(args):
                                f"{metrics['train/accuracy']:.3f} | eval acc {metrics['eval/accuracy']:.3f} | "
                                f"margin {metrics['eval/margin']:+.3f}")
                 tick, recent = time.time(), []
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: saving what has been trained")
+            stopping = distributed.any_rank(stop.requested, dist.world_size)  # a Ctrl-C on any rank stops all
+            if stopping or step == total_steps or (args.save_every and step % args.save_every == 0):
+                save_checkpoint()
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}: checkpoint in {os.path.join(args.out, 'checkpoint')}; "
+                          f"continue with --resume {args.out}")
+                break
     bar.close()
 
     # 4. save the adapter (PEFT format) and the head side by side; summary
@@ -274,6 +300,7 @@ def main(args):
             final["eval/accuracy_ceiling"] = ceiling
             final["eval/accuracy_vs_ceiling"] = final["eval/accuracy"] / ceiling
         summary = log.summary({"params/trainable": trainable, "params/total": total, "train/steps": step,
+                               "train/finished": step == total_steps,
                                "params/frozen_unchanged": frozen_fingerprint(model) == fingerprint, **final})
         print(f"done in {summary['time/total_seconds']:.0f}s: eval/accuracy {final['eval/accuracy']:.4f}"
               + (f" (ceiling {ceiling:.4f}, {100 * final['eval/accuracy'] / ceiling:.1f}% of it)" if ceiling else "")

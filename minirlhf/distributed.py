@@ -36,22 +36,42 @@ def setup(device_type="cpu"):
 
 
 def all_reduce_mean_grads(params, world_size):
-    """Average .grad of `params` over ranks (the DDP all-reduce, written out)."""
+    """Average .grad of `params` over ranks: what DDP does after backward, written out. The gradients travel as one
+    flat buffer (DDP's bucketing, with a single bucket): one collective call instead of one per tensor."""
     if world_size == 1:
         return
     for p in params:
-        if p.grad is not None:
-            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-            p.grad /= world_size
+        if p.grad is None:  # every rank must send the same buffer layout
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world_size
+    for g, chunk in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(chunk.view_as(g))
+
+
+def any_rank(flag, world_size):
+    """True on every rank if `flag` is true on any rank (e.g. a Ctrl-C seen by one process: all stop together)."""
+    if world_size == 1:
+        return bool(flag)
+    t = torch.tensor([int(bool(flag))], device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def all_reduce_mean(value, world_size):
     """Mean of a python float or tensor over ranks."""
     if world_size == 1:
         return value
-    t = torch.as_tensor(value, dtype=torch.float64).clone()
+    t = torch.as_tensor(value, dtype=torch.float64).clone().to(_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return (t / world_size).item() if t.dim() == 0 else t / world_size
+    return (t / world_size).item() if t.dim() == 0 else (t / world_size).cpu()
+
+
+def _device():
+    """Where a collective's tensors must live: NCCL only moves CUDA tensors."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def cleanup():

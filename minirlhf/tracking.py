@@ -9,18 +9,24 @@ import json
 import os
 import time
 
-from minirlhf.checkpoint import atomic_write_json
+from minirlhf.checkpoint import atomic_write_bytes, atomic_write_json
 
 
 class RunLog:
-    def __init__(self, out_dir, args, enabled=True):
+    def __init__(self, out_dir, args, enabled=True, resume_step=None):
+        """resume_step: continuing a run from its checkpoint at this step keeps the metrics.jsonl rows up to it
+        (rows logged after the checkpoint by the interrupted process are dropped: they will be logged again)."""
         self.out_dir, self.enabled, self.start = out_dir, enabled, time.time()
         self.history = []
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
             atomic_write_json(os.path.join(out_dir, "args.json"), dataclasses.asdict(args))
             self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
-            open(self.metrics_path, "w").close()
+            if resume_step is not None and os.path.isfile(self.metrics_path):
+                with open(self.metrics_path) as f:
+                    rows = [_parse(line) for line in f]  # a line torn by a kill parses to None
+                self.history = [r for r in rows if r is not None and r["step"] <= resume_step]
+            atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
 
     def log(self, step, metrics):
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -35,6 +41,13 @@ class RunLog:
             atomic_write_json(os.path.join(self.out_dir, "summary.json"), final)
             plot_curves(self.history, os.path.join(self.out_dir, "curves.png"))
         return final
+
+
+def _parse(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
 
 
 def _plain(v):
