@@ -324,7 +324,8 @@ def main(args):
             wins = [(a["gold"] > b["gold"]) + 0.5 * (a["gold"] == b["gold"]) for a, b in
                     zip(after_samples, before_samples)]
             final.update({"eval/gold_before": g0, "eval/gold_after": g1, "eval/gold_max": GOLD_MAX,
-                          "eval/headroom_closed": (g1 - g0) / (GOLD_MAX - g0), "eval/win_rate": sum(wins) / len(wins)})
+                          "eval/headroom_closed": (g1 - g0) / (GOLD_MAX - g0) if g0 < GOLD_MAX else float("nan"),
+                          "eval/win_rate": sum(wins) / len(wins)})
         summary = log.summary(final)
         print("\nsamples after training:")
         for s in after_samples[:6]:

@@ -46,7 +46,8 @@ from tqdm import tqdm
 from minirlhf import distributed, lora
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import MovingAverageBaseline, group_advantages
-from minirlhf.checkpoint import atomic_directory, seed_everything
+from minirlhf.checkpoint import (GracefulStop, atomic_directory, load_checkpoint, restore_training, save_training,
+                                 seed_everything, set_rng_state)
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_prompt_dataset
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
@@ -107,7 +108,8 @@ class Args:
     iterations: int = 40
     """rollout + update iterations"""
     rollout_size: int = 64
-    """responses sampled per iteration (per process); grpo: prompts x group size"""
+    """responses sampled per iteration (per process: under torchrun each process samples its own rollout from its
+    shard of the prompts); grpo: prompts x group size"""
     group_size: int = 8
     """grpo: responses sampled per prompt (G)"""
     minibatch_size: int = 32
@@ -158,6 +160,10 @@ class Args:
     """held-out prompts sampled per evaluation"""
     eval_samples: int = 2
     """responses sampled per held-out prompt (more: less noisy gold / reward numbers)"""
+    save_every: int = 10
+    """iterations between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
+    resume: Optional[str] = None
+    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
     seed: int = 0
     """seed for python, numpy, torch, the prompt order and the samplers"""
     device: str = "auto"
@@ -212,7 +218,10 @@ def check_args(args):
 
 def main(args):
     check_args(args)
+    if args.resume:
+        args.out = args.resume  # a resumed run continues in its own directory
     dist = distributed.setup(get_device(args.device).type)
+    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None  # settings checked before loading
     if dist.is_main:
         print(format_args(args))
     if args.threads > 0:
@@ -296,11 +305,17 @@ def main(args):
             print(f"  {s['prompt']!r:45} -> {s['response']!r}  (reward {s['reward']:+.2f}"
                   + (f", gold {s['gold']:.1f})" if s["gold"] is not None else ")"))
 
-    log = RunLog(args.out, args, enabled=dist.is_main)
-    before, before_samples = sample_eval() if dist.is_main else ({}, [])
     if dist.is_main:
-        print(" | ".join(f"{k} {v:.3f}" for k, v in before.items()) + "   (before training)")
-        show(before_samples, "samples before training:")
+        print(f"{args.iterations} iterations of {args.rollout_size * dist.world_size} responses "
+              f"({dist.world_size} process(es) x {args.rollout_size}), minibatches of {args.minibatch_size} per "
+              "process")
+    if checkpoint:  # the evaluation before training was done by the interrupted run
+        before, before_samples = checkpoint[0]["before"], checkpoint[0]["before_samples"]
+    else:
+        before, before_samples = sample_eval() if dist.is_main else ({}, [])
+        if dist.is_main:
+            print(" | ".join(f"{k} {v:.3f}" for k, v in before.items()) + "   (before training)")
+            show(before_samples, "samples before training:")
 
     def fingerprint():  # the frozen base, reward adapter and reward head must be bit-identical at the end
         return frozen_fingerprint(model) + (frozen_fingerprint(reward_head) if reward_head is not None else [])
@@ -310,15 +325,33 @@ def main(args):
     baseline = MovingAverageBaseline()  # reinforce
     repeat = args.group_size if args.algo == "grpo" else 1  # responses per prompt
     n_prompts = args.rollout_size // repeat
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + dist.rank)
-    order, epoch, last = [], 0, None
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + dist.rank)  # the rollout sampler's
+    iteration, order, epoch, last = 0, [], 0, None
+    if checkpoint:  # weights, optimizer, KL controller, baseline, counters, prompt order, samplers' RNG
+        restore_training(checkpoint, model=model, heads={"value": value_head}, optimizer=optimizer)
+        state, local = checkpoint
+        iteration, order, epoch = state["step"], local["order"], local["epoch"]
+        if kl_ctl:
+            kl_ctl.load_state_dict(state["kl_controller"])
+        baseline.load_state_dict(local["baseline"])
+        generator.set_state(local["generator"])
+        set_rng_state(local["rng"])
+        if dist.is_main:
+            print(f"resumed {args.resume} at iteration {iteration}")
+    log = RunLog(args.out, args, enabled=dist.is_main, resume_step=iteration if checkpoint else None)
+
+    def save_checkpoint():
+        return save_training(args.out, dist, step=iteration, args=args, model=model, heads={"value": value_head},
+                             optimizer=optimizer, shared={"kl_controller": kl_ctl.state_dict() if kl_ctl else None,
+                                                          "before": before, "before_samples": before_samples},
+                             local={"epoch": epoch, "order": order, "baseline": baseline.state_dict(),
+                                    "generator": generator.get_state()})
 
     # 3. the loop: rollout -> reward -> KL -> advantages -> minibatch epochs
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, T) = prompt + response,
     # (B, R) = the response slice [:, P:] that every piece of RL bookkeeping works on.
-    iteration = 0
-    bar = tqdm(total=args.iterations, desc=args.algo, disable=not dist.is_main, mininterval=5)
-    try:
+    bar = tqdm(total=args.iterations, initial=iteration, desc=args.algo, disable=not dist.is_main, mininterval=5)
+    with GracefulStop() as stop:
         while iteration < args.iterations:
             tick = time.time()
             set_lr(optimizer, lr_at(iteration, args.lr, args.iterations, args.warmup_iterations))
@@ -440,8 +473,14 @@ def main(args):
                            + (f" | eval gold {metrics['eval/gold']:.3f} reward {metrics['eval/reward']:+.3f} kl "
                               f"{metrics['eval/kl']:.2f}" if "eval/gold" in metrics else "")
                            + f" | {time.time() - tick:.1f}s")
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at iteration {iteration}: saving what has been trained")
+            stopping = distributed.any_rank(stop.requested, dist.world_size)  # a Ctrl-C on any rank stops all
+            if stopping or iteration == args.iterations or (args.save_every and iteration % args.save_every == 0):
+                save_checkpoint()
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at iteration {iteration}: checkpoint in {os.path.join(args.out, 'checkpoint')}; "
+                          f"continue with --resume {args.out}")
+                break
     bar.close()
 
     # 4. save the policy adapter (PEFT format) and value head; evaluate after training
@@ -456,6 +495,7 @@ def main(args):
         after, after_samples = sample_eval()
         peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
         final = {"params/trainable": trainable, "params/total": total, "train/iterations": iteration,
+                 "train/finished": iteration == args.iterations,
                  "train/episodes": iteration * args.rollout_size,
                  **{k + "_before": v for k, v in before.items()}, **{k + "_after": v for k, v in after.items()},
                  "eval/kl": after["eval/kl"], "params/frozen_unchanged": fingerprint() == frozen_at_start,
@@ -466,7 +506,8 @@ def main(args):
         if gold_fn:
             g0, g1 = before["eval/gold"], after["eval/gold"]
             final.update({"eval/gold_before": g0, "eval/gold_after": g1, "eval/gold_max": world.GOLD_MAX,
-                          "eval/headroom_closed": (g1 - g0) / (world.GOLD_MAX - g0)})
+                          "eval/headroom_closed": ((g1 - g0) / (world.GOLD_MAX - g0) if g0 < world.GOLD_MAX
+                                                   else float("nan"))})
         summary = log.summary(final)
         show(after_samples, "\nsamples after training:")
         print(f"memory: model {final['memory/model_bytes'] / 2**20:.1f} MiB resident, process peak RSS "

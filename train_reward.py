@@ -184,7 +184,8 @@ def main(args):
     else:
         params = make_trainable(model, "reward", args.full_finetune, args.lora_r, args.lora_alpha, args.lora_dropout,
                                 args.lora_targets)
-        head = (RatingHead(hidden, args.num_classes) if args.loss == "distributional" else ScalarHead(hidden))
+        # a Bradley-Terry head has no bias: the loss only sees r_c - r_r (heads.ScalarHead)
+        head = RatingHead(hidden, args.num_classes) if args.loss == "distributional" else ScalarHead(hidden, bias=False)
         head = head.to(device)
         params += list(head.parameters())
     trainable, total = count_parameters(model)

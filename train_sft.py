@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from minirlhf import lora
+from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import atomic_directory, seed_everything
+from minirlhf.checkpoint import (GracefulStop, atomic_directory, load_checkpoint, restore_training, save_training,
+                                 seed_everything, set_rng_state)
 from minirlhf.cli import format_args, parse_args
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.packing import pack
@@ -38,7 +39,7 @@ from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad
 from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer, parameter_report
 from minirlhf.tracking import RunLog
-from minirlhf.training import frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
 
 
 @dataclass
@@ -79,7 +80,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory on big models)"""
     batch_size: int = 16
-    """blocks per optimizer step"""
+    """blocks per optimizer step (per process: under torchrun the effective batch is batch_size x processes)"""
     max_steps: int = 300
     """optimizer steps"""
     lr: float = 1e-3
@@ -96,6 +97,10 @@ class Args:
     """steps between log lines / metrics.jsonl rows"""
     eval_every: int = 100
     """steps between evaluations of the held-out loss"""
+    save_every: int = 100
+    """steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
+    resume: Optional[str] = None
+    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
     seed: int = 0
     """seed for python, numpy and torch (init, block order)"""
     device: str = "auto"
@@ -157,7 +162,6 @@ def eval_loss(model, data, batch_size):
 
 def main(args):
     start = time.time()
-    print(format_args(args))
     if args.max_steps < 1:
         raise ValueError(f"train_sft: --max-steps must be >= 1, got {args.max_steps}")
     if args.merge and (args.full_finetune or args.init_config or args.quantization != "none"):
@@ -165,11 +169,16 @@ def main(args):
                          "(no --full-finetune / --init-config) and --quantization none")
     if args.init_config is not None and args.tokenizer is None:
         raise ValueError("train_sft: --init-config needs --tokenizer (a fresh model has no tokenizer beside it)")
+    if args.resume:
+        args.out = args.resume  # a resumed run continues in its own directory
+    dist = distributed.setup(get_device(args.device).type)
+    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None  # settings checked before loading
+    if dist.is_main:
+        print(format_args(args))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     device = get_device(args.device)
-    log = RunLog(args.out, args)  # writes args.json; its clock gives time/total_seconds
 
     # model and tokenizer
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -187,7 +196,8 @@ def main(args):
         make_trainable(model, "sft", args.full_finetune, args.lora_r, args.lora_alpha, args.lora_dropout,
                        args.lora_targets)
     trainable, total = count_parameters(model)
-    print(f"model: {parameter_report(model)} on {device}")
+    if dist.is_main:
+        print(f"model: {parameter_report(model)} on {device}")
     fingerprint = frozen_fingerprint(model)
 
     # data: packed blocks (loss on every token) or padded examples (loss on response tokens)
@@ -198,47 +208,83 @@ def main(args):
                     .to(device),)  # (N, L)
         return tuple(t.to(device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
     train_data, eval_data = data("train"), data("test")
-    print(f"data: {len(train_data[0])} train {'blocks' if args.packing else 'examples'}, {len(eval_data[0])} eval, "
-          f"{train_data[0].shape[1]} tokens each")
+    n_train = len(train_data[0])
+    if n_train < args.batch_size * dist.world_size:
+        raise ValueError(f"train_sft: {n_train} training {'blocks' if args.packing else 'examples'} cannot fill one "
+                         f"step of {args.batch_size} x {dist.world_size} process(es); lower --batch-size")
+    if dist.is_main:
+        print(f"data: {n_train} train {'blocks' if args.packing else 'examples'}, {len(eval_data[0])} eval, "
+              f"{train_data[0].shape[1]} tokens each; {args.max_steps} steps of {args.batch_size * dist.world_size} "
+              f"(per process {args.batch_size})")
 
     # optimizer: AdamW, weight decay on matrices only (nanoGPT)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args.lr, args.weight_decay, betas=(0.9, 0.95))
+    step, epoch, order, recent = 0, 0, [], []  # optimizer steps, data position, losses since the last log line
+    if checkpoint:  # weights, optimizer, counters, data position and RNG exactly as the checkpoint left them
+        restore_training(checkpoint, model=model, heads={}, optimizer=optimizer)
+        state, local = checkpoint
+        step, epoch, order, recent = state["step"], local["epoch"], local["order"], local["recent"]
+        set_rng_state(local["rng"])
+        if dist.is_main:
+            print(f"resumed {args.resume} at step {step}")
+    log = RunLog(args.out, args, enabled=dist.is_main, resume_step=step if checkpoint else None)
 
-    order, cursor = torch.randperm(len(train_data[0])), 0
-    recent, tokens, tick = [], 0, time.time()
-    metrics, step = {}, 0
+    def save_checkpoint():
+        return save_training(args.out, dist, step=step, args=args, model=model, heads={}, optimizer=optimizer,
+                             local={"epoch": epoch, "order": order, "recent": recent})
+
+    # the loop: a batch of blocks -> next-token loss -> (average gradients over processes) -> AdamW step
+    metrics, tokens, tick = {}, 0, time.time()
     model.train()
-    try:
-        for step in tqdm(range(1, args.max_steps + 1), desc="sft", mininterval=5):
-            if cursor + args.batch_size > len(order):  # a new epoch: reshuffle the blocks
-                order, cursor = torch.randperm(len(train_data[0])), 0
-            batch = [t[order[cursor:cursor + args.batch_size]] for t in train_data]  # (B, L) each
-            cursor += args.batch_size
-            lr = lr_at(step - 1, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
+    bar = tqdm(total=args.max_steps, initial=step, desc="sft", disable=not dist.is_main, mininterval=5)
+    with GracefulStop() as stop:
+        while step < args.max_steps:
+            if len(order) < args.batch_size:  # a new epoch: the blocks reshuffled (the same order on every machine)
+                order = epoch_order(n_train, epoch, args.seed, dist.rank, dist.world_size)
+                epoch += 1
+            idx, order = order[:args.batch_size], order[args.batch_size:]
+            batch = [t[idx] for t in train_data]  # (B, L) each
+            lr = lr_at(step, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
             set_lr(optimizer, lr)
             loss = lm_loss(model, *batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            distributed.all_reduce_mean_grads(params, dist.world_size)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             optimizer.step()
+            step += 1
+            bar.update(1)
             recent.append(loss.item())
-            tokens += batch[0].numel()
+            tokens += batch[0].numel() * dist.world_size
 
             if step % args.log_every == 0 or step == args.max_steps:
-                metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr,
-                           "train/grad_norm": grad_norm.item(), "perf/tokens_per_second": tokens / (time.time() - tick)}
-                if step % args.eval_every == 0 or step == args.max_steps:
-                    metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
-                log.log(step, metrics)
-                tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
-                           f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
-                           f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
+                if dist.is_main:
+                    metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr,
+                               "train/grad_norm": grad_norm.item(),
+                               "perf/tokens_per_second": tokens / (time.time() - tick)}
+                    if step % args.eval_every == 0 or step == args.max_steps:
+                        metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
+                    log.log(step, metrics)
+                    tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
+                               f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
+                               f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
                 recent, tokens, tick = [], 0, time.time()
-    except KeyboardInterrupt:
-        print(f"\ninterrupted at step {step}: saving what has been trained")
-        metrics.setdefault("train/loss", sum(recent) / max(1, len(recent)))
-        metrics.setdefault("eval/loss", eval_loss(model, eval_data, args.batch_size))
+            stopping = distributed.any_rank(stop.requested, dist.world_size)  # a Ctrl-C on any rank stops all
+            if stopping or step == args.max_steps or (args.save_every and step % args.save_every == 0):
+                save_checkpoint()
+            if stopping:
+                if dist.is_main:
+                    print(f"stopped at step {step}: checkpoint in {os.path.join(args.out, 'checkpoint')}; "
+                          f"continue with --resume {args.out}")
+                break
+    bar.close()
+    if not dist.is_main:
+        distributed.cleanup()
+        return None
+    if "eval/loss" not in metrics:  # stopped between evaluations
+        metrics = {"train/loss": sum(recent) / max(1, len(recent)), **metrics,
+                   "eval/loss": eval_loss(model, eval_data, args.batch_size)}
 
     # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged
     unchanged = frozen_fingerprint(model) == fingerprint  # before a merge rewrites the base
@@ -254,10 +300,12 @@ def main(args):
     if not lora_run or args.merge:
         atomic_directory(os.path.join(args.out, "model"), save)
     summary = log.summary({"params/trainable": trainable, "params/total": total, "params/frozen_unchanged": unchanged,
+                           "train/steps": step, "train/finished": step == args.max_steps,
                            "train/loss": metrics["train/loss"], "eval/loss": metrics["eval/loss"]})
     where = os.path.join(args.out, "model" if not lora_run or args.merge else "adapter")
     print(f"done in {time.time() - start:.0f}s: train/loss {summary['train/loss']:.4f} "
           f"eval/loss {summary['eval/loss']:.4f}; saved in {where}")
+    distributed.cleanup()
     return summary
 
 

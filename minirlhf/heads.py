@@ -99,13 +99,16 @@ class ScalarHead(nn.Module):
 
     init_std=None (reward): weight ~ N(0, 1/(H+1)), as the reward head of Ziegler et al. 2019 (lm-human-preferences),
     so initial rewards are O(1) and differ between sequences. init_std=0 (value): weight zero, so every initial value
-    is 0 (the bias is zero too) and the first advantages are the rewards themselves, not noise from a random head."""
+    is 0 (the bias is zero too) and the first advantages are the rewards themselves, not noise from a random head.
+    bias=False for a Bradley-Terry reward: its loss sees only r_c - r_r, so a bias has no true gradient, only rounding
+    noise that Adam would normalise into lr-sized random steps (transformers' Llama score head has no bias either)."""
 
-    def __init__(self, hidden_size, init_std=None):
+    def __init__(self, hidden_size, init_std=None, bias=True):
         super().__init__()
-        self.linear = nn.Linear(hidden_size, 1)
+        self.linear = nn.Linear(hidden_size, 1, bias=bias)
         nn.init.normal_(self.linear.weight, std=(hidden_size + 1) ** -0.5 if init_std is None else init_std)
-        nn.init.zeros_(self.linear.bias)
+        if bias:
+            nn.init.zeros_(self.linear.bias)
 
     def forward(self, hidden):
         return self.linear(hidden.to(self.linear.weight.dtype)).squeeze(-1)  # (..., H) -> (..., 1) -> (...)
@@ -139,7 +142,7 @@ HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
 def save_head(head, path):
     """Write path/head.safetensors and path/head_config.json (kind, hidden_size, num_classes), each atomically."""
     path, kind = os.fspath(path), {ScalarHead: "scalar", RatingHead: "rating"}[type(head)]
-    config = {"kind": kind, "hidden_size": head.linear.in_features,
+    config = {"kind": kind, "hidden_size": head.linear.in_features, "bias": head.linear.bias is not None,
               "num_classes": head.linear.out_features if kind == "rating" else None}
     state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
     atomic_write_bytes(os.path.join(path, HEAD_WEIGHTS), save(state))
@@ -161,7 +164,7 @@ def load_head(path, hidden_size=None, kind=None):
         raise ValueError(f"{config['kind']} head in {path!r} expects hidden size {config['hidden_size']} "
                          f"but the model has {hidden_size}")
     if config["kind"] == "scalar":
-        head = ScalarHead(config["hidden_size"])
+        head = ScalarHead(config["hidden_size"], bias=config.get("bias", True))
     else:
         head = RatingHead(config["hidden_size"], config["num_classes"])
     state = load_file(os.path.join(path, HEAD_WEIGHTS))
