@@ -22,18 +22,18 @@ from tqdm import tqdm
 
 from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import (GracefulStop, atomic_directory, load_checkpoint, restore_training, save_training,
-                                 seed_everything, set_rng_state)
-from minirlhf.cli import format_args, parse_args
+from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
+                                 set_rng_state)
+from minirlhf.cli import parse_args
 from minirlhf.data import load_preference_dataset, load_prompt_dataset
 from minirlhf.data.tokenize import (collate_pairs, require_pad_token, tokenize_preference_dataset,
                                    tokenize_prompt_dataset)
 from minirlhf.dpo import dpo_loss, ipo_loss
 from minirlhf.evaluation import evaluate_policy
-from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer, parameter_report, reference
+from minirlhf.models import count_parameters, load_model, load_tokenizer, parameter_report, reference
 from minirlhf.heads import response_logprobs
 from minirlhf.tracking import RunLog
-from minirlhf.training import epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
 
@@ -149,16 +149,7 @@ def main(args):
         raise ValueError("--label-smoothing is the cdpo loss's ε: use it with --loss cdpo")
     if args.batch_size < 1 or args.grad_accum < 1 or args.lr <= 0 or args.beta <= 0:
         raise ValueError("--batch-size and --grad-accum must be >= 1, --lr and --beta > 0")
-    if args.resume:
-        args.out = args.resume  # a resumed run continues in its own directory
-    dist = distributed.setup(get_device(args.device).type)
-    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None  # settings checked before loading
-    if dist.is_main:
-        print(format_args(args))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    device = get_device(args.device)
+    dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
     average = args.loss == "ipo"  # IPO uses length-averaged log-probs (as TRL); DPO the sums
 
     # 1. one frozen base; the policy is a LoRA adapter on it, the reference is the base itself
@@ -298,13 +289,7 @@ def main(args):
                            f"acc {m[3]:.3f} | margin {m[4]:+.3f}")
             if log_now:
                 recent = []
-            stopping = distributed.any_rank(stop.requested, dist.world_size)  # a Ctrl-C on any rank stops all
-            if stopping or step == total_steps or (args.save_every and step % args.save_every == 0):
-                save_checkpoint()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}: checkpoint in {os.path.join(args.out, 'checkpoint')}; "
-                          f"continue with --resume {args.out}")
+            if end_of_step(stop, dist, step, total_steps, args.save_every, save_checkpoint, args.out):
                 break
     bar.close()
 

@@ -46,9 +46,9 @@ from tqdm import tqdm
 from minirlhf import distributed, lora
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import MovingAverageBaseline, group_advantages
-from minirlhf.checkpoint import (GracefulStop, atomic_directory, load_checkpoint, restore_training, save_training,
-                                 seed_everything, set_rng_state)
-from minirlhf.cli import format_args, parse_args
+from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
+                                 set_rng_state)
+from minirlhf.cli import parse_args
 from minirlhf.data import load_prompt_dataset
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
 from minirlhf.evaluation import evaluate_policy, generate
@@ -56,7 +56,7 @@ from minirlhf.gae import gae
 from minirlhf.heads import (RatingHead, ScalarHead, response_logprobs, response_logprobs_and_states,
                             save_head, sequence_scores)
 from minirlhf.kl import AdaptiveKLController, k3
-from minirlhf.models import (count_parameters, get_device, load_model, load_reward_model, load_tokenizer,
+from minirlhf.models import (count_parameters, load_model, load_reward_model, load_tokenizer,
                              parameter_report, reference, resident_bytes)
 from minirlhf.ops import masked_mean
 from minirlhf.ppo import policy_loss, value_loss
@@ -64,7 +64,7 @@ from minirlhf.reward_losses import expected_rating, rating_entropy
 from minirlhf.rollout import (KL_ESTIMATORS, minibatches, missing_eos_penalty, per_token_kl, sequence_logprobs,
                               token_rewards, whiten_advantages, whiten_rewards)
 from minirlhf.tracking import RunLog
-from minirlhf.training import epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
 
 ALGOS = ("ppo", "reinforce", "grpo")
 REWARDS = ("model", "gold")
@@ -218,16 +218,7 @@ def check_args(args):
 
 def main(args):
     check_args(args)
-    if args.resume:
-        args.out = args.resume  # a resumed run continues in its own directory
-    dist = distributed.setup(get_device(args.device).type)
-    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None  # settings checked before loading
-    if dist.is_main:
-        print(format_args(args))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    device = get_device(args.device)
+    dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
 
     # 1. one frozen base: the policy adapter (trainable), a value head, the reward adapter + head (frozen)
     tokenizer = load_tokenizer(args.model)
@@ -473,13 +464,8 @@ def main(args):
                            + (f" | eval gold {metrics['eval/gold']:.3f} reward {metrics['eval/reward']:+.3f} kl "
                               f"{metrics['eval/kl']:.2f}" if "eval/gold" in metrics else "")
                            + f" | {time.time() - tick:.1f}s")
-            stopping = distributed.any_rank(stop.requested, dist.world_size)  # a Ctrl-C on any rank stops all
-            if stopping or iteration == args.iterations or (args.save_every and iteration % args.save_every == 0):
-                save_checkpoint()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at iteration {iteration}: checkpoint in {os.path.join(args.out, 'checkpoint')}; "
-                          f"continue with --resume {args.out}")
+            if end_of_step(stop, dist, iteration, args.iterations, args.save_every, save_checkpoint, args.out,
+                           unit="iteration"):
                 break
     bar.close()
 

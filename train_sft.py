@@ -30,16 +30,16 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import (GracefulStop, atomic_directory, load_checkpoint, restore_training, save_training,
-                                 seed_everything, set_rng_state)
-from minirlhf.cli import format_args, parse_args
+from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
+                                 set_rng_state)
+from minirlhf.cli import parse_args
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad
-from minirlhf.models import count_parameters, get_device, load_model, load_tokenizer, parameter_report
+from minirlhf.models import count_parameters, load_model, load_tokenizer, parameter_report
 from minirlhf.tracking import RunLog
-from minirlhf.training import epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
 
 
 @dataclass
@@ -169,16 +169,7 @@ def main(args):
                          "(no --full-finetune / --init-config) and --quantization none")
     if args.init_config is not None and args.tokenizer is None:
         raise ValueError("train_sft: --init-config needs --tokenizer (a fresh model has no tokenizer beside it)")
-    if args.resume:
-        args.out = args.resume  # a resumed run continues in its own directory
-    dist = distributed.setup(get_device(args.device).type)
-    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None  # settings checked before loading
-    if dist.is_main:
-        print(format_args(args))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    device = get_device(args.device)
+    dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
 
     # model and tokenizer
     tokenizer = load_tokenizer(args.tokenizer or args.model)
@@ -270,13 +261,7 @@ def main(args):
                                f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
                                f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
                 recent, tokens, tick = [], 0, time.time()
-            stopping = distributed.any_rank(stop.requested, dist.world_size)  # a Ctrl-C on any rank stops all
-            if stopping or step == args.max_steps or (args.save_every and step % args.save_every == 0):
-                save_checkpoint()
-            if stopping:
-                if dist.is_main:
-                    print(f"stopped at step {step}: checkpoint in {os.path.join(args.out, 'checkpoint')}; "
-                          f"continue with --resume {args.out}")
+            if end_of_step(stop, dist, step, args.max_steps, args.save_every, save_checkpoint, args.out):
                 break
     bar.close()
     if not dist.is_main:

@@ -200,3 +200,16 @@ def restore_training(checkpoint, *, model, heads, optimizer):
     for name, head in heads.items():
         head.load_state_dict(state["heads"][name])
     optimizer.load_state_dict(state["optimizer"])
+
+
+def end_of_step(stop, dist, step, total, save_every, save, out_dir, unit="step"):
+    """The last lines of every training step: all ranks learn whether a Ctrl-C arrived anywhere (GracefulStop);
+    `save()` writes a checkpoint then, at the last step and every save_every steps. True: the loop must stop."""
+    from . import distributed
+    stopping = distributed.any_rank(stop.requested, dist.world_size)
+    if stopping or step == total or (save_every and step % save_every == 0):
+        save()
+    if stopping and dist.is_main:
+        print(f"stopped at {unit} {step}: checkpoint in {os.path.join(out_dir, CHECKPOINT_DIR)}; continue with "
+              f"--resume {out_dir}")
+    return stopping

@@ -6,7 +6,26 @@ import math
 
 import torch
 
-from . import lora
+from . import distributed, lora
+from .checkpoint import load_checkpoint, seed_everything
+from .cli import format_args
+
+
+def start_run(args):
+    """The first lines of every script: join the torchrun process group (if any), read the checkpoint to resume and
+    check its settings BEFORE anything is loaded (a resumed run continues in its own directory: out = resume), print
+    the settings (rank 0), set torch's threads and seed everything. Returns (DistInfo, checkpoint or None, device)."""
+    from .models import get_device
+    if args.resume:
+        args.out = args.resume
+    dist = distributed.setup(get_device(args.device).type)
+    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None
+    if dist.is_main:
+        print(format_args(args))
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    seed_everything(args.seed)
+    return dist, checkpoint, get_device(args.device)
 
 
 def make_trainable(model, adapter, full_finetune=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
