@@ -179,3 +179,17 @@ def test_a_torn_checkpoint_directory_is_never_read(tmp_path):
     assert load_checkpoint(str(tmp_path), Args(), DistInfo())[0]["step"] == 1
     with pytest.raises(ValueError, match="different settings: --lr 1.0 there, 2.0 here"):
         load_checkpoint(str(tmp_path), Args(lr=2.0), DistInfo())
+
+
+def test_graceful_stop_first_signal_requests_second_ctrl_c_aborts():
+    from minirlhf.checkpoint import GracefulStop
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the handler runs between bytecodes of the main thread
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before  # the old handlers are back
