@@ -144,10 +144,10 @@ def summary_arg(out, name):
     return json.load(open(os.path.join(out, "args.json")))[name]
 
 
-@pytest.mark.parametrize("loss", ["ipo", "cdpo"])
-def test_dpo_variants_and_precompute(loss, tmp_path):
+@pytest.mark.parametrize("loss, precompute", [("ipo", "--precompute-ref"), ("cdpo", "--no-precompute-ref")])
+def test_dpo_variants_and_precompute(loss, precompute, tmp_path):
     run("train_dpo.py", "--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "8",
-        "--eval-prompts", "4", "--eval-samples", "1", "--max-new-tokens", "6", "--loss", loss, "--precompute-ref",
+        "--eval-prompts", "4", "--eval-samples", "1", "--max-new-tokens", "6", "--loss", loss, precompute,
         "--out", str(tmp_path))
     check_contract(str(tmp_path), ["eval/gold_after", "eval/kl"])
 
