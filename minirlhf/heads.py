@@ -46,7 +46,8 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     """log π(token_t | tokens_<t) at every response token, under softmax(logits / temperature).
 
     input_ids, attention_mask, response_mask: (B, T), prompt + response, any padding side. Returns (B, T) aligned with
-    input_ids (0 where response_mask is 0), and with return_entropy also the (B, T) entropy of that distribution.
+    input_ids (0 where response_mask is 0), and with return_entropy also the (B, T) entropy of that distribution
+    (detached: for logging).
     The trunk runs once over all tokens; the LM head runs only at the N positions that predict a response token, so
     prompt positions never build a (B, T, V) tensor. The temperature must be the sampler's, or the PPO ratio is off.
     Assumes logits = get_output_embeddings()(hidden) (true for Llama, Qwen, Mistral, SmolLM; not for soft-capped or
@@ -66,15 +67,16 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
         grid = torch.zeros(predicts.shape, dtype=values.dtype, device=values.device).masked_scatter(predicts, values)
         return F.pad(grid, (1, 0))  # (B, T-1) -> (B, T): position 0 is never a response token
 
-    if return_entropy:
-        return to_grid(logprobs), to_grid(entropy_from_logits(logits))
+    if return_entropy:  # for logging: detached, so the (N, V) softmax intermediates are not kept for backward
+        return to_grid(logprobs), to_grid(entropy_from_logits(logits.detach()))
     return to_grid(logprobs)
 
 
 def response_logprobs_and_states(model, input_ids, attention_mask, response_mask, temperature=1.0):
     """One trunk pass for PPO's policy AND value: (logprobs, entropy, states), aligned with input_ids.
 
-    logprobs, entropy (B, T): as response_logprobs(..., return_entropy=True). states (B, T, H): states[:, t] is the
+    logprobs, entropy (B, T): as response_logprobs(..., return_entropy=True) (the entropy is detached: PPO here has
+    no entropy bonus, and its graph would hold three (N, V) tensors until backward). states (B, T, H): states[:, t] is the
     hidden state that PREDICTS token t (the trunk's output at t - 1: the state s_t in which action t is chosen), so a
     value head on it gives V(s_t) on the same grid as the log-probs; states[:, 0] is zeros (no state predicts it)."""
     if temperature <= 0:
@@ -87,7 +89,7 @@ def response_logprobs_and_states(model, input_ids, attention_mask, response_mask
     logits = model.get_output_embeddings()(states[predicts])  # (N, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logprobs = gather_logprobs(logits, input_ids[predicts])  # (N,)
-    entropy = entropy_from_logits(logits)  # (N,)
+    entropy = entropy_from_logits(logits.detach())  # (N,), for logging: no graph (it would hold 3 (N, V) tensors)
 
     def to_grid(values):  # (N,) -> (B, T), 0 off the response
         return torch.zeros(predicts.shape, dtype=values.dtype, device=values.device).masked_scatter(predicts, values)

@@ -128,6 +128,21 @@ def enable_gradient_checkpointing(model):
     return model
 
 
+def train_mode_without_dropout(model):
+    """model.train(), but with every dropout off: for the scripts that must not drop anything (DPO's log-ratios) yet
+    need train mode, because transformers only recomputes (checkpoints) decoder blocks while `model.training`.
+    nn.Dropout modules (LoRA dropout included) go back to eval mode; attention-probability dropout follows
+    config.attention_dropout instead, so a model with attention_dropout > 0 is refused."""
+    if getattr(model.config, "attention_dropout", 0.0):
+        raise ValueError(f"the model has attention_dropout={model.config.attention_dropout}: it cannot run in train "
+                         "mode without dropout; drop --gradient-checkpointing")
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    return model
+
+
 @contextlib.contextmanager
 def reference(model):
     """Run as the reference policy π_ref of the KL penalty (and DPO's reference).

@@ -260,6 +260,30 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_checkpointing_works_in_train_mode_without_dropout_and_not_in_eval(tiny_llama_dir):
+    """transformers checkpoints blocks only in train mode: DPO's eval-mode model would silently store every
+    activation. train_mode_without_dropout keeps checkpointing on (far fewer tensors saved for backward) and dropout
+    off (the same log-probs as eval mode)."""
+    from minirlhf.models import train_mode_without_dropout
+    model = load_model(tiny_llama_dir, gradient_checkpointing=True)
+    lora.add_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.5)  # a dropout that must stay off
+    ids, attn, resp = BATCH
+    saved, values = {}, {}
+    for mode in ("eval", "train_without_dropout"):
+        model.eval() if mode == "eval" else train_mode_without_dropout(model)
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logp = response_logprobs(model, ids, attn, resp)
+        logp.sum().backward()
+        saved[mode], values[mode] = sum(sizes), logp.detach()
+    assert saved["train_without_dropout"] < saved["eval"] / 4, saved  # blocks' activations not kept: checkpointed
+    torch.testing.assert_close(values["eval"], values["train_without_dropout"], rtol=0, atol=0)  # no dropout
+
+
 # ---------------------------------------------------------------- roles on one base
 def sft_steps(model, adapter, steps=3, lr=3e-2, sign=-1.0):
     """A few optimizer steps on one adapter (sign -1: raise the batch's log-probs)."""
