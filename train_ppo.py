@@ -57,7 +57,7 @@ from minirlhf.heads import (RatingHead, ScalarHead, response_logprobs, response_
                             save_head, sequence_scores)
 from minirlhf.kl import AdaptiveKLController, k3
 from minirlhf.models import (count_parameters, load_model, load_reward_model, load_tokenizer,
-                             parameter_report, reference, resident_bytes)
+                             parameter_report, reference, resident_bytes, train_mode_without_dropout)
 from minirlhf.ops import masked_mean
 from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.reward_losses import expected_rating, rating_entropy
@@ -105,6 +105,8 @@ class Args:
     """policy LoRA alpha (the update is scaled by alpha / r)"""
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
+    gradient_checkpointing: bool = False
+    """recompute the policy trunk's activations in the backward pass (less memory, ~1.5x the update time)"""
     iterations: int = 40
     """rollout + update iterations"""
     rollout_size: int = 64
@@ -224,7 +226,7 @@ def main(args):
     tokenizer = load_tokenizer(args.model)
     require_pad_token(tokenizer)
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
-                       tokenizer=tokenizer)
+                       tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
     hidden = model.config.hidden_size
     params = make_trainable(model, "policy", False, args.lora_r, args.lora_alpha, 0.0, args.lora_targets)
     # The value head reads the policy's own hidden states (one trunk pass gives log-probs and values), so the value
@@ -238,7 +240,9 @@ def main(args):
     if args.reward == "model":
         _, reward_head = load_reward_model(model, args.reward_model)  # adapter "reward", frozen; "policy" stays active
         reward_head.requires_grad_(False)
-    model.eval()  # dropout off: sampling, old and new log-probs must come from one and the same policy
+    # dropout off: sampling, old and new log-probs must come from one and the same policy (train mode, dropout still
+    # off, only when blocks are checkpointed: transformers checkpoints them only in train mode)
+    train_mode_without_dropout(model) if args.gradient_checkpointing else model.eval()
     trainable, total = count_parameters(model)
     heads = [value_head] if args.algo == "ppo" else []
     trainable += sum(p.numel() for h in heads for p in h.parameters())

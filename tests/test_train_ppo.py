@@ -28,7 +28,7 @@ RUNS = {  # algo -> extra flags; {scalar} / {rating} are the reward model folder
     "ppo": ["--reward-model", "{scalar}", "--missing-eos-penalty", "1.0", "--target-kl", "0.5", "--kl-horizon", "50"],
     "reinforce": ["--reward-model", "{rating}", "--reward-transform", "expected-minus-entropy",
                   "--entropy-coef", "0.1", "--kl-estimator", "k3"],
-    "grpo": ["--reward", "gold"],
+    "grpo": ["--reward", "gold", "--gradient-checkpointing"],
 }
 STEP_KEYS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approx_kl", "policy/entropy",
              "loss/policy", "time/generation", "time/training", "perf/tokens_per_second"]
