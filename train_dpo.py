@@ -98,6 +98,8 @@ class Args:
     """compute every reference log-prob in one pass before training (training then runs no reference forward)"""
     log_every: int = 10
     """optimizer steps between log lines"""
+    max_train_pairs: int = 0
+    """train on the first this many pairs of --split (0: all)"""
     max_eval_pairs: int = 256
     """held-out pairs for the implicit-reward accuracy (eval/rewards/accuracies)"""
     eval_prompts: int = 120
@@ -179,6 +181,8 @@ def main(args):
         data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
         return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
     train_data, eval_pairs = load(args.split), load(args.eval_split)
+    if args.max_train_pairs > 0:
+        train_data = train_data.select(range(min(args.max_train_pairs, len(train_data))))
     eval_pairs = eval_pairs.select(range(min(args.max_eval_pairs, len(eval_pairs))))
     gold_fn = None
     if args.dataset == "builtin":
@@ -221,6 +225,9 @@ def main(args):
         train_data = train_data.add_column("ref_logps", ref_logps)
 
     steps_per_epoch = len(train_data) // (args.batch_size * args.grad_accum * dist.world_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_data)} training pairs do not fill one optimizer step; lower --batch-size or "
+                         f"--grad-accum (or raise --max-train-pairs)")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
     if dist.is_main:
         print(f"data: {len(train_data)} train pairs; {total_steps} steps of "

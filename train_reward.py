@@ -98,6 +98,8 @@ class Args:
     """optimizer steps between held-out evaluations"""
     eval_batch_size: int = 64
     """pairs per evaluation batch"""
+    max_train_pairs: int = 0
+    """train on the first this many pairs of --split (0: all)"""
     max_eval_pairs: int = 0
     """evaluate on at most this many held-out pairs (0: all)"""
     eval_only: bool = False
@@ -210,8 +212,13 @@ def main(args):
         print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         return summary
     train_data = load(args.split).select_columns(keep)
+    if args.max_train_pairs > 0:
+        train_data = train_data.select(range(min(args.max_train_pairs, len(train_data))))
     micro = args.batch_size
     steps_per_epoch = len(train_data) // (micro * args.grad_accum * dist.world_size)
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(train_data)} training pairs do not fill one optimizer step; lower --batch-size or "
+                         f"--grad-accum (or raise --max-train-pairs)")
     total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
     if dist.is_main:
         print(f"data: {len(train_data)} train pairs, {len(eval_data)} held-out pairs; {total_steps} steps of "

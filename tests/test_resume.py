@@ -120,10 +120,9 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted):
     assert any(v.abs().sum() > 0 for k, v in full["trainable"].items() if "lora_B" in k or "lora" not in k)
 
 
+@pytest.mark.parametrize("uninterrupted", ["dpo", "sft", "ppo"], indirect=True)  # reward / reinforce: same loops
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
     script, out = uninterrupted
-    if script in ("reinforce", "reward"):
-        pytest.skip("the same loop and end_of_step as ppo / dpo")
     total = RUNS[script][2]
     proc, stdout, stderr = kill_after(command(script, tmp_path), tmp_path, step=2, signum=signal.SIGINT)
     assert proc.returncode == 0, stderr[-3000:]
@@ -139,17 +138,16 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
     assert_identical(full["trainable"], again["trainable"], "trainable")
 
 
-@pytest.mark.parametrize("flag", [("--lora-r", "4"), ("--model", "some/other-model")])
-def test_resume_with_other_settings_fails_clearly(uninterrupted, flag, tmp_path):
+def test_resume_with_other_settings_fails_clearly(uninterrupted, tmp_path):
     name, out = uninterrupted
-    if name == "reinforce" or (flag[0] == "--model" and name != "dpo"):
-        pytest.skip("one script is enough for this check")
-    proc = subprocess.run(command(name, tmp_path, "--resume", str(out / "full"), *flag), capture_output=True,
-                          text=True, cwd=ROOT, env=ENV, timeout=300)
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"{RUNS[name][0]}: error: --resume") and flag[0] in last, last
-    assert "Traceback" not in proc.stderr and "there" in last and "here" in last, last
+    flags = [("--lora-r", "4")] + ([("--model", "some/other-model")] if name == "dpo" else [])  # one script is enough
+    for flag in flags:
+        proc = subprocess.run(command(name, tmp_path, "--resume", str(out / "full"), *flag), capture_output=True,
+                              text=True, cwd=ROOT, env=ENV, timeout=300)
+        assert proc.returncode != 0
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"{RUNS[name][0]}: error: --resume") and flag[0] in last, last
+        assert "Traceback" not in proc.stderr and "there" in last and "here" in last, last
 
 
 def test_a_torn_checkpoint_directory_is_never_read(tmp_path):

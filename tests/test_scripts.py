@@ -146,10 +146,11 @@ def summary_arg(out, name):
 
 @pytest.mark.parametrize("loss, precompute", [("ipo", "--precompute-ref"), ("cdpo", "--no-precompute-ref")])
 def test_dpo_variants_and_precompute(loss, precompute, tmp_path):
-    run("train_dpo.py", "--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "8",
-        "--eval-prompts", "4", "--eval-samples", "1", "--max-new-tokens", "6", "--loss", loss, precompute,
-        "--out", str(tmp_path))
+    proc = run("train_dpo.py", "--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "8",
+               "--eval-prompts", "4", "--eval-samples", "1", "--max-new-tokens", "6", "--loss", loss, precompute,
+               "--max-train-pairs", "64", "--out", str(tmp_path))  # --precompute-ref reads every training pair
     check_contract(str(tmp_path), ["eval/gold_after", "eval/kl"])
+    assert "data: 64 train pairs" in proc.stdout, proc.stdout[-2000:]
 
 
 def load_script(script):
@@ -168,6 +169,8 @@ def load_script(script):
     ("train_dpo.py", ["--beta", "-1"], "--beta"),
     ("train_dpo.py", ["--loss", "sigmoid", "--label-smoothing", "0.2"], "cdpo"),
     ("train_reward.py", ["--eval-only"], "--reward-model"),
+    ("train_dpo.py", ["--max-train-pairs", "3", "--batch-size", "4"], "3 training pairs do not fill one"),
+    ("train_reward.py", ["--max-train-pairs", "3", "--batch-size", "4"], "3 training pairs do not fill one"),
 ])
 def test_bad_input_raises_a_clear_error(script, args, message, tmp_path):
     """In-process (fast): main() raises one ValueError naming the problem; __main__ turns it into one line."""
