@@ -34,7 +34,8 @@ from minirlhf.models import (count_parameters, load_model, load_tokenizer, param
                              train_mode_without_dropout)
 from minirlhf.heads import response_logprobs
 from minirlhf.tracking import RunLog
-from minirlhf.training import start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
+                               set_lr, steps_per_epoch)
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
 
@@ -224,11 +225,9 @@ def main(args):
                 ref_logps += torch.stack(logps.chunk(2), 1).tolist()  # b rows of [chosen, rejected]
         train_data = train_data.add_column("ref_logps", ref_logps)
 
-    steps_per_epoch = len(train_data) // (args.batch_size * args.grad_accum * dist.world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_data)} training pairs do not fill one optimizer step; lower --batch-size or "
-                         f"--grad-accum (or raise --max-train-pairs)")
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    per_step = args.batch_size * args.grad_accum * dist.world_size
+    per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")
+    total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
     if dist.is_main:
         print(f"data: {len(train_data)} train pairs; {total_steps} steps of "
               f"{args.batch_size * args.grad_accum * dist.world_size} pairs (per process {args.batch_size} x "

@@ -33,7 +33,8 @@ from minirlhf.models import (count_parameters, load_model, load_reward_model, lo
                              parameter_report)
 from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expected_rating
 from minirlhf.tracking import RunLog
-from minirlhf.training import start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
+                               set_lr, steps_per_epoch)
 
 LOSSES = ("bt", "margin", "distributional")
 
@@ -215,11 +216,8 @@ def main(args):
     if args.max_train_pairs > 0:
         train_data = train_data.select(range(min(args.max_train_pairs, len(train_data))))
     micro = args.batch_size
-    steps_per_epoch = len(train_data) // (micro * args.grad_accum * dist.world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(train_data)} training pairs do not fill one optimizer step; lower --batch-size or "
-                         f"--grad-accum (or raise --max-train-pairs)")
-    total_steps = args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+    per_epoch = steps_per_epoch(len(train_data), micro * args.grad_accum * dist.world_size, "training pairs")
+    total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
     if dist.is_main:
         print(f"data: {len(train_data)} train pairs, {len(eval_data)} held-out pairs; {total_steps} steps of "
               f"{micro * args.grad_accum * dist.world_size} pairs (per process {micro} x {args.grad_accum} accum)")

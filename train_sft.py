@@ -39,7 +39,8 @@ from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad
 from minirlhf.models import count_parameters, load_model, load_tokenizer, parameter_report
 from minirlhf.tracking import RunLog
-from minirlhf.training import start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
+                               set_lr, steps_per_epoch)
 
 
 @dataclass
@@ -200,9 +201,8 @@ def main(args):
         return tuple(t.to(device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
     train_data, eval_data = data("train"), data("test")
     n_train = len(train_data[0])
-    if n_train < args.batch_size * dist.world_size:
-        raise ValueError(f"train_sft: {n_train} training {'blocks' if args.packing else 'examples'} cannot fill one "
-                         f"step of {args.batch_size} x {dist.world_size} process(es); lower --batch-size")
+    steps_per_epoch(n_train, args.batch_size * dist.world_size, f"training {'blocks' if args.packing else 'examples'}",
+                    fix="lower --batch-size")
     if dist.is_main:
         print(f"data: {n_train} train {'blocks' if args.packing else 'examples'}, {len(eval_data[0])} eval, "
               f"{train_data[0].shape[1]} tokens each; {args.max_steps} steps of {args.batch_size * dist.world_size} "

@@ -73,6 +73,14 @@ def epoch_order(n, epoch, seed, rank=0, world_size=1):
 
 
 @torch.no_grad()
+def steps_per_epoch(n, per_step, what, fix="lower --batch-size or --grad-accum"):
+    """Optimizer steps in one pass over n rows (`what`, e.g. "training pairs"), the last partial step dropped; one
+    clear error when the data cannot fill a single step."""
+    if n < per_step:
+        raise ValueError(f"{n} {what} do not fill one optimizer step of {per_step}; {fix}")
+    return n // per_step
+
+
 def frozen_fingerprint(model):
     """A float64 checksum of every frozen parameter (Σ w and Σ w·i over their values, 4-bit/8-bit storage bytes
     included). Scripts compare it at the start and the end of training: `params/frozen_unchanged` in summary.json."""

@@ -171,6 +171,7 @@ def load_script(script):
     ("train_reward.py", ["--eval-only"], "--reward-model"),
     ("train_dpo.py", ["--max-train-pairs", "3", "--batch-size", "4"], "3 training pairs do not fill one"),
     ("train_reward.py", ["--max-train-pairs", "3", "--batch-size", "4"], "3 training pairs do not fill one"),
+    ("train_sft.py", ["--batch-size", "100000"], "training blocks do not fill one optimizer step of 100000"),
 ])
 def test_bad_input_raises_a_clear_error(script, args, message, tmp_path):
     """In-process (fast): main() raises one ValueError naming the problem; __main__ turns it into one line."""
