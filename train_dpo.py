@@ -31,7 +31,7 @@ from minirlhf.data.tokenize import (collate_pairs, require_pad_token, tokenize_p
 from minirlhf.dpo import dpo_loss, ipo_loss
 from minirlhf.evaluation import evaluate_policy
 from minirlhf.models import (count_parameters, load_model, load_tokenizer, parameter_report, reference,
-                             train_mode_without_dropout)
+                             dropout_off)
 from minirlhf.heads import response_logprobs
 from minirlhf.tracking import RunLog
 from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
@@ -169,9 +169,7 @@ def main(args):
     else:
         params = make_trainable(model, "policy", False, args.lora_r, args.lora_alpha, args.lora_dropout,
                                 args.lora_targets)
-    # dropout off for policy and reference alike; train mode only if blocks must be checkpointed (transformers
-    # recomputes them only in train mode), with every dropout module still off
-    train_mode_without_dropout(model) if args.gradient_checkpointing else model.eval()
+    dropout_off(model)  # for policy and reference alike (train mode, dropout still off, if blocks are checkpointed)
     trainable, total = count_parameters(model)
     if dist.is_main:
         print(parameter_report(model))

@@ -57,7 +57,7 @@ from minirlhf.heads import (RatingHead, ScalarHead, response_logprobs, response_
                             save_head, sequence_scores)
 from minirlhf.kl import AdaptiveKLController, k3
 from minirlhf.models import (count_parameters, load_model, load_reward_model, load_tokenizer,
-                             parameter_report, reference, resident_bytes, train_mode_without_dropout)
+                             parameter_report, reference, resident_bytes, dropout_off)
 from minirlhf.ops import masked_mean
 from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.reward_losses import expected_rating, rating_entropy
@@ -240,9 +240,7 @@ def main(args):
     if args.reward == "model":
         _, reward_head = load_reward_model(model, args.reward_model)  # adapter "reward", frozen; "policy" stays active
         reward_head.requires_grad_(False)
-    # dropout off: sampling, old and new log-probs must come from one and the same policy (train mode, dropout still
-    # off, only when blocks are checkpointed: transformers checkpoints them only in train mode)
-    train_mode_without_dropout(model) if args.gradient_checkpointing else model.eval()
+    dropout_off(model)  # sampling, old and new log-probs must come from one and the same policy
     trainable, total = count_parameters(model)
     heads = [value_head] if args.algo == "ppo" else []
     trainable += sum(p.numel() for h in heads for p in h.parameters())

@@ -95,7 +95,7 @@ from minirlhf.gae import gae  # noqa: E402
 from minirlhf.heads import (ScalarHead, final_hidden, response_logprobs, response_logprobs_and_states,  # noqa: E402
                             save_head, sequence_scores)
 from minirlhf.models import (count_parameters, load_model, load_reward_model, reference, resident_bytes,  # noqa: E402
-                             train_mode_without_dropout)
+                             dropout_off)
 from minirlhf.ppo import policy_loss, value_loss  # noqa: E402
 from minirlhf.reward_losses import bradley_terry_loss  # noqa: E402
 from minirlhf.rollout import minibatches, token_rewards, whiten_advantages  # noqa: E402
@@ -375,7 +375,7 @@ def child_ppo(job):
         reward_model = ref_model = policy
         reward_adapter, reward_head = load_reward_model(policy, job["reward_path"])
         value_states = None  # the value head reads the policy's own states
-        models, trained = [policy], [policy]
+        models = [policy]
     else:  # four copies from the same code
         ref_model = base()
         reward_model = base()
@@ -383,11 +383,11 @@ def child_ppo(job):
         value_model = base(trained=True)
         params += make_trainable(value_model, "value", False, PPO_LORA_R, PPO_LORA_ALPHA)
         value_states = value_states_from(value_model)
-        models, trained = [policy, ref_model, reward_model, value_model], [policy, value_model]
+        models = [policy, ref_model, reward_model, value_model]
     reward_head.requires_grad_(False)
     params += list(value_head.parameters())
-    for m in models:  # train mode (dropout still off) where blocks are checkpointed: transformers needs it
-        train_mode_without_dropout(m) if checkpointing and any(m is t for t in trained) else m.eval()
+    for m in models:  # eval, or train mode with dropout off where blocks are checkpointed (transformers needs it)
+        dropout_off(m)
     mark("models loaded")
     optimizer = make_optimizer(params, lr=1e-5)
     cfg = policy.config

@@ -128,11 +128,16 @@ def enable_gradient_checkpointing(model):
     return model
 
 
-def train_mode_without_dropout(model):
-    """model.train(), but with every dropout off: for the scripts that must not drop anything (DPO's log-ratios) yet
-    need train mode, because transformers only recomputes (checkpoints) decoder blocks while `model.training`.
-    nn.Dropout modules (LoRA dropout included) go back to eval mode; attention-probability dropout follows
-    config.attention_dropout instead, so a model with attention_dropout > 0 is refused."""
+def dropout_off(model):
+    """Every dropout off, for scripts whose log-probs must not be noisy (DPO's log-ratios, PPO's old vs new policy).
+
+    Normally model.eval(). A model whose decoder blocks are checkpointed goes to train mode instead, with every
+    nn.Dropout module (LoRA dropout included) back in eval mode: transformers recomputes (checkpoints) blocks only
+    while `model.training`, so eval mode would silently store every activation. Attention-probability dropout follows
+    config.attention_dropout rather than a module's mode, so a checkpointed model with attention_dropout > 0 is
+    refused."""
+    if not any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return model.eval()
     if getattr(model.config, "attention_dropout", 0.0):
         raise ValueError(f"the model has attention_dropout={model.config.attention_dropout}: it cannot run in train "
                          "mode without dropout; drop --gradient-checkpointing")

@@ -262,15 +262,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
 
 def test_checkpointing_works_in_train_mode_without_dropout_and_not_in_eval(tiny_llama_dir):
     """transformers checkpoints blocks only in train mode: DPO's eval-mode model would silently store every
-    activation. train_mode_without_dropout keeps checkpointing on (far fewer tensors saved for backward) and dropout
+    activation. dropout_off keeps checkpointing on (far fewer tensors saved for backward) and dropout
     off (the same log-probs as eval mode)."""
-    from minirlhf.models import train_mode_without_dropout
+    from minirlhf.models import dropout_off
+    assert not dropout_off(load_model(tiny_llama_dir)).training  # not checkpointed: plain eval mode
     model = load_model(tiny_llama_dir, gradient_checkpointing=True)
     lora.add_lora(model, ["q_proj"], r=4, alpha=8, dropout=0.5)  # a dropout that must stay off
     ids, attn, resp = BATCH
     saved, values = {}, {}
     for mode in ("eval", "train_without_dropout"):
-        model.eval() if mode == "eval" else train_mode_without_dropout(model)
+        model.eval() if mode == "eval" else dropout_off(model)
         sizes = []
 
         def pack(t):
