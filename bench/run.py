@@ -278,7 +278,7 @@ def child_train(job):
                 return bradley_terry_loss(chosen, rejected).mean()
             flops = pass_flops(shape, rows, seq, 0, "frozen", n_lora)  # no LM head: the head reads one state
         else:
-            model.eval()  # as train_dpo.py: no dropout in the log-ratios
+            dropout_off(model)  # as train_dpo.py: no dropout in the log-ratios
 
             def loss_fn():
                 policy = sequence_logps(model, batch, device)  # (2·pairs,) chosen rows first
