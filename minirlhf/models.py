@@ -95,6 +95,8 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
         p.requires_grad_(False)
     if quantization != "none":
         prepare_for_kbit_training(model)
+    if quantization == "4bit" and device.type == "cpu":
+        keep_4bit_layout_on_cpu(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model
@@ -114,6 +116,31 @@ def prepare_for_kbit_training(model):
             p.data = p.data.float()
     model.enable_input_require_grads()
     return model
+
+
+NF4_BLOCK = 64  # values per absmax block of a 4-bit weight (bitsandbytes' default, what transformers loads with)
+
+
+def keep_4bit_layout_on_cpu(model):
+    """Two CPU-only traps of bitsandbytes' native kernels (measured with bitsandbytes 0.50.2 on an AVX-512 CPU):
+
+    - On a CPU with AVX-512 BF16, Linear4bit REPACKS its weight bytes into another layout at the first forward run in
+      eval mode without grad (sampling, evaluation), and from then on computes through an inference-only bf16 GEMV
+      (no gradient to the layer's input). Sampling and training would then compute log-probs two different ways, and
+      the frozen base's bytes change under the run. We switch the repacking off: every forward dequantizes the same
+      NF4 bytes and multiplies in the compute dtype, in training and sampling alike.
+    - Its AVX-512 dequantization is wrong when a weight row is shorter than, or not a multiple of, the 64-value
+      quantization block (relative error 0.37 instead of NF4's 0.09 for a 32-wide row). Real models' rows (>= 576)
+      are multiples of 64; a model that is not is refused here with one line rather than trained on wrong weights."""
+    import bitsandbytes as bnb
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            if module.in_features % NF4_BLOCK and torch.backends.cpu.get_cpu_capability() == "AVX512":
+                raise ValueError(f"4-bit on this CPU: {name} has rows of {module.in_features} values, not a multiple "
+                                 f"of the {NF4_BLOCK}-value NF4 block, which bitsandbytes {bnb.__version__}'s AVX-512 "
+                                 "kernel dequantizes wrongly; use --quantization none or a model whose sizes are "
+                                 f"multiples of {NF4_BLOCK}")
 
 
 def enable_gradient_checkpointing(model):
