@@ -8,7 +8,8 @@ With x = (log π(y_c|p) - log π_ref(y_c|p)) - (log π(y_r|p) - log π_ref(y_r|p
   cdpo     -(1-ε) log σ(βx) - ε log σ(-βx)             conservative DPO (labels flipped with probability ε)
   ipo      (x - 1/(2β))²  with length-averaged log-probs  IPO, Azar et al. 2023, Eq. 17
 π is the base with a LoRA adapter "policy"; π_ref is the same base with adapters disabled (or a frozen copy of
---sft-adapter when the policy starts from one). The model stays in eval mode: dropout would make the log-ratios noisy.
+--sft-adapter when the policy starts from one). Dropout is off in every pass (it would make the log-ratios noisy),
+except the LoRA adapter's own --lora-dropout in the training step's policy pass (0 by default).
 On the built-in world the policy is sampled on held-out prompts before and after training and scored by the gold
 reward: eval/gold_before, eval/gold_after, eval/kl, eval/win_rate (gold after > gold before on the same prompt).
 """
@@ -24,18 +25,20 @@ from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
                                  set_rng_state)
-from minirlhf.cli import parse_args
+from minirlhf.cli import run_script
 from minirlhf.data import load_preference_dataset, load_prompt_dataset
 from minirlhf.data.tokenize import (collate_pairs, require_pad_token, tokenize_preference_dataset,
                                    tokenize_prompt_dataset)
 from minirlhf.dpo import dpo_loss, ipo_loss
 from minirlhf.evaluation import evaluate_policy
-from minirlhf.models import (count_parameters, load_model, load_tokenizer, parameter_report, reference,
-                             dropout_off)
+from minirlhf.errors import InputError
+from minirlhf.models import (check_adapter_dir, count_parameters, load_model, load_tokenizer, parameter_report,
+                             reference, dropout_off)
 from minirlhf.heads import response_logprobs
 from minirlhf.tracking import RunLog
 from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
-                               set_lr, steps_per_epoch)
+                               lora_dropout_active, optimizer_step, set_lr, steps_per_epoch)
+from minirlhf.validation import check_choice, check_common
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
 
@@ -70,7 +73,7 @@ class Args:
     lora_alpha: float = 32.0
     """LoRA alpha (the update is scaled by alpha / r)"""
     lora_dropout: float = 0.0
-    """LoRA dropout (keep 0: dropout corrupts the log-ratios)"""
+    """LoRA dropout in the training step's policy pass only (reference, evaluation and sampling run without)"""
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
     sft_adapter: Optional[str] = None
@@ -117,6 +120,9 @@ class Args:
     """optimizer steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
     resume: Optional[str] = None
     """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
+    overwrite: bool = False
+    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
+    folder is refused: continue it with --resume instead"""
     seed: int = 0
     """seed for python, numpy, torch, the data order and the evaluation sampler"""
     device: str = "auto"
@@ -143,16 +149,24 @@ def preference_loss(args, policy, ref):
     return dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=args.beta, label_smoothing=args.label_smoothing)
 
 
+RANGES = {"beta": "> 0", "label_smoothing": "[0, 0.5)", "max_eval_pairs": ">= 1", "eval_every": ">= 0"}
+
+
+def check_args(args):
+    """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
+    check_common(args, RANGES)
+    check_choice("--loss", args.loss, LOSSES)
+    if args.loss != "cdpo" and args.label_smoothing != 0.0:
+        raise InputError("--label-smoothing is the cdpo loss's ε: use it with --loss cdpo")
+    if args.sft_adapter:
+        check_adapter_dir(args.sft_adapter, "--sft-adapter")
+
+
 def main(args):
     datasets.disable_progress_bars()  # one progress bar per loop is enough
-    if args.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {LOSSES}, got {args.loss!r}")
+    check_args(args)
     if args.loss == "cdpo" and args.label_smoothing == 0.0:
         args.label_smoothing = 0.1
-    if args.loss != "cdpo" and args.label_smoothing != 0.0:
-        raise ValueError("--label-smoothing is the cdpo loss's ε: use it with --loss cdpo")
-    if args.batch_size < 1 or args.grad_accum < 1 or args.lr <= 0 or args.beta <= 0:
-        raise ValueError("--batch-size and --grad-accum must be >= 1, --lr and --beta > 0")
     dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
     average = args.loss == "ipo"  # IPO uses length-averaged log-probs (as TRL); DPO the sums
 
@@ -169,7 +183,8 @@ def main(args):
     else:
         params = make_trainable(model, "policy", False, args.lora_r, args.lora_alpha, args.lora_dropout,
                                 args.lora_targets)
-    dropout_off(model)  # for policy and reference alike (train mode, dropout still off, if blocks are checkpointed)
+    dropout_off(model)  # no dropout in the reference, evaluation and sampling passes; the training step's policy
+    # pass switches on the LoRA dropout alone (training.lora_dropout_active): --lora-dropout does what it says
     trainable, total = count_parameters(model)
     if dist.is_main:
         print(parameter_report(model))
@@ -266,21 +281,21 @@ def main(args):
                 examples = [train_data[i] for i in idx]
                 batch = collate_pairs([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
                                        for e in examples], pad_id)
-                policy = sequence_logps(model, batch, device, average)  # (2B,)
                 if args.precompute_ref:
                     ref = torch.tensor([e["ref_logps"] for e in examples], device=device).T.reshape(-1)  # (2B,)
                 else:
                     with torch.no_grad(), reference(model):
                         ref = sequence_logps(model, batch, device, average)  # (2B,)
-                losses, r_c, r_r = preference_loss(args, policy, ref)
-                (losses.mean() / args.grad_accum).backward()
+                with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
+                    policy = sequence_logps(model, batch, device, average)  # (2B,)
+                    losses, r_c, r_r = preference_loss(args, policy, ref)
+                    (losses.mean() / args.grad_accum).backward()
                 b = len(idx)
                 recent.append(torch.stack([losses.detach(), r_c, r_r, (r_c > r_r).float(), r_c - r_r,
                                            policy.detach()[:b], policy.detach()[b:]], 1))
-            distributed.all_reduce_mean_grads(params, dist.world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             set_lr(optimizer, lr_at(step, args.lr, total_steps, args.warmup_steps))
-            optimizer.step()
+            grad_norm = optimizer_step(optimizer, params, loss=recent[-1][:, 0].mean(), grad_clip=args.grad_clip,
+                                       step=step, world_size=dist.world_size)  # all-reduce, clip, NaN guard, step
             step += 1
             bar.update(1)
             log_now = step % args.log_every == 0 or step == total_steps
@@ -332,7 +347,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(Args))
-    except ValueError as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"train_dpo.py: error: {e}")
+    run_script(main, Args)  # bad input or a diverged run: one line `script.py: error: ...`; a bug: its traceback

@@ -48,7 +48,7 @@ from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import MovingAverageBaseline, group_advantages
 from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
                                  set_rng_state)
-from minirlhf.cli import parse_args
+from minirlhf.cli import run_script
 from minirlhf.data import load_prompt_dataset
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
 from minirlhf.evaluation import evaluate_policy, generate
@@ -56,7 +56,8 @@ from minirlhf.gae import gae
 from minirlhf.heads import (RatingHead, ScalarHead, response_logprobs, response_logprobs_and_states,
                             save_head, sequence_scores)
 from minirlhf.kl import AdaptiveKLController, k3
-from minirlhf.models import (count_parameters, load_model, load_reward_model, load_tokenizer,
+from minirlhf.errors import InputError
+from minirlhf.models import (check_reward_model_dir, count_parameters, load_model, load_reward_model, load_tokenizer,
                              parameter_report, reference, resident_bytes, dropout_off)
 from minirlhf.ops import masked_mean
 from minirlhf.ppo import policy_loss, value_loss
@@ -64,7 +65,9 @@ from minirlhf.reward_losses import expected_rating, rating_entropy
 from minirlhf.rollout import (KL_ESTIMATORS, minibatches, missing_eos_penalty, per_token_kl, sequence_logprobs,
                               token_rewards, whiten_advantages, whiten_rewards)
 from minirlhf.tracking import RunLog
-from minirlhf.training import start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable, set_lr
+from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
+                               optimizer_step, set_lr)
+from minirlhf.validation import check_choice, check_common
 
 ALGOS = ("ppo", "reinforce", "grpo")
 REWARDS = ("model", "gold")
@@ -166,6 +169,9 @@ class Args:
     """iterations between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
     resume: Optional[str] = None
     """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
+    overwrite: bool = False
+    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
+    folder is refused: continue it with --resume instead"""
     seed: int = 0
     """seed for python, numpy, torch, the prompt order and the samplers"""
     device: str = "auto"
@@ -176,45 +182,39 @@ class Args:
     """output directory"""
 
 
+RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "group_size": ">= 1", "minibatch_size": ">= 1",
+          "ppo_epochs": ">= 1", "warmup_iterations": ">= 0", "kl_coef": ">= 0", "target_kl": "none or > 0",
+          "kl_horizon": ">= 1", "beta": ">= 0", "missing_eos_penalty": "none or >= 0", "gamma": "[0, 1]",
+          "lam": "[0, 1]", "clip_eps": "> 0", "vf_clip": "> 0", "vf_coef": ">= 0", "entropy_coef": ">= 0",
+          "eval_every": ">= 0"}
+
+
 def check_args(args):
-    """One clear ValueError for any inconsistent setting (before anything is loaded)."""
-    for name, value, allowed in (("--algo", args.algo, ALGOS), ("--reward", args.reward, REWARDS),
+    """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
+    check_common(args, RANGES, datasets="prompt")
+    for flag, value, allowed in (("--algo", args.algo, ALGOS), ("--reward", args.reward, REWARDS),
                                  ("--kl-estimator", args.kl_estimator, tuple(KL_ESTIMATORS)),
                                  ("--reward-transform", args.reward_transform, REWARD_TRANSFORMS)):
-        if value not in allowed:
-            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if args.iterations < 1 or args.rollout_size < 1 or args.minibatch_size < 1 or args.ppo_epochs < 1:
-        raise ValueError("--iterations, --rollout-size, --minibatch-size and --ppo-epochs must be >= 1")
+        check_choice(flag, value, allowed)
     if args.minibatch_size > args.rollout_size:
-        raise ValueError(f"--minibatch-size {args.minibatch_size} is larger than --rollout-size {args.rollout_size}")
+        raise InputError(f"--minibatch-size {args.minibatch_size} is larger than --rollout-size {args.rollout_size}")
     if args.algo == "grpo" and (args.group_size < 2 or args.rollout_size % args.group_size):
-        raise ValueError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
+        raise InputError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
                          f"got {args.group_size}")
-    if args.lr <= 0 or args.temperature <= 0 or args.max_new_tokens < 1:
-        raise ValueError("--lr and --temperature must be > 0, --max-new-tokens >= 1")
-    if args.kl_coef < 0 or args.beta < 0 or args.entropy_coef < 0:
-        raise ValueError("--kl-coef, --beta and --entropy-coef must be >= 0")
-    if args.target_kl is not None and (args.target_kl <= 0 or args.kl_coef <= 0 or args.algo == "grpo"):
-        raise ValueError("--target-kl needs --kl-coef > 0 (its starting value), a target > 0, and --algo ppo or "
-                         "reinforce")
-    if not (0 <= args.gamma <= 1 and 0 <= args.lam <= 1):
-        raise ValueError(f"--gamma and --lam must lie in [0, 1], got {args.gamma}, {args.lam}")
+    if args.target_kl is not None and (args.kl_coef <= 0 or args.algo == "grpo"):
+        raise InputError("--target-kl needs --kl-coef > 0 (its starting value) and --algo ppo or reinforce")
     if args.reward == "gold" and args.dataset != "builtin":
-        raise ValueError("--reward gold is the built-in world's gold score: it needs --dataset builtin")
+        raise InputError("--reward gold is the built-in world's gold score: it needs --dataset builtin")
     if args.reward == "model":
-        config = os.path.join(args.reward_model, "head_config.json")
-        if not os.path.isfile(config):
-            raise ValueError(f"--reward-model {args.reward_model!r} is not a reward model folder (no "
-                             "head_config.json); train one with `python train_reward.py --out runs/reward` and pass "
-                             "--reward-model runs/reward/reward_model, or use --reward gold")
+        check_reward_model_dir(args.reward_model)  # one line naming the missing file
         if os.path.isfile(os.path.join(args.reward_model, "config.json")) and not os.path.isfile(
                 os.path.join(args.reward_model, "adapter_config.json")):
-            raise ValueError(f"--reward-model {args.reward_model!r} is a fully fine-tuned model, not an adapter on "
+            raise InputError(f"--reward-model {args.reward_model!r} is a fully fine-tuned model, not an adapter on "
                              "the shared base; train it with LoRA (train_reward.py without --full-finetune)")
-        with open(config) as f:
+        with open(os.path.join(args.reward_model, "head_config.json")) as f:
             kind = json.load(f).get("kind")
         if kind != "rating" and args.reward_transform != "expected":
-            raise ValueError(f"--reward-transform {args.reward_transform} needs a rating (distributional) reward "
+            raise InputError(f"--reward-transform {args.reward_transform} needs a rating (distributional) reward "
                              f"head; {args.reward_model!r} holds a {kind} head")
 
 
@@ -430,9 +430,8 @@ def main(args):
                         mb_stats["loss/kl"] = kl_loss.detach()
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
-                    distributed.all_reduce_mean_grads(params, dist.world_size)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-                    optimizer.step()
+                    grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
+                                               step=iteration, world_size=dist.world_size)  # + NaN guard
                     stats.append({**mb_stats, "loss/policy": pg_loss.detach(), "loss/total": loss.detach(),
                                   "train/grad_norm": grad_norm})
             t_train = time.time() - t_train
@@ -512,7 +511,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(Args))
-    except ValueError as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"train_ppo.py: error: {e}")
+    run_script(main, Args)  # bad input or a diverged run: one line `script.py: error: ...`; a bug: its traceback

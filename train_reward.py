@@ -25,16 +25,19 @@ from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
                                  set_rng_state)
-from minirlhf.cli import parse_args
+from minirlhf.cli import run_script
 from minirlhf.data import load_preference_dataset
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.heads import RatingHead, ScalarHead, save_head, sequence_scores
-from minirlhf.models import (count_parameters, load_model, load_reward_model, load_tokenizer,
+from minirlhf.errors import InputError
+from minirlhf.models import (check_reward_model_dir, count_parameters, load_model, load_reward_model, load_tokenizer,
                              parameter_report)
+from minirlhf.sampling import eval_mode
 from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expected_rating
 from minirlhf.tracking import RunLog
 from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
-                               set_lr, steps_per_epoch)
+                               optimizer_step, set_lr, steps_per_epoch)
+from minirlhf.validation import check_choice, check_common
 
 LOSSES = ("bt", "margin", "distributional")
 
@@ -111,6 +114,9 @@ class Args:
     """optimizer steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
     resume: Optional[str] = None
     """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
+    overwrite: bool = False
+    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
+    folder is refused: continue it with --resume instead"""
     seed: int = 0
     """seed for python, numpy, torch and the data order"""
     device: str = "auto"
@@ -140,27 +146,37 @@ def pair_loss(args, out_c, out_r, batch, device):
 @torch.no_grad()
 def evaluate(model, head, data, args, pad_id, device):
     """Held-out accuracy (r_c > r_r), mean reward margin and loss."""
-    model.eval()
     correct, margins, losses = [], [], []
-    for i in tqdm(range(0, len(data), args.eval_batch_size), desc="eval", leave=False, mininterval=5):
-        batch = collate_pairs([data[j] for j in range(i, min(i + args.eval_batch_size, len(data)))], pad_id)
-        r_c, r_r, out_c, out_r = pair_scores(model, head, batch, device)
-        correct.append((r_c > r_r).float())
-        margins.append(r_c - r_r)
-        losses.append(pair_loss(args, out_c, out_r, batch, device))
-    model.train()
+    with eval_mode(model):
+        for i in tqdm(range(0, len(data), args.eval_batch_size), desc="eval", leave=False, mininterval=5):
+            batch = collate_pairs([data[j] for j in range(i, min(i + args.eval_batch_size, len(data)))], pad_id)
+            r_c, r_r, out_c, out_r = pair_scores(model, head, batch, device)
+            correct.append((r_c > r_r).float())
+            margins.append(r_c - r_r)
+            losses.append(pair_loss(args, out_c, out_r, batch, device))
     return {"eval/accuracy": torch.cat(correct).mean().item(), "eval/margin": torch.cat(margins).mean().item(),
             "eval/loss": torch.cat(losses).mean().item()}
 
 
+RANGES = {"eval_every": ">= 1", "eval_batch_size": ">= 1", "max_eval_pairs": ">= 0", "num_classes": ">= 2",
+          "alpha": "> 0"}
+
+
+def check_args(args):
+    """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
+    check_common(args, RANGES)
+    check_choice("--loss", args.loss, LOSSES)
+    if args.eval_only and not args.reward_model:
+        raise InputError("--eval-only needs --reward-model DIR (a reward_model/ folder written by train_reward.py)")
+    if args.reward_model and not args.eval_only:
+        raise InputError("--reward-model is the model --eval-only evaluates; to train a new one leave it out")
+    if args.reward_model:
+        check_reward_model_dir(args.reward_model)
+
+
 def main(args):
     datasets.disable_progress_bars()  # one progress bar per loop is enough
-    if args.loss not in LOSSES:
-        raise ValueError(f"--loss must be one of {LOSSES}, got {args.loss!r}")
-    if args.eval_only and not args.reward_model:
-        raise ValueError("--eval-only needs --reward-model DIR (a reward_model/ folder written by train_reward.py)")
-    if args.batch_size < 1 or args.grad_accum < 1 or args.lr <= 0:
-        raise ValueError("--batch-size and --grad-accum must be >= 1 and --lr > 0")
+    check_args(args)
     dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
 
     # 1. one frozen base, a reward adapter and a head on top
@@ -192,7 +208,7 @@ def main(args):
     def load(split):
         rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
         if args.loss == "margin" and "margin" not in rows.column_names:
-            raise ValueError(f"--loss margin needs scores, but {args.dataset} has no margin column")
+            raise InputError(f"--loss margin needs scores, but {args.dataset} has no margin column")
         return tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
     eval_data = load(args.eval_split)
     if args.max_eval_pairs > 0:
@@ -254,10 +270,9 @@ def main(args):
                 loss = pair_loss(args, out_c, out_r, batch, device).mean() / args.grad_accum
                 loss.backward()
                 recent.append(((r_c > r_r).float().mean().item(), loss.item() * args.grad_accum))
-            distributed.all_reduce_mean_grads(params, dist.world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
             set_lr(optimizer, lr_at(step, args.lr, total_steps, args.warmup_steps))
-            optimizer.step()
+            grad_norm = optimizer_step(optimizer, params, loss=recent[-1][1], grad_clip=args.grad_clip, step=step,
+                                       world_size=dist.world_size)  # all-reduce, clip, NaN guard, step
             step += 1
             bar.update(1)
             if step % args.eval_every == 0 or step == total_steps:
@@ -301,7 +316,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(Args))
-    except ValueError as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"train_reward.py: error: {e}")
+    run_script(main, Args)  # bad input or a diverged run: one line `script.py: error: ...`; a bug: its traceback

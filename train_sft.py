@@ -32,15 +32,18 @@ from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
                                  set_rng_state)
-from minirlhf.cli import parse_args
+from minirlhf.cli import run_script
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad
+from minirlhf.errors import InputError
 from minirlhf.models import count_parameters, load_model, load_tokenizer, parameter_report
+from minirlhf.sampling import eval_mode
 from minirlhf.tracking import RunLog
 from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
-                               set_lr, steps_per_epoch)
+                               optimizer_step, set_lr, steps_per_epoch)
+from minirlhf.validation import check_common
 
 
 @dataclass
@@ -102,6 +105,9 @@ class Args:
     """steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
     resume: Optional[str] = None
     """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
+    overwrite: bool = False
+    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
+    folder is refused: continue it with --resume instead"""
     seed: int = 0
     """seed for python, numpy and torch (init, block order)"""
     device: str = "auto"
@@ -153,34 +159,60 @@ def lm_loss(model, blocks, attention_mask=None, loss_mask=None):
 @torch.no_grad()
 def eval_loss(model, data, batch_size):
     """Mean next-token loss over the (N, L) tensors of `data`, in batches (weighted by rows)."""
-    model.eval()
     blocks = data[0]
-    total = sum(lm_loss(model, *[t[i:i + batch_size] for t in data]).item() * len(blocks[i:i + batch_size])
-                for i in range(0, len(blocks), batch_size))
-    model.train()
+    with eval_mode(model):
+        total = sum(lm_loss(model, *[t[i:i + batch_size] for t in data]).item() * len(blocks[i:i + batch_size])
+                    for i in range(0, len(blocks), batch_size))
     return total / len(blocks)
+
+
+RANGES = {"block_size": ">= 2", "max_steps": ">= 1", "min_lr_ratio": "[0, 1]", "eval_every": ">= 1"}
+
+
+def check_args(args):
+    """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
+    check_common(args, RANGES)
+    if args.merge and (args.full_finetune or args.init_config or args.quantization != "none"):
+        raise InputError("--merge folds a LoRA adapter into a float base: it needs LoRA training "
+                         "(no --full-finetune / --init-config) and --quantization none")
+    if args.init_config is not None and args.tokenizer is None:
+        raise InputError("--init-config needs --tokenizer (a fresh model has no tokenizer beside it)")
+    if args.init_config is not None:
+        init_config(args.init_config)  # readable JSON, or one line saying why not
+
+
+def init_config(text_or_path):
+    """--init-config: inline JSON (starts with "{") or a JSON file -> dict."""
+    inline = text_or_path.lstrip().startswith("{")
+    try:
+        config = json.loads(text_or_path if inline else open(text_or_path).read())
+    except OSError as e:
+        raise InputError(f"--init-config {text_or_path}: cannot read it ({e.strerror})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"--init-config {'(inline)' if inline else text_or_path}: not JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise InputError(f"--init-config {text_or_path}: must be a JSON object of config fields")
+    return config
 
 
 def main(args):
     start = time.time()
-    if args.max_steps < 1:
-        raise ValueError(f"train_sft: --max-steps must be >= 1, got {args.max_steps}")
-    if args.merge and (args.full_finetune or args.init_config or args.quantization != "none"):
-        raise ValueError("train_sft: --merge folds a LoRA adapter into a float base: it needs LoRA training "
-                         "(no --full-finetune / --init-config) and --quantization none")
-    if args.init_config is not None and args.tokenizer is None:
-        raise ValueError("train_sft: --init-config needs --tokenizer (a fresh model has no tokenizer beside it)")
+    check_args(args)
     dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
 
     # model and tokenizer
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    tokenizer = load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
     if args.init_config is not None:
-        text = args.init_config if args.init_config.lstrip().startswith("{") else open(args.init_config).read()
         config = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                  "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, **json.loads(text)}
+                  "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+                  **init_config(args.init_config)}
         if config["vocab_size"] < len(tokenizer):
-            raise ValueError(f"train_sft: config vocab_size {config['vocab_size']} < {len(tokenizer)} tokenizer tokens")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config)).to(device)
+            raise InputError(f"--init-config: vocab_size {config['vocab_size']} < {len(tokenizer)} tokenizer tokens")
+        try:
+            config = AutoConfig.for_model(**config)
+        except (ValueError, KeyError, TypeError) as e:  # no or unknown model_type, a field of the wrong type
+            raise InputError(f"--init-config: not a model config transformers knows ({e})") from None
+        model = AutoModelForCausalLM.from_config(config).to(device)
     else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
         model = load_model(args.model, quantization=args.quantization, dtype="float32" if args.quantization == "none"
                            else "auto", device=args.device, tokenizer=tokenizer,
@@ -241,9 +273,8 @@ def main(args):
             loss = lm_loss(model, *batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            distributed.all_reduce_mean_grads(params, dist.world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip)
-            optimizer.step()
+            grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip, step=step,
+                                       world_size=dist.world_size)  # all-reduce, clip, NaN guard, step
             step += 1
             bar.update(1)
             recent.append(loss.item())
@@ -295,7 +326,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(Args))
-    except ValueError as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"train_sft.py: error: {e}")
+    run_script(main, Args)  # bad input or a diverged run: one line `script.py: error: ...`; a bug: its traceback

@@ -66,3 +66,23 @@ def _none_or(base):
 def format_args(args):
     """The settings, one per line, for the top of every run's output."""
     return "\n".join(f"  {k:<28} {v}" for k, v in dataclasses.asdict(args).items())
+
+
+def run_script(main, args_cls, prog=None):
+    """The `if __name__ == "__main__"` of every script: parse the flags into `args_cls`, call main(args).
+
+    Bad input (errors.InputError) and a diverged run (errors.Diverged) end in one line, `script.py: error: ...`,
+    exit status 1; a Ctrl-C outside the training loop (while loading, evaluating before training) or a second Ctrl-C
+    inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: checkpoint.GracefulStop).
+    Any other exception is a bug in minirlhf and keeps its traceback."""
+    import os
+    import sys
+    from .errors import Diverged, InputError
+    prog = prog or os.path.basename(sys.argv[0])
+    try:
+        return main(parse_args(args_cls))
+    except (InputError, Diverged) as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted; nothing more was written (a checkpoint saved earlier is intact)", file=sys.stderr)
+        raise SystemExit(130) from None

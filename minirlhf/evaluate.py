@@ -22,13 +22,16 @@ import torch
 from minirlhf import lora
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.checkpoint import atomic_write_bytes
-from minirlhf.cli import format_args, parse_args
+from minirlhf.cli import format_args, run_script
 from minirlhf.data import load_prompt_dataset
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
 from minirlhf.evaluation import evaluate_policy
 from minirlhf.heads import RatingHead, sequence_scores
-from minirlhf.models import get_device, load_model, load_reward_model, load_tokenizer
+from minirlhf.errors import InputError
+from minirlhf.models import (check_adapter_dir, check_reward_model_dir, get_device, load_model,
+                             load_reward_model, load_tokenizer)
 from minirlhf.reward_losses import expected_rating
+from minirlhf.validation import check_common
 
 
 @dataclass
@@ -78,7 +81,7 @@ def resolve(path, inner, marker):
     for candidate in (path, os.path.join(path, inner)):
         if os.path.isfile(os.path.join(candidate, marker)):
             return candidate
-    raise ValueError(f"{path!r} has no {marker} (nor {inner}/{marker}): not a {inner.replace('_', ' ')} folder")
+    raise InputError(f"{path!r} has no {marker} (nor {inner}/{marker}): not a {inner.replace('_', ' ')} folder")
 
 
 def markdown_table(header, rows):
@@ -87,15 +90,22 @@ def markdown_table(header, rows):
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
+RANGES = {"prompts": ">= 1", "samples": ">= 1"}
+
+
 def main(args):
+    check_common(args, RANGES, datasets="prompt")
     if not args.policies:
-        raise ValueError("--policies needs at least one folder (or 'base')")
+        raise InputError("--policies needs at least one folder (or 'base')")
     if args.gold and args.dataset != "builtin":
-        raise ValueError("--gold is the built-in world's gold score: it needs --dataset builtin")
-    if args.prompts < 1 or args.samples < 1:
-        raise ValueError("--prompts and --samples must be >= 1")
+        raise InputError("--gold is the built-in world's gold score: it needs --dataset builtin")
     policies = [p if p == "base" else resolve(p, "policy", "adapter_config.json") for p in args.policies]
+    for p in policies:
+        if p != "base":
+            check_adapter_dir(p, "--policies")
     rms = [resolve(r, "reward_model", "head_config.json") for r in args.reward_models]
+    for r in rms:
+        check_reward_model_dir(r, "--reward-models")
     print(format_args(args))
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -106,10 +116,11 @@ def main(args):
     require_pad_token(tokenizer)
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
                        tokenizer=tokenizer).eval()
-    reward_models = [load_reward_model(model, path, adapter=f"reward{i}") for i, path in enumerate(rms)]
+    reward_models = [load_reward_model(model, path, adapter=f"reward{i}", flag="--reward-models")
+                     for i, path in enumerate(rms)]
     for j, path in enumerate(policies):
         if path != "base":
-            lora.load_adapter(model, path, adapter=f"policy{j}")
+            lora.load_adapter(model, path, adapter=f"policy{j}", flag="--policies")
 
     data = load_prompt_dataset(args.dataset, args.split, args.data_files)
     data = tokenize_prompt_dataset(data.select(range(min(args.prompts, len(data)))), tokenizer,
@@ -155,7 +166,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args(Args))
-    except ValueError as e:  # bad input: one clear line, no traceback
-        raise SystemExit(f"python -m minirlhf.evaluate: error: {e}")
+    run_script(main, Args, prog="python -m minirlhf.evaluate")  # bad input: one line; a bug: its traceback

@@ -15,7 +15,7 @@ from .data.tokenize import collate_prompts
 from .heads import final_hidden
 from .kl import exact_kl
 from .models import reference
-from .sampling import sample
+from .sampling import eval_mode, sample
 
 
 def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
@@ -69,8 +69,13 @@ def evaluate_policy(model, tokenizer, prompts, prompt_ids, *, gold_fn=None, rewa
     prompts: B message lists (for the gold score), prompt_ids: their B token-id lists. gold_fn(messages, text) ->
     float; reward_fn(batch) -> (B,) scores of a generate() batch. The sampler is seeded, so the same model gives the
     same samples. Returns (metrics, samples) with samples a list of {"prompt", "response", "gold", "reward"}."""
-    was_training = model.training
-    model.eval()
+    with eval_mode(model):
+        return _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new_tokens, temperature, top_k,
+                         top_p, batch_size, seed, device)
+
+
+def _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new_tokens, temperature, top_k, top_p,
+              batch_size, seed, device):
     g = torch.Generator(device=device).manual_seed(seed)
     golds, rewards, kls, lengths, ended, samples = [], [], [], [], [], []
     for i in range(0, len(prompt_ids), batch_size):
@@ -86,7 +91,6 @@ def evaluate_policy(model, tokenizer, prompts, prompt_ids, *, gold_fn=None, rewa
         for j, text in enumerate(batch["texts"]):
             samples.append({"prompt": prompts[i + j][-1]["content"], "response": text,
                             "gold": gold[j] if gold else None, "reward": reward[j].item() if reward_fn else None})
-    model.train(was_training)
     metrics = {"eval/kl": torch.cat(kls).mean().item(), "eval/length": torch.cat(lengths).mean().item(),
                "eval/eos_fraction": torch.cat(ended).mean().item()}
     if golds:

@@ -5,15 +5,16 @@ Two padding traps live here, and both are handled by looking at the attention ma
 - position ids come from the mask (cumsum - 1), so a left-padded prompt starts at position 0 like an unpadded one;
 - a sequence's score is read at its LAST REAL token (`last_token_index`), never at a padding slot, on either side.
 """
-import json
 import os
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 
 from .checkpoint import atomic_write_bytes, atomic_write_json
+from .errors import InputError
+from .lora import read_json_object, read_safetensors, who
 from .ops import entropy_from_logits, gather_logprobs
 
 
@@ -139,11 +140,17 @@ def sequence_scores(model, head, input_ids, attention_mask):
 
 
 HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
+HEAD_FILES = f"{HEAD_CONFIG} + {HEAD_WEIGHTS}, as save_head writes (train_reward.py: runs/reward/reward_model)"
 
 
 def save_head(head, path):
     """Write path/head.safetensors and path/head_config.json (kind, hidden_size, num_classes), each atomically."""
-    path, kind = os.fspath(path), {ScalarHead: "scalar", RatingHead: "rating"}[type(head)]
+    kinds = {ScalarHead: "scalar", RatingHead: "rating"}
+    if type(head) not in kinds:
+        raise TypeError(f"save_head saves a ScalarHead or a RatingHead, got a {type(head).__name__}")
+    path, kind = os.fspath(path), kinds[type(head)]
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"cannot save a head in {path!r}: it is a file, not a folder")
     config = {"kind": kind, "hidden_size": head.linear.in_features, "bias": head.linear.bias is not None,
               "num_classes": head.linear.out_features if kind == "rating" else None}
     state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
@@ -151,27 +158,47 @@ def save_head(head, path):
     atomic_write_json(os.path.join(path, HEAD_CONFIG), config)
 
 
-def load_head(path, hidden_size=None, kind=None):
-    """Read a head written by save_head; if hidden_size (or kind) is given, check it matches, with a clear error."""
+def read_head_config(path, flag=None):
+    """head_config.json of a head folder, checked: kind scalar|rating, hidden_size an int > 0, num_classes an int >= 2
+    for a rating head, bias a bool. InputError naming `flag` (or the folder) and the file otherwise. Cheap: for the
+    scripts' validation before any model is loaded (models.check_reward_model_dir)."""
     path = os.fspath(path)
-    if not os.path.isfile(os.path.join(path, HEAD_CONFIG)):
-        raise ValueError(f"no {HEAD_CONFIG} in {path!r}: not a saved head")
-    with open(os.path.join(path, HEAD_CONFIG)) as f:
-        config = json.load(f)
-    if config.get("kind") not in ("scalar", "rating"):
-        raise ValueError(f"unknown head kind {config.get('kind')!r} in {path!r}")
+    name, file = who(path, flag, "head folder"), os.path.join(path, HEAD_CONFIG)
+    if not os.path.isfile(file):
+        raise InputError(f"{name}: no {HEAD_CONFIG} in it: not a saved head; expected {HEAD_FILES}")
+    config = read_json_object(file, name, f"the {HEAD_CONFIG} that save_head writes")
+    kind, hidden, classes = config.get("kind"), config.get("hidden_size"), config.get("num_classes")
+    positive = (lambda x, least: isinstance(x, int) and not isinstance(x, bool) and x >= least)
+    if kind not in ("scalar", "rating"):
+        raise InputError(f"{name}: unknown head kind {kind!r} in {file}; expected \"scalar\" or \"rating\"")
+    if not positive(hidden, 1) or (kind == "rating" and not positive(classes, 2)) or not isinstance(
+            config.get("bias", True), bool):
+        raise InputError(f"{name}: {file} needs hidden_size (an int > 0), bias (true/false) and, for a rating head, "
+                         f"num_classes (an int >= 2); got hidden_size={hidden!r}, bias={config.get('bias')!r}, "
+                         f"num_classes={classes!r}")
+    return config
+
+
+def load_head(path, hidden_size=None, kind=None, flag=None):
+    """Read a head written by save_head; if hidden_size (or kind) is given, check it matches, with a clear error.
+    A missing, truncated or corrupt file is an InputError naming `flag` (e.g. "--reward-model") or the folder, and
+    the file."""
+    path = os.fspath(path)
+    name, config = who(path, flag, "head folder"), read_head_config(path, flag)
     if kind is not None and config["kind"] != kind:
-        raise ValueError(f"head in {path!r} is a {config['kind']} head, expected a {kind} head")
+        raise InputError(f"{name}: the head there is a {config['kind']} head, expected a {kind} head")
     if hidden_size is not None and config["hidden_size"] != hidden_size:
-        raise ValueError(f"{config['kind']} head in {path!r} expects hidden size {config['hidden_size']} "
-                         f"but the model has {hidden_size}")
+        raise InputError(f"{name}: the {config['kind']} head in {HEAD_CONFIG} expects hidden size "
+                         f"{config['hidden_size']} but the model has {hidden_size}; expected a head trained on this "
+                         "base model")
     if config["kind"] == "scalar":
         head = ScalarHead(config["hidden_size"], bias=config.get("bias", True))
     else:
         head = RatingHead(config["hidden_size"], config["num_classes"])
-    state = load_file(os.path.join(path, HEAD_WEIGHTS))
+    state = read_safetensors(os.path.join(path, HEAD_WEIGHTS), name, f"the head weights written with {HEAD_CONFIG}")
     shapes = {k: tuple(v.shape) for k, v in head.state_dict().items()}
     if {k: tuple(v.shape) for k, v in state.items()} != shapes:
-        raise ValueError(f"weights in {path!r} do not match {HEAD_CONFIG} (expected shapes {shapes})")
+        raise InputError(f"{name}: weights in {os.path.join(path, HEAD_WEIGHTS)} do not match {HEAD_CONFIG} "
+                         f"(expected shapes {shapes})")
     head.load_state_dict(state)
     return head

@@ -16,7 +16,10 @@ import contextlib, json, math, os, sys
 from pathlib import Path
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from .errors import InputError
 
 PREFIX = "base_model.model."  # PEFT's key prefix: PeftModel.base_model (a LoraModel) .model (the transformer)
 
@@ -202,21 +205,145 @@ def save_adapter(model, path, adapter="default"):
     _atomic(os.path.join(path, "adapter_config.json"), lambda f: Path(f).write_text(json.dumps(config, indent=2)))
 
 
-def load_adapter(model, path, adapter="default", trainable=False):
-    """Load a PEFT-format LoRA adapter as `adapter` (added if absent), checked against the model; frozen by default."""
-    cfg = json.loads(Path(path, "adapter_config.json").read_text())
+# ---------------------------------------------------------------- reading files the user points us at
+# Every problem with a folder or file the user gave is one InputError line naming the flag (or the folder) and the
+# file, what is wrong, and what is expected: never a KeyError, JSONDecodeError or safetensors traceback.
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_FOLDER = ("a LoRA adapter folder (adapter_config.json + adapter_model.safetensors, PEFT's format) as "
+                  "train_sft.py writes in runs/sft/adapter")
+
+
+def who(path, flag=None, noun="folder"):
+    """How a message names what the user gave: "--sft-adapter 'runs/x'", or "adapter folder 'runs/x'" without a flag."""
+    return f"{flag} {os.fspath(path)!r}" if flag else f"{noun} {os.fspath(path)!r}"
+
+
+def first_line(error):
+    """The first non-empty line of an exception's message (library messages run over several lines)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
+def read_json_object(file, name, expected):
+    """The JSON object in `file`, or InputError "<name>: <file> is not valid JSON (line 1: ...); expected <expected>"
+    (and for a missing or unreadable file, or JSON that is not an object)."""
+    file = os.fspath(file)
+    try:
+        with open(file, encoding="utf-8") as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{name}: {file} is missing; expected {expected}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{name}: {file} is not valid JSON (line {e.lineno}: {e.msg}); expected {expected}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{name}: cannot read {file} ({first_line(e)}); expected {expected}") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"{name}: {file} holds a JSON {type(obj).__name__}, not an object; expected {expected}")
+    return obj
+
+
+def safetensors_problem(file):
+    """None if `file` is a whole safetensors file, else what is wrong with it ("is missing", "is empty (0 bytes)",
+    "is truncated or corrupt (...)", "holds no tensors"). Reads the header only (safetensors checks that it parses
+    and that the tensors it lists cover the file exactly), so it is cheap for a multi-GB model file. A file of the
+    right size whose tensor bytes were overwritten cannot be told from a good one (safetensors has no checksum)."""
+    try:
+        size = os.path.getsize(file)
+    except FileNotFoundError:
+        return "is missing"
+    except OSError as e:
+        return f"cannot be read ({first_line(e)})"
+    if os.path.isdir(file):
+        return "is a folder, not a file"
+    if size == 0:
+        return "is empty (0 bytes)"
+    try:
+        with safe_open(os.fspath(file), "pt") as f:
+            if not list(f.keys()):
+                return "holds no tensors"
+    except (SafetensorError, OSError, ValueError) as e:
+        return f"is truncated or corrupt (safetensors: {first_line(e)})"
+    return None
+
+
+def read_safetensors(file, name, expected):
+    """load_file(file) on the CPU, or InputError "<name>: <file> <problem>; expected <expected>" when the file is
+    missing, empty, truncated or corrupt, or holds NaN / inf (a diverged run's weights would score everything NaN)."""
+    file = os.fspath(file)
+    problem = safetensors_problem(file)
+    if problem is None:
+        try:
+            state = load_file(file)
+        except (SafetensorError, OSError, ValueError) as e:
+            problem = f"is truncated or corrupt (safetensors: {first_line(e)})"
+        else:
+            bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+            if bad is None:
+                return state
+            problem = f"holds NaN or inf values (tensor {bad!r})"
+    raise InputError(f"{name}: {file} {problem}; expected {expected}")
+
+
+def _subfolders_with(path, marker):
+    """path/x for each direct subfolder x holding `marker`, for "did you mean" hints."""
+    try:
+        return [os.path.join(path, d) for d in sorted(os.listdir(path))
+                if os.path.isfile(os.path.join(path, d, marker))]
+    except OSError:
+        return []
+
+
+def check_adapter_dir(path, flag=None):
+    """Check a LoRA adapter folder BEFORE any model is loaded (the scripts' validation: `check_adapter_dir(
+    args.sft_adapter, "--sft-adapter")`): it exists, adapter_config.json is a plain-LoRA PEFT config (r, lora_alpha,
+    target_modules), adapter_model.safetensors is a whole safetensors file (header only). Returns the config.
+    InputError naming `flag` (or the folder) and the first missing or broken file otherwise."""
+    name = who(path, flag, "adapter folder")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{name}: no such folder; expected {ADAPTER_FOLDER}")
+    if not os.path.isdir(path):
+        raise InputError(f"{name}: is a file, not a folder; expected {ADAPTER_FOLDER}")
+    if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+        inner = _subfolders_with(path, ADAPTER_CONFIG)
+        full = os.path.isfile(os.path.join(path, "config.json"))
+        hint = (f" (did you mean {inner[0]!r}?)" if inner else
+                " (it holds a full model, not an adapter: pass it as --model instead)" if full else "")
+        raise InputError(f"{name}: no {ADAPTER_CONFIG} in it{hint}; expected {ADAPTER_FOLDER}")
+    cfg = read_json_object(os.path.join(path, ADAPTER_CONFIG), name, f"the {ADAPTER_CONFIG} that save_adapter or "
+                           "PEFT writes")
     if cfg.get("peft_type") != "LORA" or cfg.get("bias", "none") != "none" or any(
             cfg.get(k) for k in ("use_dora", "use_rslora", "fan_in_fan_out", "rank_pattern", "alpha_pattern")):
-        raise ValueError(f"{path}: only plain LoRA adapters load here (no DoRA, rsLoRA, rank patterns or bias)")
-    state, r, alpha = load_file(Path(path, "adapter_model.safetensors")), cfg["r"], cfg["lora_alpha"]
+        raise InputError(f"{name}: only plain LoRA adapters load here (no DoRA, rsLoRA, rank patterns or bias); "
+                         f"{ADAPTER_CONFIG} has peft_type={cfg.get('peft_type')!r}")
+    r, alpha, targets, dropout = (cfg.get(k) for k in ("r", "lora_alpha", "target_modules", "lora_dropout"))
+    number = (lambda x: isinstance(x, (int, float)) and not isinstance(x, bool))
+    if not (number(r) and isinstance(r, int) and r > 0 and number(alpha) and targets
+            and isinstance(targets, (str, list)) and (dropout is None or number(dropout) and 0 <= dropout < 1)):
+        raise InputError(f"{name}: {os.path.join(path, ADAPTER_CONFIG)} needs r (an int > 0), lora_alpha (a number), "
+                         f"target_modules (module names) and lora_dropout in [0, 1); got r={r!r}, lora_alpha={alpha!r}"
+                         f", target_modules={targets!r}, lora_dropout={dropout!r}")
+    problem = safetensors_problem(os.path.join(path, ADAPTER_WEIGHTS))
+    if problem:
+        raise InputError(f"{name}: {os.path.join(path, ADAPTER_WEIGHTS)} {problem}; expected the adapter weights "
+                         f"written with {ADAPTER_CONFIG} (save or copy the adapter again)")
+    return cfg
+
+
+def load_adapter(model, path, adapter="default", trainable=False, flag=None):
+    """Load a PEFT-format LoRA adapter as `adapter` (added if absent), checked against the model; frozen by default.
+    A missing, broken or mismatched file is an InputError naming `flag` (e.g. "--sft-adapter") or the folder."""
+    cfg, name = check_adapter_dir(path, flag), who(path, flag, "adapter folder")
+    state = read_safetensors(Path(path, ADAPTER_WEIGHTS), name, f"the adapter weights written with {ADAPTER_CONFIG}")
+    r, alpha = cfg["r"], cfg["lora_alpha"]
     want = {}  # tensor name -> the shape this model needs: A (r, in), B (out, r) on every targeted module
     for n, m in _find_targets(model, cfg["target_modules"]):
         want[f"{PREFIX}{n}.lora_A.weight"], want[f"{PREFIX}{n}.lora_B.weight"] = (r, m.in_features), (m.out_features, r)
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != want:  # one check covers unknown modules, missing modules, a wrong r and wrong layer sizes
         bad = [(k, got.get(k), want.get(k)) for k in sorted(got.keys() | want.keys()) if got.get(k) != want.get(k)]
-        raise ValueError(f"{path}: does not fit this model (r={r}, target_modules={cfg['target_modules']}); "
-                         f"(tensor, shape in file, shape wanted): {bad[:2]}")
+        raise InputError(f"{name}: does not fit this model (r={r}, target_modules={cfg['target_modules']}); "
+                         f"(tensor, shape in file, shape wanted): {bad[:2]}; expected an adapter trained on this "
+                         "base model")
     names = sorted(k[len(PREFIX):].rsplit(".", 2)[0] for k in state if k.endswith("lora_A.weight"))
     if adapter not in adapter_names(model):
         add_lora(model, names, r, alpha, cfg.get("lora_dropout", 0.0), adapter)

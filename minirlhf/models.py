@@ -15,47 +15,229 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import lora
-from .heads import (RatingHead, ScalarHead, final_hidden, last_token_index, load_head,  # noqa: F401 (re-exported)
-                    response_logprobs, save_head, sequence_scores, trunk)
+from .errors import InputError
+from .heads import (HEAD_CONFIG, HEAD_WEIGHTS, RatingHead, ScalarHead, final_hidden,  # noqa: F401 (re-exported)
+                    last_token_index, load_head, read_head_config, response_logprobs, save_head, sequence_scores,
+                    trunk)
+from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, first_line,  # noqa: F401 (re-exported)
+                   read_json_object, safetensors_problem, who)
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PAD_TOKEN = "<|pad|>"
+HUB_TIMEOUT_S = 5.0  # the one question asked to the Hub before a download (see _from_pretrained)
+MODEL_FOLDER = ("a Hugging Face model folder (config.json + model.safetensors, as save_pretrained writes) or a Hub id "
+                "(org/name)")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")
+REWARD_FOLDER = ("a reward_model/ folder written by train_reward.py (e.g. runs/reward/reward_model): "
+                 "adapter_config.json + adapter_model.safetensors + head_config.json + head.safetensors, or "
+                 "config.json + model.safetensors + the head files for a fully fine-tuned one")
 
 
-def get_device(device="auto"):
-    """torch.device: `auto` is the current CUDA device when there is one, else the CPU."""
+def get_device(device="auto", flag="--device"):
+    """torch.device: `auto` is the current CUDA device when there is one, else the CPU; else "cpu", "cuda" or
+    "cuda:N". InputError naming `flag` for anything else, or for CUDA asked for where there is none."""
     if device == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise InputError(f"{flag} {device}: must be auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{flag} {device}: no CUDA device is available here (torch.cuda.is_available() is False); "
+                             "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            n = torch.cuda.device_count()
+            raise InputError(f"{flag} {device}: this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0 to "
+                             f"cuda:{n - 1}); use --device cuda:N with N < {n}, cuda or auto")
+    return dev
 
 
 def _bf16_ok(device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def _check_source(name_or_path, what="model"):
-    """A local directory (with a config.json for a model), or something shaped like a Hub id ("org/name")."""
+# ---------------------------------------------------------------- checking what the user points us at
+def check_model_config(path, flag="--model", trust_remote_code=False):
+    """The config.json of a local model folder: a JSON object with a model_type this transformers knows. Returns it;
+    InputError naming `flag` and the file otherwise."""
+    name, file = who(path, flag), os.path.join(path, "config.json")
+    if not os.path.isfile(file):
+        hint = (" (it holds a LoRA adapter: pass its base model as --model, and this folder as --sft-adapter or "
+                "--reward-model)" if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) else "")
+        raise InputError(f"{name}: the folder has no config.json, so it is not a Hugging Face model folder{hint}; "
+                         f"expected {MODEL_FOLDER}")
+    config = read_json_object(file, name, "the config.json that save_pretrained writes")
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise InputError(f'{name}: {file} has no "model_type" (e.g. "llama"); expected the config.json that '
+                         "save_pretrained writes")
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
+        remote = " (or, as it brings its own code in auto_map, trust_remote_code)" if "auto_map" in config else ""
+        raise InputError(f"{name}: {file} has model_type {model_type!r}, which transformers "
+                         f"{transformers.__version__} does not know; expected one of its architectures (llama, "
+                         f"qwen2, mistral, gpt2, ...){remote}, or a newer transformers")
+    return config
+
+
+def _weights_problem(path, name):
+    """(file, problem) for the weights transformers would load from folder `path`, or None when they look whole
+    (headers only: cheap for a multi-GB model). Its order: model.safetensors, a sharded index, pytorch_model.bin."""
+    for weights in WEIGHT_FILES:
+        file = os.path.join(path, weights)
+        if not os.path.exists(file):
+            continue
+        if weights.endswith(".index.json"):
+            index = read_json_object(file, name, f"the {weights} that save_pretrained writes")
+            shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(
+                index.get("weight_map"), dict) else []
+            if not shards:
+                return file, "lists no weight files (no weight_map)"
+            files = [os.path.join(path, shard) for shard in shards]
+        else:
+            files = [file]
+        for f in files:
+            if f.endswith(".safetensors"):
+                problem = safetensors_problem(f)
+            else:
+                problem = "is missing" if not os.path.isfile(f) else "is empty (0 bytes)" if not os.path.getsize(f) \
+                    else None
+            if problem:
+                return f, problem
+        return None
+    return path, "holds no model weights (no model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+
+
+def check_model_dir(path, flag="--model", trust_remote_code=False):
+    """Check a local model folder BEFORE loading it: it exists, config.json is valid (check_model_config) and its
+    weights are whole (safetensors headers: not missing, empty, truncated or corrupt). Returns the config.
+    InputError naming `flag` and the first missing or broken file otherwise."""
+    name, path = who(path, flag), os.fspath(path)
+    if not os.path.isdir(path):
+        raise InputError(f"{name}: " + ("is a file, not a folder" if os.path.exists(path) else "no such folder")
+                         + f"; expected {MODEL_FOLDER}")
+    config = check_model_config(path, flag, trust_remote_code)
+    bad = _weights_problem(path, name)
+    if bad:
+        file, problem = bad
+        expected = MODEL_FOLDER if file == path else "the weights save_pretrained wrote (copy or download them again)"
+        raise InputError(f"{name}: {file} {problem}; expected {expected}")
+    return config
+
+
+def check_model_source(name_or_path, flag="--model", what="model", trust_remote_code=False):
+    """Cheap checks of --model before anything loads, with no network request (the scripts' validation may call it):
+    a local folder (checked in full for a model: check_model_dir; for a tokenizer its config.json, if any, and its
+    tokenizer files), or something shaped like a Hub id ("org/name"), which _from_pretrained then looks for in the
+    cache and on the Hub. `what`: "model" or "tokenizer"."""
     name_or_path = os.fspath(name_or_path)
+    name = who(name_or_path, flag)
     if os.path.isdir(name_or_path):
-        if what == "model" and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise ValueError(f"model directory {name_or_path!r} has no config.json (not a Hugging Face model folder)")
+        if what == "model":
+            check_model_dir(name_or_path, flag, trust_remote_code)
+            return
+        if os.path.isfile(os.path.join(name_or_path, "config.json")):
+            check_model_config(name_or_path, flag, trust_remote_code)
+        if not any(os.path.isfile(os.path.join(name_or_path, f)) for f in TOKENIZER_FILES):
+            raise InputError(f"{name}: no tokenizer in the folder (none of {', '.join(TOKENIZER_FILES)}); expected "
+                             "a model folder saved with its tokenizer (tokenizer.save_pretrained)")
         return
+    if os.path.exists(name_or_path):
+        raise InputError(f"{name}: is a file, not a folder; expected {MODEL_FOLDER}")
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(name_or_path)
     except HFValidationError:
-        raise ValueError(f"{what} {name_or_path!r} is neither an existing local directory nor a valid Hub id") from None
+        raise InputError(f"{name} is neither an existing local directory nor a valid Hub id (org/name); expected "
+                         f"{MODEL_FOLDER}") from None
 
 
-def load_tokenizer(name_or_path, trust_remote_code=False):
-    """AutoTokenizer with a pad token distinct from EOS.
+def _ask_hub(name_or_path, flag):
+    """Return if the Hub says model `name_or_path` exists; else InputError, in one request of at most HUB_TIMEOUT_S
+    seconds and no retries."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    from transformers.utils.hub import is_offline_mode
+    where = (f"{who(name_or_path, flag)} is neither a local folder nor in the local Hugging Face cache "
+             f"({constants.HF_HUB_CACHE})")
+    fetch = f"download it where there is a network (`hf download {name_or_path}`) or pass a local model folder"
+    if is_offline_mode():
+        raise InputError(f"{where}, and offline mode is on (HF_HUB_OFFLINE=1), so it could not be downloaded; {fetch}")
+    try:
+        HfApi(endpoint=constants.ENDPOINT).model_info(name_or_path, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return  # it exists; the download says what access it needs
+    except RepositoryNotFoundError:
+        raise InputError(f"{where}, and the Hugging Face Hub has no model {name_or_path!r} (or it is private: log in "
+                         "with `hf auth login`); expected a local model folder or an existing Hub id") from None
+    except Exception as e:  # no answer: no DNS, refused, timed out, a proxy's error page: all "not downloadable"
+        raise InputError(f"{where}, and could not be downloaded: asking {constants.ENDPOINT} failed "
+                         f"({first_line(e)}; offline?); {fetch}") from None
+
+
+def _in_hub_cache(repo_id):
+    """True if the local Hugging Face cache holds a config.json or tokenizer_config.json of `repo_id` (main)."""
+    from huggingface_hub import try_to_load_from_cache
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str) for f in ("config.json", "tokenizer_config.json"))
+
+
+def _from_pretrained(load, name_or_path, flag, what, offline_kwargs=None, **kwargs):
+    """load(name_or_path, **kwargs) (a from_pretrained), with every failure an InputError naming `flag`.
+
+    A local folder loads directly. A Hub id is looked for in the local Hugging Face cache first: if the cache holds
+    it, it loads with local_files_only=True (plus `offline_kwargs`: AutoModel's PEFT-adapter lookup ignores
+    local_files_only unless it is also given in adapter_kwargs), which makes no network request at all. Only if it
+    is not (all) there do we ask the Hub, once, with a HUB_TIMEOUT_S timeout and no retries, whether the model exists,
+    and then let transformers download it.
+    Why this order: left to itself, from_pretrained on a machine without network retries its first request five times
+    with back-off (about 50 s measured here) before a traceback, for a cached model too. Cache first makes a cached
+    model load with no network request; the one quick question makes a missing one fail within a second offline (at
+    most HUB_TIMEOUT_S on a network that drops packets), and tells "no such model" from "no network"; a real Hub id
+    with the network there downloads as before. The price: a cached model is not refreshed when its Hub repository
+    changes (as with HF_HUB_OFFLINE=1); pass a local folder or `hf download` it to update."""
+    try:
+        if os.path.isdir(name_or_path):
+            return load(name_or_path, **kwargs)
+        if _in_hub_cache(name_or_path):
+            try:
+                return load(name_or_path, local_files_only=True, **(offline_kwargs or {}), **kwargs)
+            except OSError:  # not all of it is in the cache
+                pass
+        _ask_hub(name_or_path, flag)
+        return load(name_or_path, **kwargs)
+    except InputError:
+        raise
+    except (OSError, ValueError) as e:
+        raise InputError(f"{who(name_or_path, flag)}: transformers cannot load {what} from it ({first_line(e)}); "
+                         f"expected {MODEL_FOLDER}") from None
+    except RuntimeError as e:
+        if "mismatched_sizes" not in str(e):
+            raise
+        raise InputError(f"{who(name_or_path, flag)}: the weights do not fit config.json (a tensor has another shape "
+                         "than the config implies; transformers printed which above); expected the config.json and "
+                         "weights of one and the same model") from None
+
+
+def load_tokenizer(name_or_path, trust_remote_code=False, flag="--model"):
+    """AutoTokenizer with a pad token distinct from EOS. Every problem with `name_or_path` is an InputError naming
+    `flag` (the scripts load the tokenizer first, so this is the first check of --model; see _from_pretrained for how
+    a Hub id is found).
 
     If pad == EOS, masking padding also masks the real EOS that ends every response, so the model never learns to stop
     and a reward read "at the last real token" can land on padding. We add "<|pad|>" instead (the caller must resize
     the embeddings: `load_model(..., tokenizer=tok)` does)."""
-    _check_source(name_or_path, what="tokenizer")
-    tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    name_or_path = os.fspath(name_or_path)
+    check_model_source(name_or_path, flag, "tokenizer", trust_remote_code)
+    tok = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, flag, "a tokenizer",
+                           trust_remote_code=trust_remote_code)
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
         tok.add_special_tokens({"pad_token": PAD_TOKEN})
         print(f"tokenizer {name_or_path}: added pad token {PAD_TOKEN!r} (id {tok.pad_token_id}) distinct from EOS")
@@ -63,17 +245,20 @@ def load_tokenizer(name_or_path, trust_remote_code=False):
 
 
 def load_model(name_or_path, quantization="none", dtype="auto", device="auto", tokenizer=None,
-               gradient_checkpointing=False, trust_remote_code=False):
+               gradient_checkpointing=False, trust_remote_code=False, flag="--model"):
     """AutoModelForCausalLM from a Hub id or local folder, every parameter frozen.
 
     quantization: "none" | "8bit" (LLM.int8) | "4bit" (NF4 + double quantization, QLoRA Sec. 3).
     dtype: "auto" = bfloat16 on a CUDA device that supports it, else float32 (bf16 on the CPU is ~10x slower).
-    The 4-bit compute dtype follows the same rule. k-bit models go through prepare_for_kbit_training."""
+    The 4-bit compute dtype follows the same rule. k-bit models go through prepare_for_kbit_training.
+    A bad folder (config.json, missing / empty / truncated weights, weights lacking tensors the config needs, which
+    transformers would fill with random values) or an unreachable Hub id is an InputError naming `flag`."""
     if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
+        raise InputError(f"--quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r}")
-    _check_source(name_or_path)
+        raise InputError(f"--dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r}")
+    name_or_path = os.fspath(name_or_path)
+    check_model_source(name_or_path, flag, "model", trust_remote_code)
     device = get_device(device)
     best = torch.bfloat16 if _bf16_ok(device) else torch.float32
     kwargs = dict(dtype=best if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code)
@@ -84,7 +269,14 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quantization != "none":
         kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing the weights on their device
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    model, info = _from_pretrained(AutoModelForCausalLM.from_pretrained, name_or_path, flag, "a model",
+                                   offline_kwargs=dict(adapter_kwargs={"local_files_only": True}),
+                                   output_loading_info=True, **kwargs)
+    if info.get("missing_keys"):  # transformers initialised these at random, with only a warning
+        missing = sorted(info["missing_keys"])
+        raise InputError(f"{who(name_or_path, flag)}: its weights lack {len(missing)} tensor(s) that config.json "
+                         f"needs (e.g. {missing[:3]}), which transformers would fill with random values; expected the "
+                         "config.json and weights of one and the same model")
     if quantization == "none":
         model.to(device)
     if tokenizer is not None:
@@ -190,14 +382,61 @@ def reference(model):
             yield model
 
 
-def load_reward_model(model, path, adapter="reward"):
+def check_reward_model_dir(path, flag="--reward-model"):
+    """Check a reward_model/ folder written by train_reward.py BEFORE any model is loaded (the scripts' validation).
+
+    Needs head_config.json + head.safetensors, and what the head reads: a LoRA adapter (adapter_config.json +
+    adapter_model.safetensors) or, for a fully fine-tuned reward model, the model itself (config.json + weights). A
+    folder with a head but neither is refused: the head alone on the bare base scores with the wrong model. File
+    contents are checked too (JSON, the head's fields, safetensors headers: missing, empty, truncated, corrupt).
+    Returns "adapter" or "full"; InputError naming `flag` and the first missing or broken file otherwise."""
+    name, path = who(path, flag), os.fspath(path)
+    if not os.path.exists(path):
+        raise InputError(f"{name}: not a reward model folder (no such folder); expected {REWARD_FOLDER}")
+    if not os.path.isdir(path):
+        raise InputError(f"{name}: not a reward model folder (it is a file); expected {REWARD_FOLDER}")
+    if not os.path.isfile(os.path.join(path, HEAD_CONFIG)):
+        inner = [os.path.join(path, d) for d in sorted(os.listdir(path))
+                 if os.path.isfile(os.path.join(path, d, HEAD_CONFIG))]
+        hint = f" (did you mean {inner[0]!r}?)" if inner else ""
+        raise InputError(f"{name}: not a reward model folder (no {HEAD_CONFIG} in it{hint}); expected {REWARD_FOLDER}")
+    read_head_config(path, flag)
+    problem = safetensors_problem(os.path.join(path, HEAD_WEIGHTS))
+    if problem:
+        raise InputError(f"{name}: {os.path.join(path, HEAD_WEIGHTS)} {problem}; expected the head weights written "
+                         f"with {HEAD_CONFIG} (train the reward model again or copy the whole folder)")
+    if any(os.path.exists(os.path.join(path, f)) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)):
+        if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            raise InputError(f"{name}: no {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS}; expected {REWARD_FOLDER}")
+        check_adapter_dir(path, flag)
+        return "adapter"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        check_model_dir(path, flag)
+        return "full"
+    raise InputError(f"{name}: no {ADAPTER_CONFIG} in it: it holds a head ({HEAD_CONFIG}, {HEAD_WEIGHTS}) but "
+                     f"neither the LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) nor the fully fine-tuned model "
+                     f"(config.json + model.safetensors) that the head reads; expected {REWARD_FOLDER}")
+
+
+def load_reward_model(model, path, adapter="reward", flag="--reward-model"):
     """Put a reward_model/ folder written by train_reward.py on the shared base: its LoRA adapter (frozen, named
-    `adapter`; the folder of a fully fine-tuned reward model has none) and its head, checked against the model's
-    hidden size. Returns (adapter name or None, head); the active adapter is left as it was."""
-    head = load_head(path, hidden_size=model.config.hidden_size).to(model.get_input_embeddings().weight.device)
-    if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+    `adapter`) and its head, checked against the model's hidden size. Returns (adapter name or None, head); the
+    active adapter is left as it was. The folder is checked first (check_reward_model_dir). A fully fine-tuned reward
+    model has no adapter: its head reads that model's own hidden states, so `model` must be that very folder (loaded
+    with --model DIR), never another base; anything else is refused rather than scored with the wrong model."""
+    kind = check_reward_model_dir(path, flag)
+    if kind == "full":
+        base = os.fspath(getattr(model, "name_or_path", "") or "")
+        if not (os.path.isdir(base) and os.path.samefile(base, path)):
+            raise InputError(f"{who(path, flag)}: is a fully fine-tuned reward model, but the base loaded is "
+                             f"{base!r}: its head reads its own model's hidden states, not another base's; expected "
+                             f"--model {os.fspath(path)!r} too, or a LoRA reward model (train_reward.py without "
+                             "--full-finetune)")
+    head = load_head(path, hidden_size=model.config.hidden_size, flag=flag)
+    head = head.to(model.get_input_embeddings().weight.device)
+    if kind == "full":
         return None, head
-    lora.load_adapter(model, path, adapter=adapter)
+    lora.load_adapter(model, path, adapter=adapter, flag=flag)
     return adapter, head
 
 

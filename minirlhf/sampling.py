@@ -7,10 +7,13 @@ Each step turns the last position's logits into a distribution and draws one tok
 The log-prob returned for a token is under exactly that distribution, so PPO's old_logprobs match what was sampled.
 Prompts are LEFT-padded, so every row's next token goes in the same column; position ids come from the mask.
 """
+import contextlib
 import inspect
 from typing import NamedTuple
 
 import torch
+
+from .errors import Diverged
 
 
 class Samples(NamedTuple):
@@ -59,8 +62,26 @@ def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pa
         raise ValueError("a prompt has no real token (its attention_mask row is all 0)")
     if attention_mask.shape[1] > 1 and not attention_mask[:, -1].bool().all():
         raise ValueError("prompts must be left-padded: the last column of attention_mask must be all 1")
-    was_training = model.training
+    with eval_mode(model):
+        return _sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
+                       top_k, top_p, min_new_tokens, stop_token_ids, generator)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run `model` in eval mode, then put EVERY module back in the mode it was in (not `model.train(was_training)`,
+    which would switch back on a dropout that models.dropout_off had turned off inside a training-mode model)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
+            min_new_tokens, stop_token_ids, generator):
     device = input_ids.device
     stop_ids = torch.tensor([eos_token_id, *stop_token_ids], device=device)
     # Ask for the last position's logits only, when the model allows it: a prompt never builds (B, P, V).
@@ -74,6 +95,9 @@ def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pa
     tokens, logprobs, masks = [], [], []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :].float()  # (B, V)
+        if not torch.isfinite(logits).all():  # a diverged policy: say so instead of multinomial's traceback
+            raise Diverged("the policy's next-token logits are not finite (NaN or inf): its weights have diverged; "
+                           "lower the learning rate (--lr) or check non-finite settings")
         if step < min_new_tokens:
             logits[:, stop_ids] = float("-inf")  # not allowed to stop yet
         if temperature == 0:
@@ -95,5 +119,4 @@ def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pa
         out = model(input_ids=tokens[-1][:, None], attention_mask=attention_mask, position_ids=next_position,
                     past_key_values=out.past_key_values, use_cache=True)
         next_position = next_position + 1
-    model.train(was_training)
     return Samples(torch.stack(tokens, 1), torch.stack(masks, 1).to(attention_mask.dtype), torch.stack(logprobs, 1))

@@ -15,11 +15,17 @@ from minirlhf.checkpoint import atomic_write_bytes, atomic_write_json
 class RunLog:
     def __init__(self, out_dir, args, enabled=True, resume_step=None):
         """resume_step: continuing a run from its checkpoint at this step keeps the metrics.jsonl rows up to it
-        (rows logged after the checkpoint by the interrupted process are dropped: they will be logged again)."""
+        (rows logged after the checkpoint by the interrupted process are dropped: they will be logged again).
+
+        A new run (resume_step None) starts metrics.jsonl afresh and removes the summary.json of the run that was in
+        the folder before: its "train/finished": true would otherwise vouch for this run's checkpoints, and
+        checkpoint.prepare_out_dir would let a later run start over an interrupted one without --overwrite."""
         self.out_dir, self.enabled, self.start = out_dir, enabled, time.time()
         self.history = []
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
+            if resume_step is None and os.path.isfile(os.path.join(out_dir, "summary.json")):
+                os.remove(os.path.join(out_dir, "summary.json"))
             atomic_write_json(os.path.join(out_dir, "args.json"), dataclasses.asdict(args))
             self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
             if resume_step is not None and os.path.isfile(self.metrics_path):

@@ -2,22 +2,29 @@
 
 Kept deliberately thin (STYLE.md: the loop itself lives in each script and reads top to bottom).
 """
+import contextlib
 import math
+import os
 
 import torch
 
 from . import distributed, lora
-from .checkpoint import load_checkpoint, seed_everything
+from .checkpoint import CHECKPOINT_DIR, load_checkpoint, prepare_out_dir, seed_everything
 from .cli import format_args
+from .errors import Diverged
 
 
 def start_run(args):
-    """The first lines of every script: join the torchrun process group (if any), read the checkpoint to resume and
-    check its settings BEFORE anything is loaded (a resumed run continues in its own directory: out = resume), print
-    the settings (rank 0), set torch's threads and seed everything. Returns (DistInfo, checkpoint or None, device)."""
+    """The first lines of every script: check --out (writable; a folder holding an interrupted run needs --resume or
+    --overwrite: checkpoint.prepare_out_dir), join the torchrun process group (if any), read the checkpoint to resume
+    and check its settings BEFORE anything is loaded (a resumed run continues in its own directory: out = resume),
+    print the settings (rank 0), set torch's threads and seed everything. Returns (DistInfo, checkpoint or None,
+    device)."""
     from .models import get_device
-    if args.resume:
-        args.out = args.resume
+    if args.resume:  # the run folder (also when given its checkpoint/ folder itself)
+        resume = os.path.normpath(args.resume)
+        args.resume = args.out = os.path.dirname(resume) if os.path.basename(resume) == CHECKPOINT_DIR else resume
+    prepare_out_dir(args.out, args.resume, args.overwrite)  # writable; an interrupted run needs --resume/--overwrite
     dist = distributed.setup(get_device(args.device).type)
     checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None
     if dist.is_main:
@@ -41,6 +48,41 @@ def make_trainable(model, adapter, full_finetune=False, lora_r=16, lora_alpha=32
     lora.add_lora(model, targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, adapter=adapter)
     lora.set_active_adapter(model, adapter)
     return lora.lora_parameters(model, adapter)
+
+
+def optimizer_step(optimizer, params, *, loss, grad_clip, step, world_size=1):
+    """The tail of every training step: average the gradients over processes, clip their global norm, check that
+    the loss and the gradient are finite, step. Returns the gradient norm before clipping.
+
+    A non-finite loss or gradient norm raises errors.Diverged BEFORE optimizer.step(): the weights in memory are
+    still those of the last good step and nothing has been written, so no NaN ever reaches an adapter or checkpoint.
+    All processes decide together (a NaN on one rank reaches every rank's averaged gradient anyway)."""
+    distributed.all_reduce_mean_grads(params, world_size)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    loss = float(loss)
+    if distributed.any_rank(not (math.isfinite(loss) and torch.isfinite(grad_norm)), world_size):
+        raise Diverged(f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {grad_norm.item():.4g}: "
+                       "training diverged; the step was not applied and nothing after it was saved. Likely cause: "
+                       "the learning rate (--lr) is too high for this model, or the data holds extreme values")
+    optimizer.step()
+    return grad_norm
+
+
+@contextlib.contextmanager
+def lora_dropout_active(model):
+    """Inside: the LoRA adapters' own dropout (--lora-dropout) is on, every other module keeps its mode. For a training
+    step of a model that models.dropout_off set to no dropout at all (DPO): the policy pass of the step is regularised
+    as asked, while the reference pass, evaluation and sampling stay deterministic. Run the backward inside too: a
+    gradient-checkpointed block recomputes its forward there, and must draw its dropout the same way."""
+    drops = [d for m in model.modules() if isinstance(m, lora.LoRALinear) for d in m.lora_dropout.values()]
+    modes = [d.training for d in drops]
+    for d in drops:
+        d.train()
+    try:
+        yield model
+    finally:
+        for d, mode in zip(drops, modes):
+            d.train(mode)
 
 
 def make_optimizer(params, lr, weight_decay=0.0, betas=(0.9, 0.999)):

@@ -120,6 +120,14 @@ def test_sigkill_then_resume_is_bit_identical(uninterrupted):
     assert any(v.abs().sum() > 0 for k, v in full["trainable"].items() if "lora_B" in k or "lora" not in k)
 
 
+def test_every_scripts_checkpoint_loads_without_pickle(uninterrupted):
+    """trainer.pt holds only tensors and plain Python values: torch's restricted loader (weights_only=True, which is
+    what load_checkpoint uses, so a crafted file cannot run code) reads every script's checkpoint."""
+    name, out = uninterrupted
+    state = torch.load(os.path.join(out, "full", "checkpoint", "trainer.pt"), map_location="cpu", weights_only=True)
+    assert state["step"] == RUNS[name][2] and "rng" in state["ranks"][0]
+
+
 @pytest.mark.parametrize("uninterrupted", ["dpo", "sft", "ppo"], indirect=True)  # reward / reinforce: same loops
 def test_sigint_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
     script, out = uninterrupted

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from minirlhf.assets import TINY_LLAMA
+from minirlhf.cli import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--threads", "1", "--batch-size", "8", "--max-steps", "3"]
@@ -177,7 +178,7 @@ def test_bad_input_raises_a_clear_error(script, args, message, tmp_path):
     """In-process (fast): main() raises one ValueError naming the problem; __main__ turns it into one line."""
     module = load_script(script)
     with pytest.raises(ValueError, match=message.replace("/", ".").replace("-", ".")):
-        module.main(module.parse_args(module.Args, [*args, "--out", str(tmp_path), "--threads", "1"]))
+        module.main(parse_args(module.Args, [*args, "--out", str(tmp_path), "--threads", "1"]))
 
 
 @pytest.mark.parametrize("script,args,message", [("train_reward.py", ["--loss", "hinge"], "--loss"),
@@ -195,6 +196,8 @@ def test_reward_checkpoint_of_the_wrong_shape(tmp_path):
     head_dir.mkdir()
     from minirlhf.heads import ScalarHead, save_head
     save_head(ScalarHead(7), str(head_dir))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):  # a valid adapter: the head is what is wrong
+        shutil.copy(os.path.join(TINY_LLAMA, "..", "reward-model", name), head_dir / name)
     proc = run("train_reward.py", "--eval-only", "--reward-model", str(head_dir), "--out", str(tmp_path / "o"),
                check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

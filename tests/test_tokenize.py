@@ -155,3 +155,36 @@ def test_bad_padding_side_and_text(chat_tokenizer):
         pad([[1]], 0, "middle")
     with pytest.raises(ValueError, match="expected a string to tokenize, got NoneType"):
         tokenize_pair(chat_tokenizer, "Question:", None, "b", 16, 8)
+
+
+def test_empty_datasets_keep_their_id_columns(chat_tokenizer):
+    # map() never runs on zero rows: without care the id columns were missing and the caller failed on
+    # "Column 'prompt_ids' doesn't exist." instead of seeing an empty data set
+    pairs = Dataset.from_list([{"prompt": LONG_CHAT[:1], "chosen": "Paris.", "rejected": "Lyon."}]).select([])
+    tokenized = tokenize_preference_dataset(pairs, chat_tokenizer, max_length=64, max_prompt_length=32)
+    assert len(tokenized) == 0 and tokenized["prompt_ids"][:] == tokenized["chosen_ids"][:] == []
+    assert tokenized.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).num_rows == 0
+    prompts = tokenize_prompt_dataset(pairs.select_columns(["prompt"]), chat_tokenizer, max_prompt_length=32)
+    assert prompts.column_names == ["prompt", "prompt_ids"] and prompts["prompt_ids"][:] == []
+
+
+def test_length_problems_are_input_errors(chat_tokenizer):
+    from minirlhf.errors import InputError
+    data = Dataset.from_list([{"prompt": LONG_CHAT, "chosen": "Paris.", "rejected": "Lyon."}])
+    with pytest.raises(InputError, match=r"^--max-length: every prompt is longer than max_length=8 tokens \(all 1 "
+                                         r"pairs\); expected a --max-length above the prompts' lengths$"):
+        tokenize_preference_dataset(data, chat_tokenizer, max_length=8, max_prompt_length=4)
+    with pytest.raises(InputError, match="^--max-prompt-length: max_prompt_length"):
+        tokenize_prompt_dataset(data, chat_tokenizer, max_prompt_length=0)
+
+
+def test_too_long_prompt_report_is_printed_once(chat_tokenizer):
+    data = Dataset.from_list([{"prompt": LONG_CHAT[:1], "chosen": "Paris.", "rejected": "Lyon."},
+                              {"prompt": [{"role": "user", "content": "France? " * 40}], "chosen": "Paris.",
+                               "rejected": "Lyon."}])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")  # Python's own action for UserWarning
+        for _ in range(2):
+            tokenize_preference_dataset(data, chat_tokenizer, max_length=60, max_prompt_length=30)
+    assert [str(w.message) for w in caught] == [
+        "skipped 1 of 2 pairs whose prompt alone is longer than max_length=60 tokens"]

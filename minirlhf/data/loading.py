@@ -4,18 +4,19 @@
     load_prompt_dataset(name, split)      -> column prompt, each prompt once
 
 `name` is a Hub id from the table below or "builtin" (minirlhf.data.world). With `data_files` the same code reads
-local files (or hf:// paths) holding the source's RAW schema, .json / .jsonl / .parquet: that is how the tests run
-offline, and how to take a slice of the multi-GB stack-exchange sets. A single file (or list) stands for the split
-asked for; a dict {Hub split name: files} is indexed like the Hub.
+local files (or globs, hf:// paths) holding the source's RAW schema, .json / .jsonl / .parquet (files.py reads them):
+that is how the tests run offline, and how to take a slice of the multi-GB stack-exchange sets. A single file (or
+list) stands for the split asked for; a dict {Hub split name: files} is indexed like the Hub.
 
 Splits are "train" and "test" everywhere ("validation" is accepted for "test"). Sources with only a train split on
 the Hub get a fixed held-out split: a row is in "test" when zlib.crc32(key) % 100 < HOLDOUT_PERCENT, key being the
 prompt / question text, so the split depends on nothing but the text (not on row order or on the data set's size),
 and the same prompt never lands on both sides.
 
-Rows that cannot be used are skipped and counted, with one warning line per call (sources.py names the reasons).
+Rows that cannot be used are skipped and counted, with one warning line per split (sources.py names the reasons).
+Bad input (an unknown name or split, unreadable files, a split without one usable row) raises one InputError whose
+message names the flag (--dataset, --data-files, --split) or the file, the problem and what was expected.
 """
-import glob
 import os
 import warnings
 import zlib
@@ -24,7 +25,8 @@ from dataclasses import dataclass
 
 from datasets import Dataset, load_dataset
 
-from . import sources
+from ..errors import InputError
+from . import files, sources
 from .schema import PAIR_FEATURES, PROMPT_FEATURES, SCORED_PAIR_FEATURES
 
 HOLDOUT_PERCENT = 5
@@ -72,8 +74,9 @@ def load_preference_dataset(name, split="train", data_files=None):
         from . import world  # imported here: the world is only built when it is asked for
         return Dataset.from_list(world.preference_rows(split), features=SCORED_PAIR_FEATURES)
     source = PREFERENCE_SOURCES[name]
-    return _normalised(_raw(name, source, split, data_files), source.normalise,
-                       SCORED_PAIR_FEATURES if source.scored else PAIR_FEATURES, f"{name} [{split}]")
+    raw, origin = _raw(name, source, split, data_files)
+    return _normalised(raw, source.normalise, SCORED_PAIR_FEATURES if source.scored else PAIR_FEATURES, name, split,
+                       origin)
 
 
 def load_prompt_dataset(name, split="train", data_files=None):
@@ -85,8 +88,8 @@ def load_prompt_dataset(name, split="train", data_files=None):
         prompts = Dataset.from_list(world.prompt_rows(split), features=PROMPT_FEATURES)
     elif name in PROMPT_SOURCES:
         source = PROMPT_SOURCES[name]
-        prompts = _normalised(_raw(name, source, split, data_files), source.normalise, PROMPT_FEATURES,
-                              f"{name} [{split}]")
+        raw, origin = _raw(name, source, split, data_files)
+        prompts = _normalised(raw, source.normalise, PROMPT_FEATURES, name, split, origin)
     else:
         prompts = load_preference_dataset(name, split, data_files).select_columns(["prompt"])
     seen, first = set(), []
@@ -101,11 +104,12 @@ def load_prompt_dataset(name, split="train", data_files=None):
 def _check(name, split, data_files, known, kind):
     """The canonical split ("train" / "test"), after one-line errors for an unknown name or split."""
     if name not in known:
-        raise ValueError(f"unknown {kind} data set {name!r}; known: {', '.join(known)}")
+        raise InputError(f"--dataset: unknown {kind} data set {name!r}; known: {', '.join(known)}")
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise InputError(f"--split / --eval-split: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if name == "builtin" and data_files is not None:
-        raise ValueError("the builtin data set is generated in code and takes no data_files")
+        raise InputError("--data-files: the builtin data set is generated in code and takes no data_files; give "
+                         "--dataset the Hub id whose raw schema the files hold")
     return SPLITS[split]
 
 
@@ -115,43 +119,50 @@ def in_holdout(key):
 
 
 def _raw(name, source, split, data_files):
-    """The raw rows of one split: from the Hub, or from data_files in the Hub's raw schema."""
+    """(raw rows of one split, where they come from for messages): from the Hub as a Dataset, or from data_files in
+    the Hub's raw schema as a list of dicts (files.py). Train-only sources keep the rows of their fixed split."""
     hub_split, data_dir = source.splits[split]
-    data_files = os.fspath(data_files) if isinstance(data_files, os.PathLike) else data_files
     if data_files is None:
-        raw = load_dataset(name, data_dir=data_dir, split=hub_split)  # the real thing; needs the network once
+        origin = f"--dataset {name}"
+        try:
+            raw = load_dataset(name, data_dir=data_dir, split=hub_split)  # needs the network (or the local HF cache)
+        except OSError as e:  # ConnectionError (offline), DatasetNotFoundError (a FileNotFoundError), ...
+            raise InputError(f"{origin}: could not load it from the Hugging Face Hub or its local cache ({e}); "
+                             "offline, pass --data-files with local files in its raw schema") from None
+        missing = [c for c in source.columns if c not in raw.column_names]
+        if missing:
+            raise InputError(f"{origin}: the Hub data lacks column(s) {missing}; has {raw.column_names}")
     else:
-        raw = load_dataset(_file_format(data_files, hub_split), data_files=data_files,
-                           split=hub_split if isinstance(data_files, dict) else "train")
-    missing = [c for c in source.columns if c not in raw.column_names]
-    if missing:
-        raise ValueError(f"{name}: raw data lacks column(s) {missing}; has {raw.column_names}")
+        patterns = _split_files(data_files, name, split, hub_split)
+        raw, origin = files.read_rows(patterns, source.columns, name), f"--data-files {' '.join(patterns)}"
     if source.holdout_key:
-        keep = [i for i, key in enumerate(raw[source.holdout_key]) if in_holdout(key) == (split == "test")]
-        raw = raw.select(keep)
-    return raw
+        keys = raw[source.holdout_key] if isinstance(raw, Dataset) else [row[source.holdout_key] for row in raw]
+        keep = [i for i, key in enumerate(keys) if in_holdout(key) == (split == "test")]
+        if not keep:
+            raise InputError(f"{origin}: no rows for split {split!r} of {name}: this source has only a train split "
+                             f"on the Hub, 'test' being the rows whose {source.holdout_key} hashes into the held-out "
+                             f"{HOLDOUT_PERCENT} % (loading.in_holdout), and all {len(keys)} rows fall in the other "
+                             f"split; expected more rows")
+        raw = raw.select(keep) if isinstance(raw, Dataset) else [raw[i] for i in keep]
+    return raw, origin
 
 
-def _file_format(data_files, hub_split):
-    """"json" or "parquet" for load_dataset, from the first file's extension; checks that local files exist."""
+def _split_files(data_files, name, split, hub_split):
+    """The paths (or globs, URLs) of data_files that hold `split`: all of them, or a dict's entry for the Hub split."""
     if isinstance(data_files, dict):
-        if hub_split not in data_files:
-            raise ValueError(f"data_files has no {hub_split!r} entry (keys: {', '.join(data_files)})")
+        if not data_files.get(hub_split):
+            entry = "an empty" if hub_split in data_files else "no"
+            raise InputError(f"--data-files: {entry} {hub_split!r} entry, so no file for split {split!r} of {name} "
+                             f"(keys: {', '.join(map(str, data_files)) or 'none'}); expected {{{hub_split!r}: files}}: "
+                             f"a dict of data files is keyed by the Hub's split names")
         data_files = data_files[hub_split]
-    paths = [data_files] if isinstance(data_files, str) else list(data_files)
-    for path in paths:
-        if "://" not in path and not glob.glob(path):
-            raise ValueError(f"data_files: no file matches {path!r}")
-    first = paths[0].removesuffix(".gz") if paths else ""
-    if first.endswith((".json", ".jsonl")):
-        return "json"
-    if first.endswith(".parquet"):
-        return "parquet"
-    raise ValueError(f"data_files must be .json, .jsonl or .parquet files, got {paths}")
+    patterns = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    return [os.fspath(pattern) for pattern in patterns]
 
 
-def _normalised(rows, normalise, features, label):
-    """Run `normalise` over the raw rows; count what it skips; one warning line; a Dataset of what it kept."""
+def _normalised(rows, normalise, features, name, split, origin):
+    """Run `normalise` over the raw rows; count what it skips; one warning line; a Dataset of what it kept. None
+    kept is an InputError with the counts: an empty Dataset would only fail later, naming a missing column."""
     kept, skipped, n_raw = [], Counter(), 0
     for n_raw, row in enumerate(rows, 1):
         for out in normalise(row):
@@ -159,10 +170,21 @@ def _normalised(rows, normalise, features, label):
                 skipped[out] += 1
             else:
                 kept.append(out)
-    report = f"{label}: kept {len(kept)} rows from {n_raw} raw rows; skipped " + (
+    counts = f"kept {len(kept)} rows from {n_raw} raw rows; skipped " + (
         ", ".join(f"{count} × {reason}" for reason, count in sorted(skipped.items())) or "nothing")
     if not kept:
-        raise ValueError(f"no usable rows. {report}")
+        raise InputError(f"{origin}: no usable rows in split {split!r} of {name}: {counts}; expected rows of its raw "
+                         f"schema that pass the checks of minirlhf/data/schema.py")
+    report = f"{name} [{split}]: {counts}"
     if skipped:
-        warnings.warn(report, stacklevel=3)
+        warn_once(report)
     return Dataset.from_list(kept, features=features)
+
+
+def warn_once(message):
+    """warnings.warn(message), issued from this one line so that Python's default filter prints an identical
+    message once per process (it remembers message and location): train_dpo.py reads its eval split twice, for the
+    pairs and for the sampling prompts, and each read used to print the skip report from its own line. Under
+    torchrun only rank 0 warns: every process reads the same rows."""
+    if os.environ.get("RANK", "0") == "0":
+        warnings.warn(message, stacklevel=1)

@@ -5,8 +5,12 @@
     chosen_score, rejected_score, margin              floats, only where the source has scores
 
 A row that fails a check is not an error: `checked` returns a short reason ("missing field", "empty prompt",
-"empty response", "non-string response", "identical responses", ...) that the loader counts and reports once.
+"empty response", "non-string response", "identical responses", "non-numeric score", "non-finite score", ...) that the
+loader counts and reports once. Scores must be finite: Python's json module reads NaN and Infinity, and one NaN
+margin turns a `--loss margin` reward model's loss into NaN.
 """
+import math
+
 from datasets import Features, List, Value
 
 ROLES = ("system", "user", "assistant")
@@ -49,11 +53,29 @@ def checked(prompt, chosen, rejected, scores=None, margin=None):
            "rejected": rejected}
     if scores is None:
         return row
-    if not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in (*scores, margin) if s is not None):
+    numbers = [s for s in (*scores, margin) if s is not None]
+    if not all(is_number(s) for s in numbers):
         return "non-numeric score"
+    if not all(is_finite(s) for s in numbers):
+        return "non-finite score"
     chosen_score, rejected_score = map(float, scores)
     margin = chosen_score - rejected_score if margin is None else float(margin)
+    if not math.isfinite(margin):  # the difference of two huge finite scores
+        return "non-finite score"
     return {**row, "chosen_score": chosen_score, "rejected_score": rejected_score, "margin": margin}
+
+
+def is_number(value):
+    """An int or float, finite or not; a bool is not a score."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite(number):
+    """A number that is a finite float64 (not NaN, not ±inf, not an int too large for a float)."""
+    try:
+        return math.isfinite(number)
+    except OverflowError:
+        return False
 
 
 def user_turn(text):

@@ -10,7 +10,7 @@ Prompt turns are stripped of surrounding whitespace; responses are kept verbatim
 import math
 import re
 
-from .schema import checked, prompt_problem, user_turn
+from .schema import checked, is_finite, is_number, prompt_problem, user_turn
 
 MAX_PAIRS_PER_QUESTION = 10  # stack-exchange-preferences: at most this many pairs from one question (seed 001)
 
@@ -104,7 +104,8 @@ def stack_exchange_score(upvotes, accepted):
 
 
 def stack_exchange_preferences(row):
-    """Pairs within one question, the answer with the higher pm_score chosen. Pairs of tied answers are skipped.
+    """Pairs within one question, the answer with the higher pm_score chosen. Pairs of tied answers are skipped, and
+    answers without text or without a finite number as pm_score (NaN would make every comparison false).
     Which pairs, at most MAX_PAIRS_PER_QUESTION of them: the largest score gaps first (the clearest preferences),
     equal gaps in the order of the answer list (a stable sort), so the choice is deterministic."""
     answers = row["answers"]
@@ -112,7 +113,7 @@ def stack_exchange_preferences(row):
         yield "missing field"
         return
     usable = [a for a in answers if isinstance(a, dict) and isinstance(a.get("text"), str) and a["text"].strip()
-              and isinstance(a.get("pm_score"), (int, float))]
+              and is_number(a.get("pm_score")) and is_finite(a["pm_score"])]
     for _ in range(len(answers) - len(usable)):
         yield "unusable answer"
     pairs = [(a, b) for i, a in enumerate(usable) for b in usable[i + 1:]]

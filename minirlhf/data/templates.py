@@ -24,6 +24,7 @@ when the tokenizer puts one before plain text (as Llama tokenizers do; seen by t
 """
 from dataclasses import dataclass
 
+from ..errors import InputError
 from .schema import prompt_problem
 
 
@@ -58,11 +59,11 @@ def format_prompt(tokenizer, messages, template=None):
                          f"non-empty user turn ({problem})")
     if template is None:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError(f"the tokenizer has no chat template: pass --template with one of "
+            raise InputError(f"the tokenizer has no chat template: pass --template with one of "
                              f"{', '.join(TEMPLATES)}")
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
+        raise InputError(f"--template: unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
     plain = TEMPLATES[template]
     body = plain.separator.join(plain.turns[m["role"]].format(content=m["content"]) for m in messages)
     return _bos(tokenizer, plain) + plain.prefix + body + plain.generation

@@ -17,10 +17,11 @@ Collators pad with the tokenizer's pad token (require_pad_token), which must dif
 to EOS would make padding and a real end of sequence indistinguishable to everything downstream.
 Legend: B pairs (or prompts) in a batch, T tokens.
 """
-import warnings
-
 import torch
+from datasets import List, Value
 
+from ..errors import InputError
+from .loading import warn_once
 from .templates import format_prompt
 
 def _ids(tokenizer, text):
@@ -38,12 +39,13 @@ def _ids_batch(tokenizer, texts):
 
 
 def _check_lengths(max_length, max_prompt_length):
+    """InputErrors: the lengths are the scripts' --max-length and --max-prompt-length."""
     for name, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+            raise InputError(f"--{name.replace('_', '-')}: {name} must be a positive int, got {value!r}")
     if max_length is not None and max_prompt_length >= max_length:
-        raise ValueError(f"max_prompt_length ({max_prompt_length}) must be smaller than max_length ({max_length}), "
-                         f"leaving room for the response")
+        raise InputError(f"--max-prompt-length: max_prompt_length ({max_prompt_length}) must be smaller than "
+                         f"max_length ({max_length}), leaving room for the response")
 
 
 def tokenize_prompt(tokenizer, prompt_text, max_prompt_length):
@@ -56,7 +58,7 @@ def tokenize_pair(tokenizer, prompt_text, chosen, rejected, max_length, max_prom
     """{"prompt_ids", "chosen_ids", "rejected_ids"} of one pair, truncated by the rules of the module docstring."""
     _check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to end responses with")
+        raise InputError("the tokenizer has no EOS token to end responses with")
     return _truncate_pair(_ids(tokenizer, prompt_text), _ids(tokenizer, chosen), _ids(tokenizer, rejected),
                           tokenizer.eos_token_id, max_length, max_prompt_length)
 
@@ -76,7 +78,7 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length, max_prompt_lengt
     too little of it. Longer-than-max_prompt_length prompts below that are left-truncated as usual."""
     _check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to end responses with")
+        raise InputError("the tokenizer has no EOS token to end responses with")
 
     def tokenize_rows(rows):  # a batch of rows: each column a list (one tokenizer call per column)
         prompts = _ids_batch(tokenizer, [format_prompt(tokenizer, p, template) for p in rows["prompt"]])
@@ -86,13 +88,16 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length, max_prompt_lengt
         return {**{k: [pair[k] for pair in pairs] for k in ("prompt_ids", "chosen_ids", "rejected_ids")},
                 "prompt_too_long": [len(p) > max_length for p in prompts]}
 
+    if len(dataset) == 0:
+        return _empty_with(dataset, ("prompt_ids", "chosen_ids", "rejected_ids"))
     tokenized = dataset.map(tokenize_rows, batched=True, batch_size=1000)
     too_long = sum(tokenized["prompt_too_long"])
     if too_long and too_long == len(tokenized):
-        raise ValueError(f"every prompt is longer than max_length={max_length} tokens")
+        raise InputError(f"--max-length: every prompt is longer than max_length={max_length} tokens (all "
+                         f"{too_long} pairs); expected a --max-length above the prompts' lengths")
     if too_long:
-        warnings.warn(f"skipped {too_long} of {len(tokenized)} pairs whose prompt alone is longer than "
-                      f"max_length={max_length} tokens", stacklevel=2)
+        warn_once(f"skipped {too_long} of {len(tokenized)} pairs whose prompt alone is longer than "
+                  f"max_length={max_length} tokens")
         tokenized = tokenized.filter(lambda flag: not flag, input_columns="prompt_too_long")
     return tokenized.remove_columns("prompt_too_long")
 
@@ -100,8 +105,18 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length, max_prompt_lengt
 def tokenize_prompt_dataset(dataset, tokenizer, max_prompt_length, template=None):
     """Add prompt_ids (left-truncated to max_prompt_length) to a prompt Dataset (load_prompt_dataset)."""
     _check_lengths(None, max_prompt_length)
+    if len(dataset) == 0:
+        return _empty_with(dataset, ("prompt_ids",))
     return dataset.map(lambda rows: {"prompt_ids": [ids[-max_prompt_length:] for ids in _ids_batch(
         tokenizer, [format_prompt(tokenizer, p, template) for p in rows["prompt"]])]}, batched=True, batch_size=1000)
+
+
+def _empty_with(dataset, columns):
+    """The empty `dataset` with empty id columns: map() never runs on no rows, so it would add none, and the caller
+    would fail on "Column 'prompt_ids' doesn't exist" instead of seeing zero rows."""
+    for column in columns:
+        dataset = dataset.add_column(column, [], feature=List(Value("int64")))
+    return dataset
 
 
 def require_pad_token(tokenizer):

@@ -1,0 +1,21 @@
+"""REINFORCE for a language model: the whole response is one action, weighted by its advantage.
+
+Legend: B responses, T response tokens. Williams 1992, "Simple statistical gradient-following algorithms", Eq. 1
+(the likelihood-ratio gradient), with a baseline b that does not depend on the action (baselines.py):
+
+    loss(x, y) = -(log pi(y | x)) * A,    log pi(y | x) = sum_t log pi(y_t | x, y_<t),    A = R(x, y) - b
+
+so grad loss = -A * sum_t grad log pi(y_t | ...): every token of a response is pushed up (A > 0) or down (A < 0) by
+the same amount. One on-policy pass per rollout: there is no ratio to correct for re-using samples (that is PPO).
+"""
+import torch
+
+
+def reinforce_loss(logprobs, advantages, mask):
+    """Per-response losses (B,): -(sum of the real tokens' log-probs) * advantages. logprobs (B, T) of the sampled
+    tokens under the current policy (with grad); advantages (B,) (treated as constants); mask (B, T)."""
+    if advantages.dim() != 1 or advantages.shape[0] != logprobs.shape[0] or mask.shape != logprobs.shape:
+        raise ValueError(f"reinforce_loss: logprobs and mask (B, T), advantages (B,); got {tuple(logprobs.shape)}, "
+                         f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
+    seq_logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(-1)  # (B, T) -> (B,)
+    return -seq_logprobs * advantages.detach()

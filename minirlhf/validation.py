@@ -1,0 +1,93 @@
+"""Every numeric setting has a stated range, checked before anything is loaded, with one line naming the flag.
+
+A script lists its fields' ranges in a small table, read like the math:
+
+    RANGES = {"lr": "> 0", "lora_dropout": "[0, 1)", "max_steps": "-1 or >= 1", "target_kl": "none or > 0"}
+    check_ranges(args, RANGES)   # InputError: "--lora-dropout must lie in [0, 1), got -1.0"
+
+A spec is one of  "> a", ">= a", "< b", "<= b", "[a, b]", "[a, b)", "(a, b]", "(a, b)", optionally preceded by
+"V or " for values allowed besides the range ("-1 or >= 1": -1 is a sentinel; "none or > 0": the flag may be none).
+Every float must also be finite: NaN and inf are refused whatever the range (NaN compares False with everything, so
+a check written `if args.grad_clip <= 0: error` lets `--grad-clip nan` through, and inf passes every lower bound).
+COMMON_RANGES holds the settings that mean the same in every script; each script adds its own.
+"""
+import math
+import re
+
+from .errors import InputError
+
+COMMON_RANGES = {
+    "lr": "> 0", "grad_clip": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
+    "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
+    "batch_size": ">= 1", "grad_accum": ">= 1", "epochs": ">= 1", "max_steps": "-1 or >= 1",
+    "max_length": ">= 2", "max_prompt_length": ">= 1", "max_train_pairs": ">= 0",
+    "max_new_tokens": ">= 1", "temperature": "> 0", "eval_prompts": ">= 1", "eval_samples": ">= 1",
+    "log_every": ">= 1", "save_every": ">= 0", "seed": ">= 0", "threads": ">= 0",
+}
+
+_INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
+_BOUND = re.compile(r"^(>=|<=|>|<)\s*(\S+)$")
+
+
+def _in_range(value, spec):
+    """True if value satisfies the range part of a spec (no "or")."""
+    if m := _INTERVAL.match(spec):
+        lo, hi = float(m[2]), float(m[3])
+        return (lo <= value if m[1] == "[" else lo < value) and (value <= hi if m[4] == "]" else value < hi)
+    if m := _BOUND.match(spec):
+        bound = float(m[2])
+        return {">": value > bound, ">=": value >= bound, "<": value < bound, "<=": value <= bound}[m[1]]
+    raise ValueError(f"bad range spec {spec!r}")  # a bug in a script's table, not user input
+
+
+def check_value(flag, value, spec):
+    """Raise InputError unless `value` (of flag `flag`, e.g. "--lr") satisfies `spec`."""
+    *extras, interval = [s.strip() for s in spec.split(" or ")]
+    if any((value is None) if e == "none" else (value is not None and value == float(e)) for e in extras):
+        return
+    if value is None:
+        raise InputError(f"{flag} must be {spec.replace('none or ', '')}, got none")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{flag} must be a finite number ({spec}), got {value}")
+    if not _in_range(value, interval):
+        words = f"lie in {interval}" if interval[0] in "[(" else f"be {interval}"
+        raise InputError(f"{flag} must {words}" + (f" (or {', '.join(extras)})" if extras else "") + f", got {value}")
+
+
+def check_ranges(args, ranges):
+    """Check every field of `args` named in `ranges` (COMMON_RANGES first, then the script's own, which win)."""
+    table = {**COMMON_RANGES, **ranges}
+    for name, spec in table.items():
+        if hasattr(args, name):
+            check_value("--" + name.replace("_", "-"), getattr(args, name), spec)
+
+
+def check_choice(flag, value, allowed):
+    """Raise InputError unless value is one of `allowed`."""
+    if value not in allowed:
+        raise InputError(f"{flag} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_common(args, ranges, datasets="preference"):
+    """The checks every script shares, on whichever of these fields `args` has: the numeric ranges (COMMON_RANGES +
+    the script's `ranges`), the choices (quantization, dtype, template, dataset, splits) and the device. Cheap: runs
+    before any model or data is loaded. `datasets`: "preference" or "prompt", the kind of --dataset the script reads."""
+    from .data.loading import KNOWN_PREFERENCE_DATASETS, KNOWN_PROMPT_DATASETS, SPLITS
+    from .data.templates import TEMPLATES
+    from .models import DTYPES, QUANTIZATIONS, check_model_source, get_device
+    check_ranges(args, ranges)
+    known = KNOWN_PREFERENCE_DATASETS if datasets == "preference" else KNOWN_PROMPT_DATASETS
+    if hasattr(args, "dataset") and args.dataset not in known:
+        raise InputError(f"--dataset {args.dataset!r} is unknown; known: {', '.join(known)}")
+    for name, allowed in (("quantization", QUANTIZATIONS), ("dtype", ("auto", *DTYPES)),
+                          ("split", tuple(SPLITS)), ("eval_split", tuple(SPLITS))):
+        if hasattr(args, name):
+            check_choice("--" + name.replace("_", "-"), getattr(args, name), allowed)
+    if getattr(args, "template", None) is not None:
+        check_choice("--template", args.template, tuple(TEMPLATES))
+    if getattr(args, "dataset", None) == "builtin" and getattr(args, "data_files", None):
+        raise InputError("--data-files: the builtin data set is generated in code and reads no files")
+    if hasattr(args, "device"):
+        get_device(args.device)  # InputError for an unknown device or CUDA asked for where there is none
+    if getattr(args, "model", None) and not getattr(args, "init_config", None):
+        check_model_source(args.model)  # a local folder with config.json + weights, or a Hub id (no network here)

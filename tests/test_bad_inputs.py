@@ -1,0 +1,233 @@
+"""Every bad input a user was seen to try ends in ONE line naming the flag or file, a non-zero exit, no traceback,
+and leaves an existing --out folder exactly as it was.
+
+Most cases fail in the scripts' validation, before anything is loaded, so they run in this process (runpy of the
+script's __main__ block: run_script turns InputError into SystemExit("script.py: error: ...")); a few run as real
+subprocesses to show what the command line prints. A case that raised anything else (a bug) would fail here with its
+traceback. Cases: (script, argv, text the one line must contain).
+"""
+import hashlib
+import json
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minirlhf.assets import TINY_LLAMA
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+SCRIPTS = ("train_sft.py", "train_reward.py", "train_dpo.py", "train_ppo.py")
+
+# ---- settings out of range: zero, negative, NaN, inf (validation.py), in every script that has the flag
+RANGE_CASES = [
+    *[(s, ["--lr", v], "--lr") for s in SCRIPTS for v in ("0", "-1", "nan", "inf")],
+    *[(s, ["--grad-clip", v], "--grad-clip") for s in SCRIPTS for v in ("-1", "0", "nan")],
+    *[(s, ["--lora-alpha", v], "--lora-alpha") for s in SCRIPTS for v in ("0", "nan")],
+    *[(s, ["--lora-r", "0"], "--lora-r") for s in SCRIPTS],
+    *[(s, ["--lora-dropout", v], "--lora-dropout") for s in ("train_sft.py", "train_reward.py", "train_dpo.py")
+      for v in ("-1", "1", "nan")],
+    *[(s, ["--weight-decay", v], "--weight-decay") for s in ("train_sft.py", "train_reward.py") for v in ("-1", "nan")],
+    *[(s, ["--seed", "-1"], "--seed") for s in SCRIPTS],
+    *[(s, ["--threads", "-2"], "--threads") for s in SCRIPTS],
+    *[(s, ["--save-every", "-1"], "--save-every") for s in SCRIPTS],
+    ("train_sft.py", ["--min-lr-ratio", "-1"], "--min-lr-ratio"),
+    ("train_sft.py", ["--batch-size", "0"], "--batch-size"),
+    ("train_sft.py", ["--batch-size", "-1"], "--batch-size"),
+    ("train_sft.py", ["--log-every", "0"], "--log-every"),
+    ("train_sft.py", ["--eval-every", "0"], "--eval-every"),
+    ("train_sft.py", ["--block-size", "1"], "--block-size"),
+    ("train_sft.py", ["--max-steps", "0"], "--max-steps"),
+    ("train_sft.py", ["--warmup-steps", "-1"], "--warmup-steps"),
+    ("train_reward.py", ["--epochs", "0"], "--epochs"),
+    ("train_reward.py", ["--num-classes", "0"], "--num-classes"),
+    ("train_reward.py", ["--num-classes", "1"], "--num-classes"),
+    ("train_reward.py", ["--num-classes", "-1"], "--num-classes"),
+    ("train_reward.py", ["--eval-every", "0"], "--eval-every"),
+    ("train_reward.py", ["--eval-batch-size", "0"], "--eval-batch-size"),
+    ("train_reward.py", ["--alpha", "nan"], "--alpha"),
+    ("train_reward.py", ["--max-steps", "0"], "--max-steps"),
+    ("train_reward.py", ["--grad-accum", "0"], "--grad-accum"),
+    ("train_reward.py", ["--max-length", "1"], "--max-length"),
+    ("train_dpo.py", ["--epochs", "0"], "--epochs"),
+    ("train_dpo.py", ["--beta", "0"], "--beta"),
+    ("train_dpo.py", ["--beta", "nan"], "--beta"),
+    ("train_dpo.py", ["--loss", "cdpo", "--label-smoothing", "0.7"], "--label-smoothing"),
+    ("train_dpo.py", ["--log-every", "0"], "--log-every"),
+    ("train_dpo.py", ["--eval-every", "-1"], "--eval-every"),
+    ("train_dpo.py", ["--eval-prompts", "0"], "--eval-prompts"),
+    ("train_dpo.py", ["--eval-prompts", "-1"], "--eval-prompts"),
+    ("train_dpo.py", ["--eval-samples", "0"], "--eval-samples"),
+    ("train_dpo.py", ["--max-eval-pairs", "0"], "--max-eval-pairs"),
+    ("train_dpo.py", ["--max-new-tokens", "0"], "--max-new-tokens"),
+    ("train_dpo.py", ["--temperature", "nan"], "--temperature"),
+    ("train_ppo.py", ["--kl-coef", "nan"], "--kl-coef"),
+    ("train_ppo.py", ["--kl-coef", "-1"], "--kl-coef"),
+    ("train_ppo.py", ["--vf-coef", "nan"], "--vf-coef"),
+    ("train_ppo.py", ["--temperature", "nan"], "--temperature"),
+    ("train_ppo.py", ["--temperature", "0"], "--temperature"),
+    ("train_ppo.py", ["--eval-prompts", "-1"], "--eval-prompts"),
+    ("train_ppo.py", ["--eval-prompts", "0"], "--eval-prompts"),
+    ("train_ppo.py", ["--eval-samples", "0"], "--eval-samples"),
+    ("train_ppo.py", ["--iterations", "0"], "--iterations"),
+    ("train_ppo.py", ["--gamma", "1.5"], "--gamma"),
+    ("train_ppo.py", ["--lam", "nan"], "--lam"),
+    ("train_ppo.py", ["--clip-eps", "0"], "--clip-eps"),
+    ("train_ppo.py", ["--target-kl", "-1"], "--target-kl"),
+    ("train_ppo.py", ["--missing-eos-penalty", "nan"], "--missing-eos-penalty"),
+    ("train_ppo.py", ["--entropy-coef", "inf"], "--entropy-coef"),
+    ("train_ppo.py", ["--rollout-size", "0"], "--rollout-size"),
+]
+# ---- choices and flag combinations
+CHOICE_CASES = [
+    *[(s, ["--quantization", "3bit"], "--quantization") for s in SCRIPTS],
+    *[(s, ["--template", "zz"], "--template") for s in SCRIPTS],
+    *[(s, ["--dataset", "nope/nothing"], "--dataset") for s in SCRIPTS],
+    *[(s, ["--dtype", "float8"], "--dtype") for s in ("train_reward.py", "train_dpo.py", "train_ppo.py")],
+    ("train_reward.py", ["--split", "dev"], "--split"),
+    ("train_reward.py", ["--loss", "hinge"], "--loss"),
+    ("train_dpo.py", ["--loss", "kto"], "--loss"),
+    ("train_ppo.py", ["--algo", "a2c"], "--algo"),
+    ("train_ppo.py", ["--kl-estimator", "k5"], "--kl-estimator"),
+    ("train_sft.py", ["--merge", "--full-finetune"], "--merge"),
+    ("train_sft.py", ["--init-config", "{}"], "--tokenizer"),
+    ("train_sft.py", ["--init-config", "/no/such/config.json", "--tokenizer", TINY_LLAMA], "--init-config"),
+    ("train_sft.py", ["--init-config", "{not json", "--tokenizer", TINY_LLAMA], "--init-config"),
+    ("train_reward.py", ["--dataset", "builtin", "--data-files", "x.jsonl"], "--data-files"),
+    ("train_reward.py", ["--reward-model", TINY_LLAMA], "--eval-only"),
+]
+CASES = RANGE_CASES + CHOICE_CASES
+
+
+def snapshot(folder):
+    """{relative path: sha256} of every file under folder."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for f in files:
+            path = os.path.join(root, f)
+            out[os.path.relpath(path, folder)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def previous_run(tmp_path):
+    """An --out folder holding a finished earlier run, which a failing command must leave untouched."""
+    out = tmp_path / "run"
+    (out / "policy").mkdir(parents=True)
+    (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.5}\n')
+    (out / "summary.json").write_text(json.dumps({"train/finished": True}))
+    (out / "policy" / "adapter_model.safetensors").write_bytes(b"earlier weights")
+    return str(out)
+
+
+def run_in_process(script, argv, monkeypatch):
+    """Run script's __main__ with argv; returns the SystemExit code (a str: the one line) or None if it returned."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def assert_one_line(code, script, expected):
+    assert isinstance(code, str), f"expected a one-line error, got exit code {code!r}"
+    assert "\n" not in code and code.startswith(f"{script}: error: "), code
+    assert expected in code, code
+
+
+@pytest.mark.parametrize("script,argv,expected", CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in CASES])
+def test_bad_setting_is_one_line_before_anything_loads(script, argv, expected, previous_run, monkeypatch):
+    before = snapshot(previous_run)
+    code = run_in_process(script, ["--threads", "1", *argv, "--out", previous_run], monkeypatch)  # argv wins
+    assert_one_line(code, script, expected)
+    assert snapshot(previous_run) == before
+
+
+# ---- the NaN guard: a learning rate of 1e6 diverges; the run stops with one line and writes no NaN anywhere
+DIVERGE = {
+    "train_sft.py": ["--max-steps", "6", "--warmup-steps", "0", "--batch-size", "4"],
+    "train_reward.py": ["--max-steps", "6", "--warmup-steps", "0", "--batch-size", "4", "--max-eval-pairs", "8"],
+    "train_dpo.py": ["--max-steps", "6", "--warmup-steps", "0", "--batch-size", "4", "--eval-prompts", "2",
+                     "--eval-samples", "1", "--max-new-tokens", "4", "--max-eval-pairs", "8", "--save-every", "1"],
+    "train_ppo.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size", "8",
+                     "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens", "4", "--save-every", "1"],
+}
+
+
+@pytest.mark.parametrize("script", DIVERGE)
+def test_divergence_stops_with_one_line_and_no_nan_is_saved(script, tmp_path, monkeypatch):
+    out = str(tmp_path / "run")
+    code = run_in_process(script, [*DIVERGE[script], "--lr", "1e6", "--out", out, "--threads", "1"], monkeypatch)
+    assert_one_line(code, script, "diverged")
+    saved = [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f.endswith(".safetensors")]
+    for path in saved:  # adapters, heads: whatever was written holds only finite numbers
+        assert all(torch.isfinite(t).all() for t in load_file(path).values()), path
+    for path in [os.path.join(r, f) for r, _, fs in os.walk(out) for f in fs if f == "trainer.pt"]:
+        state = torch.load(path, weights_only=False)  # our own file, written by the run under test
+        assert all(torch.isfinite(t).all() for t in state["trainable"].values()), path
+    assert not os.path.exists(os.path.join(out, "summary.json"))  # no summary of a diverged run
+    for line in open(os.path.join(out, "metrics.jsonl")) if os.path.exists(os.path.join(out, "metrics.jsonl")) else []:
+        assert all(not isinstance(v, float) or math.isfinite(v) for v in json.loads(line).values()), line
+
+
+def test_command_line_prints_one_line_on_stderr(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), "--lr", "nan", "--out",
+                           str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == ["train_sft.py: error: --lr must be a finite number (> 0), got nan"]
+
+
+def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path):
+    """A Ctrl-C while the model loads or the policy is evaluated before training (no checkpoint to write yet)."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_dpo.py"), "--threads", "1", "--eval-prompts",
+                             "120", "--eval-samples", "8", "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ENV)
+    for line in proc.stdout:  # the parameter report comes right before the evaluation before training
+        if line.startswith("trainable params"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr.strip().splitlines()[-1]
+
+
+# ---- dropout means what the flags say
+def test_sampling_restores_every_module_mode():
+    """sample() used to end with model.train(was_training), switching back on a dropout that dropout_off had
+    turned off in a training-mode (checkpointed) model."""
+    from conftest import make_tiny_llama
+    from minirlhf import lora
+    from minirlhf.sampling import sample
+    model = make_tiny_llama()
+    lora.add_lora(model, ["q_proj"], r=2, alpha=4, dropout=0.05)
+    model.train()
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops
+    for d in drops:  # what models.dropout_off does to a checkpointed model: train mode, every dropout off
+        d.eval()
+    modes = {name: m.training for name, m in model.named_modules()}
+    sample(model, torch.tensor([[3, 4, 5]]), torch.ones(1, 3, dtype=torch.long), 3, eos_token_id=2, pad_token_id=0,
+           generator=torch.Generator().manual_seed(0))
+    assert {name: m.training for name, m in model.named_modules()} == modes
+
+
+def test_dpo_lora_dropout_acts_in_training(tmp_path):
+    """--lora-dropout 0.5 must change what DPO learns (it did nothing while the model sat in eval mode)."""
+    flags = ["--threads", "1", "--max-steps", "2", "--batch-size", "4", "--warmup-steps", "0", "--eval-prompts", "1",
+             "--eval-samples", "1", "--max-new-tokens", "2", "--max-eval-pairs", "4"]
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train_dpo.py"), *flags, "--lora-dropout", p,
+                               "--out", str(tmp_path / p)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=ENV) for p in ("0", "0.5")]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()[-2000:]
+    a, b = (load_file(str(tmp_path / p / "policy" / "adapter_model.safetensors")) for p in ("0", "0.5"))
+    assert a.keys() == b.keys()
+    assert any(not torch.equal(a[k], b[k]) for k in a)
