@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import runpy
 import signal
 import subprocess
@@ -231,3 +232,98 @@ def test_dpo_lora_dropout_acts_in_training(tmp_path):
     a, b = (load_file(str(tmp_path / p / "policy" / "adapter_model.safetensors")) for p in ("0", "0.5"))
     assert a.keys() == b.keys()
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- files and folders: each named in the one line (built in tmp_path; "{name}" in argv is replaced by its path)
+def make_bad_files(root):
+    """The broken inputs a user was seen to pass, as files and folders under root: {name: path}."""
+    import shutil
+    from minirlhf.checkpoint import CHECKPOINT_DIR, save_checkpoint
+    from minirlhf.distributed import DistInfo
+    p = {}
+    for name, content in (("empty.jsonl", b""), ("notjson.jsonl", b"hello world\n"),
+                          ("binary.jsonl", bytes(range(256)) * 4), ("truncated.jsonl", b'{"prompt": "a", "cho')):
+        (root / name).write_bytes(content)
+        p[name] = str(root / name)
+    rm = os.path.join(TINY_LLAMA, "..", "reward-model")
+    for name, drop in (("rm_no_adapter_config", "adapter_config.json"), ("rm_no_adapter", "adapter_model.safetensors"),
+                       ("rm_no_head", "head.safetensors")):
+        shutil.copytree(rm, root / name)
+        os.remove(root / name / drop)
+        p[name] = str(root / name)
+    shutil.copytree(rm, root / "rm_truncated_head")
+    data = open(root / "rm_truncated_head" / "head.safetensors", "rb").read()
+    (root / "rm_truncated_head" / "head.safetensors").write_bytes(data[:len(data) // 2])
+    p["rm_truncated_head"] = str(root / "rm_truncated_head")
+    model = root / "model_no_weights"
+    shutil.copytree(TINY_LLAMA, model)
+    os.remove(model / "model.safetensors")
+    p["model_no_weights"] = str(model)
+    model = root / "model_bad_config"
+    shutil.copytree(TINY_LLAMA, model)
+    (model / "config.json").write_text("{not json")
+    p["model_bad_config"] = str(model)
+    (root / "a_file").write_text("x")
+    p["a_file"] = str(root / "a_file")
+    # an interrupted run: a checkpoint and no summary; and a crafted checkpoint that would run code if unpickled
+    interrupted = root / "interrupted"
+    save_checkpoint(str(interrupted), {"step": 3, "args": {}}, {"rng": {}}, DistInfo())
+    p["interrupted"] = str(interrupted)
+    crafted = root / "crafted" / CHECKPOINT_DIR
+    crafted.mkdir(parents=True)
+    torch.save({"step": 1, "evil": Marker(str(root / "pwned"))}, crafted / "trainer.pt")
+    p["crafted"], p["pwned"] = str(root / "crafted"), str(root / "pwned")
+    return p
+
+
+class Marker:
+    """Unpickling this creates a file: proof that a checkpoint ran code."""
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        import pathlib
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+FILE_CASES = [
+    ("train_reward.py", ["--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", "{empty.jsonl}"],
+     "empty.jsonl"),
+    ("train_dpo.py", ["--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", "{notjson.jsonl}"], "not JSON"),
+    ("train_sft.py", ["--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", "{binary.jsonl}"],
+     "binary.jsonl"),
+    ("train_ppo.py", ["--dataset", "juyoungml/HelpSteer2-binarized", "--reward-model", "{rm_no_adapter}",
+                      "--data-files", "{truncated.jsonl}"], "--reward-model"),
+    ("train_reward.py", ["--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", "{truncated.jsonl}"],
+     "truncated"),
+    ("train_ppo.py", ["--reward-model", "{rm_no_adapter_config}"], "adapter_config.json"),
+    ("train_ppo.py", ["--reward-model", "{rm_no_adapter}"], "adapter_model.safetensors"),
+    ("train_ppo.py", ["--reward-model", "{rm_no_head}"], "head.safetensors"),
+    ("train_ppo.py", ["--reward-model", "{rm_truncated_head}"], "head.safetensors"),
+    ("train_reward.py", ["--eval-only", "--reward-model", "{rm_no_adapter_config}"], "adapter_config.json"),
+    ("train_dpo.py", ["--sft-adapter", "{a_file}/nowhere"], "--sft-adapter"),
+    ("train_reward.py", ["--model", "{model_no_weights}"], "no model weights"),
+    ("train_dpo.py", ["--model", "{model_bad_config}"], "config.json"),
+    ("train_sft.py", ["--model", "/nonexistent"], "--model"),
+    ("train_ppo.py", ["--model", "nobody/no-such-model"], "--model"),
+    ("train_sft.py", ["--device", "foo"], "--device"),
+    ("train_reward.py", ["--out", "{a_file}"], "--out"),
+    ("train_dpo.py", ["--out", "{a_file}/run"], "--out"),
+    ("train_sft.py", ["--out", "{interrupted}"], "--overwrite"),
+    ("train_dpo.py", ["--resume", "{crafted}"], "pickled"),
+    ("train_reward.py", ["--resume", "{a_file}"], "--resume"),
+]
+if not torch.cuda.is_available():
+    FILE_CASES.append(("train_ppo.py", ["--device", "cuda"], "no CUDA device"))
+
+
+@pytest.mark.parametrize("script,argv,expected", FILE_CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in FILE_CASES])
+def test_bad_file_or_folder_is_one_line(script, argv, expected, tmp_path, monkeypatch):
+    paths = make_bad_files(tmp_path)
+    argv = [re.sub(r"\{([^}]+)\}", lambda m: paths[m[1]], a) for a in argv]
+    out = ["--out", str(tmp_path / "out")] if "--out" not in argv and "--resume" not in argv else []
+    before = {k: snapshot(v) for k, v in paths.items() if os.path.isdir(v)}
+    code = run_in_process(script, ["--threads", "1", *argv, *out], monkeypatch)
+    assert_one_line(code, script, expected)
+    assert {k: snapshot(v) for k, v in paths.items() if os.path.isdir(v)} == before  # nothing damaged or removed
+    assert not os.path.exists(paths["pwned"])  # the crafted checkpoint never ran its code
