@@ -21,26 +21,25 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
-                                 set_rng_state)
 from minirlhf.cli import run_script
-from minirlhf.data import load_preference_dataset, load_prompt_dataset
-from minirlhf.data.tokenize import (collate_pairs, require_pad_token, tokenize_preference_dataset,
-                                   tokenize_prompt_dataset)
+from minirlhf.data import load_preference_dataset, world
+from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.dpo import dpo_loss, ipo_loss
-from minirlhf.evaluation import evaluate_policy
 from minirlhf.errors import InputError
-from minirlhf.models import (check_adapter_dir, count_parameters, load_model, load_tokenizer, parameter_report,
-                             reference, dropout_off)
+from minirlhf.evaluation import evaluate_policy, gold_summary, held_out_prompts, show_samples
+from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
 from minirlhf.heads import response_logprobs
-from minirlhf.tracking import RunLog
-from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
-                               lora_dropout_active, optimizer_step, set_lr, steps_per_epoch)
+from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
+from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference
+from minirlhf.run import Run
+from minirlhf.training import (EpochOrder, lora_dropout_active, lr_at, make_optimizer, make_trainable, optimizer_step,
+                               set_lr, steps_per_epoch)
 from minirlhf.validation import check_choice, check_common
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
+METRICS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected"]  # the columns of each step's per-pair statistics
 
 
 @dataclass
@@ -167,8 +166,8 @@ def main(args):
     check_args(args)
     if args.loss == "cdpo" and args.label_smoothing == 0.0:
         args.label_smoothing = 0.1
-    dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
-    average = args.loss == "ipo"  # IPO uses length-averaged log-probs (as TRL); DPO the sums
+    run = Run(args)  # ---- plumbing: --out / --resume checks, torchrun, threads, seed (minirlhf/run.py)
+    device, average = run.device, args.loss == "ipo"  # IPO uses length-averaged log-probs (as TRL); DPO the sums
 
     # 1. one frozen base; the policy is a LoRA adapter on it, the reference is the base itself
     tokenizer = load_tokenizer(args.model)
@@ -176,174 +175,131 @@ def main(args):
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
                        tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
     if args.sft_adapter:
-        lora.load_adapter(model, args.sft_adapter, adapter="policy", trainable=True)
-        lora.copy_adapter(model, "policy", "reference")  # the reference is where the policy starts
-        lora.set_active_adapter(model, "policy")
-        params = lora.lora_parameters(model, "policy")
+        load_adapter(model, args.sft_adapter, adapter="policy", trainable=True, flag="--sft-adapter")
+        copy_adapter(model, "policy", "reference")  # the reference is where the policy starts
+        set_active_adapter(model, "policy")
+        params = lora_parameters(model, "policy")
     else:
-        params = make_trainable(model, "policy", False, args.lora_r, args.lora_alpha, args.lora_dropout,
-                                args.lora_targets)
+        params = make_trainable(model, "policy", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                                lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
     dropout_off(model)  # no dropout in the reference, evaluation and sampling passes; the training step's policy
     # pass switches on the LoRA dropout alone (training.lora_dropout_active): --lora-dropout does what it says
-    trainable, total = count_parameters(model)
-    if dist.is_main:
-        print(parameter_report(model))
+    run.print(parameter_report(model))
 
     # 2. data: tokenised pairs; held-out prompts for the sampling evaluation
-    def load(split):
+    def load(split, max_pairs):
         rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
         data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
+        data = data.select(range(min(max_pairs, len(data)))) if max_pairs > 0 else data
         return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    train_data, eval_pairs = load(args.split), load(args.eval_split)
-    if args.max_train_pairs > 0:
-        train_data = train_data.select(range(min(args.max_train_pairs, len(train_data))))
-    eval_pairs = eval_pairs.select(range(min(args.max_eval_pairs, len(eval_pairs))))
-    gold_fn = None
-    if args.dataset == "builtin":
-        from minirlhf.data import world
-        gold_fn = world.gold_score
-        eval_set = load_prompt_dataset("builtin", split=args.eval_split)
-    else:
-        eval_set = load_preference_dataset(args.dataset, args.eval_split, args.data_files)
-    eval_set = tokenize_prompt_dataset(eval_set.select(range(min(args.eval_prompts, len(eval_set)))), tokenizer,
-                                       args.max_prompt_length, args.template)
-    eval_prompts = [p for p in eval_set["prompt"] for _ in range(args.eval_samples)]
-    eval_ids = [p for p in eval_set["prompt_ids"] for _ in range(args.eval_samples)]
+    train_data, eval_pairs = load(args.split, args.max_train_pairs), load(args.eval_split, args.max_eval_pairs)
+    eval_prompts, eval_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
+                                              args.eval_prompts, args.eval_samples, args.max_prompt_length,
+                                              args.template)
+    gold_fn = world.gold_score if args.dataset == "builtin" else None
 
     def sample_eval():
         return evaluate_policy(model, tokenizer, eval_prompts, eval_ids, gold_fn=gold_fn,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                device=device)
 
-    @torch.no_grad()
-    def pair_eval():
-        """Held-out implicit-reward accuracy and loss (no sampling)."""
-        stats = []
-        for i in range(0, len(eval_pairs), 64):
-            batch = collate_pairs([eval_pairs[j] for j in range(i, min(i + 64, len(eval_pairs)))], pad_id)
-            policy = sequence_logps(model, batch, device, average)
-            with reference(model):
-                ref = sequence_logps(model, batch, device, average)
-            losses, r_c, r_r = preference_loss(args, policy, ref)
-            stats.append(torch.stack([losses, (r_c > r_r).float()], 1))
-        loss, acc = torch.cat(stats).mean(0).tolist()
-        return {"eval/loss": loss, "eval/rewards/accuracies": acc}
+    def pairs(data, batch_size=64):  # collated batches of pairs, in order
+        for i in range(0, len(data), batch_size):
+            yield collate_pairs([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
 
     if args.precompute_ref:  # one reference pass now; training then never runs the reference
         ref_logps = []
         with torch.no_grad(), reference(model):
-            for i in tqdm(range(0, len(train_data), 64), desc="reference log-probs", disable=not dist.is_main):
-                batch = collate_pairs([train_data[j] for j in range(i, min(i + 64, len(train_data)))], pad_id)
+            for batch in tqdm(pairs(train_data), desc="reference log-probs", disable=not run.is_main):
                 logps = sequence_logps(model, batch, device, average).cpu()  # (2b,)
                 ref_logps += torch.stack(logps.chunk(2), 1).tolist()  # b rows of [chosen, rejected]
         train_data = train_data.add_column("ref_logps", ref_logps)
 
-    per_step = args.batch_size * args.grad_accum * dist.world_size
+    per_step = args.batch_size * args.grad_accum * run.dist.world_size
     per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")
     total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
-    if dist.is_main:
-        print(f"data: {len(train_data)} train pairs; {total_steps} steps of "
-              f"{args.batch_size * args.grad_accum * dist.world_size} pairs (per process {args.batch_size} x "
-              f"{args.grad_accum} accum)")
+    run.print(f"data: {len(train_data)} train pairs; {total_steps} steps of {per_step} pairs (per process "
+              f"{args.batch_size} x {args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr)
-    fingerprint = frozen_fingerprint(model)  # the frozen base must be bit-identical at the end
-    step, epoch, order, recent = 0, 0, [], []  # optimizer steps, data position, metrics since the last log line
-    if checkpoint:  # weights, optimizer, counters, data position and the "before" evaluation, then the RNG
-        restore_training(checkpoint, model=model, heads={}, optimizer=optimizer)
-        state, local = checkpoint
-        step, epoch, order, recent = state["step"], local["epoch"], local["order"], local["recent"]
-        before, before_samples = state["before"], state["before_samples"]
-        if dist.is_main:
-            print(f"resumed {args.resume} at step {step}")
-    else:
-        before, before_samples = sample_eval() if dist.is_main else ({}, [])
-        if dist.is_main:
-            print(" | ".join(f"{k} {v:.3f}" for k, v in before.items()) + "   (before training)")
-    log = RunLog(args.out, args, enabled=dist.is_main, resume_step=step if checkpoint else None)
+    order = EpochOrder(len(train_data), args.seed, run.dist.rank, run.dist.world_size)
+    recent = []  # per-pair statistics since the last log line
+    run.start(total_steps, model=model, optimizer=optimizer,
+              state={"order": order, "recent": recent})  # ---- plumbing: resume, metrics.jsonl
 
-    def save_checkpoint():
-        return save_training(args.out, dist, step=step, args=args, model=model, heads={}, optimizer=optimizer,
-                             shared={"before": before, "before_samples": before_samples},
-                             local={"epoch": epoch, "order": order, "recent": recent})
+    def evaluate_before():
+        metrics, samples = sample_eval()
+        print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + "   (before training)")
+        return metrics, samples
+    before, before_samples = run.once("before", evaluate_before, default=({}, []))
 
-    # 3. the loop: policy log-probs of chosen and rejected -> reference log-probs -> preference loss -> step
-    if checkpoint:
-        set_rng_state(local["rng"])
-    bar = tqdm(total=total_steps, initial=step, desc=args.loss, disable=not dist.is_main, mininterval=5)
-    with GracefulStop() as stop:
-        while step < total_steps:
-            optimizer.zero_grad(set_to_none=True)
-            for _ in range(args.grad_accum):
-                if len(order) < args.batch_size:
-                    order = epoch_order(len(train_data), epoch, args.seed, dist.rank, dist.world_size)
-                    epoch += 1
-                idx, order = order[:args.batch_size], order[args.batch_size:]
-                examples = [train_data[i] for i in idx]
-                batch = collate_pairs([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-                                       for e in examples], pad_id)
-                if args.precompute_ref:
-                    ref = torch.tensor([e["ref_logps"] for e in examples], device=device).T.reshape(-1)  # (2B,)
-                else:
-                    with torch.no_grad(), reference(model):
-                        ref = sequence_logps(model, batch, device, average)  # (2B,)
-                with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
-                    policy = sequence_logps(model, batch, device, average)  # (2B,)
-                    losses, r_c, r_r = preference_loss(args, policy, ref)
-                    (losses.mean() / args.grad_accum).backward()
-                b = len(idx)
-                recent.append(torch.stack([losses.detach(), r_c, r_r, (r_c > r_r).float(), r_c - r_r,
-                                           policy.detach()[:b], policy.detach()[b:]], 1))
-            set_lr(optimizer, lr_at(step, args.lr, total_steps, args.warmup_steps))
-            grad_norm = optimizer_step(optimizer, params, loss=recent[-1][:, 0].mean(), grad_clip=args.grad_clip,
-                                       step=step, world_size=dist.world_size)  # all-reduce, clip, NaN guard, step
-            step += 1
-            bar.update(1)
-            log_now = step % args.log_every == 0 or step == total_steps
-            if dist.is_main and log_now:
-                m = torch.cat(recent).mean(0).tolist()
-                metrics = dict(zip(["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
-                                    "rewards/margins", "logps/chosen", "logps/rejected"], m))
-                metrics.update({"train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"]})
-                if args.eval_every and step % args.eval_every == 0:
-                    metrics.update(sample_eval()[0])
-                log.log(step, metrics)
-                tqdm.write(f"step {step:4d} | loss {m[0]:.4f} | rewards/chosen {m[1]:+.3f} rejected {m[2]:+.3f} | "
-                           f"acc {m[3]:.3f} | margin {m[4]:+.3f}")
-            if log_now:
-                recent = []
-            if end_of_step(stop, dist, step, total_steps, args.save_every, save_checkpoint, args.out):
-                break
-    bar.close()
+    # 3. the loop: reference log-probs of chosen and rejected -> policy log-probs -> preference loss -> step
+    for step in run.steps(unit=args.loss):  # ---- plumbing: Ctrl-C and checkpoints between steps
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.grad_accum):
+            examples = [train_data[i] for i in order.take(args.batch_size)]
+            batch = collate_pairs([{k: e[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                                   for e in examples], pad_id)
+            if args.precompute_ref:
+                ref = torch.tensor([e["ref_logps"] for e in examples], device=device).T.reshape(-1)  # (2B,)
+            else:
+                with torch.no_grad(), reference(model):
+                    ref = sequence_logps(model, batch, device, average)  # (2B,)
+            with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
+                policy = sequence_logps(model, batch, device, average)  # (2B,)
+                losses, r_c, r_r = preference_loss(args, policy, ref)
+                (losses.mean() / args.grad_accum).backward()
+            b = len(examples)
+            recent.append(torch.stack([losses.detach(), r_c, r_r, (r_c > r_r).float(), r_c - r_r,
+                                       policy.detach()[:b], policy.detach()[b:]], 1))  # (B, 7): METRICS
+        set_lr(optimizer, lr_at(step - 1, args.lr, total_steps, args.warmup_steps))
+        grad_norm = optimizer_step(optimizer, params, loss=recent[-1][:, 0].mean(), grad_clip=args.grad_clip,
+                                   step=step - 1, world_size=run.dist.world_size)  # all-reduce, clip, NaN guard, step
+        log_now = step % args.log_every == 0 or step == total_steps
+        if run.is_main and log_now:
+            metrics = dict(zip(METRICS, torch.cat(recent).mean(0).tolist()))
+            metrics.update({"train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"]})
+            if args.eval_every and step % args.eval_every == 0:
+                metrics.update(sample_eval()[0])
+            run.log(step, metrics)
+            tqdm.write(f"step {step:4d} | loss {metrics['train/loss']:.4f} | rewards/chosen "
+                       f"{metrics['rewards/chosen']:+.3f} rejected {metrics['rewards/rejected']:+.3f} | acc "
+                       f"{metrics['rewards/accuracies']:.3f} | margin {metrics['rewards/margins']:+.3f}")
+        if log_now:
+            recent.clear()
 
     # 4. save the policy adapter (PEFT format); evaluate after training
-    summary = None
-    if dist.is_main:
-        atomic_directory(os.path.join(args.out, "policy"), lambda tmp: lora.save_adapter(model, tmp, "policy"))
+    run.save("policy", lambda folder: save_adapter(model, folder, "policy"))
+    final = {}
+    if run.is_main:
         after, after_samples = sample_eval()
-        final = {"params/trainable": trainable, "params/total": total, "train/steps": step,
-                 "train/finished": step == total_steps, **pair_eval(),
-                 "params/frozen_unchanged": frozen_fingerprint(model) == fingerprint,
+        final = {**pair_eval(model, pairs(eval_pairs), args, device, average),
                  **{k + "_before": v for k, v in before.items()},
                  **{k + "_after": v for k, v in after.items()}, "eval/kl": after["eval/kl"]}
         if gold_fn:
-            from minirlhf.data.world import GOLD_MAX
-            g0, g1 = before["eval/gold"], after["eval/gold"]
-            wins = [(a["gold"] > b["gold"]) + 0.5 * (a["gold"] == b["gold"]) for a, b in
-                    zip(after_samples, before_samples)]
-            final.update({"eval/gold_before": g0, "eval/gold_after": g1, "eval/gold_max": GOLD_MAX,
-                          "eval/headroom_closed": (g1 - g0) / (GOLD_MAX - g0) if g0 < GOLD_MAX else float("nan"),
-                          "eval/win_rate": sum(wins) / len(wins)})
-        summary = log.summary(final)
-        print("\nsamples after training:")
-        for s in after_samples[:6]:
-            print(f"  {s['prompt']!r:45} -> {s['response']!r}" + (f"  (gold {s['gold']:.1f})" if gold_fn else ""))
+            final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
+    summary = run.finish(final)
+    if run.is_main:
+        show_samples(after_samples, "\nsamples after training:")
         print(f"done in {summary['time/total_seconds']:.0f}s: "
               + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "
                  f"{summary['eval/gold_max']:.1f} (headroom closed {summary['eval/headroom_closed']:.2f}, win rate "
                  f"{summary['eval/win_rate']:.2f}), " if gold_fn else "")
               + f"KL {summary['eval/kl']:.2f} nats; policy adapter in {os.path.join(args.out, 'policy')}")
-    distributed.cleanup()
     return summary
+
+
+@torch.no_grad()
+def pair_eval(model, batches, args, device, average):
+    """Held-out implicit-reward accuracy and loss (no sampling)."""
+    stats = []
+    for batch in batches:
+        policy = sequence_logps(model, batch, device, average)
+        with reference(model):
+            ref = sequence_logps(model, batch, device, average)
+        losses, r_c, r_r = preference_loss(args, policy, ref)
+        stats.append(torch.stack([losses, (r_c > r_r).float()], 1))
+    loss, acc = torch.cat(stats).mean(0).tolist()
+    return {"eval/loss": loss, "eval/rewards/accuracies": acc}
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
-"""Train a reward model on preference pairs: a LoRA adapter + a head on the shared base (StackLLaMA step 2, seed 003).
+"""Train a reward model on preference pairs: a LoRA adapter + a head on the shared base (StackLLaMA's step 2; the
+multi-adapter PPO setup trains its reward adapter this way).
 
     python train_reward.py                                  # Bradley-Terry on the built-in world (~1 minute on a CPU)
-    python train_reward.py --loss distributional            # seed 002's 10-class rating model
+    python train_reward.py --loss distributional            # the SmolLM2 + HelpSteer2 setup's 10-class rating model
     python train_reward.py --eval-only --reward-model runs/reward/reward_model
 
 Losses (minirlhf/reward_losses.py):
   bt              -log σ(r_c - r_r)                                    Bradley-Terry (Ouyang et al. 2022, Eq. 1)
   margin          -log σ(r_c - r_r - m), m = chosen_score - rejected_score    (Llama 2's margin loss)
-  distributional  -log Σ_i Σ_j p_c(i) p_r(j) σ(α(i - j)) over K rating classes (seed 002)
+  distributional  -log Σ_i Σ_j p_c(i) p_r(j) σ(α(i - j)) over K rating classes (SmolLM2 + HelpSteer2)
 The reward of a sequence is the head read at its LAST REAL token (heads.sequence_scores); for the distributional
 head, the expected rating Σ_k k p(k) is the scalar reward. Held-out accuracy = share of pairs with r_c > r_r.
 Writes DIR/args.json, metrics.jsonl, summary.json, curves.png and DIR/reward_model/ (PEFT adapter + head).
@@ -21,22 +22,20 @@ import datasets
 import torch
 from tqdm import tqdm
 
-from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
-                                 set_rng_state)
 from minirlhf.cli import run_script
-from minirlhf.data import load_preference_dataset
+from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
-from minirlhf.heads import RatingHead, ScalarHead, save_head, sequence_scores
 from minirlhf.errors import InputError
-from minirlhf.models import (check_reward_model_dir, count_parameters, load_model, load_reward_model, load_tokenizer,
-                             parameter_report)
-from minirlhf.sampling import eval_mode
+from minirlhf.formats import check_reward_model_dir, save_adapter, save_head
+from minirlhf.heads import RatingHead, ScalarHead, sequence_scores
+from minirlhf.lora import set_active_adapter
+from minirlhf.models import count_parameters, load_model, load_reward_model, load_tokenizer, parameter_report
 from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expected_rating
+from minirlhf.run import Run
+from minirlhf.sampling import eval_mode
 from minirlhf.tracking import RunLog
-from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
-                               optimizer_step, set_lr, steps_per_epoch)
+from minirlhf.training import EpochOrder, lr_at, make_optimizer, make_trainable, optimizer_step, set_lr, steps_per_epoch
 from minirlhf.validation import check_choice, check_common
 
 LOSSES = ("bt", "margin", "distributional")
@@ -176,143 +175,113 @@ def check_args(args):
 
 def main(args):
     datasets.disable_progress_bars()  # one progress bar per loop is enough
-    check_args(args)
-    dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
+    run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
 
     # 1. one frozen base, a reward adapter and a head on top
     tokenizer = load_tokenizer(args.model)
     pad_id = require_pad_token(tokenizer)
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
                        tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
-    hidden = model.config.hidden_size
     if args.eval_only:
-        adapter, head = load_reward_model(model, args.reward_model)
-        lora.set_active_adapter(model, adapter)
-        if isinstance(head, RatingHead) != (args.loss == "distributional"):  # evaluate with the head's own loss
-            args.loss = "distributional" if isinstance(head, RatingHead) else "bt"
-        params = []
-    else:
-        params = make_trainable(model, "reward", args.full_finetune, args.lora_r, args.lora_alpha, args.lora_dropout,
-                                args.lora_targets)
-        # a Bradley-Terry head has no bias: the loss only sees r_c - r_r (heads.ScalarHead)
-        head = RatingHead(hidden, args.num_classes) if args.loss == "distributional" else ScalarHead(hidden, bias=False)
-        head = head.to(device)
-        params += list(head.parameters())
-    trainable, total = count_parameters(model)
-    trainable += sum(p.numel() for p in head.parameters()) if not args.eval_only else 0
-    total += sum(p.numel() for p in head.parameters())
-    if dist.is_main:
-        print(parameter_report(model), f"(+ {sum(p.numel() for p in head.parameters())} head)")
+        return evaluate_only(args, run, model, tokenizer)
+    params = make_trainable(model, "reward", full_finetune=args.full_finetune, lora_r=args.lora_r,
+                            lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+    hidden = model.config.hidden_size  # a Bradley-Terry head has no bias: the loss only sees r_c - r_r (heads.py)
+    head = RatingHead(hidden, args.num_classes) if args.loss == "distributional" else ScalarHead(hidden, bias=False)
+    head = head.to(run.device)
+    params += list(head.parameters())
+    run.print(f"{parameter_report(model)} (+ {sum(p.numel() for p in head.parameters())} head)")
 
     # 2. data: tokenised pairs (prompt masked out; the reward reads the last real token)
-    def load(split):
-        rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
-        if args.loss == "margin" and "margin" not in rows.column_names:
-            raise InputError(f"--loss margin needs scores, but {args.dataset} has no margin column")
-        return tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
-    eval_data = load(args.eval_split)
-    if args.max_eval_pairs > 0:
-        eval_data = eval_data.select(range(min(args.max_eval_pairs, len(eval_data))))
-    keep = ["prompt_ids", "chosen_ids", "rejected_ids"] + (["margin"] if args.loss == "margin" else [])
-    eval_data = eval_data.select_columns(keep)
-    ceiling = None
-    if args.dataset == "builtin":
-        from minirlhf.data import world
-        ceiling = world.accuracy_ceiling(args.eval_split)
-
-    if args.eval_only:
-        log = RunLog(args.out, args, enabled=dist.is_main)
-        metrics = evaluate(model, head, eval_data, args, pad_id, device)
-        if ceiling is not None:
-            metrics["eval/accuracy_ceiling"] = ceiling
-        summary = log.summary({"params/trainable": 0, "params/total": total, **metrics})
-        print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        return summary
-    train_data = load(args.split).select_columns(keep)
-    if args.max_train_pairs > 0:
-        train_data = train_data.select(range(min(args.max_train_pairs, len(train_data))))
-    micro = args.batch_size
-    per_epoch = steps_per_epoch(len(train_data), micro * args.grad_accum * dist.world_size, "training pairs")
+    eval_data = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
+    train_data = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
+    micro, per_step = args.batch_size, args.batch_size * args.grad_accum * run.dist.world_size
+    per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")  # one line if the data cannot fill one
     total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
-    if dist.is_main:
-        print(f"data: {len(train_data)} train pairs, {len(eval_data)} held-out pairs; {total_steps} steps of "
-              f"{micro * args.grad_accum * dist.world_size} pairs (per process {micro} x {args.grad_accum} accum)")
+    run.print(f"data: {len(train_data)} train pairs, {len(eval_data)} held-out pairs; {total_steps} steps of "
+              f"{per_step} pairs (per process {micro} x {args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
-    fingerprint = frozen_fingerprint(model)  # the frozen base must be bit-identical at the end
-    step, epoch, order, recent = 0, 0, [], []  # optimizer steps, data position, metrics since the last log line
-    if checkpoint:  # weights, optimizer, counters, data position and RNG exactly as the checkpoint left them
-        restore_training(checkpoint, model=model, heads={"head": head}, optimizer=optimizer)
-        state, local = checkpoint
-        step, epoch, order, recent = state["step"], local["epoch"], local["order"], local["recent"]
-        set_rng_state(local["rng"])
-        if dist.is_main:
-            print(f"resumed {args.resume} at step {step}")
-    log = RunLog(args.out, args, enabled=dist.is_main, resume_step=step if args.resume else None)
-
-    def save_checkpoint():
-        return save_training(args.out, dist, step=step, args=args, model=model, heads={"head": head},
-                             optimizer=optimizer, local={"epoch": epoch, "order": order, "recent": recent})
+    order = EpochOrder(len(train_data), args.seed, run.dist.rank, run.dist.world_size)
+    recent = []  # (accuracy, loss) of every micro-batch since the last log line
+    run.start(total_steps, model=model, heads={"head": head}, optimizer=optimizer,
+              state={"order": order, "recent": recent})  # ---- plumbing: resume, metrics.jsonl
 
     # 3. the loop: micro-batches of pairs -> rewards at the last token -> pairwise loss -> step
     model.train()
-    tick, metrics = time.time(), {}
-    bar = tqdm(total=total_steps, initial=step, desc="reward", disable=not dist.is_main, mininterval=5)
-    with GracefulStop() as stop:
-        while step < total_steps:
-            optimizer.zero_grad(set_to_none=True)
-            for _ in range(args.grad_accum):
-                if len(order) < micro:  # next epoch, reshuffled (the same order on every machine)
-                    order = epoch_order(len(train_data), epoch, args.seed, dist.rank, dist.world_size)
-                    epoch += 1
-                idx, order = order[:micro], order[micro:]
-                batch = collate_pairs([train_data[i] for i in idx], pad_id)
-                r_c, r_r, out_c, out_r = pair_scores(model, head, batch, device)
-                loss = pair_loss(args, out_c, out_r, batch, device).mean() / args.grad_accum
-                loss.backward()
-                recent.append(((r_c > r_r).float().mean().item(), loss.item() * args.grad_accum))
-            set_lr(optimizer, lr_at(step, args.lr, total_steps, args.warmup_steps))
-            grad_norm = optimizer_step(optimizer, params, loss=recent[-1][1], grad_clip=args.grad_clip, step=step,
-                                       world_size=dist.world_size)  # all-reduce, clip, NaN guard, step
-            step += 1
-            bar.update(1)
-            if step % args.eval_every == 0 or step == total_steps:
-                metrics = {"train/loss": sum(l for _, l in recent) / len(recent),
-                           "train/accuracy": sum(a for a, _ in recent) / len(recent),
-                           "train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"],
-                           "perf/pairs_per_second": len(recent) * micro / (time.time() - tick)}
-                if dist.is_main:
-                    metrics.update(evaluate(model, head, eval_data, args, pad_id, device))
-                    log.log(step, metrics)
-                    tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | train acc "
-                               f"{metrics['train/accuracy']:.3f} | eval acc {metrics['eval/accuracy']:.3f} | "
-                               f"margin {metrics['eval/margin']:+.3f}")
-                tick, recent = time.time(), []
-            if end_of_step(stop, dist, step, total_steps, args.save_every, save_checkpoint, args.out):
-                break
-    bar.close()
+    tick = time.time()
+    for step in run.steps():  # ---- plumbing: Ctrl-C and checkpoints between steps
+        optimizer.zero_grad(set_to_none=True)
+        for _ in range(args.grad_accum):
+            batch = collate_pairs([train_data[i] for i in order.take(micro)], pad_id)
+            r_c, r_r, out_c, out_r = pair_scores(model, head, batch, run.device)
+            loss = pair_loss(args, out_c, out_r, batch, run.device).mean() / args.grad_accum
+            loss.backward()
+            recent.append(((r_c > r_r).float().mean().item(), loss.item() * args.grad_accum))
+        set_lr(optimizer, lr_at(step - 1, args.lr, total_steps, args.warmup_steps))
+        grad_norm = optimizer_step(optimizer, params, loss=recent[-1][1], grad_clip=args.grad_clip, step=step - 1,
+                                   world_size=run.dist.world_size)  # all-reduce, clip, NaN guard, step
+        if (step % args.eval_every == 0 or step == total_steps) and run.is_main:
+            metrics = {"train/loss": sum(l for _, l in recent) / len(recent),
+                       "train/accuracy": sum(a for a, _ in recent) / len(recent),
+                       "train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"],
+                       "perf/pairs_per_second": len(recent) * micro / (time.time() - tick),
+                       **evaluate(model, head, eval_data, args, pad_id, run.device)}
+            run.log(step, metrics)
+            tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | train acc "
+                       f"{metrics['train/accuracy']:.3f} | eval acc {metrics['eval/accuracy']:.3f} | "
+                       f"margin {metrics['eval/margin']:+.3f}")
+        if step % args.eval_every == 0 or step == total_steps:
+            tick = time.time()
+            recent.clear()
 
     # 4. save the adapter (PEFT format) and the head side by side; summary
-    if dist.is_main:
-        def write(tmp):
-            if args.full_finetune:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            else:
-                lora.save_adapter(model, tmp, adapter="reward")
-            save_head(head, tmp)
-        atomic_directory(os.path.join(args.out, "reward_model"), write)
-        final = evaluate(model, head, eval_data, args, pad_id, device)
-        if ceiling is not None:
-            final["eval/accuracy_ceiling"] = ceiling
-            final["eval/accuracy_vs_ceiling"] = final["eval/accuracy"] / ceiling
-        summary = log.summary({"params/trainable": trainable, "params/total": total, "train/steps": step,
-                               "train/finished": step == total_steps,
-                               "params/frozen_unchanged": frozen_fingerprint(model) == fingerprint, **final})
+    def write(folder):
+        if args.full_finetune:
+            model.save_pretrained(folder)
+            tokenizer.save_pretrained(folder)
+        else:
+            save_adapter(model, folder, adapter="reward")
+        save_head(head, folder)
+    run.save("reward_model", write)
+    final = evaluate(model, head, eval_data, args, pad_id, run.device) if run.is_main else {}
+    ceiling = world.accuracy_ceiling(args.eval_split) if args.dataset == "builtin" else None
+    if ceiling is not None and run.is_main:
+        final.update({"eval/accuracy_ceiling": ceiling, "eval/accuracy_vs_ceiling": final["eval/accuracy"] / ceiling})
+    summary = run.finish(final)
+    if run.is_main:
         print(f"done in {summary['time/total_seconds']:.0f}s: eval/accuracy {final['eval/accuracy']:.4f}"
               + (f" (ceiling {ceiling:.4f}, {100 * final['eval/accuracy'] / ceiling:.1f}% of it)" if ceiling else "")
               + f"; reward model in {os.path.join(args.out, 'reward_model')}")
-    distributed.cleanup()
-    return summary if dist.is_main else None
+    return summary
+
+
+def load_pairs(args, tokenizer, split, max_pairs):
+    """Tokenised pairs of one split (the first max_pairs of them; 0: all)."""
+    rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
+    if args.loss == "margin" and "margin" not in rows.column_names:
+        raise InputError(f"--loss margin needs scores, but {args.dataset} has no margin column")
+    data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
+    if max_pairs > 0:
+        data = data.select(range(min(max_pairs, len(data))))
+    return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"] + (["margin"] if args.loss == "margin"
+                                                                                 else []))
+
+
+def evaluate_only(args, run, model, tokenizer):
+    """--eval-only: the held-out accuracy of the reward model in --reward-model (with its own head's loss)."""
+    adapter, head = load_reward_model(model, args.reward_model)
+    set_active_adapter(model, adapter)
+    if isinstance(head, RatingHead) != (args.loss == "distributional"):  # evaluate with the head's own loss
+        args.loss = "distributional" if isinstance(head, RatingHead) else "bt"
+    metrics = evaluate(model, head, load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs), args,
+                       require_pad_token(tokenizer), run.device)
+    if args.dataset == "builtin":
+        metrics["eval/accuracy_ceiling"] = world.accuracy_ceiling(args.eval_split)
+    total = count_parameters(model)[1] + sum(p.numel() for p in head.parameters())
+    summary = RunLog(args.out, args, enabled=run.is_main).summary({"params/trainable": 0, "params/total": total,
+                                                                  **metrics})
+    run.print(" | ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    return summary
 
 
 if __name__ == "__main__":

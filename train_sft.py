@@ -8,12 +8,12 @@
                                                                   # DIR holds a tokenizer and a config.json
 
 Each demonstration becomes   <formatted prompt> + response + EOS   (the same text the sampler later sees and
-produces). With packing (seed 001) all of them are joined into one stream and cut into block_size blocks
+produces). With packing (the StackLLaMA setup) all of them are joined into one stream and cut into block_size blocks
 (minirlhf/data/packing.py) and the loss covers every token, prompt included. Without packing each example is its own
 right-padded row, truncated to block_size tokens (the prompt keeps its end), and the loss covers response tokens only
 (completion-only loss). AdamW, linear warmup then cosine decay to min_lr.
 Data: the built-in world's demonstrations, or the chosen responses of any preference data set minirlhf.data knows
-(seed 001 fine-tunes on lvwerra/stack-exchange-paired's preferred answers).
+(the StackLLaMA setup fine-tunes on lvwerra/stack-exchange-paired's preferred answers).
 Writes DIR/args.json, metrics.jsonl, summary.json, curves.png and DIR/adapter (PEFT format) and/or DIR/model
 (save_pretrained + tokenizer: full fine-tuning, --init-config or --merge), each atomically.
 """
@@ -28,21 +28,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from minirlhf import distributed, lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import (GracefulStop, atomic_directory, end_of_step, restore_training, save_training,
-                                 set_rng_state)
 from minirlhf.cli import run_script
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad
 from minirlhf.errors import InputError
-from minirlhf.models import count_parameters, load_model, load_tokenizer, parameter_report
+from minirlhf.formats import save_adapter
+from minirlhf.lora import adapter_names, merge_lora
+from minirlhf.models import load_model, load_tokenizer, parameter_report
+from minirlhf.run import Run
 from minirlhf.sampling import eval_mode
-from minirlhf.tracking import RunLog
-from minirlhf.training import (start_run, epoch_order, frozen_fingerprint, lr_at, make_optimizer, make_trainable,
-                               optimizer_step, set_lr, steps_per_epoch)
+from minirlhf.training import EpochOrder, lr_at, make_optimizer, make_trainable, optimizer_step, set_lr, steps_per_epoch
 from minirlhf.validation import check_common
 
 
@@ -80,7 +78,7 @@ class Args:
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
     merge: bool = False
-    """after LoRA training, fold the adapter into the base and save the merged model (seed 001, before the next stage)"""
+    """after LoRA training, fold the adapter into the base and save the merged model (StackLLaMA: before the RL stage)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory on big models)"""
     batch_size: int = 16
@@ -196,133 +194,105 @@ def init_config(text_or_path):
 
 
 def main(args):
-    start = time.time()
-    check_args(args)
-    dist, checkpoint, device = start_run(args)  # torchrun, the checkpoint to resume (checked now), threads, seed
+    run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
 
     # model and tokenizer
     tokenizer = load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
     if args.init_config is not None:
-        config = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
-                  "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-                  **init_config(args.init_config)}
-        if config["vocab_size"] < len(tokenizer):
-            raise InputError(f"--init-config: vocab_size {config['vocab_size']} < {len(tokenizer)} tokenizer tokens")
-        try:
-            config = AutoConfig.for_model(**config)
-        except (ValueError, KeyError, TypeError) as e:  # no or unknown model_type, a field of the wrong type
-            raise InputError(f"--init-config: not a model config transformers knows ({e})") from None
-        model = AutoModelForCausalLM.from_config(config).to(device)
+        model = fresh_model(args.init_config, tokenizer).to(run.device)
     else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
         model = load_model(args.model, quantization=args.quantization, dtype="float32" if args.quantization == "none"
                            else "auto", device=args.device, tokenizer=tokenizer,
                            gradient_checkpointing=args.gradient_checkpointing)
-        make_trainable(model, "sft", args.full_finetune, args.lora_r, args.lora_alpha, args.lora_dropout,
-                       args.lora_targets)
-    trainable, total = count_parameters(model)
-    if dist.is_main:
-        print(f"model: {parameter_report(model)} on {device}")
-    fingerprint = frozen_fingerprint(model)
+        make_trainable(model, "sft", full_finetune=args.full_finetune, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+    run.print(f"model: {parameter_report(model)} on {run.device}")
 
     # data: packed blocks (loss on every token) or padded examples (loss on response tokens)
     def data(split):
         rows = demonstrations(args, split)
         if args.packing:
             return (pack(tokenize_rows(tokenizer, rows, args.template), args.block_size, tokenizer.eos_token_id)
-                    .to(device),)  # (N, L)
-        return tuple(t.to(device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
+                    .to(run.device),)  # (N, L)
+        return tuple(t.to(run.device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
     train_data, eval_data = data("train"), data("test")
-    n_train = len(train_data[0])
-    steps_per_epoch(n_train, args.batch_size * dist.world_size, f"training {'blocks' if args.packing else 'examples'}",
-                    fix="lower --batch-size")
-    if dist.is_main:
-        print(f"data: {n_train} train {'blocks' if args.packing else 'examples'}, {len(eval_data[0])} eval, "
-              f"{train_data[0].shape[1]} tokens each; {args.max_steps} steps of {args.batch_size * dist.world_size} "
-              f"(per process {args.batch_size})")
+    n_train, what = len(train_data[0]), "blocks" if args.packing else "examples"
+    steps_per_epoch(n_train, args.batch_size * run.dist.world_size, f"training {what}", fix="lower --batch-size")
+    run.print(f"data: {n_train} train {what}, {len(eval_data[0])} eval, {train_data[0].shape[1]} tokens each; "
+              f"{args.max_steps} steps of {args.batch_size * run.dist.world_size} (per process {args.batch_size})")
 
     # optimizer: AdamW, weight decay on matrices only (nanoGPT)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args.lr, args.weight_decay, betas=(0.9, 0.95))
-    step, epoch, order, recent = 0, 0, [], []  # optimizer steps, data position, losses since the last log line
-    if checkpoint:  # weights, optimizer, counters, data position and RNG exactly as the checkpoint left them
-        restore_training(checkpoint, model=model, heads={}, optimizer=optimizer)
-        state, local = checkpoint
-        step, epoch, order, recent = state["step"], local["epoch"], local["order"], local["recent"]
-        set_rng_state(local["rng"])
-        if dist.is_main:
-            print(f"resumed {args.resume} at step {step}")
-    log = RunLog(args.out, args, enabled=dist.is_main, resume_step=step if checkpoint else None)
-
-    def save_checkpoint():
-        return save_training(args.out, dist, step=step, args=args, model=model, heads={}, optimizer=optimizer,
-                             local={"epoch": epoch, "order": order, "recent": recent})
+    order = EpochOrder(n_train, args.seed, run.dist.rank, run.dist.world_size)
+    recent = []  # losses since the last log line
+    run.start(args.max_steps, model=model, optimizer=optimizer,
+              state={"order": order, "recent": recent})  # ---- plumbing: resume, metrics.jsonl
 
     # the loop: a batch of blocks -> next-token loss -> (average gradients over processes) -> AdamW step
     metrics, tokens, tick = {}, 0, time.time()
     model.train()
-    bar = tqdm(total=args.max_steps, initial=step, desc="sft", disable=not dist.is_main, mininterval=5)
-    with GracefulStop() as stop:
-        while step < args.max_steps:
-            if len(order) < args.batch_size:  # a new epoch: the blocks reshuffled (the same order on every machine)
-                order = epoch_order(n_train, epoch, args.seed, dist.rank, dist.world_size)
-                epoch += 1
-            idx, order = order[:args.batch_size], order[args.batch_size:]
-            batch = [t[idx] for t in train_data]  # (B, L) each
-            lr = lr_at(step, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
-            set_lr(optimizer, lr)
-            loss = lm_loss(model, *batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip, step=step,
-                                       world_size=dist.world_size)  # all-reduce, clip, NaN guard, step
-            step += 1
-            bar.update(1)
-            recent.append(loss.item())
-            tokens += batch[0].numel() * dist.world_size
-
-            if step % args.log_every == 0 or step == args.max_steps:
-                if dist.is_main:
-                    metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr,
-                               "train/grad_norm": grad_norm.item(),
-                               "perf/tokens_per_second": tokens / (time.time() - tick)}
-                    if step % args.eval_every == 0 or step == args.max_steps:
-                        metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
-                    log.log(step, metrics)
-                    tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
-                               f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
-                               f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
-                recent, tokens, tick = [], 0, time.time()
-            if end_of_step(stop, dist, step, args.max_steps, args.save_every, save_checkpoint, args.out):
-                break
-    bar.close()
-    if not dist.is_main:
-        distributed.cleanup()
-        return None
-    if "eval/loss" not in metrics:  # stopped between evaluations
+    for step in run.steps():  # ---- plumbing: Ctrl-C and checkpoints between steps
+        batch = [t[order.take(args.batch_size)] for t in train_data]  # (B, L) each
+        lr = lr_at(step - 1, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
+        set_lr(optimizer, lr)
+        loss = lm_loss(model, *batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip, step=step - 1,
+                                   world_size=run.dist.world_size)  # all-reduce, clip, NaN guard, step
+        recent.append(loss.item())
+        tokens += batch[0].numel() * run.dist.world_size
+        if step % args.log_every == 0 or step == args.max_steps:
+            if run.is_main:
+                metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr,
+                           "train/grad_norm": grad_norm.item(), "perf/tokens_per_second": tokens / (time.time() - tick)}
+                if step % args.eval_every == 0 or step == args.max_steps:
+                    metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
+                run.log(step, metrics)
+                tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
+                           f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
+                           f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
+            recent.clear()
+            tokens, tick = 0, time.time()
+    if run.is_main and "eval/loss" not in metrics:  # stopped between evaluations
         metrics = {"train/loss": sum(recent) / max(1, len(recent)), **metrics,
                    "eval/loss": eval_loss(model, eval_data, args.batch_size)}
 
     # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged
-    unchanged = frozen_fingerprint(model) == fingerprint  # before a merge rewrites the base
-    lora_run = "sft" in lora.adapter_names(model)
+    unchanged = run.frozen_unchanged()  # before a merge rewrites the base
+    lora_run = "sft" in adapter_names(model)
     if lora_run:
-        atomic_directory(os.path.join(args.out, "adapter"), lambda tmp: lora.save_adapter(model, tmp, "sft"))
+        run.save("adapter", lambda folder: save_adapter(model, folder, "sft"))
     if args.merge:
-        lora.merge_lora(model, "sft")
+        merge_lora(model, "sft")
 
-    def save(tmp_dir):
-        model.save_pretrained(tmp_dir)
-        tokenizer.save_pretrained(tmp_dir)
+    def save(folder):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
     if not lora_run or args.merge:
-        atomic_directory(os.path.join(args.out, "model"), save)
-    summary = log.summary({"params/trainable": trainable, "params/total": total, "params/frozen_unchanged": unchanged,
-                           "train/steps": step, "train/finished": step == args.max_steps,
-                           "train/loss": metrics["train/loss"], "eval/loss": metrics["eval/loss"]})
+        run.save("model", save)
+    summary = run.finish({"params/frozen_unchanged": unchanged, "train/loss": metrics.get("train/loss"),
+                          "eval/loss": metrics.get("eval/loss")})
     where = os.path.join(args.out, "model" if not lora_run or args.merge else "adapter")
-    print(f"done in {time.time() - start:.0f}s: train/loss {summary['train/loss']:.4f} "
-          f"eval/loss {summary['eval/loss']:.4f}; saved in {where}")
-    distributed.cleanup()
+    if run.is_main:
+        print(f"done in {summary['time/total_seconds']:.0f}s: train/loss {summary['train/loss']:.4f} "
+              f"eval/loss {summary['eval/loss']:.4f}; saved in {where}")
     return summary
+
+
+def fresh_model(init_config_arg, tokenizer):
+    """--init-config: a randomly initialised model of that config, sized to the tokenizer (assets/build.py)."""
+    config = {"vocab_size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id,
+              "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
+              **init_config(init_config_arg)}
+    if config["vocab_size"] < len(tokenizer):
+        raise InputError(f"--init-config: vocab_size {config['vocab_size']} < {len(tokenizer)} tokenizer tokens")
+    try:
+        config = AutoConfig.for_model(**config)
+    except (ValueError, KeyError, TypeError) as e:  # no or unknown model_type, a field of the wrong type
+        raise InputError(f"--init-config: not a model config transformers knows ({e})") from None
+    return AutoModelForCausalLM.from_config(config)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Reward over-optimisation ("reward hacking", seed 001): PPO against a LEARNED reward model at several KL coefficients.
+"""Reward over-optimisation ("reward hacking", as in the StackLLaMA setup): PPO against a LEARNED reward model at
+several KL coefficients.
 
     python bench/overoptimization.py                      # ~15-25 minutes on 2 CPU cores (3 runs of 80 iterations)
     python bench/overoptimization.py --kl-coefs 0 0.3 --iterations 40 --jobs 2
@@ -25,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run(kl_coef, args):
     """Start train_ppo.py for one KL coefficient; returns (Popen, out_dir)."""
     out = os.path.join(args.runs_dir, f"kl{kl_coef:g}")
-    cmd = [sys.executable, os.path.join(REPO, "train_ppo.py"), "--algo", "ppo", "--kl-coef", str(kl_coef),
+    cmd = [sys.executable, os.path.join(REPO, "train_ppo.py"), "--kl-coef", str(kl_coef),
            "--iterations", str(args.iterations), "--eval-every", str(args.eval_every), "--threads", str(args.threads),
            "--seed", str(args.seed), "--out", out, *args.extra]
     log = open(out + ".log", "w")

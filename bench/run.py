@@ -1,7 +1,7 @@
 """minirlhf's benchmark suite: one markdown table, every figure next to what it is compared with, as a ratio.
 
     python bench/run.py                    # full run, 2 threads (all cores), ~12 minutes; writes the table into
-                                           # docs/benchmarks.md and README.md (between their markers)
+                                           # docs/benchmarks.md (between its markers; README.md only links to it)
     python bench/run.py --threads 1        # one thread (when anything else runs on the machine)
     python bench/run.py --quick            # the tiny model only, fewer repeats: a smoke run (~2 minutes)
     python bench/run.py --profile          # also print torch.profiler's top operators of one step of each job
@@ -83,7 +83,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the training scripts' loss code (train_sft.lm_loss, ...) is imported from the repo root
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
@@ -91,15 +90,17 @@ from minirlhf import lora  # noqa: E402
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA  # noqa: E402
 from minirlhf.data.tokenize import collate_pairs  # noqa: E402
 from minirlhf.dpo import dpo_loss  # noqa: E402
+from minirlhf.formats import save_adapter, save_head  # noqa: E402
 from minirlhf.gae import gae  # noqa: E402
-from minirlhf.heads import (ScalarHead, final_hidden, response_logprobs, response_logprobs_and_states,  # noqa: E402
-                            save_head, sequence_scores)
+from minirlhf.heads import (ScalarHead, final_hidden, predicting_states, response_logprobs,  # noqa: E402
+                            response_logprobs_and_states, sequence_scores)
 from minirlhf.models import (count_parameters, load_model, load_reward_model, reference, resident_bytes,  # noqa: E402
                              dropout_off)
 from minirlhf.ppo import policy_loss, value_loss  # noqa: E402
 from minirlhf.reward_losses import bradley_terry_loss  # noqa: E402
-from minirlhf.rollout import minibatches, token_rewards, whiten_advantages  # noqa: E402
+from minirlhf.rollout import minibatches  # noqa: E402
 from minirlhf.sampling import sample  # noqa: E402
+from minirlhf.token_rewards import token_rewards, whiten_advantages  # noqa: E402
 from minirlhf.training import make_optimizer, make_trainable  # noqa: E402
 
 # The SmolLM2-135M shape (HuggingFaceTB/SmolLM2-135M's config), random weights; pad and EOS are arbitrary distinct ids.
@@ -232,7 +233,7 @@ def child_build_135m(job):
     lora.add_lora(model, "all-linear", r=LORA_R, alpha=LORA_ALPHA, adapter="reward")
     for p in lora.lora_parameters(model, "reward"):
         torch.nn.init.normal_(p, std=0.02)  # B != 0: the reward adapter changes the trunk's states
-    lora.save_adapter(model, job["reward_path"], "reward")
+    save_adapter(model, job["reward_path"], "reward")
     save_head(ScalarHead(model.config.hidden_size), job["reward_path"])
     return {}
 
@@ -345,9 +346,9 @@ def child_sample(job):
 
 def value_states_from(model):
     """states -> V(s_t) inputs for a separate value model: its own trunk's states, shifted as the policy's are."""
-    def states(input_ids, attention_mask):
+    def states(input_ids, attention_mask, response_mask):
         hidden = final_hidden(model, input_ids, attention_mask)  # (B, T, H)
-        return F.pad(hidden[:, :-1], (0, 0, 1, 0))  # states[:, t] predicts token t
+        return predicting_states(hidden, response_mask)  # (B, T, H): states[:, t] predicts token t
     return states
 
 
@@ -411,7 +412,7 @@ def child_ppo(job):
                 scores = sequence_scores(reward_model, reward_head, input_ids, attention_mask)  # (B,)
             logprobs, _, states = response_logprobs_and_states(policy, input_ids, attention_mask, response_mask)
             if value_states is not None:
-                states = value_states(input_ids, attention_mask)
+                states = value_states(input_ids, attention_mask, response_mask)
             values = value_head(states)[:, P:] * mask  # (B, R)
             with reference(ref_model):
                 ref_logprobs = response_logprobs(ref_model, input_ids, attention_mask, response_mask)
@@ -427,7 +428,7 @@ def child_ppo(job):
                 newlogprobs, _, mb_states = response_logprobs_and_states(
                     policy, input_ids[mb], attention_mask[mb], response_mask[mb])
                 if value_states is not None:
-                    mb_states = value_states(input_ids[mb], attention_mask[mb])
+                    mb_states = value_states(input_ids[mb], attention_mask[mb], response_mask[mb])
                 vpred = value_head(mb_states)[:, P:]  # (b, R)
                 pg_loss, _ = policy_loss(newlogprobs[:, P:], logprobs[mb], advantages[mb], mask[mb])
                 v_loss, _ = value_loss(vpred, values[mb], returns[mb], mask[mb])
@@ -637,7 +638,7 @@ def main():
                              "machine; use 1 when the cores are shared)")
     parser.add_argument("--quick", action="store_true", help="the tiny model only, fewer repeats (a smoke run)")
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"),
-                        help="markdown file to write the table into, between its markers (by default also README.md)")
+                        help="markdown file to write the table into, between its markers")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's top operators for one step of each training / sampling job")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: run one measurement, print its JSON
@@ -700,13 +701,8 @@ def main():
     block = header + "\n" + table(matmul + sections["train"] + sections["sample"] + sections["ppo"]
                                   + sections["4bit"])
     print(block)
-    written = [args.out]
-    readme = os.path.join(REPO, "README.md")
-    if args.out == parser.get_default("out") and MARK_BEGIN in open(readme).read():  # the README shows the same table
-        written.append(readme)
-    for path in written:
-        write_doc(path, block)
-    print(f"wrote {', '.join(os.path.relpath(p, REPO) for p in written)}", file=sys.stderr)
+    write_doc(args.out, block)
+    print(f"wrote {os.path.relpath(args.out, REPO)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,10 +2,10 @@
 
 Legend: B batch (one reward per sampled response), G group size (responses sampled per prompt).
 
-- REINFORCE with a moving-average baseline (seed 002): A_i = r_i - b_i, where b_i is the mean of EVERY reward seen
-  so far, including r_i itself. Since r_n - b_n = (1 - 1/n) (r_n - b_{n-1}), this is the textbook baseline b_{n-1}
-  (independent of the n-th action, so the gradient stays unbiased) with the advantage scaled by (1 - 1/n) -> 1;
-  the very first reward gets advantage 0.
+- REINFORCE with a moving-average baseline (the SmolLM2 + HelpSteer2 setup): A_i = r_i - b_i, where b_i is the
+  mean of EVERY reward seen so far, including r_i itself. Since r_n - b_n = (1 - 1/n) (r_n - b_{n-1}), this is the
+  textbook baseline b_{n-1} (independent of the n-th action, so the gradient stays unbiased) with the advantage scaled
+  by (1 - 1/n) -> 1; the very first reward gets advantage 0.
 - GRPO (Shao et al. 2024, "DeepSeekMath", Sec. 4.1.2, outcome supervision): sample G responses per prompt and
   normalise each reward within its group, A_i = (r_i - mean(group)) / (std(group) + eps).
 """

@@ -149,12 +149,6 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(cuda)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Training checkpoints: everything a run depends on, so that `--resume DIR` continues bit for bit.
 #
@@ -412,7 +406,7 @@ CHECKPOINT_FOLDERS = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + 
 
 
 def prepare_out_dir(out, resume, overwrite):
-    """Check the output folder of a run and make it ready; call it first (training.start_run does).
+    """Check the output folder of a run and make it ready; call it first (run.Run does).
 
     - The folder (--out; with --resume, the resumed run's folder) must be a directory this process can write to: it
       is created, and a probe file is written and removed. A resumed folder is not created (load_checkpoint says

@@ -1,7 +1,7 @@
 """Sample a policy on prompts and measure it: gold score (built-in world), reward-model score, KL(π‖π_ref), length.
 
 Legend: B prompts, P prompt length (left-padded), R response length, T = P + R, V vocab, N response tokens.
-Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.evaluate`, so that every number called `eval/gold` or
+Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.compare`, so that every number called `eval/gold` or
 `eval/kl` anywhere in minirlhf is computed by the same code:
   eval/gold     mean gold score of sampled responses (world.gold_score, 0..GOLD_MAX)
   eval/reward   mean score of a reward model on the same samples
@@ -12,7 +12,7 @@ Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.evaluate`, so that 
 import torch
 
 from .data.tokenize import collate_prompts
-from .heads import final_hidden
+from .heads import final_hidden, predicting_states, to_token_grid
 from .kl import exact_kl
 from .models import reference
 from .sampling import eval_mode, sample
@@ -44,9 +44,9 @@ def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, t
 
 
 def _response_logits(model, input_ids, attention_mask, response_mask):
-    """(N, V) logits that predict the N response tokens (hidden state t predicts token t + 1)."""
-    hidden = final_hidden(model, input_ids, attention_mask)  # (B, T, H)
-    return model.get_output_embeddings()(hidden[:, :-1][response_mask[:, 1:].bool()]).float()  # (N, V)
+    """(N, V) float32 logits that predict the N response tokens (heads.predicting_states does the shift)."""
+    states = predicting_states(final_hidden(model, input_ids, attention_mask), response_mask)  # (B, T, H)
+    return model.get_output_embeddings()(states[response_mask.bool()]).float()  # (N, H) -> (N, V)
 
 
 @torch.no_grad()
@@ -57,8 +57,8 @@ def sequence_kl(model, input_ids, attention_mask, response_mask):
     with reference(model):
         ref_logits = _response_logits(model, input_ids, attention_mask, response_mask)  # (N, V)
     per_token = exact_kl(logits, ref_logits)  # (N,)
-    grid = torch.zeros(response_mask[:, 1:].shape, dtype=per_token.dtype, device=per_token.device)
-    return grid.masked_scatter(response_mask[:, 1:].bool(), per_token).sum(-1)  # (B, T-1) -> (B,)
+    grid = to_token_grid(per_token, response_mask)  # (N,) -> (B, T)
+    return grid[:, 1:].sum(-1)  # (B,): token 0 is never a response token (nothing predicts it), so sum tokens 1..T-1
 
 
 @torch.no_grad()
@@ -98,3 +98,35 @@ def _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new
     if rewards:
         metrics["eval/reward"] = sum(rewards) / len(rewards)
     return metrics, samples
+
+
+def held_out_prompts(dataset, split, data_files, tokenizer, n_prompts, samples, max_prompt_length, template=None):
+    """(prompts, prompt_ids) for evaluate_policy: the first n_prompts prompts of `split`, each repeated `samples`
+    times (more samples per prompt: less noisy gold / reward numbers)."""
+    from .data import load_prompt_dataset
+    from .data.tokenize import tokenize_prompt_dataset
+    data = load_prompt_dataset(dataset, split=split, data_files=data_files)
+    data = tokenize_prompt_dataset(data.select(range(min(n_prompts, len(data)))), tokenizer, max_prompt_length,
+                                   template)
+    return ([p for p in data["prompt"] for _ in range(samples)],
+            [ids for ids in data["prompt_ids"] for _ in range(samples)])
+
+
+def gold_summary(before, after, before_samples, after_samples, gold_max):
+    """The built-in world's verdict on a run: mean gold before / after training, the share of the headroom closed,
+    (after - before) / (max - before), and the win rate: how often the response after training scores higher than
+    the one before on the same prompt and sample (ties count half)."""
+    g0, g1 = before["eval/gold"], after["eval/gold"]
+    wins = [(a["gold"] > b["gold"]) + 0.5 * (a["gold"] == b["gold"]) for a, b in zip(after_samples, before_samples)]
+    return {"eval/gold_before": g0, "eval/gold_after": g1, "eval/gold_max": gold_max,
+            "eval/headroom_closed": (g1 - g0) / (gold_max - g0) if g0 < gold_max else float("nan"),
+            "eval/win_rate": sum(wins) / len(wins)}
+
+
+def show_samples(samples, title, n=6, every=1):
+    """Print n samples (every `every`-th: one per prompt when each prompt was sampled `every` times)."""
+    print(title)
+    for s in samples[:n * every:every]:
+        scores = [f"reward {s['reward']:+.2f}"] if s["reward"] is not None else []
+        scores += [f"gold {s['gold']:.1f}"] if s["gold"] is not None else []
+        print(f"  {s['prompt']!r:45} -> {s['response']!r}" + (f"  ({', '.join(scores)})" if scores else ""))

@@ -2,11 +2,12 @@
 
 The only place transformers builds a model. A base loads in float32 / bfloat16 / 8-bit / 4-bit NF4 (QLoRA, Dettmers et
 al. 2023) and comes back with every parameter frozen: all training happens in LoRA adapters (`lora.py`) and small heads
-(`heads.py`, re-exported here). The roles share the one trunk in memory (seed 003):
-  policy     adapter "policy" active                   ->  response_logprobs, sample
+(`heads.py`); their files, and the checks of the folders a user names, are in `formats.py`. The roles share the one
+trunk in memory (the multi-adapter PPO setup):
+  policy     adapter "policy" active                   ->  heads.response_logprobs, sampling.sample
   reference  no adapter, or a frozen copy "reference"  ->  `with reference(model):`  (see below)
-  reward     adapter "reward" + ScalarHead/RatingHead  ->  sequence_scores
-  value      adapter "policy" + ScalarHead             ->  final_hidden -> head
+  reward     adapter "reward" + ScalarHead/RatingHead  ->  heads.sequence_scores  (load_reward_model puts it on)
+  value      adapter "policy" + ScalarHead             ->  heads.response_logprobs_and_states -> head
 """
 import contextlib
 import os
@@ -16,25 +17,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import lora
 from .errors import InputError
-from .heads import (HEAD_CONFIG, HEAD_WEIGHTS, RatingHead, ScalarHead, final_hidden,  # noqa: F401 (re-exported)
-                    last_token_index, load_head, read_head_config, response_logprobs, save_head, sequence_scores,
-                    trunk)
-from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_dir, first_line,  # noqa: F401 (re-exported)
-                   read_json_object, safetensors_problem, who)
+from .formats import (MODEL_FOLDER, check_model_config, check_model_dir, check_reward_model_dir, first_line,
+                      load_adapter, load_head, who)
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PAD_TOKEN = "<|pad|>"
 HUB_TIMEOUT_S = 5.0  # the one question asked to the Hub before a download (see _from_pretrained)
-MODEL_FOLDER = ("a Hugging Face model folder (config.json + model.safetensors, as save_pretrained writes) or a Hub id "
-                "(org/name)")
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
-REWARD_FOLDER = ("a reward_model/ folder written by train_reward.py (e.g. runs/reward/reward_model): "
-                 "adapter_config.json + adapter_model.safetensors + head_config.json + head.safetensors, or "
-                 "config.json + model.safetensors + the head files for a fully fine-tuned one")
 
 
 def get_device(device="auto", flag="--device"):
@@ -61,76 +52,6 @@ def get_device(device="auto", flag="--device"):
 
 def _bf16_ok(device):
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-# ---------------------------------------------------------------- checking what the user points us at
-def check_model_config(path, flag="--model", trust_remote_code=False):
-    """The config.json of a local model folder: a JSON object with a model_type this transformers knows. Returns it;
-    InputError naming `flag` and the file otherwise."""
-    name, file = who(path, flag), os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        hint = (" (it holds a LoRA adapter: pass its base model as --model, and this folder as --sft-adapter or "
-                "--reward-model)" if os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) else "")
-        raise InputError(f"{name}: the folder has no config.json, so it is not a Hugging Face model folder{hint}; "
-                         f"expected {MODEL_FOLDER}")
-    config = read_json_object(file, name, "the config.json that save_pretrained writes")
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or not model_type:
-        raise InputError(f'{name}: {file} has no "model_type" (e.g. "llama"); expected the config.json that '
-                         "save_pretrained writes")
-    import transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    if model_type not in CONFIG_MAPPING and not (trust_remote_code and "auto_map" in config):
-        remote = " (or, as it brings its own code in auto_map, trust_remote_code)" if "auto_map" in config else ""
-        raise InputError(f"{name}: {file} has model_type {model_type!r}, which transformers "
-                         f"{transformers.__version__} does not know; expected one of its architectures (llama, "
-                         f"qwen2, mistral, gpt2, ...){remote}, or a newer transformers")
-    return config
-
-
-def _weights_problem(path, name):
-    """(file, problem) for the weights transformers would load from folder `path`, or None when they look whole
-    (headers only: cheap for a multi-GB model). Its order: model.safetensors, a sharded index, pytorch_model.bin."""
-    for weights in WEIGHT_FILES:
-        file = os.path.join(path, weights)
-        if not os.path.exists(file):
-            continue
-        if weights.endswith(".index.json"):
-            index = read_json_object(file, name, f"the {weights} that save_pretrained writes")
-            shards = sorted(set((index.get("weight_map") or {}).values())) if isinstance(
-                index.get("weight_map"), dict) else []
-            if not shards:
-                return file, "lists no weight files (no weight_map)"
-            files = [os.path.join(path, shard) for shard in shards]
-        else:
-            files = [file]
-        for f in files:
-            if f.endswith(".safetensors"):
-                problem = safetensors_problem(f)
-            else:
-                problem = "is missing" if not os.path.isfile(f) else "is empty (0 bytes)" if not os.path.getsize(f) \
-                    else None
-            if problem:
-                return f, problem
-        return None
-    return path, "holds no model weights (no model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
-
-
-def check_model_dir(path, flag="--model", trust_remote_code=False):
-    """Check a local model folder BEFORE loading it: it exists, config.json is valid (check_model_config) and its
-    weights are whole (safetensors headers: not missing, empty, truncated or corrupt). Returns the config.
-    InputError naming `flag` and the first missing or broken file otherwise."""
-    name, path = who(path, flag), os.fspath(path)
-    if not os.path.isdir(path):
-        raise InputError(f"{name}: " + ("is a file, not a folder" if os.path.exists(path) else "no such folder")
-                         + f"; expected {MODEL_FOLDER}")
-    config = check_model_config(path, flag, trust_remote_code)
-    bad = _weights_problem(path, name)
-    if bad:
-        file, problem = bad
-        expected = MODEL_FOLDER if file == path else "the weights save_pretrained wrote (copy or download them again)"
-        raise InputError(f"{name}: {file} {problem}; expected {expected}")
-    return config
 
 
 def check_model_source(name_or_path, flag="--model", what="model", trust_remote_code=False):
@@ -382,42 +303,6 @@ def reference(model):
             yield model
 
 
-def check_reward_model_dir(path, flag="--reward-model"):
-    """Check a reward_model/ folder written by train_reward.py BEFORE any model is loaded (the scripts' validation).
-
-    Needs head_config.json + head.safetensors, and what the head reads: a LoRA adapter (adapter_config.json +
-    adapter_model.safetensors) or, for a fully fine-tuned reward model, the model itself (config.json + weights). A
-    folder with a head but neither is refused: the head alone on the bare base scores with the wrong model. File
-    contents are checked too (JSON, the head's fields, safetensors headers: missing, empty, truncated, corrupt).
-    Returns "adapter" or "full"; InputError naming `flag` and the first missing or broken file otherwise."""
-    name, path = who(path, flag), os.fspath(path)
-    if not os.path.exists(path):
-        raise InputError(f"{name}: not a reward model folder (no such folder); expected {REWARD_FOLDER}")
-    if not os.path.isdir(path):
-        raise InputError(f"{name}: not a reward model folder (it is a file); expected {REWARD_FOLDER}")
-    if not os.path.isfile(os.path.join(path, HEAD_CONFIG)):
-        inner = [os.path.join(path, d) for d in sorted(os.listdir(path))
-                 if os.path.isfile(os.path.join(path, d, HEAD_CONFIG))]
-        hint = f" (did you mean {inner[0]!r}?)" if inner else ""
-        raise InputError(f"{name}: not a reward model folder (no {HEAD_CONFIG} in it{hint}); expected {REWARD_FOLDER}")
-    read_head_config(path, flag)
-    problem = safetensors_problem(os.path.join(path, HEAD_WEIGHTS))
-    if problem:
-        raise InputError(f"{name}: {os.path.join(path, HEAD_WEIGHTS)} {problem}; expected the head weights written "
-                         f"with {HEAD_CONFIG} (train the reward model again or copy the whole folder)")
-    if any(os.path.exists(os.path.join(path, f)) for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS)):
-        if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
-            raise InputError(f"{name}: no {ADAPTER_CONFIG} beside {ADAPTER_WEIGHTS}; expected {REWARD_FOLDER}")
-        check_adapter_dir(path, flag)
-        return "adapter"
-    if os.path.isfile(os.path.join(path, "config.json")):
-        check_model_dir(path, flag)
-        return "full"
-    raise InputError(f"{name}: no {ADAPTER_CONFIG} in it: it holds a head ({HEAD_CONFIG}, {HEAD_WEIGHTS}) but "
-                     f"neither the LoRA adapter ({ADAPTER_CONFIG} + {ADAPTER_WEIGHTS}) nor the fully fine-tuned model "
-                     f"(config.json + model.safetensors) that the head reads; expected {REWARD_FOLDER}")
-
-
 def load_reward_model(model, path, adapter="reward", flag="--reward-model"):
     """Put a reward_model/ folder written by train_reward.py on the shared base: its LoRA adapter (frozen, named
     `adapter`) and its head, checked against the model's hidden size. Returns (adapter name or None, head); the
@@ -436,7 +321,7 @@ def load_reward_model(model, path, adapter="reward", flag="--reward-model"):
     head = head.to(model.get_input_embeddings().weight.device)
     if kind == "full":
         return None, head
-    lora.load_adapter(model, path, adapter=adapter, flag=flag)
+    load_adapter(model, path, adapter=adapter, flag=flag)
     return adapter, head
 
 
@@ -453,7 +338,7 @@ def count_parameters(model):
 
 
 def parameter_report(model):
-    """One line, as peft's print_trainable_parameters (seed 003)."""
+    """One line, as peft's print_trainable_parameters (the multi-adapter PPO setup)."""
     trainable, total = count_parameters(model)
     return f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
 

@@ -6,8 +6,9 @@ Scalar head, Bradley-Terry (Bradley & Terry 1952; as in Ouyang et al. 2022, Eq. 
 
     P(chosen > rejected) = sigmoid(r_c - r_r),    loss = -log sigmoid(r_c - r_r - margin)
 
-Distributional head (seed 002): each response gets a distribution p = softmax(logits) over ratings i = 1..K, and
-the probability that the chosen one is preferred mixes a soft comparison of every pair of ratings:
+Distributional head (the SmolLM2 + HelpSteer2 setup): each response gets a distribution p = softmax(logits) over
+ratings i = 1..K, and the probability that the chosen one is preferred mixes a soft comparison of every pair of
+ratings:
 
     P(chosen > rejected) = sum_i sum_j p_c(i) p_r(j) sigmoid(alpha * (i - j)),    loss = -log P
 

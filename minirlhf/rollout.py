@@ -1,87 +1,157 @@
-"""Rollout bookkeeping for RL on language models: from sampled responses and their scores to per-token rewards.
+"""The RL steps that do not depend on the algorithm, shared by train_ppo.py, train_grpo.py and train_reinforce.py.
 
-Legend: B responses in a rollout, R response tokens (right-padded), G group size.
-Every tensor here is a RESPONSE slice (B, R): column 0 is the first generated token, `response_mask` is 1 on the
-generated tokens (up to and including EOS) and 0 on the padded tail, a contiguous run from column 0 in every row.
+Legend: B responses, P prompt columns (left-padded), R response columns (right-padded), T = P + R, H hidden size.
+ONE frozen base serves every role (as in the multi-adapter PPO setup): the policy is a LoRA adapter "policy", the
+reward model a second adapter "reward" + its head, the reference the base with every adapter disabled
+(models.reference).
 
-A response is one episode. The environment gives nothing until the episode ends, then one score (from the reward
-model, or the built-in world's gold score); PPO in RLHF (Ziegler et al. 2019, Sec. 2.2; Stiennon et al. 2020, Eq. 1)
-also charges the policy for every token it moves away from the reference:
-
-    r_t = -kl_coef * KL_t                       on every real response token t
-    r_T = -kl_coef * KL_T + score               on the LAST REAL token T (never a padding slot)
-
-where KL_t is a per-token estimate of KL(pi || pi_ref) from the sampled token (kl.py: k1, k2 or k3). Summed over
-the response, sum_t r_t = score - kl_coef * KL(sequence): the KL-regularised objective.
+    tokenizer, model, params = load_policy(args)       # the one frozen base and the policy adapter on it
+    reward = Reward(model, args)                       # the reward adapter + head (frozen), or the gold score
+    held_out = HeldOut(model, tokenizer, reward, args, device)   # before / during / after training: held_out()
+    batch = sample_rollout(model, tokenizer, train_prompts.take(k), args, generator)   # prompts -> responses
+    scores = reward(batch)                             # (B,) read at each response's last real token
+    logprobs, entropy, states = policy_logprobs(model, batch, args.temperature)   # (B, R), (B, R), (B, T, H)
+    ref_logprobs = reference_logprobs(model, batch, args.temperature)             # (B, R)
+    log_iteration(run, iteration, metrics, stats, batch, held_out)   # metrics.jsonl + one printed line
+    return finish(run, model, held_out, before, last)  # policy adapter, summary.json, the result
+The per-token reward bookkeeping (KL penalty, score on the last token, whitening) is math: token_rewards.py.
 """
+import os
+import resource
+import time
+
 import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
 
-from .kl import k1, k2, k3
-from .ops import masked_whiten
-
-KL_ESTIMATORS = {"k1": k1, "k2": k2, "k3": k3}
-
-
-def _check_mask(response_mask):
-    mask = response_mask.bool()
-    if mask.dim() != 2:
-        raise ValueError(f"response_mask must be (B, R), got shape {tuple(mask.shape)}")
-    if not mask.any(-1).all():
-        raise ValueError("every response needs at least one real token (a row of response_mask is all 0)")
-    if (mask[:, 1:] & ~mask[:, :-1]).any():
-        raise ValueError("response_mask must be a contiguous run of real tokens from column 0 (right padding only)")
-    return mask
+from . import distributed
+from .data import load_prompt_dataset, world
+from .data.tokenize import require_pad_token, tokenize_prompt_dataset
+from .evaluation import evaluate_policy, generate, gold_summary, held_out_prompts, show_samples
+from .formats import save_adapter
+from .heads import RatingHead, response_logprobs, response_logprobs_and_states, sequence_scores
+from .lora import adapter_names, use_adapter
+from .models import load_model, load_reward_model, load_tokenizer, parameter_report, reference, resident_bytes
+from .reward_losses import expected_rating, rating_entropy
+from .token_rewards import missing_eos_penalty
+from .training import EpochOrder, make_trainable
 
 
-def last_real_index(response_mask):
-    """(B, R) -> (B,): the column of each response's last real token (its EOS if it has one)."""
-    return _check_mask(response_mask).sum(-1) - 1  # contiguous from column 0: the count of real tokens minus one
+def load_policy(args):
+    """The tokenizer (with a pad token distinct from EOS), the one frozen base every role shares, and on it the policy:
+    a fresh LoRA adapter "policy" (B = 0, so the policy starts AS the base: the reference). Returns (tokenizer,
+    model, the policy's trainable parameters)."""
+    tokenizer = load_tokenizer(args.model)
+    require_pad_token(tokenizer)
+    model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                       tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
+    params = make_trainable(model, "policy", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            lora_targets=args.lora_targets)
+    return tokenizer, model, params
 
 
-def per_token_kl(logprobs, ref_logprobs, response_mask, estimator="k1"):
-    """(B, R) estimate of KL(pi || pi_ref) at every sampled token (k1 | k2 | k3 of kl.py); 0 on padding.
-
-    logprobs must be the log-probs of the policy that SAMPLED the tokens (the estimators assume x ~ pi)."""
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"KL estimator must be one of {tuple(KL_ESTIMATORS)}, got {estimator!r}")
-    mask = _check_mask(response_mask)
-    kl = KL_ESTIMATORS[estimator](logprobs, ref_logprobs)  # (B, R)
-    return torch.where(mask, kl, torch.zeros_like(kl))
+def roles(model, reward, args, world_size):
+    """What the run is: the parameter report, which role is what on the one base, and the batch sizes."""
+    groups = f" in groups of {args.group_size}" if hasattr(args, "group_size") else ""
+    return (f"{parameter_report(model)}\nroles on one base: {', '.join(adapter_names(model))} adapter(s); reward = "
+            f"{reward.describe}; reference = the base with adapters disabled\n{args.iterations} iterations of "
+            f"{args.rollout_size * world_size} responses ({world_size} process(es) x {args.rollout_size}){groups}, "
+            f"minibatches of {args.minibatch_size} per process")
 
 
-def token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estimator="k1"):
-    """Per-token rewards (B, R): -kl_coef * KL_t on every real token, plus scores (B,) at the last real token.
+class TrainPrompts:
+    """The training prompts of --split and this process's position in them (training.EpochOrder: sharded over
+    processes, reshuffled every epoch; state_dict() for checkpoints). take(k, repeat) -> (messages, token ids) of
+    the next k prompts, each `repeat` times in a row (GRPO's groups)."""
 
-    Padding slots get exactly 0. Returns (rewards, kl), both (B, R), kl being the per-token estimate used."""
-    if scores.dim() != 1 or scores.shape[0] != logprobs.shape[0]:
-        raise ValueError(f"scores must be (B,) with B = {logprobs.shape[0]}, got shape {tuple(scores.shape)}")
-    kl = per_token_kl(logprobs, ref_logprobs, response_mask, estimator)  # (B, R)
-    rewards = -kl_coef * kl  # (B, R), 0 on padding
-    rows = torch.arange(rewards.shape[0], device=rewards.device)
-    rewards[rows, last_real_index(response_mask)] += scores.to(rewards.dtype)  # the score lands on the last token
-    return rewards, kl
+    def __init__(self, args, tokenizer, dist):
+        data = tokenize_prompt_dataset(load_prompt_dataset(args.dataset, split=args.split, data_files=args.data_files),
+                                       tokenizer, args.max_prompt_length, args.template)
+        self.messages, self.ids = data["prompt"], data["prompt_ids"]
+        self.order = EpochOrder(len(self.ids), args.seed, dist.rank, dist.world_size)
 
+    def take(self, k, repeat=1):
+        idx = [i for i in self.order.take(k) for _ in range(repeat)]
+        return [self.messages[i] for i in idx], [self.ids[i] for i in idx]
 
-def missing_eos_penalty(scores, ended, penalty):
-    """scores (B,) minus `penalty` for every response that did not end with EOS (ended (B,) bool): a response cut
-    off at max_new_tokens should not be rewarded as if it were finished (TRL's missing_eos_penalty)."""
-    return scores - penalty * (~ended.bool()).to(scores.dtype)
+    def state_dict(self):
+        return self.order.state_dict()
 
-
-def whiten_rewards(rewards, response_mask):
-    """Rewards divided by their std over all real tokens of the rollout, mean KEPT (shift_mean=False): the scale of a
-    learned reward model is arbitrary, its sign is not (Ziegler et al. 2019 normalise the reward model instead)."""
-    return masked_whiten(rewards, _check_mask(response_mask), shift_mean=False)
+    def load_state_dict(self, state):
+        self.order.load_state_dict(state)
 
 
-def whiten_advantages(advantages, response_mask):
-    """(advantages - mean) / std over all real tokens of the rollout; 0 on padding (PPO's advantage whitening)."""
-    return masked_whiten(advantages, _check_mask(response_mask), shift_mean=True)
+class Reward:
+    """The reward of a prompt + response: the reward model of --reward-model (its LoRA adapter "reward" and head on
+    the shared base, frozen; read at the last real token; a rating head gives E[rating], optionally minus
+    entropy_coef x its entropy) or, with --reward gold, the built-in world's gold score (a verifiable reward)."""
+
+    def __init__(self, model, args):
+        self.model, self.gold_only = model, args.reward == "gold"
+        self.transform, self.entropy_coef = args.reward_transform, args.entropy_coef
+        self.missing_eos_penalty = getattr(args, "missing_eos_penalty", None)
+        self.gold = world.gold_score if args.dataset == "builtin" else None
+        self.head = None
+        if not self.gold_only:
+            _, self.head = load_reward_model(model, args.reward_model)  # adapter "reward"; "policy" stays active
+            self.head.requires_grad_(False)
+        self.describe = (f"{type(self.head).__name__} from {args.reward_model}" if self.head is not None
+                         else "gold reward")
+
+    def __call__(self, batch):
+        """(B,) rewards of a sample_rollout batch: the score, minus --missing-eos-penalty for a response cut off
+        before its EOS (TRL's missing_eos_penalty)."""
+        scores = self.score(batch)
+        if self.missing_eos_penalty is not None:
+            scores = missing_eos_penalty(scores, batch["ended"], self.missing_eos_penalty)
+        return scores
+
+    @torch.no_grad()
+    def score(self, batch):
+        """(B,) scores of a sample_rollout / evaluation.generate batch."""
+        if self.gold_only:
+            return torch.tensor([self.gold(p, t) for p, t in zip(batch["prompts"], batch["texts"])],
+                                device=batch["input_ids"].device)
+        with use_adapter(self.model, "reward"):
+            out = sequence_scores(self.model, self.head, batch["input_ids"], batch["attention_mask"])  # (B,) / (B, K)
+        if not isinstance(self.head, RatingHead):
+            return out
+        rating = expected_rating(out)  # (B, K) -> (B,)
+        if self.transform == "expected-minus-entropy":  # an unsure reward model's score counts less
+            rating = rating - self.entropy_coef * rating_entropy(out)
+        return rating
 
 
-def sequence_logprobs(logprobs, response_mask):
-    """(B, R) -> (B,): log pi(response | prompt), the sum of its real tokens' log-probs (REINFORCE's term)."""
-    return torch.where(_check_mask(response_mask), logprobs, torch.zeros_like(logprobs)).sum(-1)
+def sample_rollout(model, tokenizer, prompts, args, generator):
+    """One response per prompt from the active adapter (the policy), at --temperature; prompts = (messages, token
+    ids). The evaluation.generate dict, on the generator's device, plus "prompts" (the messages), "P" (prompt
+    columns), "mask" (B, R): True on response tokens, and "seconds": how long sampling took."""
+    start, (messages, prompt_ids), device = time.time(), prompts, generator.device
+    batch = generate(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                     generator=generator, device=device)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    P = batch["input_ids"].shape[1] - batch["response_ids"].shape[1]  # prompt columns (left-padded)
+    return {**batch, "prompts": messages, "P": P, "mask": batch["response_mask"][:, P:].bool(),  # (B, R)
+            "seconds": time.time() - start}
+
+
+def policy_logprobs(model, batch, temperature, rows=slice(None)):
+    """The policy's log-probs of the sampled tokens and their entropies, (b, R) each, and the (b, T, H) states that
+    predict them (for a value head), for the rows `rows` of a rollout (all by default). With grad when called with
+    grad (the update); wrap in torch.no_grad() for the rollout's old log-probs."""
+    logprobs, entropy, states = response_logprobs_and_states(
+        model, batch["input_ids"][rows], batch["attention_mask"][rows], batch["response_mask"][rows], temperature)
+    P = batch["P"]
+    return logprobs[:, P:], entropy[:, P:], states  # (b, T) -> (b, R)
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch, temperature):
+    """(B, R) log-probs of the sampled tokens under the reference: the base with every adapter disabled."""
+    with reference(model):
+        logprobs = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
+                                     temperature=temperature)  # (B, T)
+    return logprobs[:, batch["P"]:]
 
 
 def minibatches(batch_size, minibatch_size, generator=None):
@@ -90,3 +160,113 @@ def minibatches(batch_size, minibatch_size, generator=None):
         raise ValueError(f"minibatch size must lie in [1, {batch_size}], got {minibatch_size}")
     order = torch.randperm(batch_size, generator=generator)
     return list(order.split(minibatch_size))
+
+
+class HeldOut:
+    """The held-out prompts (the first --eval-prompts of --eval-split, each --eval-samples times) and how the policy
+    is measured on them: evaluation.evaluate_policy scored by the reward (its gold score stands in for the reward
+    model with --reward gold). held_out() -> (metrics, samples)."""
+
+    def __init__(self, model, tokenizer, reward, args, device):
+        self.model, self.tokenizer, self.reward, self.args, self.device = model, tokenizer, reward, args, device
+        self.prompts, self.prompt_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
+                                                         args.eval_prompts, args.eval_samples, args.max_prompt_length,
+                                                         args.template)
+
+    def __call__(self):
+        reward, args = self.reward, self.args
+        metrics, samples = evaluate_policy(self.model, self.tokenizer, self.prompts, self.prompt_ids,
+                                           gold_fn=reward.gold, reward_fn=None if reward.gold_only else reward.score,
+                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           seed=args.seed, device=self.device)
+        if reward.gold_only:  # the proxy IS the gold score
+            metrics["eval/reward"] = metrics["eval/gold"]
+            for s in samples:
+                s["reward"] = s["gold"]
+        return metrics, samples
+
+    def before_training(self):
+        """The evaluation before training, printed (for run.once: a resumed run reads it from its checkpoint)."""
+        metrics, samples = self()
+        print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + "   (before training)")
+        return metrics, samples
+
+
+def iteration_metrics(batch, scores, kl, rlhf_reward, world_size):
+    """What every RL script logs about a rollout (B responses): objective/kl (mean per-sequence sum of the per-token
+    KL estimate, averaged over processes: every rank must call this), objective/scores, objective/rlhf_reward
+    (score - beta KL), rollout/length, rollout/eos_fraction."""
+    return {"objective/kl": distributed.all_reduce_mean(kl.sum(-1).mean().item(), world_size),
+            "objective/scores": scores.mean().item(), "objective/rlhf_reward": rlhf_reward.mean().item(),
+            "rollout/length": batch["mask"].sum(-1).float().mean().item(),
+            "rollout/eos_fraction": batch["ended"].float().mean().item()}
+
+
+def log_iteration(run, iteration, metrics, stats, batch, held_out):
+    """Rank 0: `metrics` plus the mean of each minibatch statistic in `stats`, the rollout's sampling time and its
+    tokens per second over the whole iteration and, every --eval-every iterations, the held-out evaluation: one row of
+    metrics.jsonl, one printed line."""
+    if not run.is_main:
+        return
+    args, seconds = run.args, time.time() - run.step_started
+    metrics.update({k: torch.stack([s[k].float() for s in stats]).mean().item() for k in stats[0]})
+    metrics.update({"time/generation": batch["seconds"],
+                    "perf/tokens_per_second": batch["attention_mask"].sum().item() / seconds})
+    if args.eval_every and iteration % args.eval_every == 0 and iteration < args.iterations:
+        metrics.update(held_out()[0])
+    run.log(iteration, metrics)
+    tqdm.write(log_line(iteration, metrics, time.time() - run.step_started))
+
+
+def log_line(iteration, metrics, seconds):
+    """The one line per iteration the RL scripts print."""
+    return (f"iter {iteration:3d} | score {metrics['objective/scores']:+.3f} | kl {metrics['objective/kl']:6.2f} | "
+            f"entropy {metrics['policy/entropy']:.3f} | len {metrics['rollout/length']:4.1f} | approx_kl "
+            f"{metrics['policy/approx_kl']:.4f}"
+            + (f" | eval gold {metrics['eval/gold']:.3f} reward {metrics['eval/reward']:+.3f} kl "
+               f"{metrics['eval/kl']:.2f}" if "eval/gold" in metrics else "") + f" | {seconds:.1f}s")
+
+
+def save_last_rollout(out, tensors):
+    """out/last_rollout.safetensors: the tensors the last update saw, to inspect by hand (and for the tests)."""
+    save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+               for k, v in tensors.items()}, os.path.join(out, "last_rollout.safetensors"))
+
+
+def finish(run, model, held_out, before, last):
+    """The end of every RL script: save the policy adapter (PEFT format) and the last rollout's tensors, evaluate the
+    policy on the held-out prompts, write summary.json (the evaluations before and after, the gold verdict on the
+    built-in world, memory) and print the samples and one line with the result. Returns the summary (rank 0)."""
+    run.save("policy", lambda folder: save_adapter(model, folder, "policy"))
+    if not run.is_main:
+        return run.finish({})
+    if last:
+        save_last_rollout(run.args.out, last)
+    after, after_samples = held_out()
+    return final_summary(run, model, held_out.reward, before, after, after_samples)
+
+
+def final_summary(run, model, reward, before, after, after_samples):
+    """summary.json (rank 0) and the printed result; `before` = (metrics, samples) of the evaluation before."""
+    before, before_samples = before
+    extra = {"train/iterations": run.step, "train/episodes": run.step * run.args.rollout_size}
+    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    final = {**{k + "_before": v for k, v in before.items()}, **{k + "_after": v for k, v in after.items()},
+             "eval/kl": after["eval/kl"], "memory/model_bytes": resident_bytes(model),
+             "memory/peak_rss_bytes": peak_rss, **extra}
+    if torch.cuda.is_available():
+        final["memory/cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    if reward.gold:
+        final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
+    summary = run.finish(final)
+    show_samples(after_samples, "\nsamples after training:", every=run.args.eval_samples)
+    print(f"memory: model {final['memory/model_bytes'] / 2**20:.1f} MiB resident, process peak RSS "
+          f"{peak_rss / 2**20:.0f} MiB" + (f", CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+                                           if torch.cuda.is_available() else ""))
+    print(f"done in {summary['time/total_seconds']:.0f}s: reward {summary['eval/reward_before']:+.3f} -> "
+          f"{summary['eval/reward_after']:+.3f}, "
+          + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "
+             f"{summary['eval/gold_max']:.1f} (headroom closed {summary['eval/headroom_closed']:.2f}), "
+             if reward.gold else "")
+          + f"KL {summary['eval/kl']:.2f} nats; policy adapter in {os.path.join(run.args.out, 'policy')}")
+    return summary

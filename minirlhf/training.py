@@ -4,38 +4,14 @@ Kept deliberately thin (STYLE.md: the loop itself lives in each script and reads
 """
 import contextlib
 import math
-import os
 
 import torch
 
 from . import distributed, lora
-from .checkpoint import CHECKPOINT_DIR, load_checkpoint, prepare_out_dir, seed_everything
-from .cli import format_args
 from .errors import Diverged
 
 
-def start_run(args):
-    """The first lines of every script: check --out (writable; a folder holding an interrupted run needs --resume or
-    --overwrite: checkpoint.prepare_out_dir), join the torchrun process group (if any), read the checkpoint to resume
-    and check its settings BEFORE anything is loaded (a resumed run continues in its own directory: out = resume),
-    print the settings (rank 0), set torch's threads and seed everything. Returns (DistInfo, checkpoint or None,
-    device)."""
-    from .models import get_device
-    if args.resume:  # the run folder (also when given its checkpoint/ folder itself)
-        resume = os.path.normpath(args.resume)
-        args.resume = args.out = os.path.dirname(resume) if os.path.basename(resume) == CHECKPOINT_DIR else resume
-    prepare_out_dir(args.out, args.resume, args.overwrite)  # writable; an interrupted run needs --resume/--overwrite
-    dist = distributed.setup(get_device(args.device).type)
-    checkpoint = load_checkpoint(args.resume, args, dist) if args.resume else None
-    if dist.is_main:
-        print(format_args(args))
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    seed_everything(args.seed)
-    return dist, checkpoint, get_device(args.device)
-
-
-def make_trainable(model, adapter, full_finetune=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
+def make_trainable(model, adapter, *, full_finetune=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                    lora_targets=("all-linear",)):
     """Either every base weight trains (full fine-tuning, float bases only) or a fresh LoRA adapter named `adapter`
     does (and nothing else). Returns the list of trainable parameters (heads are added by the caller)."""
@@ -104,6 +80,31 @@ def lr_at(step, lr, total_steps, warmup_steps=0, min_lr_ratio=0.1):
 def set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class EpochOrder:
+    """One process's position in the data: the next example indices, a fresh shared permutation every epoch.
+
+    take(k) returns the next k indices; when fewer than k are left in the epoch, the rest are dropped and the next
+    epoch's order starts (epoch_order: the same on every machine, rank r taking every world_size-th index).
+    state_dict() / load_state_dict() let a checkpoint continue exactly here."""
+
+    def __init__(self, n, seed, rank=0, world_size=1):
+        self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
+        self.epoch, self.order = 0, []
+
+    def take(self, k):
+        if len(self.order) < k:
+            self.order = epoch_order(self.n, self.epoch, self.seed, self.rank, self.world_size)
+            self.epoch += 1
+        idx, self.order = self.order[:k], self.order[k:]
+        return idx
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "order": list(self.order)}
+
+    def load_state_dict(self, state):
+        self.epoch, self.order = state["epoch"], list(state["order"])
 
 
 def epoch_order(n, epoch, seed, rank=0, world_size=1):

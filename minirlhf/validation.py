@@ -91,3 +91,32 @@ def check_common(args, ranges, datasets="preference"):
         get_device(args.device)  # InputError for an unknown device or CUDA asked for where there is none
     if getattr(args, "model", None) and not getattr(args, "init_config", None):
         check_model_source(args.model)  # a local folder with config.json + weights, or a Hub id (no network here)
+
+
+def check_rl_args(args, ranges, kl_estimators=None):
+    """What train_ppo.py, train_grpo.py and train_reinforce.py check alike: check_common, the reward source (a
+    reward-model folder, file by file, whose head fits --reward-transform; or the gold score of the built-in world),
+    the KL estimator, minibatch <= rollout, a --target-kl with a starting --kl-coef."""
+    import json
+    import os
+    from .formats import check_reward_model_dir
+    check_common(args, ranges, datasets="prompt")
+    check_choice("--reward", args.reward, ("model", "gold"))
+    check_choice("--reward-transform", args.reward_transform, ("expected", "expected-minus-entropy"))
+    if kl_estimators:
+        check_choice("--kl-estimator", args.kl_estimator, kl_estimators)
+    if args.minibatch_size > args.rollout_size:
+        raise InputError(f"--minibatch-size {args.minibatch_size} is larger than --rollout-size {args.rollout_size}")
+    if getattr(args, "target_kl", None) is not None and args.kl_coef <= 0:
+        raise InputError("--target-kl needs --kl-coef > 0 (its starting value)")
+    if args.reward == "gold" and args.dataset != "builtin":
+        raise InputError("--reward gold is the built-in world's gold score: it needs --dataset builtin")
+    if args.reward == "model":
+        if check_reward_model_dir(args.reward_model) == "full":  # one line naming the missing file
+            raise InputError(f"--reward-model {args.reward_model!r} is a fully fine-tuned model, not an adapter on "
+                             "the shared base; train it with LoRA (train_reward.py without --full-finetune)")
+        with open(os.path.join(args.reward_model, "head_config.json")) as f:
+            kind = json.load(f).get("kind")
+        if kind != "rating" and args.reward_transform != "expected":
+            raise InputError(f"--reward-transform {args.reward_transform} needs a rating (distributional) reward "
+                             f"head; {args.reward_model!r} holds a {kind} head")

@@ -142,6 +142,7 @@ def test_train_sft_lora_completion_only_and_merge(tmp_path, train_sft):
     """LoRA SFT without packing (loss on responses only), then --merge: the merged model saved with save_pretrained
     gives the same logits as the base with the saved adapter on top, and the frozen base never moved."""
     from minirlhf import lora
+    from minirlhf.formats import load_adapter
     out = tmp_path / "lora"
     args = train_sft.Args(model=TINY_LLAMA, max_steps=3, batch_size=4, block_size=48, log_every=1, eval_every=3,
                           lr=1e-2, warmup_steps=1, packing=False, merge=True, threads=1, out=str(out))
@@ -153,7 +154,7 @@ def test_train_sft_lora_completion_only_and_merge(tmp_path, train_sft):
     base = AutoModelForCausalLM.from_pretrained(TINY_LLAMA).eval()
     with torch.no_grad():
         base_logits = base(ids).logits
-        lora.load_adapter(base, str(out / "adapter"), adapter="sft")
+        load_adapter(base, str(out / "adapter"), adapter="sft")
         lora.set_active_adapter(base, "sft")
         adapted = base(ids).logits
         merged_logits = merged(ids).logits

@@ -24,7 +24,7 @@ from minirlhf.assets import TINY_LLAMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-SCRIPTS = ("train_sft.py", "train_reward.py", "train_dpo.py", "train_ppo.py")
+SCRIPTS = ("train_sft.py", "train_reward.py", "train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py")
 
 # ---- settings out of range: zero, negative, NaN, inf (validation.py), in every script that has the flag
 RANGE_CASES = [
@@ -94,7 +94,12 @@ CHOICE_CASES = [
     ("train_reward.py", ["--split", "dev"], "--split"),
     ("train_reward.py", ["--loss", "hinge"], "--loss"),
     ("train_dpo.py", ["--loss", "kto"], "--loss"),
-    ("train_ppo.py", ["--algo", "a2c"], "--algo"),
+    ("train_ppo.py", ["--reward", "oracle"], "--reward"),
+    ("train_grpo.py", ["--group-size", "1"], "--group-size"),
+    ("train_grpo.py", ["--group-size", "3"], "--group-size"),
+    ("train_grpo.py", ["--beta", "nan"], "--beta"),
+    ("train_reinforce.py", ["--kl-coef", "-1"], "--kl-coef"),
+    ("train_reinforce.py", ["--kl-estimator", "k4"], "--kl-estimator"),
     ("train_ppo.py", ["--kl-estimator", "k5"], "--kl-estimator"),
     ("train_sft.py", ["--merge", "--full-finetune"], "--merge"),
     ("train_sft.py", ["--init-config", "{}"], "--tokenizer"),
@@ -159,6 +164,12 @@ DIVERGE = {
                      "--eval-samples", "1", "--max-new-tokens", "4", "--max-eval-pairs", "8", "--save-every", "1"],
     "train_ppo.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size", "8",
                      "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens", "4", "--save-every", "1"],
+    "train_grpo.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size", "8",
+                      "--group-size", "4", "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens", "4",
+                      "--save-every", "1"],
+    "train_reinforce.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size",
+                           "8", "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens", "4", "--save-every",
+                           "1"],
 }
 
 

@@ -58,7 +58,8 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(name, tmp_path):
     moved = max(v.abs().max().item() for k, v in w1.items() if "lora_B" in k)
     assert moved > 1e-4
     # every rank kept its own data position and RNG; the two ranks saw different examples
-    assert len(state2["ranks"]) == 2 and state2["ranks"][0]["order"] != state2["ranks"][1]["order"]
+    orders = [rank["state"]["order"] for rank in state2["ranks"]]  # run.Run saves each rank's `state` objects
+    assert len(orders) == 2 and orders[0] != orders[1]
 
 
 def test_ppo_runs_under_torchrun_and_a_checkpoint_resumes_only_with_as_many_processes(tmp_path):
@@ -73,7 +74,7 @@ def test_ppo_runs_under_torchrun_and_a_checkpoint_resumes_only_with_as_many_proc
     assert summary["train/finished"] and summary["train/iterations"] == 2 and summary["params/frozen_unchanged"]
     state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=False)
     assert state["world_size"] == 2
-    g0, g1 = (r["generator"] for r in state["ranks"])
+    g0, g1 = (r["state"]["generator"] for r in state["ranks"])
     assert not torch.equal(g0, g1)  # each process samples its own rollouts
     # a 2-process checkpoint cannot continue in 1 process (the data shards would change): one clear line
     proc = subprocess.run([sys.executable, *args, "--resume", str(out)], capture_output=True, text=True, cwd=ROOT,

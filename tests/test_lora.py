@@ -1,9 +1,7 @@
-"""LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023) by hand, checked against the closed form in float64, against
-the base model bit for bit, and against PEFT (the independent reference implementation) through its on-disk format."""
-import copy
-import json
+"""LoRA (Hu et al. 2021) and QLoRA (Dettmers et al. 2023) by hand, checked against the closed form in float64 and
+against the base model bit for bit. Against PEFT (the independent reference implementation), through its on-disk
+format: tests/test_formats.py."""
 import math
-import os
 from collections import OrderedDict
 
 import pytest
@@ -218,89 +216,6 @@ def test_copy_adapter_is_identical_and_frozen():
         lora.lora_parameters(model, "policy")[1].add_(1.0)
     with lora.use_adapter(model, "reference"):
         assert torch.equal(logits(model, x), policy)
-
-
-# ---- PEFT's on-disk format ----------------------------------------------------------------------------------------
-
-def test_save_load_round_trip_exact(tmp_path):
-    model, x = tiny_llama(), ids()
-    lora.add_lora(model, ["q_proj", "v_proj"], r=4, alpha=16, dropout=0.1, adapter="policy")
-    randomize_B(model, "policy")
-    want = logits(model, x)
-    lora.save_adapter(model, tmp_path / "ad", "policy")
-    assert sorted(os.listdir(tmp_path / "ad")) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files
-    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
-    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (4, 16, 0.1)
-    assert config["target_modules"] == ["q_proj", "v_proj"]
-    from safetensors.torch import load_file
-    keys = set(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
-    assert "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight" in keys and len(keys) == 8
-
-    fresh = tiny_llama()
-    lora.load_adapter(fresh, tmp_path / "ad", "loaded")
-    assert lora.active_adapter(fresh) == "loaded"
-    assert torch.equal(logits(fresh, x), want)
-    assert not fresh.model.layers[0].self_attn.q_proj.lora_dropout["loaded"].training  # an eval model stays in eval
-    assert all(not p.requires_grad for p in lora.lora_parameters(fresh, "loaded"))  # frozen unless trainable=True
-    lora.load_adapter(fresh, tmp_path / "ad", "again", trainable=True)
-    assert all(p.requires_grad for p in lora.lora_parameters(fresh, "again"))
-    with torch.no_grad():  # loading into an existing adapter overwrites its weights
-        lora.lora_parameters(fresh, "loaded")[1].zero_()
-    lora.load_adapter(fresh, tmp_path / "ad", "loaded")
-    assert torch.equal(logits(fresh, x), want)
-
-
-def test_peft_loads_what_we_save(tmp_path):
-    peft = pytest.importorskip("peft")
-    model, x = tiny_llama(torch.float32), ids()
-    base = copy.deepcopy(model)
-    lora.add_lora(model, "all-linear", r=4, alpha=8)
-    randomize_B(model, "default")
-    lora.save_adapter(model, tmp_path / "ad")
-    theirs = peft.PeftModel.from_pretrained(base, tmp_path / "ad").eval()
-    assert theirs.peft_config["default"].target_modules == set(t.split(".")[1] for t in ALL_LINEAR)
-    torch.testing.assert_close(logits(theirs, x), logits(model, x), atol=1e-6, rtol=0)
-
-
-def test_we_load_what_peft_saves(tmp_path):
-    peft = pytest.importorskip("peft")
-    base, x = tiny_llama(torch.float32), ids()
-    ours = copy.deepcopy(base)
-    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["k_proj", "down_proj"], task_type="CAUSAL_LM")
-    theirs = peft.get_peft_model(base, config)
-    with torch.no_grad():
-        for n, p in theirs.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    theirs.save_pretrained(tmp_path / "ad")
-    lora.load_adapter(ours, tmp_path / "ad", "peft")
-    assert lora_names(ours, "peft") == {f"model.layers.{i}.{t}" for i in range(2) for t in
-                                        ["self_attn.k_proj", "mlp.down_proj"]}
-    torch.testing.assert_close(logits(ours, x), logits(theirs.eval(), x), atol=1e-6, rtol=0)
-
-
-def test_load_rejects_an_adapter_that_does_not_fit(tmp_path):
-    model = tiny_llama()
-    lora.add_lora(model, ["q_proj"], r=4, alpha=8)
-    lora.save_adapter(model, tmp_path / "ad")
-    wider = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=64, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match=r"does not fit this model .*q_proj.lora_A.weight', \(4, 32\), \(4, 64\)"):
-        lora.load_adapter(wider, tmp_path / "ad")
-    assert lora.adapter_names(wider) == []  # nothing half-added
-    deeper = LlamaForCausalLM(LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                                          num_attention_heads=4, num_key_value_heads=2))
-    with pytest.raises(ValueError, match=r"'base_model.model.model.layers.2.self_attn.q_proj.lora_A.weight', None"):
-        lora.load_adapter(deeper, tmp_path / "ad")
-    lora.add_lora(model, ["q_proj"], r=2, alpha=8, adapter="small")
-    lora.save_adapter(model, tmp_path / "small", "small")
-    with pytest.raises(ValueError, match="exists with other modules or rank"):
-        lora.load_adapter(model, tmp_path / "small", "default")
-    cfg_path = tmp_path / "ad" / "adapter_config.json"
-    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "use_dora": True}))
-    with pytest.raises(ValueError, match="only plain LoRA"):
-        lora.load_adapter(tiny_llama(), tmp_path / "ad")
 
 
 # ---- QLoRA: bitsandbytes k-bit bases on the CPU -------------------------------------------------------------------

@@ -17,8 +17,10 @@ from safetensors.torch import load_file, save_file
 from conftest import make_tiny_llama
 from minirlhf import lora, models
 from minirlhf.errors import InputError
-from minirlhf.models import (ScalarHead, check_adapter_dir, check_model_dir, check_reward_model_dir, get_device,
-                             load_head, load_model, load_reward_model, load_tokenizer, save_head)
+from minirlhf.formats import (check_adapter_dir, check_model_dir, check_reward_model_dir, load_adapter, load_head,
+                              save_adapter, save_head)
+from minirlhf.heads import ScalarHead
+from minirlhf.models import get_device, load_model, load_reward_model, load_tokenizer
 
 ASSET = os.path.join(os.path.dirname(models.__file__), "assets", "tiny-llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -274,7 +276,7 @@ def reward_folder(tmp_path, name="reward_model", full=False):
         with torch.no_grad():
             for p in lora.lora_parameters(model, "reward"):
                 p.normal_()
-        lora.save_adapter(model, path, adapter="reward")
+        save_adapter(model, path, adapter="reward")
     save_head(ScalarHead(32), path)
     return path
 
@@ -347,10 +349,10 @@ def test_load_adapter_and_load_head_name_broken_files(tmp_path, tiny_llama):
     path = reward_folder(tmp_path)
     truncate(path / "adapter_model.safetensors")
     with pytest.raises(InputError, match=r"^adapter folder '.*': .*adapter_model.safetensors is truncated or corrupt"):
-        lora.load_adapter(tiny_llama, path)
+        load_adapter(tiny_llama, path)
     (path / "adapter_model.safetensors").unlink()
     with pytest.raises(InputError, match=r"^--sft-adapter '.*': .*adapter_model.safetensors is missing"):
-        lora.load_adapter(tiny_llama, path, flag="--sft-adapter")
+        load_adapter(tiny_llama, path, flag="--sft-adapter")
     truncate(path / "head.safetensors")
     with pytest.raises(InputError, match=r"^head folder '.*': .*head.safetensors is truncated or corrupt"):
         load_head(path)
@@ -366,14 +368,14 @@ def test_sft_adapter_folder_problems(tmp_path, tiny_llama_dir):
     run = tmp_path / "sft"
     model = make_tiny_llama()
     lora.add_lora(model, ["q_proj", "v_proj"], r=2, alpha=4, adapter="sft")
-    lora.save_adapter(model, run / "adapter", adapter="sft")
+    save_adapter(model, run / "adapter", adapter="sft")
     assert check_adapter_dir(run / "adapter", "--sft-adapter")["r"] == 2
     for path, words in [(tmp_path / "nowhere", "no such folder; expected a LoRA adapter folder"),
                         (run, f"no adapter_config.json in it (did you mean {str(run / 'adapter')!r}?)"),
                         (tiny_llama_dir, "(it holds a full model, not an adapter: pass it as --model instead)"),
                         (run / "adapter" / "adapter_config.json", "is a file, not a folder")]:
         for check in (lambda p: check_adapter_dir(p, "--sft-adapter"),
-                      lambda p: lora.load_adapter(make_tiny_llama(), p, "policy", True, flag="--sft-adapter")):
+                      lambda p: load_adapter(make_tiny_llama(), p, "policy", True, flag="--sft-adapter")):
             with pytest.raises(InputError) as error:
                 check(path)
             assert str(error.value).startswith(f"--sft-adapter {str(path)!r}: ") and words in str(error.value)

@@ -1,32 +1,34 @@
-"""Loading (fp32 / bf16 / 8-bit / 4-bit), parameter counting, heads, response log-probs, and the roles on one base."""
-import copy
+"""Loading (fp32 / bf16 / 8-bit / 4-bit), parameter counting, heads, the next-token shift and response log-probs, and
+the roles on one base. (Saving and loading heads and adapters: tests/test_formats.py.)"""
 import math
-import os
 
 import pytest
 import torch
 
 from conftest import make_tiny_gpt2, make_tiny_llama
 from minirlhf import lora
-from minirlhf.models import (RatingHead, ScalarHead, count_parameters, last_token_index, load_head, load_model,
-                             load_tokenizer, parameter_report, prepare_for_kbit_training, reference, resident_bytes,
-                             response_logprobs, save_head, sequence_scores, trunk)
+from minirlhf.heads import (RatingHead, ScalarHead, final_hidden, last_token_index, predicting_states,
+                            response_logprobs, sequence_scores, trunk)
+from minirlhf.models import (count_parameters, load_model, load_tokenizer, parameter_report, prepare_for_kbit_training,
+                             reference, resident_bytes)
 from minirlhf.ops import masked_mean
 
 PAD = 0
 
 
-def prompt_response_batch(spec, vocab=101, seed=0):
-    """spec: [(prompt_len, response_len)] -> left-padded prompts + right-padded responses, all (B, T):
+def prompt_response_batch(spec, vocab=101, seed=0, prompt_padding="left"):
+    """spec: [(prompt_len, response_len)] -> left-padded prompts + right-padded responses (as the sampler lays them
+    out), or with prompt_padding="right" every row from position 0 and all its padding on the right; all (B, T):
     input_ids, attention_mask, response_mask."""
     g = torch.Generator().manual_seed(seed)
     P, R = max(p for p, _ in spec), max(r for _, r in spec)
     ids = torch.full((len(spec), P + R), PAD)
     attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
     for i, (p, r) in enumerate(spec):
-        ids[i, P - p:P + r] = torch.randint(3, vocab, (p + r,), generator=g)
-        attn[i, P - p:P + r] = 1
-        resp[i, P:P + r] = 1
+        start = P - p if prompt_padding == "left" else 0  # where the row's prompt starts
+        ids[i, start:start + p + r] = torch.randint(3, vocab, (p + r,), generator=g)
+        attn[i, start:start + p + r] = 1
+        resp[i, start + p:start + p + r] = 1
     return ids, attn, resp
 
 
@@ -34,7 +36,26 @@ BATCH = prompt_response_batch([(4, 5), (1, 3), (6, 6), (3, 1)])
 FAMILIES = {"llama": make_tiny_llama, "gpt2": make_tiny_gpt2}  # RoPE (relative) / learned absolute positions
 
 
-# ---------------------------------------------------------------- log-probs
+# ---------------------------------------------------------------- the next-token shift and log-probs
+@pytest.mark.parametrize("prompt_padding", ["left", "right"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_predicting_states_is_the_next_token_shift(family, prompt_padding):
+    """states[:, t] predicts token t: the LM head on it gives, in float64, the full logits at t - 1 of the row run alone
+    with no padding (tolerance 1e-10), at every real position after the row's first; states[:, 0] is zeros."""
+    model = FAMILIES[family](dtype=torch.float64)
+    ids, attn, resp = prompt_response_batch([(4, 5), (1, 3), (6, 6), (3, 1)], prompt_padding=prompt_padding)
+    with torch.no_grad():
+        states = predicting_states(final_hidden(model, ids, attn), resp)  # (B, T, H)
+        logits = model.get_output_embeddings()(states)  # (B, T, V): every position, for the test
+        assert states.shape == (*ids.shape, model.config.hidden_size) and torch.all(states[:, 0] == 0)
+        for i in range(len(ids)):
+            real = attn[i].bool()
+            want = model(ids[i][real][None]).logits[0]  # (n, V): row i alone, logits[t] predict token t + 1
+            torch.testing.assert_close(logits[i][real][1:], want[:-1], atol=1e-10, rtol=0)
+    with pytest.raises(ValueError, match="first token"):
+        predicting_states(states, torch.ones_like(resp))
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_response_logprobs_equal_full_log_softmax_per_unpadded_row(family, temperature):
@@ -106,23 +127,6 @@ def test_head_inits():
     assert torch.all(ScalarHead(h, init_std=0.0)(torch.randn(3, 7, h)) == 0)  # value head: V = 0 at the start
     std = ScalarHead(h).linear.weight.std().item()  # reward head: N(0, 1/(H+1))
     assert abs(std - 1 / math.sqrt(h + 1)) < 0.05 / math.sqrt(h + 1)
-
-
-def test_head_save_load_round_trip_and_mismatch(tmp_path):
-    for head in (ScalarHead(16), RatingHead(16, num_classes=5)):
-        path = tmp_path / type(head).__name__
-        save_head(head, path)
-        assert sorted(os.listdir(path)) == ["head.safetensors", "head_config.json"]  # no temp files left
-        loaded = load_head(path, hidden_size=16)
-        x = torch.randn(3, 16)
-        assert type(loaded) is type(head) and torch.equal(loaded(x), head(x))
-    save_head(ScalarHead(256), tmp_path / "big")
-    with pytest.raises(ValueError, match="scalar head in .* expects hidden size 256 but the model has 128"):
-        load_head(tmp_path / "big", hidden_size=128)
-    with pytest.raises(ValueError, match="is a scalar head, expected a rating head"):
-        load_head(tmp_path / "big", kind="rating")
-    with pytest.raises(ValueError, match="not a saved head"):
-        load_head(tmp_path / "missing")
 
 
 # ---------------------------------------------------------------- loading

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from minirlhf.models import response_logprobs
+from minirlhf.heads import response_logprobs
 from minirlhf.sampling import sample, top_k_filter, top_p_filter
 
 PAD, EOS = 0, 2

@@ -121,12 +121,13 @@ def test_dpo_adapter_reloads_to_identical_logprobs(dpo_run):
     from minirlhf.data import load_preference_dataset
     from minirlhf.data.tokenize import collate_pairs, tokenize_preference_dataset
     from minirlhf.dpo import dpo_loss
+    from minirlhf.formats import load_adapter
     from minirlhf.heads import response_logprobs
     from minirlhf.models import load_model, load_tokenizer, reference
 
     tok = load_tokenizer(TINY_LLAMA)
     model = load_model(TINY_LLAMA, device="cpu", tokenizer=tok)
-    lora.load_adapter(model, os.path.join(dpo_run, "policy"), adapter="policy")
+    load_adapter(model, os.path.join(dpo_run, "policy"), adapter="policy")
     lora.set_active_adapter(model, "policy")
     model.eval()
     pairs = tokenize_preference_dataset(load_preference_dataset("builtin", "test"), tok, 64, 32).select(range(16))
@@ -194,7 +195,8 @@ def test_bad_input_is_one_line_on_the_command_line(script, args, message, tmp_pa
 def test_reward_checkpoint_of_the_wrong_shape(tmp_path):
     head_dir = tmp_path / "rm"
     head_dir.mkdir()
-    from minirlhf.heads import ScalarHead, save_head
+    from minirlhf.formats import save_head
+    from minirlhf.heads import ScalarHead
     save_head(ScalarHead(7), str(head_dir))
     for name in ("adapter_config.json", "adapter_model.safetensors"):  # a valid adapter: the head is what is wrong
         shutil.copy(os.path.join(TINY_LLAMA, "..", "reward-model", name), head_dir / name)

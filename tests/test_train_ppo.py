@@ -21,14 +21,16 @@ from safetensors.torch import load_file
 from minirlhf.assets import TINY_LLAMA
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "train_ppo.py")
-FAST = ["--iterations", "2", "--rollout-size", "8", "--minibatch-size", "4", "--group-size", "4", "--ppo-epochs", "2",
-        "--eval-prompts", "4", "--eval-samples", "1", "--eval-every", "1", "--max-new-tokens", "8", "--threads", "1"]
+SCRIPTS = {algo: os.path.join(REPO, f"train_{algo}.py") for algo in ("ppo", "reinforce", "grpo")}
+SCRIPT = SCRIPTS["ppo"]
+FAST = ["--iterations", "2", "--rollout-size", "8", "--minibatch-size", "4", "--eval-prompts", "4", "--eval-samples",
+        "1", "--eval-every", "1", "--max-new-tokens", "8", "--threads", "1"]
 RUNS = {  # algo -> extra flags; {scalar} / {rating} are the reward model folders built below
-    "ppo": ["--reward-model", "{scalar}", "--missing-eos-penalty", "1.0", "--target-kl", "0.5", "--kl-horizon", "50"],
+    "ppo": ["--reward-model", "{scalar}", "--missing-eos-penalty", "1.0", "--target-kl", "0.5", "--kl-horizon", "50",
+            "--ppo-epochs", "2"],
     "reinforce": ["--reward-model", "{rating}", "--reward-transform", "expected-minus-entropy",
                   "--entropy-coef", "0.1", "--kl-estimator", "k3"],
-    "grpo": ["--reward", "gold", "--gradient-checkpointing"],
+    "grpo": ["--reward", "gold", "--gradient-checkpointing", "--group-size", "4", "--ppo-epochs", "2"],
 }
 STEP_KEYS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approx_kl", "policy/entropy",
              "loss/policy", "time/generation", "time/training", "perf/tokens_per_second"]
@@ -47,14 +49,15 @@ def digest(folder):
 def make_reward_model(path, kind):
     """A random reward model folder as train_reward.py writes it: PEFT adapter "reward" (B random) + head."""
     from minirlhf import lora
-    from minirlhf.heads import RatingHead, ScalarHead, save_head
+    from minirlhf.formats import save_adapter, save_head
+    from minirlhf.heads import RatingHead, ScalarHead
     from minirlhf.models import load_model, load_tokenizer
     torch.manual_seed(1 if kind == "scalar" else 2)
     model = load_model(TINY_LLAMA, tokenizer=load_tokenizer(TINY_LLAMA))
     lora.add_lora(model, "all-linear", r=4, alpha=8, adapter="reward")
     for _, m in lora._layers(model, "reward"):
         torch.nn.init.normal_(m.lora_B["reward"].weight, std=0.05)
-    lora.save_adapter(model, path, "reward")
+    save_adapter(model, path, "reward")
     hidden = model.config.hidden_size
     save_head(ScalarHead(hidden) if kind == "scalar" else RatingHead(hidden, 10), path)
     return path
@@ -68,7 +71,7 @@ def runs(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     procs = {}
     for algo, extra in RUNS.items():
-        cmd = [sys.executable, SCRIPT, "--algo", algo, "--out", str(root / algo), *FAST,
+        cmd = [sys.executable, SCRIPTS[algo], "--out", str(root / algo), *FAST,
                *[a.format(**rms) for a in extra]]
         procs[algo] = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                        text=True)
@@ -90,7 +93,9 @@ def test_output_contract(runs, algo):
                  "policy/adapter_config.json", "policy/adapter_model.safetensors"):
         assert (out / name).is_file(), name
     assert (out / "value_head" / "head.safetensors").is_file() == (algo == "ppo")  # only PPO has a critic
-    assert json.loads((out / "args.json").read_text())["algo"] == algo
+    settings = json.loads((out / "args.json").read_text())  # the settings of the script that ran: its algorithm's
+    assert ("vf_coef" in settings, "group_size" in settings, "kl_estimator" in settings) == \
+        {"ppo": (True, False, True), "grpo": (False, True, False), "reinforce": (False, False, True)}[algo]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     keys = STEP_KEYS + {"ppo": ["policy/clipfrac", "val/vpred", "val/clipfrac", "loss/value"],
@@ -197,14 +202,14 @@ def test_grpo_scores_are_gold_and_advantages_group_normalised(runs):
     assert torch.allclose(adv.sum(1), torch.zeros(adv.shape[0]), atol=1e-4)
 
 
-def test_evaluate_table_reproduces_the_runs_final_numbers(runs, tmp_path):
-    from minirlhf import evaluate
+def test_compare_table_reproduces_the_runs_final_numbers(runs, tmp_path):
+    from minirlhf import compare
     from minirlhf.cli import parse_args
     out = tmp_path / "table.md"
-    args = parse_args(evaluate.Args, ["--policies", "base", str(runs["root"] / "ppo"), "--reward-models",
+    args = parse_args(compare.Args, ["--policies", "base", str(runs["root"] / "ppo"), "--reward-models",
                                       runs["rms"]["scalar"], "--gold", "--prompts", "4", "--samples", "1",
                                       "--max-new-tokens", "8", "--threads", "1", "--out", str(out)])
-    table = evaluate.main(args)
+    table = compare.main(args)
     summary = json.loads((runs["root"] / "ppo" / "summary.json").read_text())
     base_row, ppo_row = table
     assert float(base_row[1]) == pytest.approx(summary["eval/reward_before"], abs=2e-3)
@@ -217,21 +222,24 @@ def test_evaluate_table_reproduces_the_runs_final_numbers(runs, tmp_path):
 def test_bad_flags_give_one_line_errors(runs, tmp_path, monkeypatch):
     # the script's __main__ block, run in this process (a subprocess would spend ~8 s importing torch again):
     # SystemExit with a message string is what prints that one line to stderr and exits with status 1
-    monkeypatch.setattr(sys, "argv", [SCRIPT, "--algo", "a2c"])
+    monkeypatch.setattr(sys, "argv", [SCRIPT, "--kl-estimator", "k5"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(SCRIPT, run_name="__main__")
-    assert exit_info.value.code == "train_ppo.py: error: --algo must be one of ('ppo', 'reinforce', 'grpo'), got 'a2c'"
+    assert exit_info.value.code == "train_ppo.py: error: --kl-estimator must be one of ('k1', 'k2', 'k3'), got 'k5'"
+    import train_grpo
     import train_ppo
     from minirlhf.cli import parse_args
     rm = runs["rms"]["scalar"]
-    for argv, message in [
-        (["--minibatch-size", "100"], "larger than --rollout-size"),
-        (["--algo", "grpo", "--group-size", "3"], "dividing --rollout-size"),
-        (["--reward-model", str(tmp_path / "nowhere")], "not a reward model folder"),
-        (["--reward-model", rm, "--reward-transform", "expected-minus-entropy"], "rating"),
-        (["--reward", "gold", "--dataset", "rajpurkar/squad"], "built-in world"),
-        (["--kl-estimator", "k5"], "--kl-estimator"),
-        (["--target-kl", "1.0", "--algo", "grpo"], "--target-kl"),
+    for script, argv, message in [
+        (train_ppo, ["--minibatch-size", "100"], "larger than --rollout-size"),
+        (train_grpo, ["--group-size", "3"], "dividing --rollout-size"),
+        (train_ppo, ["--reward-model", str(tmp_path / "nowhere")], "not a reward model folder"),
+        (train_ppo, ["--reward-model", rm, "--reward-transform", "expected-minus-entropy"], "rating"),
+        (train_grpo, ["--reward", "gold", "--dataset", "rajpurkar/squad"], "built-in world"),
+        (train_ppo, ["--kl-estimator", "k5"], "--kl-estimator"),
+        (train_ppo, ["--target-kl", "1.0", "--kl-coef", "0"], "--target-kl"),
     ]:
         with pytest.raises(ValueError, match=message):
-            train_ppo.check_args(parse_args(train_ppo.Args, ["--reward-model", rm] + argv))
+            script.check_args(parse_args(script.Args, ["--reward-model", rm] + argv))
+    with pytest.raises(SystemExit):  # GRPO's KL is a fixed term of its loss: there is no adaptive KL to target
+        parse_args(train_grpo.Args, ["--target-kl", "1.0"])

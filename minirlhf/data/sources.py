@@ -12,7 +12,7 @@ import re
 
 from .schema import checked, is_finite, is_number, prompt_problem, user_turn
 
-MAX_PAIRS_PER_QUESTION = 10  # stack-exchange-preferences: at most this many pairs from one question (seed 001)
+MAX_PAIRS_PER_QUESTION = 10  # stack-exchange-preferences: at most this many pairs per question (the StackLLaMA setup)
 
 
 # ---------------------------------------------------------------- juyoungml/HelpSteer2-binarized
@@ -137,7 +137,7 @@ def stack_exchange_paired(row):
     yield checked(user_turn(row["question"]), row["response_j"], row["response_k"])
 
 
-# ---------------------------------------------------------------- rajpurkar/squad (prompts only, seed 003)
+# ------------------------------------------------------------ rajpurkar/squad (prompts; the multi-adapter PPO setup)
 def squad(row):
     """The question alone (no context paragraph) as a one-turn prompt."""
     prompt = user_turn(row["question"])

@@ -1,14 +1,15 @@
 """Prompt formats: a messages list -> the exact text the model is asked to continue with its answer.
 
 With template=None the tokenizer's own chat template renders the messages, with add_generation_prompt=True so the
-text ends where the assistant's reply begins (seed 002). Base models without a chat template use a named plain
-template. One user question q renders as (␣ marks a trailing space):
+text ends where the assistant's reply begins (the SmolLM2 + HelpSteer2 setup). Base models without a chat template
+use a named plain template. One user question q renders as (␣ marks a trailing space):
 
-    "question-answer"  (seed 000)   ### Question: {q}\\n\\n### Answer:
-    "qa"               (seed 001)   Question: {q}\\n\\nAnswer:␣
-    "llama3"           (seed 003)   <|begin_of_text|>[<|start_header_id|>system<|end_header_id|>\\n\\n{sys}<|eot_id|>]
-                                    <|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>
-                                    <|start_header_id|>assistant<|end_header_id|>\\n\\n          (one line in reality)
+    "question-answer"  ### Question: {q}\\n\\n### Answer:                     (the QLoRA DPO workshop)
+    "qa"               Question: {q}\\n\\nAnswer:␣                            (the StackLLaMA setup)
+    "llama3"           (the multi-adapter PPO setup; one line in reality)
+                       <|begin_of_text|>[<|start_header_id|>system<|end_header_id|>\\n\\n{sys}<|eot_id|>]
+                       <|start_header_id|>user<|end_header_id|>\\n\\n{q}<|eot_id|>
+                       <|start_header_id|>assistant<|end_header_id|>\\n\\n
 
 Multi-turn conversations: every turn is rendered with its role's pattern and the turns are joined by the template's
 separator, so earlier exchanges read as completed question / answer blocks, e.g. for "qa":
@@ -16,7 +17,8 @@ separator, so earlier exchanges read as completed question / answer blocks, e.g.
     Question: {u1}\\n\\nAnswer: {a1}\\n\\nQuestion: {u2}\\n\\nAnswer:␣
 
 A system message (put it first) is written as its own block: plain text in "question-answer" and "qa", a system
-header in "llama3" (which is how seed 003's optional system prompt is given). Contents are used verbatim.
+header in "llama3" (which is how the multi-adapter PPO setup's optional system prompt is given). Contents are used
+verbatim.
 
 The text is later tokenised as written (no special tokens added, see tokenize.py), so it must carry any BOS token
 itself: chat templates and "llama3" write theirs; "question-answer" and "qa" start with the tokenizer's BOS token

@@ -8,7 +8,8 @@ One pair is three id lists; the two rows a model sees share the prompt:
 Texts are tokenised exactly as written (add_special_tokens=False: the template already wrote any BOS, templates.py),
 prompt and responses separately, so the prompt / response boundary is exact. Truncation:
 - the prompt keeps its END: beyond max_prompt_length tokens only the last max_prompt_length are kept (left
-  truncation: the last turn, the one being answered, matters most; seed 003). A leading BOS is then lost too.
+  truncation: the last turn, the one being answered, matters most; as in the multi-adapter PPO setup). A leading BOS
+  is then lost too.
 - a response is cut on the right so that prompt + response <= max_length. A cut response keeps no EOS (it did not
   end there), so a model is never taught to stop mid-sentence.
 

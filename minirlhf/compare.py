@@ -1,17 +1,18 @@
 """Score several policies with several reward models (and the gold reward) on the same held-out prompts: a table.
 
-    python -m minirlhf.evaluate --policies base runs/ppo runs/dpo --reward-models runs/reward runs/reward_dist --gold
+    python -m minirlhf.compare --policies base runs/ppo runs/dpo --reward-models runs/reward runs/reward_dist --gold
 
-Seed 002's cross-reward-model comparison: a policy trained against one reward model is also scored by the others, so
-a policy that only pleases ITS reward model (reward hacking) shows up as a high score in one column and not in the
-rest (and, on the built-in world, in the gold column). Every policy is a LoRA adapter on the same base (--model);
-'base' is the base itself. Each policy samples --samples responses per held-out prompt with evaluation.evaluate_policy
-(seeded: the same policy always gets the same samples, the same as train_ppo.py's final evaluation with the same
-settings), and every reward model scores those same samples at their last real token. Columns:
+The cross-reward-model comparison of the SmolLM2 + HelpSteer2 setup: a policy trained against one reward model is also
+scored by the others, so a policy that only pleases ITS reward model (reward hacking) shows up as a high score in one
+column and not in the rest (and, on the built-in world, in the gold column). Every policy is a LoRA adapter on the same
+base (--model); 'base' is the base itself. Each policy samples --samples responses per held-out prompt with
+evaluation.evaluate_policy (seeded: the same policy always gets the same samples, the same as train_ppo.py's final
+evaluation with the same settings), and every reward model scores those same samples at their last real token. Columns:
   <reward model>  mean score (rating heads: expected rating)       gold   mean gold score (built-in world, 0..4)
   KL              mean exact KL(π‖π_base) per sequence, in nats     length mean response length in tokens
-A folder may be the adapter folder itself or a run folder holding policy/ (train_ppo.py, train_dpo.py) or
-reward_model/ (train_reward.py). The table is printed and, with --out, written as markdown.
+A folder may be the adapter folder itself or a run folder holding policy/ (train_ppo.py, train_grpo.py,
+train_reinforce.py, train_dpo.py) or reward_model/ (train_reward.py). The table is printed and, with --out, written as
+markdown.
 """
 import os
 from dataclasses import dataclass, field
@@ -26,10 +27,10 @@ from minirlhf.cli import format_args, run_script
 from minirlhf.data import load_prompt_dataset
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
 from minirlhf.evaluation import evaluate_policy
-from minirlhf.heads import RatingHead, sequence_scores
 from minirlhf.errors import InputError
-from minirlhf.models import (check_adapter_dir, check_reward_model_dir, get_device, load_model,
-                             load_reward_model, load_tokenizer)
+from minirlhf.formats import check_adapter_dir, check_reward_model_dir, load_adapter
+from minirlhf.heads import RatingHead, sequence_scores
+from minirlhf.models import get_device, load_model, load_reward_model, load_tokenizer
 from minirlhf.reward_losses import expected_rating
 from minirlhf.validation import check_common
 
@@ -120,7 +121,7 @@ def main(args):
                      for i, path in enumerate(rms)]
     for j, path in enumerate(policies):
         if path != "base":
-            lora.load_adapter(model, path, adapter=f"policy{j}", flag="--policies")
+            load_adapter(model, path, adapter=f"policy{j}", flag="--policies")
 
     data = load_prompt_dataset(args.dataset, args.split, args.data_files)
     data = tokenize_prompt_dataset(data.select(range(min(args.prompts, len(data)))), tokenizer,
@@ -166,4 +167,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    run_script(main, Args, prog="python -m minirlhf.evaluate")  # bad input: one line; a bug: its traceback
+    run_script(main, Args, prog="python -m minirlhf.compare")  # bad input: one line; a bug: its traceback

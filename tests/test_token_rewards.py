@@ -11,8 +11,9 @@ import torch.nn.functional as F
 
 from minirlhf.gae import gae
 from minirlhf.heads import response_logprobs, response_logprobs_and_states
-from minirlhf.rollout import (last_real_index, minibatches, missing_eos_penalty, per_token_kl, sequence_logprobs,
-                              token_rewards, whiten_advantages, whiten_rewards)
+from minirlhf.rollout import minibatches
+from minirlhf.token_rewards import (last_real_index, missing_eos_penalty, per_token_kl, sequence_logprobs,
+                                    token_rewards, whiten_advantages, whiten_rewards)
 
 EOS, PAD = 2, 0
 

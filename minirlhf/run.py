@@ -1,0 +1,176 @@
+"""The run plumbing every script shares, so that a script shows its algorithm and only a few marked lines of this.
+
+    run = Run(args, check_args)                            # settings, --out / --resume, torchrun, threads, seeds
+    ...build the model, the data and the optimizer exactly as a fresh run would...
+    run.start(total_steps, model=model, heads={"value": value_head}, optimizer=optimizer,
+              state={"order": order, "recent": recent})    # restore them if resuming; metrics.jsonl
+    before = run.once("before", evaluate)                  # computed once; a resumed run reads it back
+    for step in run.steps():                               # 1..total; Ctrl-C and checkpoints between steps
+        ...one step of the algorithm...
+        run.log(step, metrics)                             # rank 0 writes metrics.jsonl
+    run.save("policy", lambda folder: save_adapter(model, folder, "policy"))   # atomically, rank 0
+    summary = run.finish({...final numbers...})            # summary.json, curves.png, params/*, frozen check
+
+What it takes care of (checkpoint.py holds the file format, distributed.py the collectives):
+- torchrun: joins the process group; only rank 0 prints, logs and writes (`run.is_main`).
+- resume: the checkpoint is read and its settings checked in Run(args), before anything is loaded; run.start puts
+  back the trainable weights, heads, optimizer and every object in `state`, and the RNG states right before the
+  first step; a resumed run continues bit for bit.
+- checkpoints every --save-every steps, at the last step and on the first Ctrl-C (the step finishes first); a second
+  Ctrl-C aborts.
+- the output contract (tracking.RunLog): args.json, metrics.jsonl, summary.json with time/total_seconds,
+  params/trainable, params/total and params/frozen_unchanged (the frozen base and frozen heads, bit for bit).
+`state` objects: anything with state_dict() / load_state_dict() (training.EpochOrder, kl.AdaptiveKLController,
+baselines.MovingAverageBaseline), a torch.Generator, or a list (metrics gathered since the last log line). Each is
+saved per process (every rank has its own data position and samplers).
+"""
+import os
+import random
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import distributed
+from .checkpoint import (CHECKPOINT_DIR, GracefulStop, atomic_directory, end_of_step, load_checkpoint,
+                         prepare_out_dir, restore_training, save_training, set_rng_state)
+from .cli import format_args
+from .models import count_parameters, get_device
+from .tracking import RunLog
+from .training import frozen_fingerprint
+
+
+def seed_everything(seed):
+    """One seed for python's, numpy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Run:
+    def __init__(self, args, check=None):
+        """The first lines of every script: check(args) (the script's validation: a bad setting fails before anything
+        else happens), check --out (writable; a folder holding an interrupted run needs --resume or --overwrite), join
+        the torchrun process group (if any), read the checkpoint to resume and check its settings BEFORE anything is
+        loaded (a resumed run continues in its own folder), print the settings (rank 0), set torch's threads, seed
+        everything."""
+        if check is not None:
+            check(args)
+        if args.resume:  # the run folder (also when given its checkpoint/ folder itself)
+            resume = os.path.normpath(args.resume)
+            args.resume = args.out = os.path.dirname(resume) if os.path.basename(resume) == CHECKPOINT_DIR else resume
+        prepare_out_dir(args.out, args.resume, args.overwrite)
+        self.args, self.device = args, get_device(args.device)
+        self.dist = distributed.setup(self.device.type)
+        self.is_main = self.dist.is_main
+        self.checkpoint = load_checkpoint(args.resume, args, self.dist) if args.resume else None
+        self.print(format_args(args))
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+        seed_everything(args.seed)
+        self.step, self.total, self.log_file, self.saved_once = 0, None, None, {}
+
+    def print(self, *lines):
+        """print() on rank 0 only."""
+        if self.is_main:
+            print(*lines, sep="\n")
+
+    def start(self, total, *, model, optimizer, heads=None, frozen=(), state=None):
+        """Register what a checkpoint holds and, when resuming, put it back: the trainable weights of `model`, the
+        `heads` ({name: module}, trained), the optimizer and the `state` objects. `frozen`: modules that are counted
+        and checked like the frozen base (e.g. a reward head). Opens metrics.jsonl (cut back to the checkpoint's
+        step when resuming) and records the frozen fingerprint and the parameter counts for the summary."""
+        self.total, self.model, self.optimizer = total, model, optimizer
+        self.heads, self.frozen, self.state = heads or {}, list(frozen), state or {}
+        modules = list(self.heads.values()) + self.frozen
+        trainable, total_params = count_parameters(model)
+        self.params = {"params/trainable": trainable + sum(p.numel() for m in modules for p in m.parameters()
+                                                          if p.requires_grad),
+                       "params/total": total_params + sum(p.numel() for m in modules for p in m.parameters())}
+        self.fingerprint = self._frozen_fingerprint()
+        if self.checkpoint:
+            restore_training(self.checkpoint, model=model, heads=self.heads, optimizer=optimizer)
+            saved, local = self.checkpoint
+            self.step, self.saved_once = saved["step"], saved.get("once", {})
+            for name, obj in self.state.items():
+                _load(obj, local["state"][name])
+            self.print(f"resumed {self.args.resume} at step {self.step}")
+        self.log_file = RunLog(self.args.out, self.args, enabled=self.is_main,
+                               resume_step=self.step if self.checkpoint else None)
+
+    def once(self, name, compute, default=None):
+        """compute() on rank 0, once per run: a resumed run gets the value its first process computed (e.g. the
+        evaluation before training). Other ranks get `default`."""
+        if name not in self.saved_once:
+            self.saved_once[name] = compute() if self.is_main else default
+        return self.saved_once[name]
+
+    def steps(self, unit="step"):
+        """Yield the step numbers 1..total still to run (from the checkpoint's step when resuming). After each step:
+        all ranks learn whether a Ctrl-C arrived anywhere, and a checkpoint is written then, every --save-every steps
+        and after the last one. The RNG states of a resumed run are restored here, right before the first step."""
+        bar = tqdm(total=self.total, initial=self.step, desc=unit, disable=not self.is_main, mininterval=5)
+        with GracefulStop() as stop:
+            if self.checkpoint:
+                set_rng_state(self.checkpoint[1]["rng"])
+            while self.step < self.total:
+                self.step_started = time.time()  # for the step's timings (metrics time/*, perf/*)
+                yield self.step + 1
+                self.step += 1
+                bar.update(1)
+                if end_of_step(stop, self.dist, self.step, self.total, self.args.save_every, self._save_checkpoint,
+                               self.args.out, unit=unit):
+                    break
+        bar.close()
+
+    def _save_checkpoint(self):
+        return save_training(self.args.out, self.dist, step=self.step, args=self.args, model=self.model,
+                             heads=self.heads, optimizer=self.optimizer, shared={"once": self.saved_once},
+                             local={"state": {name: _state(obj) for name, obj in self.state.items()}})
+
+    def log(self, step, metrics):
+        """One row of metrics.jsonl (rank 0)."""
+        self.log_file.log(step, metrics)
+
+    def save(self, name, write):
+        """write(folder) into out/name atomically (a kill never leaves a torn folder); rank 0 only."""
+        if self.is_main:
+            atomic_directory(os.path.join(self.args.out, name), write)
+
+    def finish(self, final):
+        """summary.json (rank 0): `final` plus the time, the parameter counts, train/steps, train/finished and
+        params/frozen_unchanged (a key of `final` wins: SFT checks the base before --merge rewrites it); curves.png.
+        Leaves the process group. Returns the summary (None on other ranks)."""
+        summary = None
+        if self.is_main:
+            summary = self.log_file.summary({**self.params, "train/steps": self.step,
+                                             "train/finished": self.step == self.total,
+                                             "params/frozen_unchanged": self.frozen_unchanged(), **final})
+        distributed.cleanup()
+        return summary
+
+    def frozen_unchanged(self):
+        """True if the frozen base (and the frozen modules) hold exactly the values they held at run.start."""
+        return self._frozen_fingerprint() == self.fingerprint
+
+    def _frozen_fingerprint(self):
+        return frozen_fingerprint(self.model) + [x for m in self.frozen for x in frozen_fingerprint(m)]
+
+
+def _state(obj):
+    """What a checkpoint keeps of one `state` object."""
+    if isinstance(obj, torch.Generator):
+        return obj.get_state()
+    if isinstance(obj, list):
+        return list(obj)
+    return obj.state_dict()
+
+
+def _load(obj, saved):
+    if isinstance(obj, torch.Generator):
+        obj.set_state(saved)
+    elif isinstance(obj, list):
+        obj[:] = saved
+    else:
+        obj.load_state_dict(saved)

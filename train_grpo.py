@@ -1,0 +1,211 @@
+"""GRPO: PPO's clipped update without a value function: each response is judged against the others sampled for the
+same prompt (Shao et al. 2024, "DeepSeekMath", Sec. 4.1). Every role is served by ONE frozen base with LoRA adapters.
+
+    python train_grpo.py --reward gold         # against the built-in world's gold score (~2 minutes on a CPU)
+    python train_grpo.py                       # against the shipped reward model
+
+The roles on the one base (minirlhf/rollout.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the
+reward model a frozen adapter "reward" + head (or the gold score), the reference the base with adapters disabled.
+One iteration reads top to bottom:
+  1. rollout     rollout_size / G prompts, each sampled G times (the group of a prompt is contiguous)
+  2. reward      one score per response
+  3. log-probs   policy (old) and reference log-probs of the sampled tokens, at the sampling temperature
+  4. advantages  A = (score - mean of its group) / std of its group, the same for every token    (baselines.py)
+  5. update      epochs of shuffled minibatches of the GRPO loss: clipped ratio · A + β · k3 KL to the
+                 reference, a term of the loss rather than of the reward (DeepSeekMath Eq. 3-4: grpo.py)
+Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl: the k3 KL
+per sequence; objective/kl_coef: β), policy/approx_kl, policy/clipfrac, policy/entropy, loss/policy, loss/kl, time/*,
+perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
+from minirlhf.baselines import group_advantages
+from minirlhf.cli import run_script
+from minirlhf.errors import InputError
+from minirlhf.grpo import grpo_loss
+from minirlhf.models import dropout_off
+from minirlhf.ops import masked_mean
+from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
+                              minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.run import Run
+from minirlhf.token_rewards import per_token_kl
+from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
+from minirlhf.validation import check_rl_args
+
+@dataclass
+class Args:
+    model: str = TINY_LLAMA
+    """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
+    reward: str = "model"
+    """model (the reward model in --reward-model) | gold (the built-in world's gold score, a verifiable reward)"""
+    reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
+    """a reward_model/ folder written by train_reward.py: PEFT adapter + head (default: the embedded one)"""
+    reward_transform: str = "expected"
+    """rating (distributional) heads only: expected (E[rating]) | expected-minus-entropy (E[rating] - c·H[rating])"""
+    entropy_coef: float = 0.1
+    """c of expected-minus-entropy: how much an unsure reward model's score is discounted"""
+    dataset: str = "builtin"
+    """prompts: 'builtin' or a data set minirlhf.data knows (its prompts)"""
+    data_files: Optional[str] = None
+    """local files in the data set's raw schema instead of the Hub"""
+    split: str = "train"
+    """training prompts' split"""
+    eval_split: str = "test"
+    """held-out prompts' split"""
+    template: Optional[str] = None
+    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
+    quantization: str = "none"
+    """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
+    dtype: str = "auto"
+    """auto (bf16 on capable CUDA, else float32) | float32 | bfloat16"""
+    lora_r: int = 8
+    """policy LoRA rank"""
+    lora_alpha: float = 16.0
+    """policy LoRA alpha (the update is scaled by alpha / r)"""
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
+    gradient_checkpointing: bool = False
+    """recompute the policy trunk's activations in the backward pass (less memory, ~1.5x the update time)"""
+    iterations: int = 40
+    """rollout + update iterations"""
+    rollout_size: int = 64
+    """responses sampled per iteration: prompts x group size (per process: under torchrun each process samples its own
+    rollout from its shard of the prompts)"""
+    group_size: int = 8
+    """responses sampled per prompt (G): each is judged against its group"""
+    minibatch_size: int = 32
+    """responses per optimizer step"""
+    ppo_epochs: int = 2
+    """passes over each rollout (the clipped ratio corrects for re-using samples)"""
+    max_new_tokens: int = 24
+    """response tokens sampled at most"""
+    max_prompt_length: int = 32
+    """prompt tokens kept (from the end)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
+    lr: float = 2e-3
+    """peak learning rate (AdamW), warmup then cosine decay over the iterations"""
+    warmup_iterations: int = 2
+    """linear warmup, in iterations"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm"""
+    beta: float = 0.04
+    """weight of the k3 KL to the reference inside the loss (DeepSeekMath's β; 0: no KL term)"""
+    missing_eos_penalty: Optional[float] = None
+    """subtract this from the score of a response cut off before EOS (none: no penalty)"""
+    clip_eps: float = 0.2
+    """policy ratio clip range"""
+    eval_every: int = 10
+    """iterations between sampling evaluations (0: only before and after)"""
+    eval_prompts: int = 120
+    """held-out prompts sampled per evaluation"""
+    eval_samples: int = 2
+    """responses sampled per held-out prompt (more: less noisy gold / reward numbers)"""
+    save_every: int = 10
+    """iterations between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
+    resume: Optional[str] = None
+    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
+    overwrite: bool = False
+    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
+    folder is refused: continue it with --resume instead"""
+    seed: int = 0
+    """seed for python, numpy, torch, the prompt order and the samplers"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: str = "runs/grpo"
+    """output directory"""
+
+
+
+RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "group_size": ">= 2", "minibatch_size": ">= 1",
+          "ppo_epochs": ">= 1", "warmup_iterations": ">= 0", "beta": ">= 0", "missing_eos_penalty": "none or >= 0",
+          "clip_eps": "> 0", "entropy_coef": ">= 0", "eval_every": ">= 0"}
+
+
+def check_args(args):
+    """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
+    check_rl_args(args, RANGES)
+    if args.rollout_size % args.group_size:
+        raise InputError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
+                         f"got {args.group_size}")
+
+
+def main(args):
+    run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
+    device, G = run.device, args.group_size
+
+    # 1. ONE frozen base serves every role: the policy adapter (trainable), the reward adapter + head (frozen)
+    tokenizer, model, params = load_policy(args)  # the base, and on it the policy: LoRA adapter "policy", B = 0
+    reward = Reward(model, args)  # the reward adapter + head from --reward-model, or the gold score
+    dropout_off(model)  # sampling, old and new log-probs must come from one and the same policy
+    run.print(roles(model, reward, args, run.dist.world_size))
+
+    # 2. prompts for the rollouts (each sampled G times); the held-out prompts of the evaluations; optimizer
+    train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
+    held_out = HeldOut(model, tokenizer, reward, args, device)
+    optimizer = make_optimizer(params, args.lr)
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
+    run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
+              state={"prompts": train_prompts, "generator": generator})  # ---- plumbing: resume, metrics.jsonl
+    before = run.once("before", held_out.before_training, default=({}, []))  # ---- (a resumed run reads it back)
+
+    # 3. the loop: rollout in groups -> reward -> group-normalised advantages -> minibatch epochs of the GRPO loss
+    # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.
+    last = {}  # the last rollout's tensors, saved at the end
+    for iteration in run.steps(unit="grpo"):  # ---- plumbing: Ctrl-C and checkpoints between iterations
+        set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
+
+        # 3a. rollout: rollout_size / G prompts, each sampled G times (group-contiguous); 3b. one score each
+        batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size // G, repeat=G), args, generator)
+        b_mask = batch["mask"]  # (B, R): right-padded responses
+        b_scores = reward(batch)  # (B,)
+
+        # 3c. log-probs of the sampled tokens under the policy that sampled them and under the reference
+        with torch.no_grad():
+            b_logprobs = policy_logprobs(model, batch, args.temperature)[0]  # (B, R)
+        b_ref_logprobs = reference_logprobs(model, batch, args.temperature)  # (B, R)
+
+        # 3d. advantages: each score against its group's mean and std; the KL goes into the loss, not the reward
+        b_advantages = group_advantages(b_scores, G)[:, None] * b_mask  # (B,) -> (B, R)
+        b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
+
+        # 3e. epochs of shuffled minibatches: clipped ratio x A + beta x k3 (grpo.py)
+        t_train, stats = time.time(), []
+        for _ in range(args.ppo_epochs):
+            for mb in minibatches(len(b_scores), args.minibatch_size):
+                mb_mask = b_mask[mb]  # (b, R)
+                newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, rows=mb)  # (b, R) each
+                loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mb], b_ref_logprobs[mb], b_advantages[mb],
+                                             mb_mask, args.clip_eps, args.beta)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
+                                           step=iteration - 1, world_size=run.dist.world_size)  # + NaN guard
+                stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
+                              "policy/clipfrac": loss_stats["clipfrac"], "policy/approx_kl": loss_stats["approx_kl"],
+                              "loss/kl": loss_stats["kl"], "loss/policy": loss_stats["pg_loss"],
+                              "loss/total": loss.detach(), "train/grad_norm": grad_norm})
+        last = {**{k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")}, "logprobs": b_logprobs,
+                "ref_logprobs": b_ref_logprobs, "scores": b_scores, "advantages": b_advantages,
+                "returns": b_scores[:, None] * b_mask}
+
+        # 3f. logging (and every --eval-every iterations the held-out evaluation)
+        metrics = iteration_metrics(batch, b_scores, b_kl, b_scores - args.beta * b_kl.sum(-1), run.dist.world_size)
+        metrics.update({"objective/kl_coef": args.beta, "train/lr": optimizer.param_groups[0]["lr"],
+                        "time/training": time.time() - t_train})
+        log_iteration(run, iteration, metrics, stats, batch, held_out)
+
+    # 4. the policy adapter, the last rollout and the evaluation after training
+    return finish(run, model, held_out, before, last)
+
+
+if __name__ == "__main__":
+    run_script(main, Args)  # bad input or a diverged run: one line `script.py: error: ...`; a bug: its traceback

@@ -1,0 +1,208 @@
+"""REINFORCE with a moving-average baseline (the SmolLM2 + HelpSteer2 setup): the whole response is one action, pushed
+up or down by how much its KL-regularised reward beats the average so far (Williams 1992). ONE frozen base serves
+every role through LoRA adapters.
+
+    python train_reinforce.py                  # against the shipped reward model (~1.5 minutes on a CPU)
+    python train_reinforce.py --reward gold    # against the built-in world's gold score
+
+The roles on the one base (minirlhf/rollout.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the
+reward model a frozen adapter "reward" + head (or the gold score), the reference the base with adapters disabled.
+One iteration reads top to bottom:
+  1. rollout     one response to each of rollout_size prompts
+  2. reward      R = score - β · KL(sequence), KL(sequence) = Σ_t of a per-token estimate (k1 | k2 | k3)
+  3. advantages  A = R - b, b the running mean of every R seen so far, each taken after its own update (baselines.py)
+  4. update      ONE on-policy pass of shuffled minibatches of -log π(y|x) · A (reinforce.py): there is no ratio
+                 to correct for re-used samples, so no clipping and no second epoch
+Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl_coef: β),
+policy/approx_kl (k3 between the sampling and the updated policy), policy/entropy, loss/policy, time/*,
+perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py.
+"""
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
+from minirlhf.baselines import MovingAverageBaseline
+from minirlhf.cli import run_script
+from minirlhf.kl import AdaptiveKLController, k3
+from minirlhf.models import dropout_off
+from minirlhf.ops import masked_mean
+from minirlhf.reinforce import reinforce_loss
+from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
+                              minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.run import Run
+from minirlhf.token_rewards import KL_ESTIMATORS, per_token_kl
+from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
+from minirlhf.validation import check_rl_args
+
+@dataclass
+class Args:
+    model: str = TINY_LLAMA
+    """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
+    reward: str = "model"
+    """model (the reward model in --reward-model) | gold (the built-in world's gold score, a verifiable reward)"""
+    reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
+    """a reward_model/ folder written by train_reward.py: PEFT adapter + head (default: the embedded one)"""
+    reward_transform: str = "expected"
+    """rating (distributional) heads only: expected (E[rating]) | expected-minus-entropy (E[rating] - c·H[rating])"""
+    entropy_coef: float = 0.1
+    """c of expected-minus-entropy: how much an unsure reward model's score is discounted"""
+    dataset: str = "builtin"
+    """prompts: 'builtin' or a data set minirlhf.data knows (its prompts)"""
+    data_files: Optional[str] = None
+    """local files in the data set's raw schema instead of the Hub"""
+    split: str = "train"
+    """training prompts' split"""
+    eval_split: str = "test"
+    """held-out prompts' split"""
+    template: Optional[str] = None
+    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
+    quantization: str = "none"
+    """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
+    dtype: str = "auto"
+    """auto (bf16 on capable CUDA, else float32) | float32 | bfloat16"""
+    lora_r: int = 8
+    """policy LoRA rank"""
+    lora_alpha: float = 16.0
+    """policy LoRA alpha (the update is scaled by alpha / r)"""
+    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
+    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
+    gradient_checkpointing: bool = False
+    """recompute the policy trunk's activations in the backward pass (less memory, ~1.5x the update time)"""
+    iterations: int = 40
+    """rollout + update iterations"""
+    rollout_size: int = 64
+    """responses sampled per iteration (per process: under torchrun each process samples its own rollout from its
+    shard of the prompts); one on-policy pass over them (no ratio to correct for re-use)"""
+    minibatch_size: int = 32
+    """responses per optimizer step"""
+    max_new_tokens: int = 24
+    """response tokens sampled at most"""
+    max_prompt_length: int = 32
+    """prompt tokens kept (from the end)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
+    lr: float = 2e-3
+    """peak learning rate (AdamW), warmup then cosine decay over the iterations"""
+    warmup_iterations: int = 2
+    """linear warmup, in iterations"""
+    grad_clip: float = 1.0
+    """clip the global gradient norm"""
+    kl_coef: float = 0.3
+    """β of the reward score - β·KL(sequence) (0: no KL penalty)"""
+    kl_estimator: str = "k1"
+    """per-token KL estimate summed into KL(sequence): k1 | k2 | k3 (kl.py)"""
+    target_kl: Optional[float] = None
+    """adapt β toward this KL per sequence (nats; Ziegler et al. 2019); none: fixed β"""
+    kl_horizon: int = 10000
+    """adaptive KL: horizon in episodes"""
+    missing_eos_penalty: Optional[float] = None
+    """subtract this from the score of a response cut off before EOS (none: no penalty)"""
+    eval_every: int = 10
+    """iterations between sampling evaluations (0: only before and after)"""
+    eval_prompts: int = 120
+    """held-out prompts sampled per evaluation"""
+    eval_samples: int = 2
+    """responses sampled per held-out prompt (more: less noisy gold / reward numbers)"""
+    save_every: int = 10
+    """iterations between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
+    resume: Optional[str] = None
+    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
+    overwrite: bool = False
+    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
+    folder is refused: continue it with --resume instead"""
+    seed: int = 0
+    """seed for python, numpy, torch, the prompt order and the samplers"""
+    device: str = "auto"
+    """auto | cpu | cuda"""
+    threads: int = 0
+    """torch CPU threads (0: torch's default)"""
+    out: str = "runs/reinforce"
+    """output directory"""
+
+
+
+RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "minibatch_size": ">= 1", "warmup_iterations": ">= 0",
+          "kl_coef": ">= 0", "target_kl": "none or > 0", "kl_horizon": ">= 1", "missing_eos_penalty": "none or >= 0",
+          "entropy_coef": ">= 0", "eval_every": ">= 0"}
+
+
+def check_args(args):
+    """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
+    check_rl_args(args, RANGES, kl_estimators=tuple(KL_ESTIMATORS))
+
+
+def main(args):
+    run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
+
+    # 1. ONE frozen base serves every role: the policy adapter (trainable), the reward adapter + head (frozen)
+    tokenizer, model, params = load_policy(args)  # the base, and on it the policy: LoRA adapter "policy", B = 0
+    reward = Reward(model, args)  # the reward adapter + head from --reward-model, or the gold score
+    dropout_off(model)  # sampling and update log-probs must come from one and the same policy
+    run.print(roles(model, reward, args, run.dist.world_size))
+
+    # 2. prompts for the rollouts; the held-out prompts of the evaluations; optimizer, KL controller, baseline
+    train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
+    held_out = HeldOut(model, tokenizer, reward, args, run.device)
+    optimizer = make_optimizer(params, args.lr)
+    kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
+    baseline = MovingAverageBaseline()  # per process: its own running mean of the rewards it has seen
+    generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)  # the sampler's
+    run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
+              state={"prompts": train_prompts, "generator": generator, "baseline": baseline,
+                     **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume, metrics.jsonl
+    before = run.once("before", held_out.before_training, default=({}, []))  # ---- (a resumed run reads it back)
+
+    # 3. the loop: rollout -> KL-regularised reward -> minus the baseline -> one pass of -log π · A
+    # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.
+    last = {}  # the last rollout's tensors, saved at the end
+    for iteration in run.steps(unit="reinforce"):  # ---- plumbing: Ctrl-C and checkpoints between iterations
+        set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
+
+        # 3a. rollout: one response to each of rollout_size prompts; 3b. reward = score - β x KL(sequence)
+        batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size), args, generator)
+        b_scores = reward(batch)  # (B,)
+        with torch.no_grad():
+            b_logprobs = policy_logprobs(model, batch, args.temperature)[0]  # (B, R)
+        b_ref_logprobs = reference_logprobs(model, batch, args.temperature)  # (B, R)
+        b_mask, kl_coef = batch["mask"], kl_ctl.value if kl_ctl else args.kl_coef  # (B, R): right-padded responses
+        b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
+        b_rlhf_reward = b_scores - kl_coef * b_kl.sum(-1)  # (B,)
+
+        # 3c. advantages: the reward minus the moving average of every reward seen so far
+        b_advantages = baseline.advantages(b_rlhf_reward)  # (B,)
+
+        # 3d. one on-policy pass of shuffled minibatches: -log π(y|x) · A (Williams 1992; reinforce.py)
+        t_train, stats = time.time(), []
+        for mb in minibatches(len(b_scores), args.minibatch_size):
+            mb_mask = b_mask[mb]  # (b, R)
+            newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, rows=mb)  # (b, R) each
+            loss = reinforce_loss(newlogprobs, b_advantages[mb], mb_mask).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
+                                       step=iteration - 1, world_size=run.dist.world_size)  # + NaN guard
+            stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
+                          "policy/approx_kl": masked_mean(k3(b_logprobs[mb], newlogprobs.detach()), mb_mask),
+                          "loss/policy": loss.detach(), "loss/total": loss.detach(), "train/grad_norm": grad_norm})
+        last = {**{k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")}, "logprobs": b_logprobs,
+                "ref_logprobs": b_ref_logprobs, "scores": b_scores, "advantages": b_advantages[:, None] * b_mask,
+                "returns": b_rlhf_reward[:, None] * b_mask}
+
+        # 3e. adaptive KL; logging (and every --eval-every iterations the held-out evaluation)
+        metrics = iteration_metrics(batch, b_scores, b_kl, b_rlhf_reward, run.dist.world_size)
+        if kl_ctl:
+            kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
+        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"],
+                        "time/training": time.time() - t_train})
+        log_iteration(run, iteration, metrics, stats, batch, held_out)
+
+    # 4. the policy adapter, the last rollout and the evaluation after training
+    return finish(run, model, held_out, before, last)
+
+
+if __name__ == "__main__":
+    run_script(main, Args)  # bad input or a diverged run: one line `script.py: error: ...`; a bug: its traceback
