@@ -27,7 +27,7 @@ from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.dpo import dpo_loss, ipo_loss
 from minirlhf.errors import InputError
-from minirlhf.evaluation import evaluate_policy, gold_summary, held_out_prompts, show_samples
+from minirlhf.evaluation import before_training, evaluate_policy, gold_summary, held_out_prompts, show_samples
 from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
 from minirlhf.heads import response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
@@ -186,34 +186,20 @@ def main(args):
     # pass switches on the LoRA dropout alone (training.lora_dropout_active): --lora-dropout does what it says
     run.print(parameter_report(model))
 
-    # 2. data: tokenised pairs; held-out prompts for the sampling evaluation
-    def load(split, max_pairs):
-        rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
-        data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
-        data = data.select(range(min(max_pairs, len(data)))) if max_pairs > 0 else data
-        return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
-    train_data, eval_pairs = load(args.split, args.max_train_pairs), load(args.eval_split, args.max_eval_pairs)
+    # 2. data: tokenised pairs (+ their reference log-probs with --precompute-ref); held-out prompts for sampling
+    train_data = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
+    eval_pairs = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
+    if args.precompute_ref:  # one reference pass now; training then never runs the reference
+        train_data = with_reference_logps(model, train_data, pad_id, device, average, show=run.is_main)
     eval_prompts, eval_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
                                               args.eval_prompts, args.eval_samples, args.max_prompt_length,
                                               args.template)
-    gold_fn = world.gold_score if args.dataset == "builtin" else None
 
     def sample_eval():
-        return evaluate_policy(model, tokenizer, eval_prompts, eval_ids, gold_fn=gold_fn,
+        return evaluate_policy(model, tokenizer, eval_prompts, eval_ids,
+                               gold_fn=world.gold_score if args.dataset == "builtin" else None,
                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
                                device=device)
-
-    def pairs(data, batch_size=64):  # collated batches of pairs, in order
-        for i in range(0, len(data), batch_size):
-            yield collate_pairs([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
-
-    if args.precompute_ref:  # one reference pass now; training then never runs the reference
-        ref_logps = []
-        with torch.no_grad(), reference(model):
-            for batch in tqdm(pairs(train_data), desc="reference log-probs", disable=not run.is_main):
-                logps = sequence_logps(model, batch, device, average).cpu()  # (2b,)
-                ref_logps += torch.stack(logps.chunk(2), 1).tolist()  # b rows of [chosen, rejected]
-        train_data = train_data.add_column("ref_logps", ref_logps)
 
     per_step = args.batch_size * args.grad_accum * run.dist.world_size
     per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")
@@ -225,15 +211,10 @@ def main(args):
     recent = []  # per-pair statistics since the last log line
     run.start(total_steps, model=model, optimizer=optimizer,
               state={"order": order, "recent": recent})  # ---- plumbing: resume, metrics.jsonl
-
-    def evaluate_before():
-        metrics, samples = sample_eval()
-        print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + "   (before training)")
-        return metrics, samples
-    before, before_samples = run.once("before", evaluate_before, default=({}, []))
+    before = run.once("before", lambda: before_training(sample_eval), default=({}, []))  # ---- (read back on resume)
 
     # 3. the loop: reference log-probs of chosen and rejected -> policy log-probs -> preference loss -> step
-    for step in run.steps(unit=args.loss):  # ---- plumbing: Ctrl-C and checkpoints between steps
+    for step in run.steps(desc=args.loss):  # ---- plumbing: Ctrl-C and checkpoints between steps
         optimizer.zero_grad(set_to_none=True)
         for _ in range(args.grad_accum):
             examples = [train_data[i] for i in order.take(args.batch_size)]
@@ -269,23 +250,32 @@ def main(args):
 
     # 4. save the policy adapter (PEFT format); evaluate after training
     run.save("policy", lambda folder: save_adapter(model, folder, "policy"))
-    final = {}
-    if run.is_main:
-        after, after_samples = sample_eval()
-        final = {**pair_eval(model, pairs(eval_pairs), args, device, average),
-                 **{k + "_before": v for k, v in before.items()},
-                 **{k + "_after": v for k, v in after.items()}, "eval/kl": after["eval/kl"]}
-        if gold_fn:
-            final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
-    summary = run.finish(final)
-    if run.is_main:
-        show_samples(after_samples, "\nsamples after training:")
-        print(f"done in {summary['time/total_seconds']:.0f}s: "
-              + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "
-                 f"{summary['eval/gold_max']:.1f} (headroom closed {summary['eval/headroom_closed']:.2f}, win rate "
-                 f"{summary['eval/win_rate']:.2f}), " if gold_fn else "")
-              + f"KL {summary['eval/kl']:.2f} nats; policy adapter in {os.path.join(args.out, 'policy')}")
-    return summary
+    return report(run, model, sample_eval, before, pairs(eval_pairs, pad_id), args, average)
+
+
+def load_pairs(args, tokenizer, split, max_pairs):
+    """Tokenised pairs of one split (the first max_pairs of them; 0: all)."""
+    rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
+    data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
+    data = data.select(range(min(max_pairs, len(data)))) if max_pairs > 0 else data
+    return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+
+
+def pairs(data, pad_id, batch_size=64):
+    """Collated batches of pairs, in order."""
+    for i in range(0, len(data), batch_size):
+        yield collate_pairs([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
+
+
+@torch.no_grad()
+def with_reference_logps(model, data, pad_id, device, average, show=True):
+    """--precompute-ref: the data with a column ref_logps = [log π_ref(chosen), log π_ref(rejected)] per pair."""
+    ref_logps = []
+    with reference(model):
+        for batch in tqdm(pairs(data, pad_id), desc="reference log-probs", disable=not show):
+            logps = sequence_logps(model, batch, device, average).cpu()  # (2b,)
+            ref_logps += torch.stack(logps.chunk(2), 1).tolist()  # b rows of [chosen, rejected]
+    return data.add_column("ref_logps", ref_logps)
 
 
 @torch.no_grad()
@@ -300,6 +290,28 @@ def pair_eval(model, batches, args, device, average):
         stats.append(torch.stack([losses, (r_c > r_r).float()], 1))
     loss, acc = torch.cat(stats).mean(0).tolist()
     return {"eval/loss": loss, "eval/rewards/accuracies": acc}
+
+
+def report(run, model, sample_eval, before, eval_batches, args, average):
+    """After training (rank 0): the held-out pair loss and accuracy, the sampling evaluation before and after (and the
+    gold verdict on the built-in world) into summary.json; the samples and one line with the result."""
+    final = {}
+    if run.is_main:
+        (before, before_samples), (after, after_samples) = before, sample_eval()
+        final = {**pair_eval(model, eval_batches, args, run.device, average),
+                 **{k + "_before": v for k, v in before.items()},
+                 **{k + "_after": v for k, v in after.items()}, "eval/kl": after["eval/kl"]}
+        if "eval/gold" in after:
+            final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
+    summary = run.finish(final)
+    if run.is_main:
+        show_samples(after_samples, "\nsamples after training:")
+        print(f"done in {summary['time/total_seconds']:.0f}s: "
+              + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "
+                 f"{summary['eval/gold_max']:.1f} (headroom closed {summary['eval/headroom_closed']:.2f}, win rate "
+                 f"{summary['eval/win_rate']:.2f}), " if "eval/gold" in after else "")
+              + f"KL {summary['eval/kl']:.2f} nats; policy adapter in {os.path.join(args.out, 'policy')}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ def main(args):
     # 3. the loop: rollout in groups -> reward -> group-normalised advantages -> minibatch epochs of the GRPO loss
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.
     last = {}  # the last rollout's tensors, saved at the end
-    for iteration in run.steps(unit="grpo"):  # ---- plumbing: Ctrl-C and checkpoints between iterations
+    for iteration in run.steps(desc="grpo", unit="iteration"):  # ---- plumbing: Ctrl-C, checkpoints
         set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
 
         # 3a. rollout: rollout_size / G prompts, each sampled G times (group-contiguous); 3b. one score each

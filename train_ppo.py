@@ -194,7 +194,7 @@ def main(args):
     # 3. the loop: rollout -> reward -> KL -> advantages -> minibatch epochs
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.
     last = {}  # the last rollout's tensors, saved at the end
-    for iteration in run.steps(unit="ppo"):  # ---- plumbing: Ctrl-C and checkpoints between iterations
+    for iteration in run.steps(desc="ppo", unit="iteration"):  # ---- plumbing: Ctrl-C, checkpoints
         set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
         kl_coef = kl_ctl.value if kl_ctl else args.kl_coef
 

@@ -159,7 +159,7 @@ def main(args):
     # 3. the loop: rollout -> KL-regularised reward -> minus the baseline -> one pass of -log π · A
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.
     last = {}  # the last rollout's tensors, saved at the end
-    for iteration in run.steps(unit="reinforce"):  # ---- plumbing: Ctrl-C and checkpoints between iterations
+    for iteration in run.steps(desc="reinforce", unit="iteration"):  # ---- plumbing: Ctrl-C, checkpoints
         set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
 
         # 3a. rollout: one response to each of rollout_size prompts; 3b. reward = score - β x KL(sequence)

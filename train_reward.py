@@ -209,7 +209,7 @@ def main(args):
     # 3. the loop: micro-batches of pairs -> rewards at the last token -> pairwise loss -> step
     model.train()
     tick = time.time()
-    for step in run.steps():  # ---- plumbing: Ctrl-C and checkpoints between steps
+    for step in run.steps(desc="reward"):  # ---- plumbing: Ctrl-C and checkpoints between steps
         optimizer.zero_grad(set_to_none=True)
         for _ in range(args.grad_accum):
             batch = collate_pairs([train_data[i] for i in order.take(micro)], pad_id)

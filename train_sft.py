@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -35,9 +34,11 @@ from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad
 from minirlhf.errors import InputError
-from minirlhf.formats import save_adapter
+from minirlhf.formats import read_json_object, save_adapter
+from minirlhf.heads import response_logprobs
 from minirlhf.lora import adapter_names, merge_lora
 from minirlhf.models import load_model, load_tokenizer, parameter_report
+from minirlhf.ops import masked_mean
 from minirlhf.run import Run
 from minirlhf.sampling import eval_mode
 from minirlhf.training import EpochOrder, lr_at, make_optimizer, make_trainable, optimizer_step, set_lr, steps_per_epoch
@@ -78,7 +79,7 @@ class Args:
     lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
     """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
     merge: bool = False
-    """after LoRA training, fold the adapter into the base and save the merged model (StackLLaMA: before the RL stage)"""
+    """after LoRA training, fold the adapter into the base and save the merged model (StackLLaMA, before RL)"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (saves memory on big models)"""
     batch_size: int = 16
@@ -144,14 +145,13 @@ def padded_examples(tokenizer, rows, args):
 
 
 def lm_loss(model, blocks, attention_mask=None, loss_mask=None):
-    """Mean next-token cross-entropy over a (B, L) batch: every token of packed blocks, or the loss_mask tokens."""
-    logits = model(input_ids=blocks, attention_mask=attention_mask).logits  # (B, L, V)
-    # the off-by-one shift: the logits at position t predict the token at t + 1
-    if loss_mask is None:
-        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), blocks[:, 1:].reshape(-1))
-    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), blocks[:, 1:], reduction="none")  # (B, L-1)
-    mask = loss_mask[:, 1:].to(losses.dtype)
-    return (losses * mask).sum() / mask.sum().clamp(min=1)
+    """Mean next-token cross-entropy over a (B, L) batch: -log π(x_t | x_<t) averaged over every token of packed
+    blocks (but the first, which nothing predicts), or over the loss_mask tokens. The off-by-one shift from positions
+    to the tokens they predict is heads.predicting_states, inside response_logprobs, as everywhere in minirlhf."""
+    attention_mask = torch.ones_like(blocks) if attention_mask is None else attention_mask
+    targets = torch.ones_like(blocks) if loss_mask is None else loss_mask.clone()  # (B, L): the tokens the loss covers
+    targets[:, 0] = 0  # the first token has no context to be predicted from
+    return -masked_mean(response_logprobs(model, blocks, attention_mask, targets), targets)
 
 
 @torch.no_grad()
@@ -180,16 +180,15 @@ def check_args(args):
 
 
 def init_config(text_or_path):
-    """--init-config: inline JSON (starts with "{") or a JSON file -> dict."""
-    inline = text_or_path.lstrip().startswith("{")
+    """--init-config: inline JSON (starts with "{") or a JSON file -> dict; one InputError line when it is neither."""
+    if not text_or_path.lstrip().startswith("{"):
+        return read_json_object(text_or_path, "--init-config", "a JSON object of model config fields")
     try:
-        config = json.loads(text_or_path if inline else open(text_or_path).read())
-    except OSError as e:
-        raise InputError(f"--init-config {text_or_path}: cannot read it ({e.strerror})") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise InputError(f"--init-config {'(inline)' if inline else text_or_path}: not JSON ({e})") from None
+        config = json.loads(text_or_path)
+    except ValueError as e:
+        raise InputError(f"--init-config (inline): not JSON ({e})") from None
     if not isinstance(config, dict):
-        raise InputError(f"--init-config {text_or_path}: must be a JSON object of config fields")
+        raise InputError("--init-config (inline): must be a JSON object of model config fields")
     return config
 
 
@@ -232,7 +231,7 @@ def main(args):
     # the loop: a batch of blocks -> next-token loss -> (average gradients over processes) -> AdamW step
     metrics, tokens, tick = {}, 0, time.time()
     model.train()
-    for step in run.steps():  # ---- plumbing: Ctrl-C and checkpoints between steps
+    for step in run.steps(desc="sft"):  # ---- plumbing: Ctrl-C and checkpoints between steps
         batch = [t[order.take(args.batch_size)] for t in train_data]  # (B, L) each
         lr = lr_at(step - 1, args.lr, args.max_steps, args.warmup_steps, args.min_lr_ratio)
         set_lr(optimizer, lr)

@@ -250,7 +250,7 @@ def child_train(job):
     model = load_model(job["path"], dtype="float32", device=device)
     cfg, shape = model.config, shape_of(model.config)
     full = kind == "sft-full"
-    params = make_trainable(model, "policy", full, LORA_R, LORA_ALPHA)
+    params = make_trainable(model, "policy", full_finetune=full, lora_r=LORA_R, lora_alpha=LORA_ALPHA)
     n_lora = 0 if full else sum(p.numel() for p in params)
     head = None
     if kind == "reward":
@@ -369,7 +369,7 @@ def child_ppo(job):
         return load_model(path, dtype="float32", device="cpu", gradient_checkpointing=checkpointing and trained)
 
     policy = base(trained=True)
-    params = make_trainable(policy, "policy", False, PPO_LORA_R, PPO_LORA_ALPHA)
+    params = make_trainable(policy, "policy", lora_r=PPO_LORA_R, lora_alpha=PPO_LORA_ALPHA)
     H = policy.config.hidden_size
     value_head = ScalarHead(H, init_std=0.0)
     if layout == "shared":  # every role on the one base (train_ppo.py)
@@ -382,7 +382,7 @@ def child_ppo(job):
         reward_model = base()
         reward_adapter, reward_head = load_reward_model(reward_model, job["reward_path"])
         value_model = base(trained=True)
-        params += make_trainable(value_model, "value", False, PPO_LORA_R, PPO_LORA_ALPHA)
+        params += make_trainable(value_model, "value", lora_r=PPO_LORA_R, lora_alpha=PPO_LORA_ALPHA)
         value_states = value_states_from(value_model)
         models = [policy, ref_model, reward_model, value_model]
     reward_head.requires_grad_(False)

@@ -130,3 +130,11 @@ def show_samples(samples, title, n=6, every=1):
         scores = [f"reward {s['reward']:+.2f}"] if s["reward"] is not None else []
         scores += [f"gold {s['gold']:.1f}"] if s["gold"] is not None else []
         print(f"  {s['prompt']!r:45} -> {s['response']!r}" + (f"  ({', '.join(scores)})" if scores else ""))
+
+
+def before_training(evaluate):
+    """evaluate() -> (metrics, samples), with the metrics printed as the evaluation before training (scripts call it
+    through run.once, so a resumed run reads it back instead)."""
+    metrics, samples = evaluate()
+    print(" | ".join(f"{k} {v:.3f}" for k, v in metrics.items()) + "   (before training)")
+    return metrics, samples

@@ -8,7 +8,7 @@ Legend: B responses, T response tokens. Williams 1992, "Simple statistical gradi
 so grad loss = -A * sum_t grad log pi(y_t | ...): every token of a response is pushed up (A > 0) or down (A < 0) by
 the same amount. One on-policy pass per rollout: there is no ratio to correct for re-using samples (that is PPO).
 """
-import torch
+from minirlhf.token_rewards import sequence_logprobs
 
 
 def reinforce_loss(logprobs, advantages, mask):
@@ -17,5 +17,4 @@ def reinforce_loss(logprobs, advantages, mask):
     if advantages.dim() != 1 or advantages.shape[0] != logprobs.shape[0] or mask.shape != logprobs.shape:
         raise ValueError(f"reinforce_loss: logprobs and mask (B, T), advantages (B,); got {tuple(logprobs.shape)}, "
                          f"{tuple(mask.shape)}, {tuple(advantages.shape)}")
-    seq_logprobs = torch.where(mask.bool(), logprobs, torch.zeros_like(logprobs)).sum(-1)  # (B, T) -> (B,)
-    return -seq_logprobs * advantages.detach()
+    return -sequence_logprobs(logprobs, mask) * advantages.detach()  # (B, T) -> (B,): log π(y|x), then x A

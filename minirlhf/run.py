@@ -106,11 +106,12 @@ class Run:
             self.saved_once[name] = compute() if self.is_main else default
         return self.saved_once[name]
 
-    def steps(self, unit="step"):
-        """Yield the step numbers 1..total still to run (from the checkpoint's step when resuming). After each step:
+    def steps(self, desc=None, unit="step"):
+        """Yield the step numbers 1..total still to run (from the checkpoint's step when resuming), with a progress
+        bar named `desc`; `unit` names a step in messages ("stopped at iteration 7"). After each step:
         all ranks learn whether a Ctrl-C arrived anywhere, and a checkpoint is written then, every --save-every steps
         and after the last one. The RNG states of a resumed run are restored here, right before the first step."""
-        bar = tqdm(total=self.total, initial=self.step, desc=unit, disable=not self.is_main, mininterval=5)
+        bar = tqdm(total=self.total, initial=self.step, desc=desc or unit, disable=not self.is_main, mininterval=5)
         with GracefulStop() as stop:
             if self.checkpoint:
                 set_rng_state(self.checkpoint[1]["rng"])

@@ -219,3 +219,21 @@ def test_model_without_chat_template_needs_template(tmp_path):
     assert "--template" in proc.stderr.strip().splitlines()[-1]
     run("train_reward.py", "--model", str(model_dir), "--template", "qa", "--threads", "1", "--batch-size", "4",
         "--max-steps", "1", "--max-eval-pairs", "8", "--out", str(tmp_path / "ok"))
+
+
+def test_sft_loss_is_the_full_logits_cross_entropy():
+    """train_sft.lm_loss (the shift inside heads.response_logprobs) against F.cross_entropy on every position's
+    logits, float64, packed (every token) and masked (right-padded, response tokens only)."""
+    import torch.nn.functional as F
+    from conftest import make_tiny_llama
+    lm_loss = load_script("train_sft.py").lm_loss
+    model = make_tiny_llama(dtype=torch.float64)
+    blocks = torch.randint(3, 101, (3, 9), generator=torch.Generator().manual_seed(0))
+    logits = model(input_ids=blocks).logits  # (B, L, V): position t predicts token t + 1
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 101), blocks[:, 1:].reshape(-1))
+    assert abs(lm_loss(model, blocks).item() - expected.item()) < 1e-12
+    attention, loss_mask = torch.ones_like(blocks), torch.zeros_like(blocks)
+    loss_mask[:, 4:], attention[0, 7:], loss_mask[0, 7:] = 1, 0, 0  # row 0 right-padded after 7 tokens
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), blocks[:, 1:], reduction="none")  # (B, L-1)
+    expected = (losses * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+    assert abs(lm_loss(model, blocks, attention, loss_mask).item() - expected.item()) < 1e-12
