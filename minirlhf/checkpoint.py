@@ -447,7 +447,9 @@ def prepare_out_dir(out, resume, overwrite):
 def _check_writable(folder, flag):
     """InputError unless `folder` is (or can be made) a directory this process can write to."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise InputError(f"{flag} {folder} is a file, not a directory: pass a directory (it is created if missing)")
+        raise InputError(f"{flag} {folder} is a file, not a directory: pass "
+                         + ("the output folder of the run to continue" if flag == "--resume"
+                            else "a directory (it is created if missing)"))
     try:
         os.makedirs(folder, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # some folder on the way is a file
