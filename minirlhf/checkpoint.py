@@ -1,7 +1,6 @@
-"""Atomic file writes and full training checkpoints: an interrupted run never leaves a torn file, and resumes exactly.
-
-Every write goes to a temporary name in the same directory and is then `os.replace`d onto the final name (an atomic
-rename on POSIX and Windows). A checkpoint directory is written whole under `<dir>.tmp` and renamed into place.
+"""Training checkpoints: everything a run depends on, so that `--resume DIR` continues bit for bit, and the checks of an
+output folder (an interrupted run in it needs --resume or --overwrite). The checkpoint folder is written whole with
+atomic.atomic_directory (under `<dir>.tmp`, then renamed into place).
 
 A checkpoint is read with `torch.load(..., weights_only=True)`: torch's restricted unpickler, which builds tensors,
 numbers, strings, lists, tuples and dicts and refuses everything else. A plain `torch.load` runs pickle, and a pickle
@@ -14,82 +13,13 @@ import json
 import os
 import pickle
 import random
-import shutil
-import signal
 import tempfile
 
 import numpy as np
 import torch
 
+from .atomic import atomic_directory, atomic_torch_save, remove
 from .errors import InputError
-
-
-def atomic_write_bytes(path, data):
-    """Write bytes to `path` atomically (temp file in the same directory + rename)."""
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_json(path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
-
-
-def atomic_torch_save(obj, path):
-    import io
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _remove(path):
-    """Remove a file or a folder tree; one that is already gone (say, removed by another process) is fine."""
-    try:
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-def atomic_directory(path, write_fn):
-    """Call write_fn(tmp_dir), then move tmp_dir onto `path`, replacing any old version.
-
-    A folder cannot be swapped in one atomic rename, so it takes two: `path` -> `path.old`, then `path.tmp` -> `path`.
-    At every moment one whole version exists: `path`, or, between the two renames, `path.old` (load_checkpoint falls
-    back to it). A kill can leave either helper behind, and neither may break a later call:
-      - `path.tmp` is always half-written: thrown away first;
-      - `path.old` is a stale copy when `path` exists (removed before the first rename: renaming a folder onto a
-        non-empty one fails with "Directory not empty"), or the last whole version when `path` does not (kept until
-        the new version is in place)."""
-    path = os.path.abspath(os.fspath(path))
-    tmp, old = path + ".tmp", path + ".old"
-    _remove(tmp)
-    os.makedirs(tmp)
-    try:
-        write_fn(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if os.path.lexists(path):
-        _remove(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    try:
-        _remove(old)
-    except OSError:  # the new version is in place; the next call tries again
-        pass
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -314,33 +244,6 @@ def load_checkpoint(run_dir, args, dist):
     return state, state["ranks"][dist.rank]
 
 
-class GracefulStop:
-    """`with GracefulStop() as stop:` — the first Ctrl-C (SIGINT) or SIGTERM only sets `stop.requested`; the loop
-    finishes its step, saves a checkpoint and exits cleanly. A second Ctrl-C aborts at once (KeyboardInterrupt).
-    Outside the main thread (where signals cannot be caught) it does nothing."""
-
-    def __enter__(self):
-        self.requested, self._old = False, {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        return False
-
-
 def save_training(out_dir, dist, *, step, args, model, heads, optimizer, shared=None, local=None):
     """A script's checkpoint in one call: step, settings, trainable weights, heads ({name: module}), optimizer, the
     `shared` extras (identical on every rank) and this rank's RNG states plus its `local` extras (data position...).
@@ -385,23 +288,6 @@ def _first_line(e):
     return text[0][:300] if text else type(e).__name__
 
 
-def end_of_step(stop, dist, step, total, save_every, save, out_dir, unit="step"):
-    """The last lines of every training step: all ranks learn whether a Ctrl-C arrived anywhere (GracefulStop);
-    `save()` writes a checkpoint then, at the last step and every save_every steps. True: the loop must stop."""
-    from . import distributed
-    stopping = distributed.any_rank(stop.requested, dist.world_size)
-    if stopping or step == total or (save_every and step % save_every == 0):
-        save()
-    if stopping and dist.is_main:
-        print(f"stopped at {unit} {step}: checkpoint in {os.path.join(out_dir, CHECKPOINT_DIR)}; continue with "
-              f"--resume {out_dir}")
-    return stopping
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The output folder, checked before anything is loaded: a bad --out fails in a second rather than after training,
-# and a new run never silently writes over an interrupted one (whose checkpoint is the only way to continue it).
-# ---------------------------------------------------------------------------------------------------------------
 CHECKPOINT_FOLDERS = (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old", CHECKPOINT_DIR + ".tmp")  # see atomic_directory
 
 
@@ -441,7 +327,7 @@ def prepare_out_dir(out, resume, overwrite):
         raise InputError(f"--out {folder} holds an interrupted run ({what}): {fix}")
     if overwrite:
         for name in CHECKPOINT_FOLDERS:
-            _remove(os.path.join(folder, name))
+            remove(os.path.join(folder, name))
 
 
 def _check_writable(folder, flag):

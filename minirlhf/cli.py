@@ -73,7 +73,7 @@ def run_script(main, args_cls, prog=None):
 
     Bad input (errors.InputError) and a diverged run (errors.Diverged) end in one line, `script.py: error: ...`,
     exit status 1; a Ctrl-C outside the training loop (while loading, evaluating before training) or a second Ctrl-C
-    inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: checkpoint.GracefulStop).
+    inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: run.GracefulStop).
     Any other exception is a bug in minirlhf and keeps its traceback."""
     import os
     import sys

@@ -22,7 +22,7 @@ import torch
 
 from minirlhf import lora
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import atomic_write_bytes
+from minirlhf.atomic import atomic_write_bytes
 from minirlhf.cli import format_args, run_script
 from minirlhf.data import load_prompt_dataset
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset

@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save, save_file
 
-from .checkpoint import atomic_write_bytes, atomic_write_json
+from .atomic import atomic_write_bytes, atomic_write_json
 from .errors import InputError
 from .heads import RatingHead, ScalarHead
 from .lora import _check, _find_targets, _layers, adapter_names, add_lora

@@ -9,7 +9,7 @@ import json
 import os
 import time
 
-from minirlhf.checkpoint import atomic_write_bytes, atomic_write_json
+from minirlhf.atomic import atomic_write_bytes, atomic_write_json
 
 
 class RunLog:

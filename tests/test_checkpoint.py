@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from minirlhf import checkpoint as ck
+from minirlhf.atomic import atomic_directory
 from minirlhf.distributed import DistInfo
 from minirlhf.errors import InputError
 from minirlhf.tracking import RunLog
@@ -245,7 +246,7 @@ def test_a_kill_between_the_two_renames_keeps_the_old_version_until_the_new_one_
     def crash(tmp):
         raise RuntimeError("killed while writing")
     with pytest.raises(RuntimeError):
-        ck.atomic_directory(tmp_path / "checkpoint", crash)
+        atomic_directory(tmp_path / "checkpoint", crash)
     assert ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())[0]["step"] == 2  # .old still there
     save_tiny(tmp_path, step=4)
     assert ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())[0]["step"] == 4

@@ -163,7 +163,8 @@ def test_a_torn_checkpoint_directory_is_never_read(tmp_path):
     """atomic_directory writes DIR.tmp and renames: a kill mid-write leaves the old checkpoint readable (or, between
     the two renames, DIR.old, which load_checkpoint falls back to)."""
     from dataclasses import dataclass
-    from minirlhf.checkpoint import atomic_directory, load_checkpoint
+    from minirlhf.atomic import atomic_directory
+    from minirlhf.checkpoint import load_checkpoint
     from minirlhf.distributed import DistInfo
 
     @dataclass
@@ -189,7 +190,7 @@ def test_a_torn_checkpoint_directory_is_never_read(tmp_path):
 
 
 def test_graceful_stop_first_signal_requests_second_ctrl_c_aborts():
-    from minirlhf.checkpoint import GracefulStop
+    from minirlhf.run import GracefulStop
     before = signal.getsignal(signal.SIGINT)
     with GracefulStop() as stop:
         assert not stop.requested

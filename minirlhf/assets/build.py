@@ -27,7 +27,7 @@ from transformers import PreTrainedTokenizerFast
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.assets.check_headroom import main as check_headroom
-from minirlhf.checkpoint import atomic_directory
+from minirlhf.atomic import atomic_directory
 from minirlhf.data import world
 
 REPO = os.path.dirname(os.path.dirname(ASSETS_DIR))
