@@ -27,6 +27,7 @@ import torch
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import group_advantages
 from minirlhf.cli import run_script
+from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
 from minirlhf.grpo import grpo_loss
 from minirlhf.models import dropout_off
@@ -155,7 +156,7 @@ def main(args):
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
               state={"prompts": train_prompts, "generator": generator})  # ---- plumbing: resume, metrics.jsonl
-    before = run.once("before", held_out.before_training, default=({}, []))  # ---- (a resumed run reads it back)
+    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
     # 3. the loop: rollout in groups -> reward -> group-normalised advantages -> minibatch epochs of the GRPO loss
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.

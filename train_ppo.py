@@ -36,6 +36,7 @@ import torch
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.cli import run_script
+from minirlhf.evaluation import before_training
 from minirlhf.formats import save_head
 from minirlhf.gae import gae
 from minirlhf.heads import ScalarHead
@@ -189,7 +190,7 @@ def main(args):
     run.start(args.iterations, model=model, heads={"value": value_head}, frozen=[reward.head] if reward.head else [],
               optimizer=optimizer, state={"prompts": train_prompts, "generator": generator,
                                           **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume
-    before = run.once("before", held_out.before_training, default=({}, []))  # ---- (a resumed run reads it back)
+    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
     # 3. the loop: rollout -> reward -> KL -> advantages -> minibatch epochs
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.

@@ -27,6 +27,7 @@ import torch
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import MovingAverageBaseline
 from minirlhf.cli import run_script
+from minirlhf.evaluation import before_training
 from minirlhf.kl import AdaptiveKLController, k3
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_mean
@@ -154,7 +155,7 @@ def main(args):
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
               state={"prompts": train_prompts, "generator": generator, "baseline": baseline,
                      **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume, metrics.jsonl
-    before = run.once("before", held_out.before_training, default=({}, []))  # ---- (a resumed run reads it back)
+    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
     # 3. the loop: rollout -> KL-regularised reward -> minus the baseline -> one pass of -log π · A
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.

@@ -9,8 +9,12 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
+import sys
 import textwrap
 import typing
+
+from .errors import Diverged, InputError
 
 
 def _field_docs(cls):
@@ -75,9 +79,6 @@ def run_script(main, args_cls, prog=None):
     exit status 1; a Ctrl-C outside the training loop (while loading, evaluating before training) or a second Ctrl-C
     inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: run.GracefulStop).
     Any other exception is a bug in minirlhf and keeps its traceback."""
-    import os
-    import sys
-    from .errors import Diverged, InputError
     prog = prog or os.path.basename(sys.argv[0])
     try:
         return main(parse_args(args_cls))

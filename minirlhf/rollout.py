@@ -27,7 +27,7 @@ from tqdm import tqdm
 from . import distributed
 from .data import load_prompt_dataset, world
 from .data.tokenize import require_pad_token, tokenize_prompt_dataset
-from .evaluation import before_training, evaluate_policy, generate, gold_summary, held_out_prompts, show_samples
+from .evaluation import evaluate_policy, generate, gold_summary, held_out_prompts, show_samples
 from .formats import save_adapter
 from .heads import RatingHead, response_logprobs, response_logprobs_and_states, sequence_scores
 from .lora import adapter_names, use_adapter
@@ -184,10 +184,6 @@ class HeldOut:
             for s in samples:
                 s["reward"] = s["gold"]
         return metrics, samples
-
-    def before_training(self):
-        """The evaluation before training, printed (for run.once: a resumed run reads it from its checkpoint)."""
-        return before_training(self)
 
 
 def iteration_metrics(batch, scores, kl, rlhf_reward, world_size):

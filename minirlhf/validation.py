@@ -97,9 +97,7 @@ def check_rl_args(args, ranges, kl_estimators=None):
     """What train_ppo.py, train_grpo.py and train_reinforce.py check alike: check_common, the reward source (a
     reward-model folder, file by file, whose head fits --reward-transform; or the gold score of the built-in world),
     the KL estimator, minibatch <= rollout, a --target-kl with a starting --kl-coef."""
-    import json
-    import os
-    from .formats import check_reward_model_dir
+    from .formats import check_reward_model_dir, read_head_config
     check_common(args, ranges, datasets="prompt")
     check_choice("--reward", args.reward, ("model", "gold"))
     check_choice("--reward-transform", args.reward_transform, ("expected", "expected-minus-entropy"))
@@ -115,8 +113,7 @@ def check_rl_args(args, ranges, kl_estimators=None):
         if check_reward_model_dir(args.reward_model) == "full":  # one line naming the missing file
             raise InputError(f"--reward-model {args.reward_model!r} is a fully fine-tuned model, not an adapter on "
                              "the shared base; train it with LoRA (train_reward.py without --full-finetune)")
-        with open(os.path.join(args.reward_model, "head_config.json")) as f:
-            kind = json.load(f).get("kind")
+        kind = read_head_config(args.reward_model, "--reward-model")["kind"]  # checked above: scalar | rating
         if kind != "rating" and args.reward_transform != "expected":
             raise InputError(f"--reward-transform {args.reward_transform} needs a rating (distributional) reward "
                              f"head; {args.reward_model!r} holds a {kind} head")
