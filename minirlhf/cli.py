@@ -85,5 +85,6 @@ def run_script(main, args_cls, prog=None):
     except (InputError, Diverged) as e:
         raise SystemExit(f"{prog}: error: {e}") from None
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted; nothing more was written (a checkpoint saved earlier is intact)", file=sys.stderr)
+        print(f"\n{prog}: interrupted; nothing more was written (a checkpoint saved earlier is intact)",
+              file=sys.stderr)
         raise SystemExit(130) from None
