@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.cli import run_script
+from minirlhf.cli import MachineArgs, run_script
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.dpo import dpo_loss, ipo_loss
@@ -32,6 +32,7 @@ from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
 from minirlhf.heads import response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
 from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference
+from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.training import (EpochOrder, lora_dropout_active, lr_at, make_optimizer, make_trainable, optimizer_step,
                                set_lr, steps_per_epoch)
@@ -43,7 +44,7 @@ METRICS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuraci
 
 
 @dataclass
-class Args:
+class Args(MachineArgs):
     model: str = TINY_LLAMA
     """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
     dataset: str = "builtin"
@@ -65,8 +66,6 @@ class Args:
     """cdpo: ε, the assumed probability that a label is flipped (default 0.1 when --loss cdpo)"""
     quantization: str = "none"
     """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    dtype: str = "auto"
-    """auto (bf16 on capable CUDA, else float32) | float32 | bfloat16"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: float = 32.0
@@ -207,10 +206,11 @@ def main(args):
     run.print(f"data: {len(train_data)} train pairs; {total_steps} steps of {per_step} pairs (per process "
               f"{args.batch_size} x {args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr)
+    scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     order = EpochOrder(len(train_data), args.seed, run.dist.rank, run.dist.world_size)
     recent = []  # per-pair statistics since the last log line
     run.start(total_steps, model=model, optimizer=optimizer,
-              state={"order": order, "recent": recent})  # ---- plumbing: resume, metrics.jsonl
+              state={"order": order, "recent": recent, "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
     before = run.once("before", lambda: before_training(sample_eval), default=({}, []))  # ---- (read back on resume)
 
     # 3. the loop: reference log-probs of chosen and rejected -> policy log-probs -> preference loss -> step
@@ -228,13 +228,14 @@ def main(args):
             with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
                 policy = sequence_logps(model, batch, device, average)  # (2B,)
                 losses, r_c, r_r = preference_loss(args, policy, ref)
-                (losses.mean() / args.grad_accum).backward()
+                scaler.backward(losses.mean() / args.grad_accum)
             b = len(examples)
             recent.append(torch.stack([losses.detach(), r_c, r_r, (r_c > r_r).float(), r_c - r_r,
                                        policy.detach()[:b], policy.detach()[b:]], 1))  # (B, 7): METRICS
         set_lr(optimizer, lr_at(step - 1, args.lr, total_steps, args.warmup_steps))
         grad_norm = optimizer_step(optimizer, params, loss=recent[-1][:, 0].mean(), grad_clip=args.grad_clip,
-                                   step=step - 1, world_size=run.dist.world_size)  # all-reduce, clip, NaN guard, step
+                                   step=step - 1, world_size=run.dist.world_size,
+                                   scaler=scaler)  # all-reduce, (unscale), clip, NaN guard, step
         log_now = step % args.log_every == 0 or step == total_steps
         if run.is_main and log_now:
             metrics = dict(zip(METRICS, torch.cat(recent).mean(0).tolist()))

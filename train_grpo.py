@@ -26,7 +26,7 @@ import torch
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import group_advantages
-from minirlhf.cli import run_script
+from minirlhf.cli import MachineArgs, run_script
 from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
 from minirlhf.grpo import grpo_loss
@@ -34,13 +34,14 @@ from minirlhf.models import dropout_off
 from minirlhf.ops import masked_mean
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
                               minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_rl_args
 
 @dataclass
-class Args:
+class Args(MachineArgs):
     model: str = TINY_LLAMA
     """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
     reward: str = "model"
@@ -63,8 +64,6 @@ class Args:
     """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
     quantization: str = "none"
     """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    dtype: str = "auto"
-    """auto (bf16 on capable CUDA, else float32) | float32 | bfloat16"""
     lora_r: int = 8
     """policy LoRA rank"""
     lora_alpha: float = 16.0
@@ -153,9 +152,11 @@ def main(args):
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
     held_out = HeldOut(model, tokenizer, reward, args, device)
     optimizer = make_optimizer(params, args.lr)
+    scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
-              state={"prompts": train_prompts, "generator": generator})  # ---- plumbing: resume, metrics.jsonl
+              state={"prompts": train_prompts, "generator": generator,
+                     "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
     # 3. the loop: rollout in groups -> reward -> group-normalised advantages -> minibatch epochs of the GRPO loss
@@ -187,9 +188,10 @@ def main(args):
                 loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mb], b_ref_logprobs[mb], b_advantages[mb],
                                              mb_mask, args.clip_eps, args.beta)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.backward(loss)
                 grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
-                                           step=iteration - 1, world_size=run.dist.world_size)  # + NaN guard
+                                           step=iteration - 1, world_size=run.dist.world_size,
+                                           scaler=scaler)  # + NaN guard
                 stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
                               "policy/clipfrac": loss_stats["clipfrac"], "policy/approx_kl": loss_stats["approx_kl"],
                               "loss/kl": loss_stats["kl"], "loss/policy": loss_stats["pg_loss"],

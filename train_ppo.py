@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
-from minirlhf.cli import run_script
+from minirlhf.cli import MachineArgs, run_script
 from minirlhf.evaluation import before_training
 from minirlhf.formats import save_head
 from minirlhf.gae import gae
@@ -46,13 +46,14 @@ from minirlhf.ops import masked_mean
 from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
                               minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import KL_ESTIMATORS, token_rewards, whiten_advantages, whiten_rewards
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_rl_args
 
 @dataclass
-class Args:
+class Args(MachineArgs):
     model: str = TINY_LLAMA
     """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
     reward: str = "model"
@@ -75,8 +76,6 @@ class Args:
     """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
     quantization: str = "none"
     """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    dtype: str = "auto"
-    """auto (bf16 on capable CUDA, else float32) | float32 | bfloat16"""
     lora_r: int = 8
     """policy LoRA rank"""
     lora_alpha: float = 16.0
@@ -185,10 +184,11 @@ def main(args):
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
     held_out = HeldOut(model, tokenizer, reward, args, device)
     optimizer = make_optimizer(params, args.lr)
+    scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
     run.start(args.iterations, model=model, heads={"value": value_head}, frozen=[reward.head] if reward.head else [],
-              optimizer=optimizer, state={"prompts": train_prompts, "generator": generator,
+              optimizer=optimizer, state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
                                           **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
@@ -230,9 +230,10 @@ def main(args):
                 v_loss, v_stats = value_loss(vpred, b_values[mb], b_returns[mb], mb_mask, args.vf_clip)
                 loss = pg_loss + args.vf_coef * v_loss
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.backward(loss)
                 grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
-                                           step=iteration - 1, world_size=run.dist.world_size)  # + NaN guard
+                                           step=iteration - 1, world_size=run.dist.world_size,
+                                           scaler=scaler)  # + NaN guard
                 stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
                               **{f"policy/{k}": v for k, v in pg_stats.items()}, "loss/value": v_loss.detach(),
                               "val/clipfrac": v_stats["clipfrac"],

@@ -26,7 +26,7 @@ import torch
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import MovingAverageBaseline
-from minirlhf.cli import run_script
+from minirlhf.cli import MachineArgs, run_script
 from minirlhf.evaluation import before_training
 from minirlhf.kl import AdaptiveKLController, k3
 from minirlhf.models import dropout_off
@@ -34,13 +34,14 @@ from minirlhf.ops import masked_mean
 from minirlhf.reinforce import reinforce_loss
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
                               minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import KL_ESTIMATORS, per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_rl_args
 
 @dataclass
-class Args:
+class Args(MachineArgs):
     model: str = TINY_LLAMA
     """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
     reward: str = "model"
@@ -63,8 +64,6 @@ class Args:
     """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
     quantization: str = "none"
     """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    dtype: str = "auto"
-    """auto (bf16 on capable CUDA, else float32) | float32 | bfloat16"""
     lora_r: int = 8
     """policy LoRA rank"""
     lora_alpha: float = 16.0
@@ -149,11 +148,12 @@ def main(args):
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
     held_out = HeldOut(model, tokenizer, reward, args, run.device)
     optimizer = make_optimizer(params, args.lr)
+    scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
     baseline = MovingAverageBaseline()  # per process: its own running mean of the rewards it has seen
     generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)  # the sampler's
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
-              state={"prompts": train_prompts, "generator": generator, "baseline": baseline,
+              state={"prompts": train_prompts, "generator": generator, "scaler": scaler, "baseline": baseline,
                      **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume, metrics.jsonl
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
@@ -183,9 +183,10 @@ def main(args):
             newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, rows=mb)  # (b, R) each
             loss = reinforce_loss(newlogprobs, b_advantages[mb], mb_mask).mean()
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.backward(loss)
             grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
-                                       step=iteration - 1, world_size=run.dist.world_size)  # + NaN guard
+                                       step=iteration - 1, world_size=run.dist.world_size,
+                                       scaler=scaler)  # + NaN guard
             stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
                           "policy/approx_kl": masked_mean(k3(b_logprobs[mb], newlogprobs.detach()), mb_mask),
                           "loss/policy": loss.detach(), "loss/total": loss.detach(), "train/grad_norm": grad_norm})

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.cli import run_script
+from minirlhf.cli import MachineArgs, run_script
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.errors import InputError
@@ -32,6 +32,7 @@ from minirlhf.heads import RatingHead, ScalarHead, sequence_scores
 from minirlhf.lora import set_active_adapter
 from minirlhf.models import count_parameters, load_model, load_reward_model, load_tokenizer, parameter_report
 from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expected_rating
+from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import eval_mode
 from minirlhf.tracking import RunLog
@@ -42,7 +43,7 @@ LOSSES = ("bt", "margin", "distributional")
 
 
 @dataclass
-class Args:
+class Args(MachineArgs):
     model: str = TINY_LLAMA
     """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
     dataset: str = "builtin"
@@ -63,8 +64,6 @@ class Args:
     """distributional loss: number of rating classes K"""
     quantization: str = "none"
     """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    dtype: str = "auto"
-    """auto (bf16 on capable CUDA, else float32) | float32 | bfloat16"""
     lora_r: int = 16
     """LoRA rank"""
     lora_alpha: float = 32.0
@@ -99,8 +98,6 @@ class Args:
     """recompute activations in the backward pass (saves memory on big models)"""
     eval_every: int = 50
     """optimizer steps between held-out evaluations"""
-    eval_batch_size: int = 64
-    """pairs per evaluation batch"""
     max_train_pairs: int = 0
     """train on the first this many pairs of --split (0: all)"""
     max_eval_pairs: int = 0
@@ -147,8 +144,8 @@ def evaluate(model, head, data, args, pad_id, device):
     """Held-out accuracy (r_c > r_r), mean reward margin and loss."""
     correct, margins, losses = [], [], []
     with eval_mode(model):
-        for i in tqdm(range(0, len(data), args.eval_batch_size), desc="eval", leave=False, mininterval=5):
-            batch = collate_pairs([data[j] for j in range(i, min(i + args.eval_batch_size, len(data)))], pad_id)
+        for i in tqdm(range(0, len(data), args.forward_batch_size), desc="eval", leave=False, mininterval=5):
+            batch = collate_pairs([data[j] for j in range(i, min(i + args.forward_batch_size, len(data)))], pad_id)
             r_c, r_r, out_c, out_r = pair_scores(model, head, batch, device)
             correct.append((r_c > r_r).float())
             margins.append(r_c - r_r)
@@ -157,7 +154,7 @@ def evaluate(model, head, data, args, pad_id, device):
             "eval/loss": torch.cat(losses).mean().item()}
 
 
-RANGES = {"eval_every": ">= 1", "eval_batch_size": ">= 1", "max_eval_pairs": ">= 0", "num_classes": ">= 2",
+RANGES = {"eval_every": ">= 1", "max_eval_pairs": ">= 0", "num_classes": ">= 2",
           "alpha": "> 0"}
 
 
@@ -201,10 +198,11 @@ def main(args):
     run.print(f"data: {len(train_data)} train pairs, {len(eval_data)} held-out pairs; {total_steps} steps of "
               f"{per_step} pairs (per process {micro} x {args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
+    scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     order = EpochOrder(len(train_data), args.seed, run.dist.rank, run.dist.world_size)
     recent = []  # (accuracy, loss) of every micro-batch since the last log line
     run.start(total_steps, model=model, heads={"head": head}, optimizer=optimizer,
-              state={"order": order, "recent": recent})  # ---- plumbing: resume, metrics.jsonl
+              state={"order": order, "recent": recent, "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
 
     # 3. the loop: micro-batches of pairs -> rewards at the last token -> pairwise loss -> step
     model.train()
@@ -215,11 +213,11 @@ def main(args):
             batch = collate_pairs([train_data[i] for i in order.take(micro)], pad_id)
             r_c, r_r, out_c, out_r = pair_scores(model, head, batch, run.device)
             loss = pair_loss(args, out_c, out_r, batch, run.device).mean() / args.grad_accum
-            loss.backward()
+            scaler.backward(loss)
             recent.append(((r_c > r_r).float().mean().item(), loss.item() * args.grad_accum))
         set_lr(optimizer, lr_at(step - 1, args.lr, total_steps, args.warmup_steps))
         grad_norm = optimizer_step(optimizer, params, loss=recent[-1][1], grad_clip=args.grad_clip, step=step - 1,
-                                   world_size=run.dist.world_size)  # all-reduce, clip, NaN guard, step
+                                   world_size=run.dist.world_size, scaler=scaler)  # all-reduce, clip, NaN guard, step
         if (step % args.eval_every == 0 or step == total_steps) and run.is_main:
             metrics = {"train/loss": sum(l for _, l in recent) / len(recent),
                        "train/accuracy": sum(a for a, _ in recent) / len(recent),

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.cli import run_script
+from minirlhf.cli import MachineArgs, run_script
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
@@ -39,6 +39,7 @@ from minirlhf.heads import response_logprobs
 from minirlhf.lora import adapter_names, merge_lora
 from minirlhf.models import load_model, load_tokenizer, parameter_report
 from minirlhf.ops import masked_mean
+from minirlhf.precision import LossScaler, resolve_dtype, set_compute_dtype
 from minirlhf.run import Run
 from minirlhf.sampling import eval_mode
 from minirlhf.training import EpochOrder, lr_at, make_optimizer, make_trainable, optimizer_step, set_lr, steps_per_epoch
@@ -46,7 +47,7 @@ from minirlhf.validation import check_common
 
 
 @dataclass
-class Args:
+class Args(MachineArgs):
     """Supervised fine-tuning of a causal LM on chat-formatted demonstrations, packed into blocks."""
     model: str = TINY_LLAMA
     """Hugging Face model dir or Hub id to fine-tune; ignored with --init-config"""
@@ -198,11 +199,11 @@ def main(args):
     # model and tokenizer
     tokenizer = load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
     if args.init_config is not None:
-        model = fresh_model(args.init_config, tokenizer).to(run.device)
+        model = set_compute_dtype(fresh_model(args.init_config, tokenizer).to(run.device),
+                                  resolve_dtype(args.dtype, run.device))  # trains in fp32, computes in --dtype
     else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
-        model = load_model(args.model, quantization=args.quantization, dtype="float32" if args.quantization == "none"
-                           else "auto", device=args.device, tokenizer=tokenizer,
-                           gradient_checkpointing=args.gradient_checkpointing)
+        model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                           tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
         make_trainable(model, "sft", full_finetune=args.full_finetune, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                        lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
     run.print(f"model: {parameter_report(model)} on {run.device}")
@@ -223,10 +224,11 @@ def main(args):
     # optimizer: AdamW, weight decay on matrices only (nanoGPT)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, args.lr, args.weight_decay, betas=(0.9, 0.95))
+    scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     order = EpochOrder(n_train, args.seed, run.dist.rank, run.dist.world_size)
     recent = []  # losses since the last log line
     run.start(args.max_steps, model=model, optimizer=optimizer,
-              state={"order": order, "recent": recent})  # ---- plumbing: resume, metrics.jsonl
+              state={"order": order, "recent": recent, "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
 
     # the loop: a batch of blocks -> next-token loss -> (average gradients over processes) -> AdamW step
     metrics, tokens, tick = {}, 0, time.time()
@@ -237,9 +239,9 @@ def main(args):
         set_lr(optimizer, lr)
         loss = lm_loss(model, *batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.backward(loss)
         grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip, step=step - 1,
-                                   world_size=run.dist.world_size)  # all-reduce, clip, NaN guard, step
+                                   world_size=run.dist.world_size, scaler=scaler)  # all-reduce, clip, NaN guard, step
         recent.append(loss.item())
         tokens += batch[0].numel() * run.dist.world_size
         if step % args.log_every == 0 or step == args.max_steps:

@@ -18,16 +18,41 @@ from .errors import Diverged, InputError
 
 
 def _field_docs(cls):
-    """Map field name -> the string literal written on the line after it (cleanrl's field docstrings)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):
-        return {}
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value)
+    """Map field name -> the string literal written on the line after it (cleanrl's field docstrings), from `cls`
+    and the dataclasses it inherits from (a subclass's own text wins)."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = str(nxt.value.value)
     return docs
+
+
+@dataclasses.dataclass
+class MachineArgs:
+    """The flags of every script that are about the machine and the run around the algorithm, not the algorithm:
+    each script's `Args(MachineArgs)` inherits them (they come first in --help)."""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU) | float32 | bfloat16 |
+    float16 (with loss scaling). Trainable weights stay float32 (minirlhf/precision.py)"""
+    forward_batch_size: int = 64
+    """rows per forward pass without gradient (scoring a rollout, the reference, evaluation, held-out pairs) and per
+    micro-batch of an RL minibatch: bounds memory, not the result"""
+    deterministic: bool = False
+    """deterministic CUDA kernels (torch.use_deterministic_algorithms), for bit-exact resume on a GPU; slower"""
+    cost_per_hour: typing.Optional[float] = None
+    """price of the machine in $ per hour: summary.json then reports the cost per training sample"""
+    report_to: str = "none"
+    """none | tensorboard: also write the logged metrics as TensorBoard events in DIR/tensorboard"""
+    system_prompt: typing.Optional[str] = None
+    """a system message put before every prompt (chat templates and --template llama3 render it)"""
 
 
 def parse_args(cls, argv=None, description=None):

@@ -12,7 +12,7 @@ Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.compare`, so that e
 import torch
 
 from .data.tokenize import collate_prompts
-from .heads import final_hidden, predicting_states, to_token_grid
+from .heads import final_hidden, lm_logits, predicting_states, to_token_grid
 from .kl import exact_kl
 from .models import reference
 from .sampling import eval_mode, sample
@@ -46,7 +46,7 @@ def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, t
 def _response_logits(model, input_ids, attention_mask, response_mask):
     """(N, V) float32 logits that predict the N response tokens (heads.predicting_states does the shift)."""
     states = predicting_states(final_hidden(model, input_ids, attention_mask), response_mask)  # (B, T, H)
-    return model.get_output_embeddings()(states[response_mask.bool()]).float()  # (N, H) -> (N, V)
+    return lm_logits(model, states[response_mask.bool()]).float()  # (N, H) -> (N, V)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops import entropy_from_logits, gather_logprobs
+from .precision import autocast
 
 
 def trunk(model):
@@ -26,10 +27,21 @@ def position_ids_from_mask(attention_mask):
 
 
 def final_hidden(model, input_ids, attention_mask):
-    """(B, T) token ids -> (B, T, H) final hidden states of the trunk (after its last norm)."""
-    out = trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
-                       position_ids=position_ids_from_mask(attention_mask), use_cache=False)
+    """(B, T) token ids -> (B, T, H) final hidden states of the trunk (after its last norm), computed under autocast
+    in the model's compute dtype (precision.py), so 16-bit for a 16-bit run."""
+    with autocast(model):
+        out = trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
+                           position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state
+
+
+def lm_logits(model, states):
+    """(..., H) states -> (..., V) logits in float32 (or float64 for a float64 model): the LM head under autocast (a
+    16-bit matmul in a 16-bit run), then at least fp32 for the softmax: log-probs, entropies and KLs are never taken
+    in 16 bits."""
+    with autocast(model):
+        logits = model.get_output_embeddings()(states)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
 def last_token_index(attention_mask):
@@ -67,8 +79,7 @@ def _token_logprobs(model, states, input_ids, response_mask, temperature, return
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     predicts = response_mask.bool()  # (B, T): True where token t is a response token, predicted by states[:, t]
-    logits = model.get_output_embeddings()(states[predicts])  # (N, H) -> (N, V)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature  # bf16 -> fp32 for softmax
+    logits = lm_logits(model, states[predicts]) / temperature  # (N, H) -> (N, V), float32
     logprobs = to_token_grid(gather_logprobs(logits, input_ids[predicts]), response_mask)  # (N,) -> (B, T)
     if not return_entropy:
         return logprobs

@@ -2,7 +2,9 @@
 
 W (out, in) stays frozen; only A (r, in) and B (out, r) train. A is Kaiming-uniform, B is zero, so a fresh adapter
 reproduces the base exactly. The base may be a bitsandbytes 4-bit NF4 or 8-bit layer (QLoRA, Dettmers et al. 2023):
-the frozen base runs in its own precision, the LoRA branch in the adapter dtype (float32 over a quantized base).
+the frozen base runs in its own precision. Adapters are always created in float32, whatever the base's dtype: they are
+what AdamW updates, and an update of lr·grad ≈ 1e-5 of a weight rounds away in bfloat16 (precision.py); under
+autocast their matmuls still run in the 16-bit compute dtype.
 Several named adapters live on one layer (nn.ModuleDicts lora_A / lora_B keyed by name, as in PEFT); one is active
 at a time, or none. Rules:
 - add_lora freezes every non-LoRA parameter of the model (heads too); the new adapter is trainable, earlier adapters
@@ -39,8 +41,8 @@ class LoRALinear(nn.Module):
         self.r, self.lora_alpha, self.scaling = {}, {}, {}
 
     def add_adapter(self, name, r, alpha, dropout=0.0):
-        w = self.base_layer.weight  # LoRA dtype: float32 over a quantized or float32 base, else the base dtype
-        dtype = torch.float32 if _bits(self.base_layer) or not w.is_floating_point() else w.dtype
+        w = self.base_layer.weight  # float32 adapters over a 16-bit or quantized base (float64 stays: the tests)
+        dtype = torch.float64 if w.dtype == torch.float64 else torch.float32
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, device=w.device, dtype=dtype)  # A: (r, in)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, device=w.device, dtype=dtype)  # B: (out, r)
         nn.init.kaiming_uniform_(self.lora_A[name].weight, a=math.sqrt(5))  # as PEFT
@@ -54,7 +56,9 @@ class LoRALinear(nn.Module):
         if self.active not in self.lora_A:
             return y
         A, B = self.lora_A[self.active], self.lora_B[self.active]
-        x = self.lora_dropout[self.active](x.to(A.weight.dtype))
+        if not torch.is_autocast_enabled(x.device.type):  # (under autocast the matmuls cast for themselves)
+            x = x.to(A.weight.dtype)
+        x = self.lora_dropout[self.active](x)
         return y + (B(A(x)) * self.scaling[self.active]).to(y.dtype)  # (..., in) -> (..., r) -> (..., out)
 
 

@@ -17,11 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import lora
 from .errors import InputError
+from .precision import DTYPES, resolve_dtype, set_compute_dtype
 from .formats import (MODEL_FOLDER, check_model_config, check_model_dir, check_reward_model_dir, first_line,
                       load_adapter, load_head, who)
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PAD_TOKEN = "<|pad|>"
 HUB_TIMEOUT_S = 5.0  # the one question asked to the Hub before a download (see _from_pretrained)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
@@ -48,10 +48,6 @@ def get_device(device="auto", flag="--device"):
             raise InputError(f"{flag} {device}: this machine has {n} CUDA device{'s' * (n != 1)} (cuda:0 to "
                              f"cuda:{n - 1}); use --device cuda:N with N < {n}, cuda or auto")
     return dev
-
-
-def _bf16_ok(device):
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def check_model_source(name_or_path, flag="--model", what="model", trust_remote_code=False):
@@ -170,8 +166,9 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
     """AutoModelForCausalLM from a Hub id or local folder, every parameter frozen.
 
     quantization: "none" | "8bit" (LLM.int8) | "4bit" (NF4 + double quantization, QLoRA Sec. 3).
-    dtype: "auto" = bfloat16 on a CUDA device that supports it, else float32 (bf16 on the CPU is ~10x slower).
-    The 4-bit compute dtype follows the same rule. k-bit models go through prepare_for_kbit_training.
+    dtype: the compute dtype (precision.py): "auto" | "float32" | "bfloat16" | "float16". The frozen base is stored in
+    it (a k-bit base keeps its norms, embeddings and LM head in it and computes its matmuls in it), and every forward
+    pass runs under precision.autocast in it; whatever trains is created in float32 (LoRA, heads, full fine-tuning).
     A bad folder (config.json, missing / empty / truncated weights, weights lacking tensors the config needs, which
     transformers would fill with random values) or an unreachable Hub id is an InputError naming `flag`."""
     if quantization not in QUANTIZATIONS:
@@ -181,11 +178,12 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
     name_or_path = os.fspath(name_or_path)
     check_model_source(name_or_path, flag, "model", trust_remote_code)
     device = get_device(device)
-    best = torch.bfloat16 if _bf16_ok(device) else torch.float32
-    kwargs = dict(dtype=best if dtype == "auto" else DTYPES[dtype], trust_remote_code=trust_remote_code)
+    compute = resolve_dtype(dtype, device)
+    kwargs = dict(dtype=compute, trust_remote_code=trust_remote_code)
     if quantization == "4bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=best)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute)
     elif quantization == "8bit":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     if quantization != "none":
@@ -212,21 +210,20 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
         keep_4bit_layout_on_cpu(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    return model
+    return set_compute_dtype(model, compute)
 
 
 def prepare_for_kbit_training(model):
-    """Get a quantized base ready for LoRA training (what peft.prepare_model_for_kbit_training does, by hand).
+    """Get a quantized base ready for LoRA training (peft.prepare_model_for_kbit_training's job, by hand):
 
     - freeze every base parameter (the quantized weights cannot be trained anyway);
-    - keep small non-quantized float parameters (norm weights, biases: ndim <= 1) in float32, as the QLoRA code does
-      for norms: RMSNorm in bf16 loses precision; embeddings and the LM head keep their dtype to save memory;
     - make the input embeddings' output require grad, so checkpointed blocks over a frozen embedding still see an
-      input that needs grad and the LoRA weights inside them get gradients."""
+      input that needs grad and the LoRA weights inside them get gradients.
+    Unlike peft we do NOT upcast the norms (and with them every activation) to float32: the model computes under
+    autocast in --dtype, Llama's RMSNorm already takes its mean square in fp32, and fp32 norms would make the whole
+    residual stream fp32: twice the activation memory and no 16-bit attention kernel."""
     for p in model.parameters():
         p.requires_grad_(False)
-        if p.is_floating_point() and p.ndim <= 1 and p.dtype != torch.float32:
-            p.data = p.data.float()
     model.enable_input_require_grads()
     return model
 

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import Diverged
+from .precision import autocast
 
 
 class Samples(NamedTuple):
@@ -62,7 +63,7 @@ def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pa
         raise ValueError("a prompt has no real token (its attention_mask row is all 0)")
     if attention_mask.shape[1] > 1 and not attention_mask[:, -1].bool().all():
         raise ValueError("prompts must be left-padded: the last column of attention_mask must be all 1")
-    with eval_mode(model):
+    with eval_mode(model), autocast(model):  # the compute dtype of training's passes (precision.py)
         return _sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
                        top_k, top_p, min_new_tokens, stop_token_ids, generator)
 

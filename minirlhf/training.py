@@ -14,10 +14,16 @@ from .errors import Diverged
 def make_trainable(model, adapter, *, full_finetune=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
                    lora_targets=("all-linear",)):
     """Either every base weight trains (full fine-tuning, float bases only) or a fresh LoRA adapter named `adapter`
-    does (and nothing else). Returns the list of trainable parameters (heads are added by the caller)."""
+    does (and nothing else). Returns the list of trainable parameters (heads are added by the caller).
+
+    Full fine-tuning trains float32 weights: a 16-bit base is upcast here, and its forward passes still compute in
+    16 bits under autocast (precision.py). That is mixed precision's fp32 master copy without a second copy: weights
+    4 bytes, gradients 4, AdamW's two moments 8, 16 bytes per parameter (vs 2 for a frozen bf16 base); a pure-bf16
+    AdamW would lose every update smaller than 2^-8 of its weight."""
     if full_finetune:
         if any(lora._bits(m) for m in model.modules()):
             raise ValueError("--full-finetune needs a float base; a 4-bit/8-bit base trains through LoRA only")
+        model.float()  # fp32 master weights (a no-op for an fp32 base); the compute dtype stays (autocast)
         model.requires_grad_(True)
         return [p for p in model.parameters() if p.requires_grad]
     targets = "all-linear" if list(lora_targets) == ["all-linear"] else list(lora_targets)
@@ -26,21 +32,31 @@ def make_trainable(model, adapter, *, full_finetune=False, lora_r=16, lora_alpha
     return lora.lora_parameters(model, adapter)
 
 
-def optimizer_step(optimizer, params, *, loss, grad_clip, step, world_size=1):
-    """The tail of every training step: average the gradients over processes, clip their global norm, check that
-    the loss and the gradient are finite, step. Returns the gradient norm before clipping.
+def optimizer_step(optimizer, params, *, loss, grad_clip, step, world_size=1, scaler=None):
+    """The tail of every training step: average the gradients over processes, unscale them (fp16's loss scaling:
+    precision.LossScaler), clip their global norm, check that the loss and the gradient are finite, step. Returns
+    the gradient norm before clipping.
 
     A non-finite loss or gradient norm raises errors.Diverged BEFORE optimizer.step(): the weights in memory are
     still those of the last good step and nothing has been written, so no NaN ever reaches an adapter or checkpoint.
-    All processes decide together (a NaN on one rank reaches every rank's averaged gradient anyway)."""
+    Under fp16 an overflowing gradient is expected now and then: the scaler skips that step and lowers its scale
+    (Diverged only if the scale collapses). All processes decide together (a NaN on one rank reaches every rank's
+    averaged gradient anyway)."""
     distributed.all_reduce_mean_grads(params, world_size)
+    if scaler is not None:
+        scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     loss = float(loss)
-    if distributed.any_rank(not (math.isfinite(loss) and torch.isfinite(grad_norm)), world_size):
+    bad_loss = distributed.any_rank(not math.isfinite(loss), world_size)
+    bad_grad = distributed.any_rank(not torch.isfinite(grad_norm), world_size)
+    if bad_loss or (bad_grad and (scaler is None or not scaler.enabled)):
         raise Diverged(f"step {step + 1}: the loss is {loss:.4g} and the gradient norm {grad_norm.item():.4g}: "
                        "training diverged; the step was not applied and nothing after it was saved. Likely cause: "
                        "the learning rate (--lr) is too high for this model, or the data holds extreme values")
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer, not bad_grad, step)
     return grad_norm
 
 

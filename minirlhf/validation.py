@@ -16,6 +16,8 @@ import re
 
 from .errors import InputError
 
+REPORT_TO = ("none", "tensorboard")
+
 COMMON_RANGES = {
     "lr": "> 0", "grad_clip": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
     "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
@@ -23,6 +25,7 @@ COMMON_RANGES = {
     "max_length": ">= 2", "max_prompt_length": ">= 1", "max_train_pairs": ">= 0",
     "max_new_tokens": ">= 1", "temperature": "> 0", "eval_prompts": ">= 1", "eval_samples": ">= 1",
     "log_every": ">= 1", "save_every": ">= 0", "seed": ">= 0", "threads": ">= 0",
+    "forward_batch_size": ">= 1", "cost_per_hour": "none or > 0",
 }
 
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
@@ -79,7 +82,7 @@ def check_common(args, ranges, datasets="preference"):
     known = KNOWN_PREFERENCE_DATASETS if datasets == "preference" else KNOWN_PROMPT_DATASETS
     if hasattr(args, "dataset") and args.dataset not in known:
         raise InputError(f"--dataset {args.dataset!r} is unknown; known: {', '.join(known)}")
-    for name, allowed in (("quantization", QUANTIZATIONS), ("dtype", ("auto", *DTYPES)),
+    for name, allowed in (("quantization", QUANTIZATIONS), ("dtype", ("auto", *DTYPES)), ("report_to", REPORT_TO),
                           ("split", tuple(SPLITS)), ("eval_split", tuple(SPLITS))):
         if hasattr(args, name):
             check_choice("--" + name.replace("_", "-"), getattr(args, name), allowed)

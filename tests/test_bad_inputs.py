@@ -51,7 +51,7 @@ RANGE_CASES = [
     ("train_reward.py", ["--num-classes", "1"], "--num-classes"),
     ("train_reward.py", ["--num-classes", "-1"], "--num-classes"),
     ("train_reward.py", ["--eval-every", "0"], "--eval-every"),
-    ("train_reward.py", ["--eval-batch-size", "0"], "--eval-batch-size"),
+    ("train_reward.py", ["--forward-batch-size", "0"], "--forward-batch-size"),
     ("train_reward.py", ["--alpha", "nan"], "--alpha"),
     ("train_reward.py", ["--max-steps", "0"], "--max-steps"),
     ("train_reward.py", ["--grad-accum", "0"], "--grad-accum"),

@@ -94,14 +94,24 @@ def test_init_is_kaiming_uniform_A_and_zero_B():
     assert torch.count_nonzero(layer.lora_B["a"].weight) == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_lora_dtype_and_device_follow_a_float_base(dtype):
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.float16, torch.float32), (torch.float64, torch.float64)])
+def test_adapters_are_at_least_float32_and_output_keeps_the_base_dtype(dtype, adapter_dtype):
+    """What AdamW updates is never 16-bit (precision.py); the layer's output keeps the base's dtype."""
     layer = LoRALinear(nn.Linear(8, 4, dtype=dtype))
     layer.add_adapter("a", 2, 4)
     A = layer.lora_A["a"].weight
-    assert A.dtype == dtype and A.device == layer.base_layer.weight.device
+    assert A.dtype == adapter_dtype and layer.lora_B["a"].weight.dtype == adapter_dtype
+    assert A.device == layer.base_layer.weight.device
     layer.active = "a"
-    assert layer(torch.randn(2, 8, dtype=dtype)).dtype == dtype
+    with torch.no_grad():
+        layer.lora_B["a"].weight.normal_()
+    x = torch.randn(2, 8, dtype=dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    ref = layer.base_layer(x).double() + 2.0 * (x.double() @ A.double().T @ layer.lora_B["a"].weight.double().T)
+    assert torch.allclose(y.double(), ref, rtol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5,
+                          atol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
 
 
 # ---- the model-level rules ---------------------------------------------------------------------------------------

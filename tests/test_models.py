@@ -269,8 +269,8 @@ def test_4bit_rows_off_the_nf4_block_are_dequantized_right_or_refused(tiny_llama
 def test_prepare_for_kbit_training_on_a_bf16_model():
     model = prepare_for_kbit_training(make_tiny_llama(dtype=torch.bfloat16))
     assert not any(p.requires_grad for p in model.parameters())
-    for name, p in model.named_parameters():  # norms (1-D) go to float32, matrices keep their dtype
-        assert p.dtype == (torch.float32 if p.ndim == 1 else torch.bfloat16), name
+    for name, p in model.named_parameters():  # everything keeps the compute dtype: no fp32 residual stream
+        assert p.dtype == torch.bfloat16, name
     assert model.get_input_embeddings()(torch.tensor([[3, 4]])).requires_grad  # for checkpointed LoRA blocks
 
 
