@@ -17,12 +17,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import lora
 from .errors import InputError
+from .padding import PAD_TOKEN, VOCAB_MULTIPLE, ensure_pad_token, resize_for_tokenizer
 from .precision import DTYPES, resolve_dtype, set_compute_dtype
 from .formats import (MODEL_FOLDER, check_model_config, check_model_dir, check_reward_model_dir, first_line,
                       load_adapter, load_head, who)
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
-PAD_TOKEN = "<|pad|>"
 HUB_TIMEOUT_S = 5.0  # the one question asked to the Hub before a download (see _from_pretrained)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
@@ -149,15 +149,20 @@ def load_tokenizer(name_or_path, trust_remote_code=False, flag="--model"):
     a Hub id is found).
 
     If pad == EOS, masking padding also masks the real EOS that ends every response, so the model never learns to stop
-    and a reward read "at the last real token" can land on padding. We add "<|pad|>" instead (the caller must resize
-    the embeddings: `load_model(..., tokenizer=tok)` does)."""
+    and a reward read "at the last real token" can land on padding. padding.ensure_pad_token then reuses an unused
+    token the vocabulary already has (Llama 3.1's <|finetune_right_pad_id|>, a reserved token) or adds "<|pad|>"
+    (the caller must resize the embeddings: `load_model(..., tokenizer=tok)` does, to a multiple of 64)."""
     name_or_path = os.fspath(name_or_path)
     check_model_source(name_or_path, flag, "tokenizer", trust_remote_code)
     tok = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, flag, "a tokenizer",
                            trust_remote_code=trust_remote_code)
-    if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:
-        tok.add_special_tokens({"pad_token": PAD_TOKEN})
-        print(f"tokenizer {name_or_path}: added pad token {PAD_TOKEN!r} (id {tok.pad_token_id}) distinct from EOS")
+    outcome = ensure_pad_token(tok)
+    if outcome == "reused":
+        print(f"tokenizer {name_or_path}: pad token {tok.pad_token!r} (id {tok.pad_token_id}), an unused token of its "
+              f"vocabulary, distinct from EOS; vocabulary unchanged ({len(tok)} tokens)")
+    elif outcome == "added":
+        print(f"tokenizer {name_or_path}: added pad token {PAD_TOKEN!r} (id {tok.pad_token_id}) distinct from EOS; "
+              "the model's embeddings grow to cover it (load_model does)")
     return tok
 
 
@@ -199,8 +204,11 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
     if quantization == "none":
         model.to(device)
     if tokenizer is not None:
-        if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-            model.resize_token_embeddings(len(tokenizer))
+        old = model.get_input_embeddings().weight.shape[0]
+        rows = resize_for_tokenizer(model, tokenizer)  # to a multiple of 64: no odd vocabulary (padding.py)
+        if rows is not None:
+            print(f"model {name_or_path}: embeddings resized {old} -> {rows} rows (len(tokenizer) {len(tokenizer)} "
+                  f"rounded up to a multiple of {VOCAB_MULTIPLE})")
         model.config.pad_token_id = tokenizer.pad_token_id
     for p in model.parameters():
         p.requires_grad_(False)

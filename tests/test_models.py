@@ -167,8 +167,9 @@ def test_tokenizer_gets_a_distinct_pad_and_the_model_grows(tmp_path, capsys):
     assert "added pad token '<|pad|>'" in capsys.readouterr().out
     assert tok.pad_token == "<|pad|>" and tok.pad_token_id == 101 != tok.eos_token_id
     make_tiny_llama().save_pretrained(tmp_path)
-    model = load_model(str(tmp_path), tokenizer=tok)
-    assert model.get_input_embeddings().num_embeddings == model.get_output_embeddings().out_features == 102
+    model = load_model(str(tmp_path), tokenizer=tok)  # 102 tokens: the rows grow to a multiple of 64 (padding.py)
+    assert model.get_input_embeddings().num_embeddings == model.get_output_embeddings().out_features == 128
+    assert "embeddings resized 101 -> 128 rows" in capsys.readouterr().out
     assert model.config.pad_token_id == 101 and not any(p.requires_grad for p in model.parameters())
 
 
