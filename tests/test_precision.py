@@ -3,10 +3,9 @@
 The end-to-end runs use CPU autocast (torch's CPU kernels for bf16 / fp16), a few steps each on the embedded tiny
 model: each must finish, move its loss, keep the frozen base bit for bit, and save float32 trainable weights.
 """
+import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
 from minirlhf import precision
+from minirlhf.cli import parse_args
 from minirlhf.errors import Diverged
 from minirlhf.lora import add_lora, lora_parameters
 from minirlhf.precision import LossScaler, autocast, compute_dtype, resolve_dtype, set_compute_dtype
@@ -174,15 +174,21 @@ SCRIPTS = {
 }
 
 
+def _load_script(script):
+    spec = importlib.util.spec_from_file_location(script[:-3], os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("script", list(SCRIPTS))
 def test_every_script_trains_in_16_bit_autocast(script, dtype, tmp_path):
+    """In-process (main(parse_args(...))): the python start-up and imports would double this test's time."""
     flags, loss_key, saved = SCRIPTS[script]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), "--threads", "1", "--dtype", dtype, *flags,
-                           "--out", str(tmp_path)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.load(open(tmp_path / "summary.json"))
+    module = _load_script(script)
+    summary = module.main(parse_args(module.Args, ["--threads", "1", "--dtype", dtype, *flags, "--out", str(tmp_path)]))
+    assert summary == json.load(open(tmp_path / "summary.json"))
     assert summary["params/frozen_unchanged"] is True  # the 16-bit base, bit for bit
     losses = [row[loss_key] for row in map(json.loads, open(tmp_path / "metrics.jsonl")) if loss_key in row]
     assert len(losses) >= 2 and all(map(lambda v: v == v and abs(v) < 1e6, losses)), losses
