@@ -24,15 +24,22 @@ class DistInfo:
 
 
 def setup(device_type="cpu"):
+    """Join the torchrun process group (a no-op DistInfo() without torchrun). On CUDA each process first selects its
+    own GPU, LOCAL_RANK, and then starts NCCL bound to it (`device_id`): NCCL creates its communicator for that GPU
+    at once instead of guessing the device at the first collective (which, before set_device, is GPU 0 for every
+    process: all ranks' buffers and contexts would land there), and barrier() knows which device to use."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return DistInfo()
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
-    info = DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_type == "cuda":
-        torch.cuda.set_device(info.local_rank)
-    return info
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 
 def all_reduce_mean_grads(params, world_size):

@@ -19,14 +19,22 @@ What it takes care of (checkpoint.py holds the file format, distributed.py the c
 - checkpoints every --save-every steps, at the last step and on the first Ctrl-C (the step finishes first); a second
   Ctrl-C aborts.
 - the output contract (tracking.RunLog): args.json, metrics.jsonl, summary.json with time/total_seconds,
-  params/trainable, params/total and params/frozen_unchanged (the frozen base and frozen heads, bit for bit).
+  params/trainable, params/total and params/frozen_unchanged (the frozen base and frozen heads, bit for bit:
+  fingerprint.frozen_fingerprint); --report-to tensorboard: the same rows in out/tensorboard/ too.
+- memory and cost in summary.json: the peak memory of each phase (PhaseMemory), the samples trained and their
+  rate, and with --cost-per-hour what they cost (Run.finish).
+- GPU settings: each torchrun process on its own GPU (distributed.setup); --deterministic (use_deterministic).
 `state` objects: anything with state_dict() / load_state_dict() (training.EpochOrder, kl.AdaptiveKLController,
 baselines.MovingAverageBaseline), a torch.Generator, or a list (metrics gathered since the last log line). Each is
 saved per process (every rank has its own data position and samplers).
 """
+import importlib.util
+import math
 import os
 import random
+import resource
 import signal
+import sys
 import time
 
 import numpy as np
@@ -38,9 +46,10 @@ from .atomic import atomic_directory
 from .checkpoint import (CHECKPOINT_DIR, load_checkpoint, prepare_out_dir, restore_training, save_training,
                          set_rng_state)
 from .cli import format_args
+from .errors import InputError
+from .fingerprint import frozen_fingerprint
 from .models import count_parameters, get_device
 from .tracking import RunLog
-from .training import frozen_fingerprint
 
 
 class GracefulStop:
@@ -93,21 +102,105 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
+def check_run_settings(args):
+    """The settings Run itself acts on, checked before anything loads (one InputError line naming the flag).
+    Missing fields take their defaults, so scripts without them run as before."""
+    report_to = getattr(args, "report_to", "none")
+    if report_to not in ("none", "tensorboard"):
+        raise InputError(f"--report-to: expected none or tensorboard, got {report_to!r}")
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise InputError("--report-to tensorboard: the tensorboard package is not installed; pip install tensorboard")
+    cost = getattr(args, "cost_per_hour", None)
+    if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost)
+                             or cost < 0):
+        raise InputError(f"--cost-per-hour: expected the instance's price per hour (a number >= 0), got {cost!r}")
+
+
+def use_deterministic():
+    """--deterministic: the same seed gives the same numbers on CUDA too, so a resumed run continues bit for bit
+    there as it does on the CPU (checkpoint.py restores the RNG states; this removes the kernels' own
+    nondeterminism). Must run before the first cuBLAS call (Run() is the first line of every script):
+    - torch.use_deterministic_algorithms(True): deterministic kernels everywhere; an op that has none raises a
+      RuntimeError naming it instead of silently varying.
+    - CUBLAS_WORKSPACE_CONFIG=:4096:8 (unless set): cuBLAS reduces in a fixed order only with a fixed workspace
+      (CUDA >= 10.2); read when cuBLAS first initialises, hence before any matmul.
+    - cudnn.benchmark off: no per-shape autotuning that can pick different kernels from run to run.
+    Cost: on CUDA, slower backward of scatter / index_add / gather-style ops (embedding backward, cumsum) that
+    otherwise use atomic adds, and 8 cuBLAS workspaces of 4 MiB per stream (~32 MiB of GPU memory); the step-time
+    cost on a GPU is not measured here yet (no GPU was available). On the CPU, where these kernels are deterministic
+    already, nothing measurable: `train_dpo.py --max-steps 5 --threads 1` trained 5.04 s without, 5.03 s with, to
+    bit-identical weights."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def peak_rss_bytes():
+    """The process's peak resident set so far, in bytes (getrusage: KiB on Linux, bytes on macOS)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+class PhaseMemory:
+    """Peak memory per phase of a run, for summary.json. The phases follow the scripts' Run calls:
+
+        setup    Run() .. the end of run.start    load the model, data and optimizer; restore a checkpoint
+        before   .. the first step                 the evaluation before training (run.once("before", ...))
+        train    the steps of run.steps()
+        after    the end of the loop .. finish     save, evaluate after training
+
+    On CUDA torch's peak-allocation counter is read and reset at each boundary (mark): memory/cuda_peak_bytes/<phase>
+    is the most memory PyTorch's tensors held on the GPU during that phase (what the caching allocator handed out,
+    not the cache it reserved, nor other processes), memory/cuda_peak_bytes the largest of them. On every device:
+    memory/peak_rss_bytes, the process's peak host memory (its whole life: getrusage cannot be reset).
+    `cuda` is torch.cuda or a stand-in with max_memory_allocated(device) and reset_peak_memory_stats(device)."""
+
+    def __init__(self, device, cuda=torch.cuda):
+        self.device, self.phase, self.peaks = device, "setup", {}  # peaks: phase -> bytes
+        self.cuda = cuda if device.type == "cuda" else None
+        if self.cuda is not None:
+            self.cuda.reset_peak_memory_stats(device)
+
+    def mark(self, phase):
+        """End the current phase (its CUDA peak read, the counter reset) and start `phase`."""
+        if self.cuda is not None:
+            peak = self.cuda.max_memory_allocated(self.device)
+            self.peaks[self.phase] = max(peak, self.peaks.get(self.phase, 0))
+            self.cuda.reset_peak_memory_stats(self.device)
+        self.phase = phase
+
+    def summary(self):
+        """The summary keys (the phase still running is read too)."""
+        self.mark(self.phase)
+        out = {"memory/peak_rss_bytes": peak_rss_bytes()}
+        if self.peaks:
+            out.update({f"memory/cuda_peak_bytes/{phase}": peak for phase, peak in self.peaks.items()})
+            out["memory/cuda_peak_bytes"] = max(self.peaks.values())
+        return out
+
+
 class Run:
     def __init__(self, args, check=None):
         """The first lines of every script: check(args) (the script's validation: a bad setting fails before anything
-        else happens), check --out (writable; a folder holding an interrupted run needs --resume or --overwrite), join
+        else happens) and check_run_settings(args), --deterministic (use_deterministic, before any CUDA work), check
+        --out (writable; a folder holding an interrupted run needs --resume or --overwrite), join
         the torchrun process group (if any), read the checkpoint to resume and check its settings BEFORE anything is
         loaded (a resumed run continues in its own folder), print the settings (rank 0), set torch's threads, seed
         everything."""
         if check is not None:
             check(args)
+        check_run_settings(args)
+        if getattr(args, "deterministic", False):
+            use_deterministic()
+        self.started = time.time()  # --cost-per-hour: the instance is paid from here
         if args.resume:  # the run folder (also when given its checkpoint/ folder itself)
             resume = os.path.normpath(args.resume)
             args.resume = args.out = os.path.dirname(resume) if os.path.basename(resume) == CHECKPOINT_DIR else resume
         prepare_out_dir(args.out, args.resume, args.overwrite)
-        self.args, self.device = args, get_device(args.device)
-        self.dist = distributed.setup(self.device.type)
+        self.args = args
+        self.dist = distributed.setup(get_device(args.device).type)
+        self.device = get_device(args.device)  # after setup: "auto" is now this process's own GPU (LOCAL_RANK)
+        self.memory = PhaseMemory(self.device)
+        self.steps_run, self.train_seconds, self.samples_per_step = 0, 0.0, None
         self.is_main = self.dist.is_main
         self.checkpoint = load_checkpoint(args.resume, args, self.dist) if args.resume else None
         self.print(format_args(args))
@@ -121,12 +214,15 @@ class Run:
         if self.is_main:
             print(*lines, sep="\n")
 
-    def start(self, total, *, model, optimizer, heads=None, frozen=(), state=None):
+    def start(self, total, *, model, optimizer, heads=None, frozen=(), state=None, samples_per_step=None):
         """Register what a checkpoint holds and, when resuming, put it back: the trainable weights of `model`, the
         `heads` ({name: module}, trained), the optimizer and the `state` objects. `frozen`: modules that are counted
         and checked like the frozen base (e.g. a reward head). Opens metrics.jsonl (cut back to the checkpoint's
-        step when resuming) and records the frozen fingerprint and the parameter counts for the summary."""
+        step when resuming) and records the frozen fingerprint and the parameter counts for the summary.
+        samples_per_step: training samples one step consumes, all processes together (pairs, sequences, rollout
+        responses): train/samples, perf/samples_per_second and cost/usd_per_sample in the summary."""
         self.total, self.model, self.optimizer = total, model, optimizer
+        self.samples_per_step = samples_per_step
         self.heads, self.frozen, self.state = heads or {}, list(frozen), state or {}
         modules = list(self.heads.values()) + self.frozen
         trainable, total_params = count_parameters(model)
@@ -142,7 +238,9 @@ class Run:
                 _load(obj, local["state"][name])
             self.print(f"resumed {self.args.resume} at step {self.step}")
         self.log_file = RunLog(self.args.out, self.args, enabled=self.is_main,
-                               resume_step=self.step if self.checkpoint else None)
+                               resume_step=self.step if self.checkpoint else None,
+                               report_to=getattr(self.args, "report_to", "none"))
+        self.memory.mark("before")
 
     def once(self, name, compute, default=None):
         """compute() on rank 0, once per run: a resumed run gets the value its first process computed (e.g. the
@@ -157,6 +255,8 @@ class Run:
         all ranks learn whether a Ctrl-C arrived anywhere, and a checkpoint is written then, every --save-every steps
         and after the last one. The RNG states of a resumed run are restored here, right before the first step."""
         bar = tqdm(total=self.total, initial=self.step, desc=desc or unit, disable=not self.is_main, mininterval=5)
+        self.memory.mark("train")
+        loop_started = time.time()
         with GracefulStop() as stop:
             if self.checkpoint:
                 set_rng_state(self.checkpoint[1]["rng"])
@@ -164,11 +264,14 @@ class Run:
                 self.step_started = time.time()  # for the step's timings (metrics time/*, perf/*)
                 yield self.step + 1
                 self.step += 1
+                self.steps_run += 1  # this process's steps (a resumed run counts only its own)
                 bar.update(1)
                 if end_of_step(stop, self.dist, self.step, self.total, self.args.save_every, self._save_checkpoint,
                                self.args.out, unit=unit):
                     break
         bar.close()
+        self.train_seconds += time.time() - loop_started
+        self.memory.mark("after")
 
     def _save_checkpoint(self):
         return save_training(self.args.out, self.dist, step=self.step, args=self.args, model=self.model,
@@ -186,15 +289,40 @@ class Run:
 
     def finish(self, final):
         """summary.json (rank 0): `final` plus the time, the parameter counts, train/steps, train/finished and
-        params/frozen_unchanged (a key of `final` wins: SFT checks the base before --merge rewrites it); curves.png.
+        params/frozen_unchanged (a key of `final` wins: SFT checks the base before --merge rewrites it), the memory
+        of each phase (PhaseMemory.summary) and the throughput and cost (throughput()); curves.png.
         Leaves the process group. Returns the summary (None on other ranks)."""
         summary = None
         if self.is_main:
             summary = self.log_file.summary({**self.params, "train/steps": self.step,
                                              "train/finished": self.step == self.total,
-                                             "params/frozen_unchanged": self.frozen_unchanged(), **final})
+                                             "params/frozen_unchanged": self.frozen_unchanged(),
+                                             **self.memory.summary(), **self.throughput(), **final})
         distributed.cleanup()
         return summary
+
+    def throughput(self):
+        """What this process's training did and cost (a resumed run counts only the steps it ran itself):
+        time/train_seconds   wall time inside run.steps() (steps, logging, checkpoints, evaluations between steps)
+        train/samples        steps run x samples_per_step (run.start), all processes
+        perf/samples_per_second   train/samples / time/train_seconds
+        cost/usd_total       --cost-per-hour x this process's wall time from Run() to now / 3600: the instance's
+                             price for the whole run (loading and evaluations included), as the multi-adapter PPO
+                             setup reports it
+        cost/usd_per_sample  cost/usd_total / train/samples
+        The train/ and perf/ keys need samples_per_step, the cost/ keys --cost-per-hour (usd_per_sample both)."""
+        out = {"time/train_seconds": round(self.train_seconds, 2)}
+        samples = None
+        if self.samples_per_step is not None:
+            samples = out["train/samples"] = self.steps_run * self.samples_per_step
+            if self.train_seconds > 0:
+                out["perf/samples_per_second"] = samples / self.train_seconds
+        price = getattr(self.args, "cost_per_hour", None)
+        if price is not None:
+            out["cost/usd_total"] = price * (time.time() - self.started) / 3600
+            if samples:
+                out["cost/usd_per_sample"] = out["cost/usd_total"] / samples
+        return out
 
     def frozen_unchanged(self):
         """True if the frozen base (and the frozen modules) hold exactly the values they held at run.start."""

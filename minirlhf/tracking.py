@@ -3,25 +3,37 @@
 `RunLog(out_dir, args)` writes args.json at once; `.log(step, metrics)` appends one JSON object per logging step
 (namespaced keys such as "train/loss"); `.summary(final)` writes summary.json atomically and draws curves.png when
 matplotlib is installed.
+
+With `report_to="tensorboard"` (the scripts' --report-to tensorboard) every number logged is also written, with
+torch's own SummaryWriter, into out/tensorboard/ beside metrics.jsonl (same keys, x axis = step). Watch a run with
+`tensorboard --logdir OUT/tensorboard` (needs `pip install tensorboard`; run.Run checks it before anything loads).
 """
 import dataclasses
 import json
 import os
+import shutil
 import time
 
 from minirlhf.atomic import atomic_write_bytes, atomic_write_json
 
 
+TENSORBOARD_DIR = "tensorboard"  # out/tensorboard/: the event files of --report-to tensorboard
+
+
 class RunLog:
-    def __init__(self, out_dir, args, enabled=True, resume_step=None):
+    def __init__(self, out_dir, args, enabled=True, resume_step=None, report_to="none"):
         """resume_step: continuing a run from its checkpoint at this step keeps the metrics.jsonl rows up to it
         (rows logged after the checkpoint by the interrupted process are dropped: they will be logged again).
 
         A new run (resume_step None) starts metrics.jsonl afresh and removes the summary.json of the run that was in
         the folder before: its "train/finished": true would otherwise vouch for this run's checkpoints, and
-        checkpoint.prepare_out_dir would let a later run start over an interrupted one without --overwrite."""
+        checkpoint.prepare_out_dir would let a later run start over an interrupted one without --overwrite.
+
+        report_to "tensorboard": the rows also go to out/tensorboard/ (enabled, i.e. rank 0, only), by the same
+        rules: a new run removes the old event files, a resumed one hides the events after resume_step (the
+        SummaryWriter's purge_step)."""
         self.out_dir, self.enabled, self.start = out_dir, enabled, time.time()
-        self.history = []
+        self.history, self.tensorboard = [], None
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
             if resume_step is None and os.path.isfile(os.path.join(out_dir, "summary.json")):
@@ -33,6 +45,8 @@ class RunLog:
                     rows = [_parse(line) for line in f]  # a line torn by a kill parses to None
                 self.history = [r for r in rows if r is not None and r["step"] <= resume_step]
             atomic_write_bytes(self.metrics_path, "".join(json.dumps(r) + "\n" for r in self.history).encode())
+            if report_to == "tensorboard":
+                self.tensorboard = tensorboard_writer(out_dir, resume_step)
 
     def log(self, step, metrics):
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
@@ -40,13 +54,32 @@ class RunLog:
         if self.enabled:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tensorboard.add_scalar(key, value, step)
+            self.tensorboard.flush()  # a watched run shows each row at once (and a kill loses none)
 
     def summary(self, final):
         final = {"time/total_seconds": round(time.time() - self.start, 2), **{k: _plain(v) for k, v in final.items()}}
         if self.enabled:
             atomic_write_json(os.path.join(self.out_dir, "summary.json"), final)
             plot_curves(self.history, os.path.join(self.out_dir, "curves.png"))
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+            self.tensorboard = None
         return final
+
+
+def tensorboard_writer(out_dir, resume_step=None):
+    """torch's SummaryWriter on out/tensorboard/. A new run (resume_step None) starts the folder afresh; a resumed
+    one writes a new event file whose purge_step hides the events the interrupted process logged after its
+    checkpoint (TensorBoard drops the older events at steps >= resume_step + 1)."""
+    from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (pip install tensorboard)
+    folder = os.path.join(out_dir, TENSORBOARD_DIR)
+    if resume_step is None and os.path.isdir(folder):
+        shutil.rmtree(folder)
+    return SummaryWriter(folder, purge_step=None if resume_step is None else resume_step + 1)
 
 
 def _parse(line):

@@ -138,23 +138,3 @@ def steps_per_epoch(n, per_step, what, fix="lower --batch-size or --grad-accum")
     if n < per_step:
         raise ValueError(f"{n} {what} do not fill one optimizer step of {per_step}; {fix}")
     return n // per_step
-
-
-def frozen_fingerprint(model):
-    """A float64 checksum of every frozen value (Σ w and Σ w·i over each tensor). A 4-bit weight's value is its NF4
-    codes AND its block scales, so the packed bytes and the quantization state (absmax, nested double-quant state)
-    are all summed; 8-bit weights add their row scales. Scripts compare it at the start and the end of training:
-    `params/frozen_unchanged` in summary.json."""
-    total = torch.zeros(2, dtype=torch.float64)
-    for p in model.parameters():
-        if p.requires_grad:
-            continue
-        tensors, state = [p], getattr(p, "quant_state", None)
-        if state is not None:
-            tensors += [state.absmax] + ([state.state2.absmax, state.offset] if state.state2 is not None else [])
-        if getattr(p, "SCB", None) is not None:
-            tensors.append(p.SCB)
-        for t in tensors:
-            flat = t.detach().reshape(-1).to(torch.float64).cpu()
-            total += torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, dtype=torch.float64)).sum()])
-    return total.tolist()

@@ -81,3 +81,62 @@ def test_ppo_runs_under_torchrun_and_a_checkpoint_resumes_only_with_as_many_proc
                           env=ENV, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "written by 2 process(es), this run has 1" in proc.stderr.strip().splitlines()[-1]
+
+
+# ---- distributed.setup without a real process group: the calls it makes, in order (NCCL cannot run here)
+class FakeDist:
+    """Stands in for torch.distributed and torch.cuda.set_device; records the calls in order."""
+
+    def __init__(self):
+        self.calls, self.started = [], False
+
+    def set_device(self, device):
+        self.calls.append(("set_device", device))
+
+    def init_process_group(self, backend, **kwargs):
+        self.calls.append(("init_process_group", backend, kwargs))
+        self.started = True
+
+    def is_initialized(self):
+        return self.started
+
+
+@pytest.fixture
+def fake_dist(monkeypatch):
+    from minirlhf import distributed
+    fake = FakeDist()
+    for name in ("init_process_group", "is_initialized"):
+        monkeypatch.setattr(distributed.dist, name, getattr(fake, name))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 3)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", fake.set_device)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")  # the second GPU of the second node
+    return fake
+
+
+def test_nccl_selects_the_processs_gpu_before_starting_and_binds_the_group_to_it(fake_dist):
+    from minirlhf import distributed
+    info = distributed.setup("cuda")
+    assert fake_dist.calls == [("set_device", 1),
+                               ("init_process_group", "nccl", {"device_id": torch.device("cuda", 1)})]
+    assert (info.rank, info.world_size, info.local_rank, info.is_main) == (3, 4, 1, False)
+
+
+def test_gloo_starts_without_a_device(fake_dist):
+    from minirlhf import distributed
+    info = distributed.setup("cpu")
+    assert fake_dist.calls == [("init_process_group", "gloo", {})]
+    assert (info.rank, info.world_size, info.local_rank) == (3, 4, 1)
+
+
+def test_without_torchrun_nothing_is_started(fake_dist, monkeypatch):
+    from minirlhf import distributed
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.setup("cuda") == distributed.DistInfo() and fake_dist.calls == []
+
+
+def test_init_process_group_takes_device_id():
+    import inspect
+    assert "device_id" in inspect.signature(torch.distributed.init_process_group).parameters

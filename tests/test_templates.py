@@ -83,3 +83,39 @@ def test_bad_input(messages, template, message):
     with pytest.raises(ValueError, match=message) as error:
         format_prompt(None, messages, template)
     assert "\n" not in str(error.value)
+
+
+# ---- --system-prompt: one system message before every prompt, unless the data's prompt starts with its own
+SYSTEM = "You are a helpful, concise assistant."
+
+
+def test_system_prompt_in_the_chat_template(chat_tokenizer):
+    assert format_prompt(chat_tokenizer, ONE, system_prompt=SYSTEM) == (
+        "<|im_start|>system\nYou are a helpful, concise assistant.<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
+    # the data's own system message is kept; None changes nothing
+    assert format_prompt(chat_tokenizer, MULTI, system_prompt=SYSTEM) == format_prompt(chat_tokenizer, MULTI)
+    assert format_prompt(chat_tokenizer, ONE, system_prompt=None) == format_prompt(chat_tokenizer, ONE)
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("llama3", "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+               "You are a helpful, concise assistant.<|eot_id|>"
+               "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2+2?<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+    ("qa", "You are a helpful, concise assistant.\n\nQuestion: What is 2+2?\n\nAnswer: "),
+])
+def test_system_prompt_in_the_plain_templates(template, expected):
+    assert format_prompt(None, ONE, template, system_prompt=SYSTEM) == expected
+    assert format_prompt(None, MULTI, template, system_prompt=SYSTEM) == format_prompt(None, MULTI, template)
+    assert ONE == [{"role": "user", "content": "What is 2+2?"}]  # the data's messages are not modified
+
+
+def test_a_chat_template_without_a_system_role_and_an_empty_system_prompt_are_one_line():
+    refusing = make_chat_tokenizer(chat_template="{% if messages[0]['role'] == 'system' %}"
+                                                 "{{ raise_exception('System role not supported') }}{% endif %}")
+    with pytest.raises(ValueError, match="--system-prompt: the tokenizer's chat template refuses a system message "
+                                         r"\(System role not supported\)"):
+        format_prompt(refusing, ONE, system_prompt=SYSTEM)
+    with pytest.raises(ValueError, match="--system-prompt: expected some text"):
+        format_prompt(None, ONE, "qa", system_prompt="  ")

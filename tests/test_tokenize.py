@@ -188,3 +188,21 @@ def test_too_long_prompt_report_is_printed_once(chat_tokenizer):
             tokenize_preference_dataset(data, chat_tokenizer, max_length=60, max_prompt_length=30)
     assert [str(w.message) for w in caught] == [
         "skipped 1 of 2 pairs whose prompt alone is longer than max_length=60 tokens"]
+
+
+def test_a_system_prompt_goes_before_every_prompt_of_both_dataset_helpers(chat_tokenizer):
+    system = "Answer in one word."
+    prompts = Dataset.from_list([{"prompt": LONG_CHAT[:1]}, {"prompt": [{"role": "system", "content": "Be kind."},
+                                                                         *LONG_CHAT[:1]]}])
+    with_system = tokenize_prompt_dataset(prompts, chat_tokenizer, 64, system_prompt=system)["prompt_ids"]
+    assert chat_tokenizer.decode(with_system[0]) == ("<|im_start|>system\nAnswer in one word.<|im_end|>\n"
+                                                     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                                                     "<|im_start|>assistant\n")
+    assert chat_tokenizer.decode(with_system[1]).startswith("<|im_start|>system\nBe kind.<|im_end|>")  # its own
+    assert tokenize_prompt_dataset(prompts, chat_tokenizer, 64)["prompt_ids"][0] == \
+        ids(chat_tokenizer, format_prompt(chat_tokenizer, LONG_CHAT[:1]))  # default: no system message
+    pairs = Dataset.from_list([{"prompt": LONG_CHAT[:1], "chosen": "Paris.", "rejected": "Lyon."}])
+    row = tokenize_preference_dataset(pairs, chat_tokenizer, 512, 256, "llama3", system_prompt=system)[0]
+    assert row["prompt_ids"] == ids(chat_tokenizer, format_prompt(None, LONG_CHAT[:1], "llama3", system))
+    assert "Answer in one word." in chat_tokenizer.decode(row["prompt_ids"])
+    assert row["chosen_ids"] == ids(chat_tokenizer, "Paris.") + [chat_tokenizer.eos_token_id]

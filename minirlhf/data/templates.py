@@ -18,7 +18,9 @@ separator, so earlier exchanges read as completed question / answer blocks, e.g.
 
 A system message (put it first) is written as its own block: plain text in "question-answer" and "qa", a system
 header in "llama3" (which is how the multi-adapter PPO setup's optional system prompt is given). Contents are used
-verbatim.
+verbatim. `system_prompt` (the scripts' --system-prompt) puts one system message before every prompt's messages,
+except where the data's messages already start with a system message: that prompt keeps its own (a data set that
+carries a system message per prompt knows better than one flag for all of them).
 
 The text is later tokenised as written (no special tokens added, see tokenize.py), so it must carry any BOS token
 itself: chat templates and "llama3" write theirs; "question-answer" and "qa" start with the tokenizer's BOS token
@@ -52,23 +54,40 @@ TEMPLATES = {
 }
 
 
-def format_prompt(tokenizer, messages, template=None):
+def format_prompt(tokenizer, messages, template=None, system_prompt=None):
     """The prompt text for `messages` (a list of {"role", "content"} ending with a user turn): the tokenizer's chat
-    template when template is None, else the named plain template (TEMPLATES)."""
+    template when template is None, else the named plain template (TEMPLATES). system_prompt: see
+    with_system_prompt (None: the messages as they are)."""
     problem = prompt_problem(messages)
     if problem:
         raise ValueError(f"format_prompt: messages must be a list of {{'role', 'content'}} dicts ending with a "
                          f"non-empty user turn ({problem})")
+    messages = with_system_prompt(messages, system_prompt)
     if template is None:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InputError(f"the tokenizer has no chat template: pass --template with one of "
                              f"{', '.join(TEMPLATES)}")
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja2's TemplateError: e.g. "System role not supported" (Gemma's template)
+            if system_prompt is None or type(e).__name__ != "TemplateError":
+                raise
+            raise InputError(f"--system-prompt: the tokenizer's chat template refuses a system message ({e})") from None
     if template not in TEMPLATES:
         raise InputError(f"--template: unknown template {template!r}; expected one of {', '.join(TEMPLATES)}")
     plain = TEMPLATES[template]
     body = plain.separator.join(plain.turns[m["role"]].format(content=m["content"]) for m in messages)
     return _bos(tokenizer, plain) + plain.prefix + body + plain.generation
+
+
+def with_system_prompt(messages, system_prompt):
+    """`messages` with {"role": "system", "content": system_prompt} put first, unless system_prompt is None or the
+    messages already start with a system message (the data's own is kept)."""
+    if system_prompt is None or messages[0]["role"] == "system":
+        return messages
+    if not isinstance(system_prompt, str) or not system_prompt.strip():
+        raise InputError(f"--system-prompt: expected some text, got {system_prompt!r} (leave the flag out for none)")
+    return [{"role": "system", "content": system_prompt}] + list(messages)
 
 
 def _bos(tokenizer, plain):

@@ -72,17 +72,18 @@ def _truncate_pair(prompt_ids, chosen_ids, rejected_ids, eos_id, max_length, max
     return {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
 
 
-def tokenize_preference_dataset(dataset, tokenizer, max_length, max_prompt_length, template=None):
+def tokenize_preference_dataset(dataset, tokenizer, max_length, max_prompt_length, template=None, system_prompt=None):
     """Add prompt_ids, chosen_ids, rejected_ids to a preference Dataset (load_preference_dataset), the prompt
-    formatted with `template` (templates.format_prompt). Rows whose prompt ALONE is longer than max_length tokens
-    are skipped and counted (one warning): cutting such a prompt to its last max_prompt_length tokens would keep
-    too little of it. Longer-than-max_prompt_length prompts below that are left-truncated as usual."""
+    formatted with `template` and `system_prompt` (templates.format_prompt; None: none added). Rows whose prompt
+    ALONE is longer than max_length tokens are skipped and counted (one warning): cutting such a prompt to its last
+    max_prompt_length tokens would keep too little of it. Longer-than-max_prompt_length prompts below that are
+    left-truncated as usual."""
     _check_lengths(max_length, max_prompt_length)
     if tokenizer.eos_token_id is None:
         raise InputError("the tokenizer has no EOS token to end responses with")
 
     def tokenize_rows(rows):  # a batch of rows: each column a list (one tokenizer call per column)
-        prompts = _ids_batch(tokenizer, [format_prompt(tokenizer, p, template) for p in rows["prompt"]])
+        prompts = _ids_batch(tokenizer, [format_prompt(tokenizer, p, template, system_prompt) for p in rows["prompt"]])
         chosen, rejected = _ids_batch(tokenizer, rows["chosen"]), _ids_batch(tokenizer, rows["rejected"])
         pairs = [_truncate_pair(p, c, r, tokenizer.eos_token_id, max_length, max_prompt_length)
                  for p, c, r in zip(prompts, chosen, rejected)]
@@ -103,13 +104,15 @@ def tokenize_preference_dataset(dataset, tokenizer, max_length, max_prompt_lengt
     return tokenized.remove_columns("prompt_too_long")
 
 
-def tokenize_prompt_dataset(dataset, tokenizer, max_prompt_length, template=None):
-    """Add prompt_ids (left-truncated to max_prompt_length) to a prompt Dataset (load_prompt_dataset)."""
+def tokenize_prompt_dataset(dataset, tokenizer, max_prompt_length, template=None, system_prompt=None):
+    """Add prompt_ids (left-truncated to max_prompt_length) to a prompt Dataset (load_prompt_dataset), each prompt
+    formatted with `template` and `system_prompt` (templates.format_prompt; None: none added)."""
     _check_lengths(None, max_prompt_length)
     if len(dataset) == 0:
         return _empty_with(dataset, ("prompt_ids",))
     return dataset.map(lambda rows: {"prompt_ids": [ids[-max_prompt_length:] for ids in _ids_batch(
-        tokenizer, [format_prompt(tokenizer, p, template) for p in rows["prompt"]])]}, batched=True, batch_size=1000)
+        tokenizer, [format_prompt(tokenizer, p, template, system_prompt) for p in rows["prompt"]])]}, batched=True,
+        batch_size=1000)
 
 
 def _empty_with(dataset, columns):
