@@ -94,7 +94,8 @@ def set_rng_state(state):
 # scheduler state.
 # ---------------------------------------------------------------------------------------------------------------
 CHECKPOINT_DIR = "checkpoint"
-RESUME_MAY_DIFFER = ("out", "resume", "threads", "device", "save_every", "overwrite")  # don't change the result
+RESUME_MAY_DIFFER = ("out", "resume", "threads", "device", "save_every", "overwrite", "cost_per_hour", "report_to",
+                     "deterministic")  # they don't change the result
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, torch.Tensor,
           torch.nn.Parameter)  # exact types: a subclass (numpy.float64 is a float) is pickled by its class name
 
