@@ -29,7 +29,7 @@ from minirlhf.dpo import dpo_loss, ipo_loss
 from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training, evaluate_policy, gold_summary, held_out_prompts, show_samples
 from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
-from minirlhf.heads import response_logprobs
+from minirlhf.heads import in_row_chunks, response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
 from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference
 from minirlhf.precision import LossScaler
@@ -131,10 +131,12 @@ class Args(MachineArgs):
     """output directory"""
 
 
-def sequence_logps(model, batch, device, average=False):
-    """(2B,) log π(response | prompt) of each row of a collated pair batch: the sum (or mean) over response tokens."""
-    mask = batch["response_mask"].to(device)
-    logps = response_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), mask)  # (2B, T)
+def sequence_logps(model, batch, device, average=False, rows=None):
+    """(2B,) log π(response | prompt) of each row of a collated pair batch: the sum (or mean) over response tokens.
+    rows: at most this many rows per forward pass (the passes without grad: --forward-batch-size); None: all."""
+    ids, attention, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "response_mask"))  # (2B, T)
+    logps = in_row_chunks(lambda r: response_logprobs(model, ids[r], attention[r], mask[r]), len(ids),
+                          rows or len(ids))  # (2B, T)
     total = logps.sum(-1)  # (2B,)
     return total / mask.sum(-1).clamp(min=1) if average else total
 
@@ -189,7 +191,8 @@ def main(args):
     train_data = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
     eval_pairs = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
     if args.precompute_ref:  # one reference pass now; training then never runs the reference
-        train_data = with_reference_logps(model, train_data, pad_id, device, average, show=run.is_main)
+        train_data = with_reference_logps(model, train_data, pad_id, device, average, args.forward_batch_size,
+                                          show=run.is_main)
     eval_prompts, eval_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
                                               args.eval_prompts, args.eval_samples, args.max_prompt_length,
                                               args.template)
@@ -197,8 +200,8 @@ def main(args):
     def sample_eval():
         return evaluate_policy(model, tokenizer, eval_prompts, eval_ids,
                                gold_fn=world.gold_score if args.dataset == "builtin" else None,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
-                               device=device)
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                               batch_size=args.forward_batch_size, seed=args.seed, device=device)
 
     per_step = args.batch_size * args.grad_accum * run.dist.world_size
     per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")
@@ -224,7 +227,7 @@ def main(args):
                 ref = torch.tensor([e["ref_logps"] for e in examples], device=device).T.reshape(-1)  # (2B,)
             else:
                 with torch.no_grad(), reference(model):
-                    ref = sequence_logps(model, batch, device, average)  # (2B,)
+                    ref = sequence_logps(model, batch, device, average, args.forward_batch_size)  # (2B,)
             with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
                 policy = sequence_logps(model, batch, device, average)  # (2B,)
                 losses, r_c, r_r = preference_loss(args, policy, ref)
@@ -251,7 +254,7 @@ def main(args):
 
     # 4. save the policy adapter (PEFT format); evaluate after training
     run.save("policy", lambda folder: save_adapter(model, folder, "policy"))
-    return report(run, model, sample_eval, before, pairs(eval_pairs, pad_id), args, average)
+    return report(run, model, sample_eval, before, pairs(eval_pairs, pad_id, args.forward_batch_size), args, average)
 
 
 def load_pairs(args, tokenizer, split, max_pairs):
@@ -262,19 +265,20 @@ def load_pairs(args, tokenizer, split, max_pairs):
     return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
 
 
-def pairs(data, pad_id, batch_size=64):
-    """Collated batches of pairs, in order."""
+def pairs(data, pad_id, batch_size):
+    """Collated batches of batch_size pairs (2 x batch_size rows: sequence_logps runs them through the model
+    --forward-batch-size rows at a time), in order."""
     for i in range(0, len(data), batch_size):
         yield collate_pairs([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
 
 
 @torch.no_grad()
-def with_reference_logps(model, data, pad_id, device, average, show=True):
+def with_reference_logps(model, data, pad_id, device, average, forward_batch_size, show=True):
     """--precompute-ref: the data with a column ref_logps = [log π_ref(chosen), log π_ref(rejected)] per pair."""
     ref_logps = []
     with reference(model):
-        for batch in tqdm(pairs(data, pad_id), desc="reference log-probs", disable=not show):
-            logps = sequence_logps(model, batch, device, average).cpu()  # (2b,)
+        for batch in tqdm(pairs(data, pad_id, forward_batch_size), desc="reference log-probs", disable=not show):
+            logps = sequence_logps(model, batch, device, average, forward_batch_size).cpu()  # (2b,)
             ref_logps += torch.stack(logps.chunk(2), 1).tolist()  # b rows of [chosen, rejected]
     return data.add_column("ref_logps", ref_logps)
 
@@ -284,9 +288,9 @@ def pair_eval(model, batches, args, device, average):
     """Held-out implicit-reward accuracy and loss (no sampling)."""
     stats = []
     for batch in batches:
-        policy = sequence_logps(model, batch, device, average)
+        policy = sequence_logps(model, batch, device, average, args.forward_batch_size)
         with reference(model):
-            ref = sequence_logps(model, batch, device, average)
+            ref = sequence_logps(model, batch, device, average, args.forward_batch_size)
         losses, r_c, r_r = preference_loss(args, policy, ref)
         stats.append(torch.stack([losses, (r_c > r_r).float()], 1))
     loss, acc = torch.cat(stats).mean(0).tolist()

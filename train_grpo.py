@@ -31,9 +31,10 @@ from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
 from minirlhf.grpo import grpo_loss
 from minirlhf.models import dropout_off
-from minirlhf.ops import masked_mean
-from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
-                              minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.ops import masked_sum
+from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
+                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles, rollout_logprobs,
+                              sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import per_token_kl
@@ -170,10 +171,9 @@ def main(args):
         b_mask = batch["mask"]  # (B, R): right-padded responses
         b_scores = reward(batch)  # (B,)
 
-        # 3c. log-probs of the sampled tokens under the policy that sampled them and under the reference
-        with torch.no_grad():
-            b_logprobs = policy_logprobs(model, batch, args.temperature)[0]  # (B, R)
-        b_ref_logprobs = reference_logprobs(model, batch, args.temperature)  # (B, R)
+        # 3c. log-probs of the sampled tokens under the policy that sampled them and under the reference (no grad)
+        b_logprobs = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size)[0]  # (B, R)
+        b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
 
         # 3d. advantages: each score against its group's mean and std; the KL goes into the loss, not the reward
         b_advantages = group_advantages(b_scores, G)[:, None] * b_mask  # (B,) -> (B, R)
@@ -183,19 +183,25 @@ def main(args):
         t_train, stats = time.time(), []
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
-                mb_mask = b_mask[mb]  # (b, R)
-                newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, rows=mb)  # (b, R) each
-                loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mb], b_ref_logprobs[mb], b_advantages[mb],
-                                             mb_mask, args.clip_eps, args.beta)
                 optimizer.zero_grad(set_to_none=True)
-                scaler.backward(loss)
-                grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
-                                           step=iteration - 1, world_size=run.dist.world_size,
-                                           scaler=scaler)  # + NaN guard
-                stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
-                              "policy/clipfrac": loss_stats["clipfrac"], "policy/approx_kl": loss_stats["approx_kl"],
-                              "loss/kl": loss_stats["kl"], "loss/policy": loss_stats["pg_loss"],
-                              "loss/total": loss.detach(), "train/grad_norm": grad_norm})
+                n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: every mean below divides by it
+                # micro-batches of <= --forward-batch-size rows, a backward each: as each loss is a sum over its
+                # tokens / n_tokens, their gradients and statistics add up to the minibatch's means exactly
+                for mu in mb.split(args.forward_batch_size):
+                    mu_mask = b_mask[mu]  # (b, R)
+                    newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, mu)  # (b, R) each
+                    loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mu], b_ref_logprobs[mu], b_advantages[mu],
+                                                 mu_mask, args.clip_eps, args.beta, n_tokens)
+                    scaler.backward(loss)
+                    parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
+                                  "policy/clipfrac": loss_stats["clipfrac"],
+                                  "policy/approx_kl": loss_stats["approx_kl"], "loss/kl": loss_stats["kl"],
+                                  "loss/policy": loss_stats["pg_loss"], "loss/total": loss.detach()})
+                mb_stats = add_up(parts)  # the minibatch's
+                grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(),
+                                           grad_clip=args.grad_clip, step=iteration - 1,
+                                           world_size=run.dist.world_size, scaler=scaler)  # + NaN guard
+                stats.append({**mb_stats, "train/grad_norm": grad_norm})
         last = {**{k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")}, "logprobs": b_logprobs,
                 "ref_logprobs": b_ref_logprobs, "scores": b_scores, "advantages": b_advantages,
                 "returns": b_scores[:, None] * b_mask}

@@ -42,10 +42,11 @@ from minirlhf.gae import gae
 from minirlhf.heads import ScalarHead
 from minirlhf.kl import AdaptiveKLController
 from minirlhf.models import dropout_off
-from minirlhf.ops import masked_mean
+from minirlhf.ops import masked_sum
 from minirlhf.ppo import policy_loss, value_loss
-from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
-                              minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
+                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles, rollout_logprobs,
+                              sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import KL_ESTIMATORS, token_rewards, whiten_advantages, whiten_rewards
@@ -204,11 +205,10 @@ def main(args):
         b_mask = batch["mask"]  # (B, R): right-padded responses
         b_scores = reward(batch)  # (B,): the reward model reads the last real token
 
-        # 3c. log-probs of the sampled tokens under the policy (+ its values) and under the reference
-        with torch.no_grad():
-            b_logprobs, _, b_states = policy_logprobs(model, batch, args.temperature)  # (B, R), (B, T, H)
-            b_values = value_head(b_states)[:, batch["P"]:] * b_mask  # (B, R): V(s_t), the state before token t
-        b_ref_logprobs = reference_logprobs(model, batch, args.temperature)  # (B, R)
+        # 3c. log-probs of the sampled tokens under the policy (+ its values) and under the reference (no grad)
+        b_logprobs, b_values = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size, value_head)
+        b_values = b_values * b_mask  # (B, R): V(s_t), the state before token t
+        b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
 
         # 3d. per-token rewards: -β·KL on every token, the score on the last; GAE; whitened advantages
         b_rewards, b_kl = token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask, kl_coef,
@@ -223,22 +223,28 @@ def main(args):
         t_train, stats = time.time(), []
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
-                mb_mask = b_mask[mb]  # (b, R)
-                newlogprobs, entropy, mb_states = policy_logprobs(model, batch, args.temperature, rows=mb)  # (b, R)
-                pg_loss, pg_stats = policy_loss(newlogprobs, b_logprobs[mb], b_advantages[mb], mb_mask, args.clip_eps)
-                vpred = value_head(mb_states)[:, batch["P"]:]  # (b, R)
-                v_loss, v_stats = value_loss(vpred, b_values[mb], b_returns[mb], mb_mask, args.vf_clip)
-                loss = pg_loss + args.vf_coef * v_loss
                 optimizer.zero_grad(set_to_none=True)
-                scaler.backward(loss)
-                grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
-                                           step=iteration - 1, world_size=run.dist.world_size,
-                                           scaler=scaler)  # + NaN guard
-                stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
-                              **{f"policy/{k}": v for k, v in pg_stats.items()}, "loss/value": v_loss.detach(),
-                              "val/clipfrac": v_stats["clipfrac"],
-                              "val/vpred": masked_mean(vpred.detach(), mb_mask), "loss/policy": pg_loss.detach(),
-                              "loss/total": loss.detach(), "train/grad_norm": grad_norm})
+                n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: every mean below divides by it
+                # micro-batches of <= --forward-batch-size rows, a backward each: as each loss is a sum over its
+                # tokens / n_tokens, their gradients and statistics add up to the minibatch's means exactly
+                for mu in mb.split(args.forward_batch_size):
+                    mu_mask = b_mask[mu]  # (b, R)
+                    newlogprobs, entropy, vpred = policy_logprobs(model, batch, args.temperature, mu, value_head)
+                    pg_loss, pg_stats = policy_loss(newlogprobs, b_logprobs[mu], b_advantages[mu], mu_mask,
+                                                    args.clip_eps, n_tokens)
+                    v_loss, v_stats = value_loss(vpred, b_values[mu], b_returns[mu], mu_mask, args.vf_clip, n_tokens)
+                    loss = pg_loss + args.vf_coef * v_loss
+                    scaler.backward(loss)
+                    parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
+                                  **{f"policy/{k}": v for k, v in pg_stats.items()}, "loss/value": v_loss.detach(),
+                                  "val/clipfrac": v_stats["clipfrac"],
+                                  "val/vpred": masked_sum(vpred.detach(), mu_mask) / n_tokens,
+                                  "loss/policy": pg_loss.detach(), "loss/total": loss.detach()})
+                mb_stats = add_up(parts)  # the minibatch's
+                grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(),
+                                           grad_clip=args.grad_clip, step=iteration - 1,
+                                           world_size=run.dist.world_size, scaler=scaler)  # + NaN guard
+                stats.append({**mb_stats, "train/grad_norm": grad_norm})
         last = {**{k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")}, "logprobs": b_logprobs,
                 "ref_logprobs": b_ref_logprobs, "values": b_values, "scores": b_scores, "advantages": b_advantages,
                 "returns": b_returns}

@@ -30,10 +30,11 @@ from minirlhf.cli import MachineArgs, run_script
 from minirlhf.evaluation import before_training
 from minirlhf.kl import AdaptiveKLController, k3
 from minirlhf.models import dropout_off
-from minirlhf.ops import masked_mean
+from minirlhf.ops import masked_sum
 from minirlhf.reinforce import reinforce_loss
-from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, finish, iteration_metrics, load_policy, log_iteration,
-                              minibatches, policy_logprobs, reference_logprobs, roles, sample_rollout)
+from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
+                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles, rollout_logprobs,
+                              sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import KL_ESTIMATORS, per_token_kl
@@ -166,9 +167,8 @@ def main(args):
         # 3a. rollout: one response to each of rollout_size prompts; 3b. reward = score - β x KL(sequence)
         batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size), args, generator)
         b_scores = reward(batch)  # (B,)
-        with torch.no_grad():
-            b_logprobs = policy_logprobs(model, batch, args.temperature)[0]  # (B, R)
-        b_ref_logprobs = reference_logprobs(model, batch, args.temperature)  # (B, R)
+        b_logprobs = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size)[0]  # (B, R), no grad
+        b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
         b_mask, kl_coef = batch["mask"], kl_ctl.value if kl_ctl else args.kl_coef  # (B, R): right-padded responses
         b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
         b_rlhf_reward = b_scores - kl_coef * b_kl.sum(-1)  # (B,)
@@ -179,17 +179,23 @@ def main(args):
         # 3d. one on-policy pass of shuffled minibatches: -log π(y|x) · A (Williams 1992; reinforce.py)
         t_train, stats = time.time(), []
         for mb in minibatches(len(b_scores), args.minibatch_size):
-            mb_mask = b_mask[mb]  # (b, R)
-            newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, rows=mb)  # (b, R) each
-            loss = reinforce_loss(newlogprobs, b_advantages[mb], mb_mask).mean()
             optimizer.zero_grad(set_to_none=True)
-            scaler.backward(loss)
-            grad_norm = optimizer_step(optimizer, params, loss=loss.item(), grad_clip=args.grad_clip,
+            n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: the statistics' means divide by it
+            # micro-batches of <= --forward-batch-size rows, a backward each: the loss is a mean over the minibatch's
+            # rows (sum / len(mb)) and each statistic a mean over its tokens, so the micro-batches add up exactly
+            for mu in mb.split(args.forward_batch_size):
+                mu_mask = b_mask[mu]  # (b, R)
+                newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, mu)  # (b, R) each
+                loss = reinforce_loss(newlogprobs, b_advantages[mu], mu_mask).sum() / len(mb)
+                scaler.backward(loss)
+                parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
+                              "policy/approx_kl": masked_sum(k3(b_logprobs[mu], newlogprobs.detach()), mu_mask)
+                              / n_tokens, "loss/policy": loss.detach(), "loss/total": loss.detach()})
+            mb_stats = add_up(parts)  # the minibatch's
+            grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(), grad_clip=args.grad_clip,
                                        step=iteration - 1, world_size=run.dist.world_size,
                                        scaler=scaler)  # + NaN guard
-            stats.append({"policy/entropy": masked_mean(entropy.detach(), mb_mask),
-                          "policy/approx_kl": masked_mean(k3(b_logprobs[mb], newlogprobs.detach()), mb_mask),
-                          "loss/policy": loss.detach(), "loss/total": loss.detach(), "train/grad_norm": grad_norm})
+            stats.append({**mb_stats, "train/grad_norm": grad_norm})
         last = {**{k: batch[k] for k in ("input_ids", "attention_mask", "response_mask")}, "logprobs": b_logprobs,
                 "ref_logprobs": b_ref_logprobs, "scores": b_scores, "advantages": b_advantages[:, None] * b_mask,
                 "returns": b_rlhf_reward[:, None] * b_mask}

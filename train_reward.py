@@ -28,7 +28,7 @@ from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.errors import InputError
 from minirlhf.formats import check_reward_model_dir, save_adapter, save_head
-from minirlhf.heads import RatingHead, ScalarHead, sequence_scores
+from minirlhf.heads import RatingHead, ScalarHead, in_row_chunks, sequence_scores
 from minirlhf.lora import set_active_adapter
 from minirlhf.models import count_parameters, load_model, load_reward_model, load_tokenizer, parameter_report
 from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expected_rating
@@ -123,9 +123,11 @@ class Args(MachineArgs):
     """output directory"""
 
 
-def pair_scores(model, head, batch, device):
-    """Scalar rewards of the chosen and rejected rows of a collated batch: (B,), (B,), and the raw head outputs."""
-    out = sequence_scores(model, head, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+def pair_scores(model, head, batch, device, rows=None):
+    """Scalar rewards of the chosen and rejected rows of a collated batch: (B,), (B,), and the raw head outputs.
+    rows: at most this many rows per forward pass (evaluation, without grad: --forward-batch-size); None: all."""
+    ids, attention = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (2B, T)
+    out = in_row_chunks(lambda r: sequence_scores(model, head, ids[r], attention[r]), len(ids), rows or len(ids))
     b = out.shape[0] // 2  # rows 0..B-1 are prompt+chosen, B..2B-1 prompt+rejected
     scalar = expected_rating(out) if out.dim() == 2 else out  # (2B,)
     return scalar[:b], scalar[b:], out[:b], out[b:]
@@ -141,12 +143,13 @@ def pair_loss(args, out_c, out_r, batch, device):
 
 @torch.no_grad()
 def evaluate(model, head, data, args, pad_id, device):
-    """Held-out accuracy (r_c > r_r), mean reward margin and loss."""
+    """Held-out accuracy (r_c > r_r), mean reward margin and loss; --forward-batch-size pairs collated at a time, their
+    rows scored --forward-batch-size at a time."""
     correct, margins, losses = [], [], []
     with eval_mode(model):
         for i in tqdm(range(0, len(data), args.forward_batch_size), desc="eval", leave=False, mininterval=5):
             batch = collate_pairs([data[j] for j in range(i, min(i + args.forward_batch_size, len(data)))], pad_id)
-            r_c, r_r, out_c, out_r = pair_scores(model, head, batch, device)
+            r_c, r_r, out_c, out_r = pair_scores(model, head, batch, device, args.forward_batch_size)
             correct.append((r_c > r_r).float())
             margins.append(r_c - r_r)
             losses.append(pair_loss(args, out_c, out_r, batch, device))

@@ -157,7 +157,7 @@ def lm_loss(model, blocks, attention_mask=None, loss_mask=None):
 
 @torch.no_grad()
 def eval_loss(model, data, batch_size):
-    """Mean next-token loss over the (N, L) tensors of `data`, in batches (weighted by rows)."""
+    """Mean next-token loss over the (N, L) tensors of `data`, in batches of batch_size rows, weighted by rows."""
     blocks = data[0]
     with eval_mode(model):
         total = sum(lm_loss(model, *[t[i:i + batch_size] for t in data]).item() * len(blocks[i:i + batch_size])
@@ -232,6 +232,8 @@ def main(args):
 
     # the loop: a batch of blocks -> next-token loss -> (average gradients over processes) -> AdamW step
     metrics, tokens, tick = {}, 0, time.time()
+    eval_rows = min(args.batch_size, args.forward_batch_size)  # held-out rows per pass: the training batch (as
+    # before this flag existed: the same eval/loss to the last bit), at most --forward-batch-size
     model.train()
     for step in run.steps(desc="sft"):  # ---- plumbing: Ctrl-C and checkpoints between steps
         batch = [t[order.take(args.batch_size)] for t in train_data]  # (B, L) each
@@ -249,7 +251,7 @@ def main(args):
                 metrics = {"train/loss": sum(recent) / len(recent), "train/lr": lr,
                            "train/grad_norm": grad_norm.item(), "perf/tokens_per_second": tokens / (time.time() - tick)}
                 if step % args.eval_every == 0 or step == args.max_steps:
-                    metrics["eval/loss"] = eval_loss(model, eval_data, args.batch_size)
+                    metrics["eval/loss"] = eval_loss(model, eval_data, eval_rows)
                 run.log(step, metrics)
                 tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | "
                            f"eval {metrics.get('eval/loss', float('nan')):.4f} | lr {lr:.2e} | "
@@ -258,7 +260,7 @@ def main(args):
             tokens, tick = 0, time.time()
     if run.is_main and "eval/loss" not in metrics:  # stopped between evaluations
         metrics = {"train/loss": sum(recent) / max(1, len(recent)), **metrics,
-                   "eval/loss": eval_loss(model, eval_data, args.batch_size)}
+                   "eval/loss": eval_loss(model, eval_data, eval_rows)}
 
     # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged
     unchanged = run.frozen_unchanged()  # before a merge rewrites the base

@@ -67,6 +67,9 @@ class Args:
     """base precision: none | 8bit | 4bit"""
     dtype: str = "auto"
     """auto | float32 | bfloat16"""
+    forward_batch_size: int = 64
+    """responses sampled and scored per forward pass: bounds memory. The seeded sampler draws one chunk after the
+    other, so the samples depend on it: use the value the runs to compare with used (the scripts' default is 64)"""
     seed: int = 0
     """sampler seed (the same for every policy)"""
     device: str = "auto"
@@ -152,7 +155,7 @@ def main(args):
             metrics, _ = evaluate_policy(model, tokenizer, prompts, ids, gold_fn=gold_fn,
                                          reward_fn=reward_fn if reward_models else None,
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         seed=args.seed, device=device)
+                                         batch_size=args.forward_batch_size, seed=args.seed, device=device)
         table.append([args.policies[j]] + [f"{torch.cat(s).mean().item():+.3f}" for s in scores]
                      + ([f"{metrics['eval/gold']:.3f}"] if args.gold else [])
                      + [f"{metrics['eval/kl']:.2f}", f"{metrics['eval/length']:.1f}"])

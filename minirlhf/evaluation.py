@@ -11,6 +11,7 @@ Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.compare`, so that e
 """
 import torch
 
+from . import heads
 from .data.tokenize import collate_prompts
 from .heads import final_hidden, lm_logits, predicting_states, to_token_grid
 from .kl import exact_kl
@@ -43,21 +44,27 @@ def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, t
     }
 
 
-def _response_logits(model, input_ids, attention_mask, response_mask):
-    """(N, V) float32 logits that predict the N response tokens (heads.predicting_states does the shift)."""
+def _response_states(model, input_ids, attention_mask, response_mask):
+    """(N, H): the states that predict the N response tokens (heads.predicting_states does the shift)."""
     states = predicting_states(final_hidden(model, input_ids, attention_mask), response_mask)  # (B, T, H)
-    return lm_logits(model, states[response_mask.bool()]).float()  # (N, H) -> (N, V)
+    return states[response_mask.bool()]  # (N, H)
 
 
 @torch.no_grad()
 def sequence_kl(model, input_ids, attention_mask, response_mask):
     """(B,) exact KL(π‖π_ref) summed over each sequence's response tokens; π = the active adapter, π_ref =
-    models.reference(model)."""
-    logits = _response_logits(model, input_ids, attention_mask, response_mask)  # (N, V)
+    models.reference(model). Both trunks' states first, then the logits of heads.LOGITS_CHUNK positions at a time:
+    never two whole (N, V) tensors."""
+    states = _response_states(model, input_ids, attention_mask, response_mask)  # (N, H)
     with reference(model):
-        ref_logits = _response_logits(model, input_ids, attention_mask, response_mask)  # (N, V)
-    per_token = exact_kl(logits, ref_logits)  # (N,)
-    grid = to_token_grid(per_token, response_mask)  # (N,) -> (B, T)
+        ref_states = _response_states(model, input_ids, attention_mask, response_mask)  # (N, H)
+    per_token = []
+    for s, ref_s in zip(states.split(heads.LOGITS_CHUNK), ref_states.split(heads.LOGITS_CHUNK)):
+        logits = lm_logits(model, s).float()  # (n, H) -> (n, V)
+        with reference(model):  # the reference's LM head (an adapter may target it)
+            ref_logits = lm_logits(model, ref_s).float()  # (n, V)
+        per_token.append(exact_kl(logits, ref_logits))  # (n,)
+    grid = to_token_grid(torch.cat(per_token), response_mask)  # (N,) -> (B, T)
     return grid[:, 1:].sum(-1)  # (B,): token 0 is never a response token (nothing predicts it), so sum tokens 1..T-1
 
 
@@ -68,7 +75,9 @@ def evaluate_policy(model, tokenizer, prompts, prompt_ids, *, gold_fn=None, rewa
 
     prompts: B message lists (for the gold score), prompt_ids: their B token-id lists. gold_fn(messages, text) ->
     float; reward_fn(batch) -> (B,) scores of a generate() batch. The sampler is seeded, so the same model gives the
-    same samples. Returns (metrics, samples) with samples a list of {"prompt", "response", "gold", "reward"}."""
+    same samples (for the same batch_size: the prompts are sampled, scored and measured batch_size at a time, the
+    scripts' --forward-batch-size, one batch after the other from one generator). Returns (metrics, samples) with
+    samples a list of {"prompt", "response", "gold", "reward"}."""
     with eval_mode(model):
         return _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new_tokens, temperature, top_k,
                          top_p, batch_size, seed, device)

@@ -14,14 +14,14 @@ all real tokens of the minibatch (DeepSeekMath averages per sequence first; the 
 more, as DAPO does).
 """
 from minirlhf.kl import k3
-from minirlhf.ops import masked_mean
-from minirlhf.ppo import policy_loss
+from minirlhf.ppo import policy_loss, token_mean
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.04):
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.04, n_tokens=None):
     """Scalar GRPO loss = PPO-clip policy loss + beta * masked mean of k3(pi, pi_ref); and detached stats
-    (clipfrac, approx_kl of ppo.policy_loss, plus `kl`: the masked mean k3 to the reference, and `pg_loss`)."""
-    pg_loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps)  # (B, T) -> scalar
-    kl = masked_mean(k3(logprobs, ref_logprobs), mask)  # scalar; gradient flows through logprobs
+    (clipfrac, approx_kl of ppo.policy_loss, plus `kl`: the masked mean k3 to the reference, and `pg_loss`).
+    n_tokens: the loss of a micro-batch of a minibatch of n_tokens real tokens (ppo.token_mean)."""
+    pg_loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens)  # (B, T) -> scalar
+    kl = token_mean(k3(logprobs, ref_logprobs), mask, n_tokens)  # scalar; gradient flows through logprobs
     stats = {**stats, "kl": kl.detach(), "pg_loss": pg_loss.detach()}
     return pg_loss + beta * kl, stats

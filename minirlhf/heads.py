@@ -11,9 +11,19 @@ Heads are saved and loaded by formats.py (save_head, load_head).
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .ops import entropy_from_logits, gather_logprobs
 from .precision import autocast
+
+# Response positions whose logits exist at once (_token_logprobs, evaluation.sequence_kl). A chunk's fp32 logits are
+# LOGITS_CHUNK x V x 4 bytes: 200 MB for SmolLM2's 49152 tokens, 525 MB for Llama 3's 128256 (a backward or an
+# entropy holds 2-3 such tensors), where the 8 x 1000 response tokens of a minibatch at once would take 1.6 GB / 4 GB.
+# 1024 rows still make a large matrix product (1024 x 576 x 49152 is 58 GFLOP for SmolLM2): the LM head runs at full
+# speed. Measured: one SFT step of 4 x 1024 tokens on the SmolLM2-135M shape (LoRA, fp32, CPU) peaks 6.0 GiB above
+# the loaded model instead of 12.3 GiB. A row's logits are its own row of the matrix product, so chunking changes at
+# most the order of a sum (a trained LM head's gradient, full fine-tuning); the toy runs are bit-identical.
+LOGITS_CHUNK = 1024
 
 
 def trunk(model):
@@ -33,6 +43,22 @@ def final_hidden(model, input_ids, attention_mask):
         out = trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state
+
+
+def in_row_chunks(fn, n, size):
+    """fn(rows) for consecutive slices `rows` of range(n) of at most `size` rows each, the outputs (a tensor, or a
+    tuple of tensors / None) concatenated along dim 0: a pass over n rows whose memory is bounded by `size` rows
+    (--forward-batch-size), whatever n is. One chunk (n <= size) is fn(slice(0, n)) itself. For passes without
+    gradient: with gradient every chunk's graph would be kept until backward (the RL update splits its minibatch into
+    micro-batches with a backward each instead)."""
+    if size < 1:
+        raise ValueError(f"in_row_chunks: size must be >= 1, got {size}")
+    parts = [fn(slice(i, min(i + size, n))) for i in range(0, max(n, 1), size)]  # n = 0: one empty chunk
+    if len(parts) == 1:
+        return parts[0]
+    if not isinstance(parts[0], tuple):
+        return torch.cat(parts)
+    return tuple(None if outs[0] is None else torch.cat(outs) for outs in zip(*parts))
 
 
 def lm_logits(model, states):
@@ -72,19 +98,38 @@ def to_token_grid(values, response_mask):
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
+def _chunk_logprobs(model, states, targets, temperature, return_entropy):
+    """(n, H) states and the (n,) tokens they predict -> ((n,) log-probs,) or ((n,) log-probs, (n,) entropies): the
+    LM head on one chunk of response positions, (n, V) float32 logits."""
+    logits = lm_logits(model, states) / temperature  # (n, H) -> (n, V), float32
+    logprobs = gather_logprobs(logits, targets)  # (n,)
+    if not return_entropy:
+        return (logprobs,)
+    # for logging: detached, so the (n, V) softmax intermediates are not kept for backward
+    return logprobs, entropy_from_logits(logits.detach())  # (n,), (n,)
+
+
 def _token_logprobs(model, states, input_ids, response_mask, temperature, return_entropy):
     """(B, T) log-probs of the response tokens (and, with return_entropy, detached (B, T) entropies) from
     predicting_states' grid. Only the N response positions go through the LM head: prompt positions never build a
-    (B, T, V) tensor."""
+    (B, T, V) tensor; and at most LOGITS_CHUNK positions at a time, so no pass holds more than one chunk's (chunk, V)
+    logits. With gradient, each chunk is checkpointed (torch.utils.checkpoint): its logits are recomputed in the
+    backward pass instead of being kept, so the backward too holds one chunk's at a time. N <= LOGITS_CHUNK is one
+    plain chunk."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
     predicts = response_mask.bool()  # (B, T): True where token t is a response token, predicted by states[:, t]
-    logits = lm_logits(model, states[predicts]) / temperature  # (N, H) -> (N, V), float32
-    logprobs = to_token_grid(gather_logprobs(logits, input_ids[predicts]), response_mask)  # (N,) -> (B, T)
-    if not return_entropy:
-        return logprobs
-    # for logging: detached, so the (N, V) softmax intermediates are not kept for backward
-    return logprobs, to_token_grid(entropy_from_logits(logits.detach()), response_mask)  # (B, T)
+    states, targets = states[predicts], input_ids[predicts]  # (N, H), (N,)
+    if states.shape[0] <= LOGITS_CHUNK:
+        outs = _chunk_logprobs(model, states, targets, temperature, return_entropy)
+    else:
+        plain = not torch.is_grad_enabled()  # without gradient nothing is kept for a backward: no checkpoint
+        parts = [_chunk_logprobs(model, s, t, temperature, return_entropy) if plain else
+                 checkpoint(_chunk_logprobs, model, s, t, temperature, return_entropy, use_reentrant=False)
+                 for s, t in zip(states.split(LOGITS_CHUNK), targets.split(LOGITS_CHUNK))]
+        outs = [torch.cat(chunks) for chunks in zip(*parts)]  # (N,) each
+    grids = [to_token_grid(out, response_mask) for out in outs]  # (N,) -> (B, T) each
+    return tuple(grids) if return_entropy else grids[0]
 
 
 def response_logprobs(model, input_ids, attention_mask, response_mask, temperature=1.0, return_entropy=False):

@@ -14,7 +14,7 @@ from the one that collected the data. The value loss clips the same way around t
 import torch
 
 from minirlhf.kl import k3
-from minirlhf.ops import masked_mean
+from minirlhf.ops import masked_mean, masked_sum
 
 
 def _check(name, mask, clip_eps, *tensors):
@@ -25,12 +25,20 @@ def _check(name, mask, clip_eps, *tensors):
         raise ValueError(f"{name}: clip_eps must be > 0, got {clip_eps}")
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
+def token_mean(x, mask, n_tokens=None):
+    """masked_mean(x, mask): the mean over the real tokens; with n_tokens, their sum / n_tokens instead. A minibatch
+    split into micro-batches (to bound memory) passes ITS count of real tokens to each micro-batch's loss: the
+    micro-batches' losses, gradients and stats then add up to the minibatch's mean exactly."""
+    return masked_mean(x, mask) if n_tokens is None else masked_sum(x, mask) / n_tokens
+
+
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, n_tokens=None):
     """PPO-clip policy loss, a scalar masked mean over real tokens, and detached scalar stats:
 
     clipfrac:  fraction of tokens where the clipped term is the larger one (the clip binds: zero gradient there).
     approx_kl: masked mean of k3 = (ratio - 1) - log ratio, an unbiased, non-negative estimate of KL(pi_old || pi)
                from tokens sampled by pi_old (see kl.py).
+    n_tokens: the loss of a micro-batch of a minibatch of n_tokens real tokens (token_mean): sums / n_tokens.
     """
     _check("policy_loss", mask, clip_eps, logprobs, old_logprobs, advantages)
     mask = mask.bool()
@@ -38,27 +46,27 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2):
     ratio = torch.exp(logratio)  # (B, T)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.max(pg_losses, pg_losses_clipped), mask)
+    loss = token_mean(torch.max(pg_losses, pg_losses_clipped), mask, n_tokens)
     with torch.no_grad():
         stats = {
-            "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask),
-            "approx_kl": masked_mean(k3(old_logprobs.detach(), logprobs.detach()), mask),
+            "clipfrac": token_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask, n_tokens),
+            "approx_kl": token_mean(k3(old_logprobs.detach(), logprobs.detach()), mask, n_tokens),
         }
     return loss, stats
 
 
-def value_loss(values, old_values, returns, mask, clip_eps=0.2):
+def value_loss(values, old_values, returns, mask, clip_eps=0.2, n_tokens=None):
     """Clipped value loss 0.5 * masked_mean(max((V - R)^2, (clip(V, V_old +- clip_eps) - R)^2)), a scalar.
 
     clip_eps here is in the value's own units (TRL's `cliprange_value`). stats: clipfrac, the fraction of tokens
-    where the clipped error is the larger one."""
+    where the clipped error is the larger one. n_tokens: as policy_loss's (token_mean)."""
     _check("value_loss", mask, clip_eps, values, old_values, returns)
     mask = mask.bool()
     values = torch.where(mask, values, torch.zeros_like(values))  # padding: no inf/nan gradients
     values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)  # (B, T)
     vf_losses = (values - returns) ** 2
     vf_losses_clipped = (values_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.max(vf_losses, vf_losses_clipped), mask)
+    loss = 0.5 * token_mean(torch.max(vf_losses, vf_losses_clipped), mask, n_tokens)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean((vf_losses_clipped > vf_losses).to(values.dtype), mask)}
+        stats = {"clipfrac": token_mean((vf_losses_clipped > vf_losses).to(values.dtype), mask, n_tokens)}
     return loss, stats

@@ -10,17 +10,26 @@ reward model a second adapter "reward" + its head, the reference the base with e
     held_out = HeldOut(model, tokenizer, reward, args, device)   # before / during / after training: held_out()
     batch = sample_rollout(model, tokenizer, train_prompts.take(k), args, generator)   # prompts -> responses
     scores = reward(batch)                             # (B,) read at each response's last real token
-    logprobs, entropy, states = policy_logprobs(model, batch, args.temperature)   # (B, R), (B, R), (B, T, H)
-    ref_logprobs = reference_logprobs(model, batch, args.temperature)             # (B, R)
+    old_logprobs, values = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size, value_head)
+    ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)   # (B, R) each
+    for mb in minibatches(B, args.minibatch_size):     # the update: one optimizer step per minibatch, computed in
+        for mu in mb.split(args.forward_batch_size):   # micro-batches of rows, with a backward each
+            logprobs, entropy, values = policy_logprobs(model, batch, args.temperature, mu, value_head)  # (b, R)
+        stats.append(add_up(micro_batch_stats))        # the minibatch's statistics: sums over its micro-batches
     log_iteration(run, iteration, metrics, stats, batch, held_out)   # metrics.jsonl + one printed line
     return finish(run, model, held_out, before, last)  # policy adapter, summary.json, the result
+Every pass over a rollout runs on at most --forward-batch-size rows (sampling, scoring, log-probs, the update's
+micro-batches): its memory is bounded by the flag, not by --rollout-size.
 The per-token reward bookkeeping (KL penalty, score on the last token, whitening) is math: token_rewards.py.
 """
+import functools
+import operator
 import os
 import resource
 import time
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
@@ -29,7 +38,7 @@ from .data import load_prompt_dataset, world
 from .data.tokenize import require_pad_token, tokenize_prompt_dataset
 from .evaluation import evaluate_policy, generate, gold_summary, held_out_prompts, show_samples
 from .formats import save_adapter
-from .heads import RatingHead, response_logprobs, response_logprobs_and_states, sequence_scores
+from .heads import RatingHead, in_row_chunks, response_logprobs, response_logprobs_and_states, sequence_scores
 from .lora import adapter_names, use_adapter
 from .models import load_model, load_reward_model, load_tokenizer, parameter_report, reference, resident_bytes
 from .reward_losses import expected_rating, rating_entropy
@@ -89,6 +98,7 @@ class Reward:
     def __init__(self, model, args):
         self.model, self.gold_only = model, args.reward == "gold"
         self.transform, self.entropy_coef = args.reward_transform, args.entropy_coef
+        self.forward_batch_size = args.forward_batch_size  # rows per reward-model pass
         self.missing_eos_penalty = getattr(args, "missing_eos_penalty", None)
         self.gold = world.gold_score if args.dataset == "builtin" else None
         self.head = None
@@ -108,12 +118,14 @@ class Reward:
 
     @torch.no_grad()
     def score(self, batch):
-        """(B,) scores of a sample_rollout / evaluation.generate batch."""
+        """(B,) scores of a sample_rollout / evaluation.generate batch (--forward-batch-size rows per pass)."""
         if self.gold_only:
             return torch.tensor([self.gold(p, t) for p, t in zip(batch["prompts"], batch["texts"])],
                                 device=batch["input_ids"].device)
+        ids, attention = batch["input_ids"], batch["attention_mask"]  # (B, T)
         with use_adapter(self.model, "reward"):
-            out = sequence_scores(self.model, self.head, batch["input_ids"], batch["attention_mask"])  # (B,) / (B, K)
+            out = in_row_chunks(lambda rows: sequence_scores(self.model, self.head, ids[rows], attention[rows]),
+                                len(ids), self.forward_batch_size)  # (B,) / (B, K)
         if not isinstance(self.head, RatingHead):
             return out
         rating = expected_rating(out)  # (B, K) -> (B,)
@@ -125,33 +137,81 @@ class Reward:
 def sample_rollout(model, tokenizer, prompts, args, generator):
     """One response per prompt from the active adapter (the policy), at --temperature; prompts = (messages, token
     ids). The evaluation.generate dict, on the generator's device, plus "prompts" (the messages), "P" (prompt
-    columns), "mask" (B, R): True on response tokens, and "seconds": how long sampling took."""
+    columns), "mask" (B, R): True on response tokens, and "seconds": how long sampling took.
+    Sampled --forward-batch-size prompts at a time (merge_generated joins the chunks). The chunks draw from the
+    generator one after the other, so a chunked rollout samples other (equally likely) responses than one pass over
+    all prompts would: the samples depend on the flag, their distribution does not."""
     start, (messages, prompt_ids), device = time.time(), prompts, generator.device
-    batch = generate(model, tokenizer, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                     generator=generator, device=device)
+    size = args.forward_batch_size
+    batch = merge_generated([generate(model, tokenizer, prompt_ids[i:i + size], max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, generator=generator, device=device)
+                             for i in range(0, len(prompt_ids), size)], tokenizer.pad_token_id)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     P = batch["input_ids"].shape[1] - batch["response_ids"].shape[1]  # prompt columns (left-padded)
     return {**batch, "prompts": messages, "P": P, "mask": batch["response_mask"][:, P:].bool(),  # (B, R)
             "seconds": time.time() - start}
 
 
-def policy_logprobs(model, batch, temperature, rows=slice(None)):
-    """The policy's log-probs of the sampled tokens and their entropies, (b, R) each, and the (b, T, H) states that
-    predict them (for a value head), for the rows `rows` of a rollout (all by default). With grad when called with
-    grad (the update); wrap in torch.no_grad() for the rollout's old log-probs."""
+def merge_generated(parts, pad_token_id):
+    """One evaluation.generate batch from chunks of rows sampled separately, in their order. Each chunk has its own
+    prompt width P_c and response width R_c; its rows are padded on the left to the widest prompt and on the right to
+    the longest response: the layout of one generate call (prompts left-padded, responses right-padded), padding
+    being pad_token_id in the token ids and 0 in the masks and log-probs."""
+    if len(parts) == 1:
+        return parts[0]
+    R = max(part["response_ids"].shape[1] for part in parts)
+    P = max(part["input_ids"].shape[1] - part["response_ids"].shape[1] for part in parts)
+
+    def widen(part, key, value):  # (b, P_c + R_c) -> (b, P + R): pad the prompt's left and the response's right
+        R_c = part["response_ids"].shape[1]
+        return F.pad(part[key], (P - (part[key].shape[1] - R_c), R - R_c), value=value)
+    pads = {"input_ids": pad_token_id, "attention_mask": 0, "response_mask": 0, "logprobs": 0.0}  # (B, T) each
+    return {**{key: torch.cat([widen(part, key, value) for part in parts]) for key, value in pads.items()},
+            "response_ids": torch.cat([F.pad(part["response_ids"], (0, R - part["response_ids"].shape[1]),
+                                             value=pad_token_id) for part in parts]),  # (B, R)
+            "ended": torch.cat([part["ended"] for part in parts]),  # (B,)
+            "texts": [text for part in parts for text in part["texts"]]}
+
+
+def policy_logprobs(model, batch, temperature, rows=slice(None), value_head=None):
+    """The policy's log-probs of the sampled tokens and their entropies, (b, R) each, for the rows `rows` of a
+    rollout (all by default), and with a value head the values V(s_t) of the states that predict them, (b, R) (None
+    without one). With grad when called with grad (the update's micro-batches); rollout_logprobs is the pass without
+    grad."""
     logprobs, entropy, states = response_logprobs_and_states(
         model, batch["input_ids"][rows], batch["attention_mask"][rows], batch["response_mask"][rows], temperature)
     P = batch["P"]
-    return logprobs[:, P:], entropy[:, P:], states  # (b, T) -> (b, R)
+    values = value_head(states)[:, P:] if value_head is not None else None  # (b, T, H) -> (b, R)
+    return logprobs[:, P:], entropy[:, P:], values  # (b, T) -> (b, R)
 
 
 @torch.no_grad()
-def reference_logprobs(model, batch, temperature):
-    """(B, R) log-probs of the sampled tokens under the reference: the base with every adapter disabled."""
+def rollout_logprobs(model, batch, temperature, forward_batch_size, value_head=None):
+    """The log-probs of the sampled tokens under the policy that sampled them (the update's old log-probs), (B, R),
+    and with a value head its values, (B, R) (else None): policy_logprobs without grad, forward_batch_size rows at a
+    time (only the values are kept of the (b, T, H) states a value head reads)."""
+    logprobs, _, values = in_row_chunks(
+        lambda rows: policy_logprobs(model, batch, temperature, rows, value_head), len(batch["input_ids"]),
+        forward_batch_size)
+    return logprobs, values
+
+
+@torch.no_grad()
+def reference_logprobs(model, batch, temperature, forward_batch_size):
+    """(B, R) log-probs of the sampled tokens under the reference: the base with every adapter disabled;
+    forward_batch_size rows at a time."""
+    ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]  # (B, T)
     with reference(model):
-        logprobs = response_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"],
-                                     temperature=temperature)  # (B, T)
+        logprobs = in_row_chunks(lambda rows: response_logprobs(model, ids[rows], attention[rows], mask[rows],
+                                                                temperature=temperature),
+                                 len(ids), forward_batch_size)  # (B, T)
     return logprobs[:, batch["P"]:]
+
+
+def add_up(parts):
+    """{name: the sum over parts} of a list of dicts of scalar tensors: the statistics of a minibatch from those of
+    its micro-batches (each a sum over its rows / the minibatch's count, so the sums are the minibatch's means)."""
+    return {k: functools.reduce(operator.add, [part[k] for part in parts]) for k in parts[0]}
 
 
 def minibatches(batch_size, minibatch_size, generator=None):
@@ -178,7 +238,7 @@ class HeldOut:
         metrics, samples = evaluate_policy(self.model, self.tokenizer, self.prompts, self.prompt_ids,
                                            gold_fn=reward.gold, reward_fn=None if reward.gold_only else reward.score,
                                            max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                           seed=args.seed, device=self.device)
+                                           batch_size=args.forward_batch_size, seed=args.seed, device=self.device)
         if reward.gold_only:  # the proxy IS the gold score
             metrics["eval/reward"] = metrics["eval/gold"]
             for s in samples:

@@ -26,10 +26,12 @@ SCRIPT = SCRIPTS["ppo"]
 FAST = ["--iterations", "2", "--rollout-size", "8", "--minibatch-size", "4", "--eval-prompts", "4", "--eval-samples",
         "1", "--eval-every", "1", "--max-new-tokens", "8", "--threads", "1"]
 RUNS = {  # algo -> extra flags; {scalar} / {rating} are the reward model folders built below
+    # --forward-batch-size: every pass in chunks (PPO: rollouts of 3 + 3 + 2 rows, minibatches in micro-batches of
+    # 3 + 1), so the checks below also hold for the chunked passes; GRPO runs the default, in one piece
     "ppo": ["--reward-model", "{scalar}", "--missing-eos-penalty", "1.0", "--target-kl", "0.5", "--kl-horizon", "50",
-            "--ppo-epochs", "2"],
+            "--ppo-epochs", "2", "--forward-batch-size", "3"],
     "reinforce": ["--reward-model", "{rating}", "--reward-transform", "expected-minus-entropy",
-                  "--entropy-coef", "0.1", "--kl-estimator", "k3"],
+                  "--entropy-coef", "0.1", "--kl-estimator", "k3", "--forward-batch-size", "5"],
     "grpo": ["--reward", "gold", "--gradient-checkpointing", "--group-size", "4", "--ppo-epochs", "2"],
 }
 STEP_KEYS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approx_kl", "policy/entropy",
@@ -208,7 +210,8 @@ def test_compare_table_reproduces_the_runs_final_numbers(runs, tmp_path):
     out = tmp_path / "table.md"
     args = parse_args(compare.Args, ["--policies", "base", str(runs["root"] / "ppo"), "--reward-models",
                                       runs["rms"]["scalar"], "--gold", "--prompts", "4", "--samples", "1",
-                                      "--max-new-tokens", "8", "--threads", "1", "--out", str(out)])
+                                      "--max-new-tokens", "8", "--forward-batch-size", "3", "--threads", "1",
+                                      "--out", str(out)])  # sampled in chunks of 3 as the PPO run was
     table = compare.main(args)
     summary = json.loads((runs["root"] / "ppo" / "summary.json").read_text())
     base_row, ppo_row = table
