@@ -195,7 +195,7 @@ def main(args):
                                           show=run.is_main)
     eval_prompts, eval_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
                                               args.eval_prompts, args.eval_samples, args.max_prompt_length,
-                                              args.template)
+                                              args.template, args.system_prompt)
 
     def sample_eval():
         return evaluate_policy(model, tokenizer, eval_prompts, eval_ids,
@@ -212,7 +212,7 @@ def main(args):
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     order = EpochOrder(len(train_data), args.seed, run.dist.rank, run.dist.world_size)
     recent = []  # per-pair statistics since the last log line
-    run.start(total_steps, model=model, optimizer=optimizer,
+    run.start(total_steps, model=model, optimizer=optimizer, samples_per_step=per_step,
               state={"order": order, "recent": recent, "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
     before = run.once("before", lambda: before_training(sample_eval), default=({}, []))  # ---- (read back on resume)
 
@@ -260,7 +260,8 @@ def main(args):
 def load_pairs(args, tokenizer, split, max_pairs):
     """Tokenised pairs of one split (the first max_pairs of them; 0: all)."""
     rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
-    data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
+    data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template,
+                                       system_prompt=args.system_prompt)
     data = data.select(range(min(max_pairs, len(data)))) if max_pairs > 0 else data
     return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
 

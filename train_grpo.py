@@ -156,8 +156,8 @@ def main(args):
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
-              state={"prompts": train_prompts, "generator": generator,
-                     "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
+              samples_per_step=args.rollout_size * run.dist.world_size,
+              state={"prompts": train_prompts, "generator": generator, "scaler": scaler})  # ---- plumbing: resume
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
     # 3. the loop: rollout in groups -> reward -> group-normalised advantages -> minibatch epochs of the GRPO loss

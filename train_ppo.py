@@ -189,7 +189,8 @@ def main(args):
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
     run.start(args.iterations, model=model, heads={"value": value_head}, frozen=[reward.head] if reward.head else [],
-              optimizer=optimizer, state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
+              optimizer=optimizer, samples_per_step=args.rollout_size * run.dist.world_size,
+              state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
                                           **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 

@@ -154,6 +154,7 @@ def main(args):
     baseline = MovingAverageBaseline()  # per process: its own running mean of the rewards it has seen
     generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)  # the sampler's
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
+              samples_per_step=args.rollout_size * run.dist.world_size,
               state={"prompts": train_prompts, "generator": generator, "scaler": scaler, "baseline": baseline,
                      **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume, metrics.jsonl
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)

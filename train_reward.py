@@ -204,7 +204,7 @@ def main(args):
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     order = EpochOrder(len(train_data), args.seed, run.dist.rank, run.dist.world_size)
     recent = []  # (accuracy, loss) of every micro-batch since the last log line
-    run.start(total_steps, model=model, heads={"head": head}, optimizer=optimizer,
+    run.start(total_steps, model=model, heads={"head": head}, optimizer=optimizer, samples_per_step=per_step,
               state={"order": order, "recent": recent, "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
 
     # 3. the loop: micro-batches of pairs -> rewards at the last token -> pairwise loss -> step
@@ -261,7 +261,8 @@ def load_pairs(args, tokenizer, split, max_pairs):
     rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
     if args.loss == "margin" and "margin" not in rows.column_names:
         raise InputError(f"--loss margin needs scores, but {args.dataset} has no margin column")
-    data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template)
+    data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template,
+                                       system_prompt=args.system_prompt)
     if max_pairs > 0:
         data = data.select(range(min(max_pairs, len(data))))
     return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"] + (["margin"] if args.loss == "margin"

@@ -126,9 +126,9 @@ def demonstrations(args, split):
     return [{"prompt": r["prompt"], "response": r["chosen"]} for r in rows]
 
 
-def tokenize_rows(tokenizer, rows, template=None):
+def tokenize_rows(tokenizer, rows, template=None, system_prompt=None):
     """Token ids of formatted prompt + response (no EOS: pack() appends it)."""
-    texts = [format_prompt(tokenizer, r["prompt"], template) + r["response"] for r in rows]
+    texts = [format_prompt(tokenizer, r["prompt"], template, system_prompt) + r["response"] for r in rows]
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
@@ -137,7 +137,7 @@ def padded_examples(tokenizer, rows, args):
     keeps its last max_prompt_length tokens), and the (N, T) loss mask that is 1 on response tokens only."""
     ids, masks = [], []
     for r in rows:
-        prompt = tokenizer(format_prompt(tokenizer, r["prompt"], args.template),
+        prompt = tokenizer(format_prompt(tokenizer, r["prompt"], args.template, args.system_prompt),
                            add_special_tokens=False)["input_ids"][-args.max_prompt_length:]
         response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         ids.append((prompt + response)[:args.block_size])
@@ -212,7 +212,8 @@ def main(args):
     def data(split):
         rows = demonstrations(args, split)
         if args.packing:
-            return (pack(tokenize_rows(tokenizer, rows, args.template), args.block_size, tokenizer.eos_token_id)
+            return (pack(tokenize_rows(tokenizer, rows, args.template, args.system_prompt), args.block_size,
+                         tokenizer.eos_token_id)
                     .to(run.device),)  # (N, L)
         return tuple(t.to(run.device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
     train_data, eval_data = data("train"), data("test")
@@ -227,7 +228,7 @@ def main(args):
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     order = EpochOrder(n_train, args.seed, run.dist.rank, run.dist.world_size)
     recent = []  # losses since the last log line
-    run.start(args.max_steps, model=model, optimizer=optimizer,
+    run.start(args.max_steps, model=model, optimizer=optimizer, samples_per_step=args.batch_size * run.dist.world_size,
               state={"order": order, "recent": recent, "scaler": scaler})  # ---- plumbing: resume, metrics.jsonl
 
     # the loop: a batch of blocks -> next-token loss -> (average gradients over processes) -> AdamW step

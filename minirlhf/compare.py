@@ -66,7 +66,9 @@ class Args:
     quantization: str = "none"
     """base precision: none | 8bit | 4bit"""
     dtype: str = "auto"
-    """auto | float32 | bfloat16"""
+    """compute dtype: auto | float32 | bfloat16 | float16 (minirlhf/precision.py)"""
+    system_prompt: Optional[str] = None
+    """a system message put before every prompt (use the one the policies were trained with)"""
     forward_batch_size: int = 64
     """responses sampled and scored per forward pass: bounds memory. The seeded sampler draws one chunk after the
     other, so the samples depend on it: use the value the runs to compare with used (the scripts' default is 64)"""
@@ -128,7 +130,7 @@ def main(args):
 
     data = load_prompt_dataset(args.dataset, args.split, args.data_files)
     data = tokenize_prompt_dataset(data.select(range(min(args.prompts, len(data)))), tokenizer,
-                                   args.max_prompt_length, args.template)
+                                   args.max_prompt_length, args.template, system_prompt=args.system_prompt)
     rows, ids = data["prompt"], data["prompt_ids"]
     prompts = [p for p in rows for _ in range(args.samples)]
     ids = [p for p in ids for _ in range(args.samples)]

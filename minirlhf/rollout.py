@@ -25,7 +25,6 @@ The per-token reward bookkeeping (KL penalty, score on the last token, whitening
 import functools
 import operator
 import os
-import resource
 import time
 
 import torch
@@ -75,7 +74,8 @@ class TrainPrompts:
 
     def __init__(self, args, tokenizer, dist):
         data = tokenize_prompt_dataset(load_prompt_dataset(args.dataset, split=args.split, data_files=args.data_files),
-                                       tokenizer, args.max_prompt_length, args.template)
+                                       tokenizer, args.max_prompt_length, args.template,
+                                       system_prompt=args.system_prompt)
         self.messages, self.ids = data["prompt"], data["prompt_ids"]
         self.order = EpochOrder(len(self.ids), args.seed, dist.rank, dist.world_size)
 
@@ -231,7 +231,7 @@ class HeldOut:
         self.model, self.tokenizer, self.reward, self.args, self.device = model, tokenizer, reward, args, device
         self.prompts, self.prompt_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
                                                          args.eval_prompts, args.eval_samples, args.max_prompt_length,
-                                                         args.template)
+                                                         args.template, args.system_prompt)
 
     def __call__(self):
         reward, args = self.reward, self.args
@@ -304,19 +304,16 @@ def final_summary(run, model, reward, before, after, after_samples):
     """summary.json (rank 0) and the printed result; `before` = (metrics, samples) of the evaluation before."""
     before, before_samples = before
     extra = {"train/iterations": run.step, "train/episodes": run.step * run.args.rollout_size}
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     final = {**{k + "_before": v for k, v in before.items()}, **{k + "_after": v for k, v in after.items()},
-             "eval/kl": after["eval/kl"], "memory/model_bytes": resident_bytes(model),
-             "memory/peak_rss_bytes": peak_rss, **extra}
-    if torch.cuda.is_available():
-        final["memory/cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated()
+             "eval/kl": after["eval/kl"], "memory/model_bytes": resident_bytes(model), **extra}
     if reward.gold:
         final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
     summary = run.finish(final)
     show_samples(after_samples, "\nsamples after training:", every=run.args.eval_samples)
-    print(f"memory: model {final['memory/model_bytes'] / 2**20:.1f} MiB resident, process peak RSS "
-          f"{peak_rss / 2**20:.0f} MiB" + (f", CUDA peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
-                                           if torch.cuda.is_available() else ""))
+    print(f"memory: model {summary['memory/model_bytes'] / 2**20:.1f} MiB resident, process peak RSS "
+          f"{summary['memory/peak_rss_bytes'] / 2**20:.0f} MiB" + (
+              f", CUDA peak {summary['memory/cuda_peak_bytes'] / 2**20:.0f} MiB (run.PhaseMemory: per phase in "
+              "summary.json)" if "memory/cuda_peak_bytes" in summary else ""))
     print(f"done in {summary['time/total_seconds']:.0f}s: reward {summary['eval/reward_before']:+.3f} -> "
           f"{summary['eval/reward_after']:+.3f}, "
           + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "
