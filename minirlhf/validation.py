@@ -25,7 +25,7 @@ COMMON_RANGES = {
     "max_length": ">= 2", "max_prompt_length": ">= 1", "max_train_pairs": ">= 0",
     "max_new_tokens": ">= 1", "temperature": "> 0", "eval_prompts": ">= 1", "eval_samples": ">= 1",
     "log_every": ">= 1", "save_every": ">= 0", "seed": ">= 0", "threads": ">= 0",
-    "forward_batch_size": ">= 1", "cost_per_hour": "none or > 0",
+    "forward_batch_size": ">= 1", "cost_per_hour": "none or >= 0",
 }
 
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
@@ -86,6 +86,8 @@ def check_common(args, ranges, datasets="preference"):
                           ("split", tuple(SPLITS)), ("eval_split", tuple(SPLITS))):
         if hasattr(args, name):
             check_choice("--" + name.replace("_", "-"), getattr(args, name), allowed)
+    if getattr(args, "system_prompt", None) is not None and not args.system_prompt.strip():
+        raise InputError("--system-prompt is empty: give the text of the system message, or leave the flag out")
     if getattr(args, "template", None) is not None:
         check_choice("--template", args.template, tuple(TEMPLATES))
     if getattr(args, "dataset", None) == "builtin" and getattr(args, "data_files", None):
