@@ -11,8 +11,11 @@ One iteration reads top to bottom:
   2. reward      one score per response
   3. log-probs   policy (old) and reference log-probs of the sampled tokens, at the sampling temperature
   4. advantages  A = (score - mean of its group) / std of its group, the same for every token    (baselines.py)
+                 (--advantage-std batch: / the whole rollout's std; none: not divided, as Dr. GRPO)
   5. update      epochs of shuffled minibatches of the GRPO loss: clipped ratio · A + β · k3 KL to the
-                 reference, a term of the loss rather than of the reward (DeepSeekMath Eq. 3-4: grpo.py)
+                 reference, a term of the loss rather than of the reward (DeepSeekMath Eq. 3-4: grpo.py);
+                 --loss-aggregation token | sequence | constant: how its token losses become one number (DAPO,
+                 DeepSeekMath, Dr. GRPO), --clip-high: an upper clip 1 + clip_high above 1 + clip_eps (DAPO)
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl: the k3 KL
 per sequence; objective/kl_coef: β), policy/approx_kl, policy/clipfrac, policy/entropy, loss/policy, loss/kl, time/*,
 perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py.
@@ -25,11 +28,11 @@ from typing import Optional
 import torch
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
-from minirlhf.baselines import group_advantages
+from minirlhf.baselines import SCALES, group_advantages
 from minirlhf.cli import MachineArgs, run_script
 from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
-from minirlhf.grpo import grpo_loss
+from minirlhf.grpo import AGGREGATIONS, aggregation_count, grpo_loss
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
@@ -39,7 +42,7 @@ from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
-from minirlhf.validation import check_rl_args
+from minirlhf.validation import check_choice, check_rl_args
 
 @dataclass
 class Args(MachineArgs):
@@ -101,7 +104,16 @@ class Args(MachineArgs):
     missing_eos_penalty: Optional[float] = None
     """subtract this from the score of a response cut off before EOS (none: no penalty)"""
     clip_eps: float = 0.2
-    """policy ratio clip range"""
+    """policy ratio clip range: [1 - clip_eps, 1 + clip_eps]"""
+    clip_high: Optional[float] = None
+    """upper clip 1 + clip_high instead of 1 + clip_eps (DAPO's clip-higher, e.g. 0.28: unlikely tokens can grow, the
+    entropy does not collapse); none: symmetric"""
+    advantage_std: str = "group"
+    """what (score - its group's mean) is divided by: group (its group's std, DeepSeekMath) | batch (the whole
+    rollout's std) | none (Dr. GRPO: too easy or too hard prompts, with a small std, are not up-weighted)"""
+    loss_aggregation: str = "token"
+    """token losses -> one number: token (sum / the minibatch's tokens, DAPO) | sequence (each response's mean, then
+    their mean, DeepSeekMath) | constant (sum / (responses x --max-new-tokens), Dr. GRPO); grpo.py"""
     eval_every: int = 10
     """iterations between sampling evaluations (0: only before and after)"""
     eval_prompts: int = 120
@@ -128,12 +140,14 @@ class Args(MachineArgs):
 
 RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "group_size": ">= 2", "minibatch_size": ">= 1",
           "ppo_epochs": ">= 1", "warmup_iterations": ">= 0", "beta": ">= 0", "missing_eos_penalty": "none or >= 0",
-          "clip_eps": "> 0", "entropy_coef": ">= 0", "eval_every": ">= 0"}
+          "clip_eps": "> 0", "clip_high": "none or > 0", "entropy_coef": ">= 0", "eval_every": ">= 0"}
 
 
 def check_args(args):
     """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
     check_rl_args(args, RANGES)
+    check_choice("--advantage-std", args.advantage_std, SCALES)
+    check_choice("--loss-aggregation", args.loss_aggregation, AGGREGATIONS)
     if args.rollout_size % args.group_size:
         raise InputError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
                          f"got {args.group_size}")
@@ -175,23 +189,26 @@ def main(args):
         b_logprobs = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size)[0]  # (B, R)
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
 
-        # 3d. advantages: each score against its group's mean and std; the KL goes into the loss, not the reward
-        b_advantages = group_advantages(b_scores, G)[:, None] * b_mask  # (B,) -> (B, R)
+        # 3d. advantages: each score minus its group's mean, / its group's std (--advantage-std: or the rollout's, or
+        # none); the KL goes into the loss, not the reward
+        b_advantages = group_advantages(b_scores, G, scale=args.advantage_std)[:, None] * b_mask  # (B,) -> (B, R)
         b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
 
-        # 3e. epochs of shuffled minibatches: clipped ratio x A + beta x k3 (grpo.py)
+        # 3e. epochs of shuffled minibatches: clipped ratio x A + beta x k3 per token, --loss-aggregation (grpo.py)
         t_train, stats = time.time(), []
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: every mean below divides by it
+                n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: the entropy's mean divides by it
+                n = aggregation_count(b_mask[mb], args.loss_aggregation)  # and the loss by this: tokens or responses
                 # micro-batches of <= --forward-batch-size rows, a backward each: as each loss is a sum over its
-                # tokens / n_tokens, their gradients and statistics add up to the minibatch's means exactly
+                # tokens (or responses) / n, their gradients and statistics add up to the minibatch's exactly
                 for mu in mb.split(args.forward_batch_size):
                     mu_mask = b_mask[mu]  # (b, R)
                     newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, mu)  # (b, R) each
                     loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mu], b_ref_logprobs[mu], b_advantages[mu],
-                                                 mu_mask, args.clip_eps, args.beta, n_tokens)
+                                                 mu_mask, args.clip_eps, args.beta, n, args.loss_aggregation,
+                                                 args.max_new_tokens, args.clip_high)
                     scaler.backward(loss)
                     parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
                                   "policy/clipfrac": loss_stats["clipfrac"],

@@ -1,16 +1,18 @@
-"""REINFORCE with a moving-average baseline (the SmolLM2 + HelpSteer2 setup): the whole response is one action, pushed
-up or down by how much its KL-regularised reward beats the average so far (Williams 1992). ONE frozen base serves
-every role through LoRA adapters.
+"""REINFORCE: the whole response is one action, pushed up or down by how much its KL-regularised reward beats a
+baseline (Williams 1992): the average so far (the SmolLM2 + HelpSteer2 setup) or, RLOO, the other responses to the
+same prompt (Ahmadian et al. 2024). ONE frozen base serves every role through LoRA adapters.
 
     python train_reinforce.py                  # against the shipped reward model (~1.5 minutes on a CPU)
     python train_reinforce.py --reward gold    # against the built-in world's gold score
+    python train_reinforce.py --baseline leave-one-out --samples-per-prompt 4    # RLOO, k = 4
 
 The roles on the one base (minirlhf/rollout.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the
 reward model a frozen adapter "reward" + head (or the gold score), the reference the base with adapters disabled.
 One iteration reads top to bottom:
-  1. rollout     one response to each of rollout_size prompts
+  1. rollout     rollout_size / k prompts, each sampled k times (--samples-per-prompt, default 1; contiguous)
   2. reward      R = score - β · KL(sequence), KL(sequence) = Σ_t of a per-token estimate (k1 | k2 | k3)
-  3. advantages  A = R - b, b the running mean of every R seen so far, each taken after its own update (baselines.py)
+  3. advantages  A = R - b (baselines.py), --baseline moving-average: b the running mean of every R seen so far, each
+                 taken after its own update; leave-one-out (RLOO): b the mean R of the other k - 1 of its prompt
   4. update      ONE on-policy pass of shuffled minibatches of -log π(y|x) · A (reinforce.py): there is no ratio
                  to correct for re-used samples, so no clipping and no second epoch
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl_coef: β),
@@ -25,8 +27,9 @@ from typing import Optional
 import torch
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
-from minirlhf.baselines import MovingAverageBaseline
+from minirlhf.baselines import MovingAverageBaseline, leave_one_out_advantages
 from minirlhf.cli import MachineArgs, run_script
+from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training
 from minirlhf.kl import AdaptiveKLController, k3
 from minirlhf.models import dropout_off
@@ -39,7 +42,7 @@ from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.token_rewards import KL_ESTIMATORS, per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
-from minirlhf.validation import check_rl_args
+from minirlhf.validation import check_choice, check_rl_args
 
 @dataclass
 class Args(MachineArgs):
@@ -102,6 +105,12 @@ class Args(MachineArgs):
     """adaptive KL: horizon in episodes"""
     missing_eos_penalty: Optional[float] = None
     """subtract this from the score of a response cut off before EOS (none: no penalty)"""
+    baseline: str = "moving-average"
+    """what a reward is compared with: moving-average (the running mean of every reward so far, the SmolLM2 +
+    HelpSteer2 setup) | leave-one-out (RLOO: the mean of the other k - 1 responses to its prompt; --samples-per-prompt
+    k >= 2)"""
+    samples_per_prompt: int = 1
+    """responses sampled per prompt (k, dividing --rollout-size): a rollout is rollout_size / k prompts, k times each"""
     eval_every: int = 10
     """iterations between sampling evaluations (0: only before and after)"""
     eval_prompts: int = 120
@@ -128,16 +137,24 @@ class Args(MachineArgs):
 
 RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "minibatch_size": ">= 1", "warmup_iterations": ">= 0",
           "kl_coef": ">= 0", "target_kl": "none or > 0", "kl_horizon": ">= 1", "missing_eos_penalty": "none or >= 0",
-          "entropy_coef": ">= 0", "eval_every": ">= 0"}
+          "entropy_coef": ">= 0", "eval_every": ">= 0", "samples_per_prompt": ">= 1"}
 
 
 def check_args(args):
     """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
     check_rl_args(args, RANGES, kl_estimators=tuple(KL_ESTIMATORS))
+    check_choice("--baseline", args.baseline, ("moving-average", "leave-one-out"))
+    if args.rollout_size % args.samples_per_prompt:
+        raise InputError(f"--samples-per-prompt {args.samples_per_prompt} must divide --rollout-size "
+                         f"{args.rollout_size}")
+    if args.baseline == "leave-one-out" and args.samples_per_prompt < 2:
+        raise InputError(f"--baseline leave-one-out needs --samples-per-prompt >= 2 dividing --rollout-size "
+                         f"{args.rollout_size}, got {args.samples_per_prompt}")
 
 
 def main(args):
     run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
+    k = args.samples_per_prompt
 
     # 1. ONE frozen base serves every role: the policy adapter (trainable), the reward adapter + head (frozen)
     tokenizer, model, params = load_policy(args)  # the base, and on it the policy: LoRA adapter "policy", B = 0
@@ -145,17 +162,19 @@ def main(args):
     dropout_off(model)  # sampling and update log-probs must come from one and the same policy
     run.print(roles(model, reward, args, run.dist.world_size))
 
-    # 2. prompts for the rollouts; the held-out prompts of the evaluations; optimizer, KL controller, baseline
+    # 2. prompts for the rollouts (each sampled k times); the held-out prompts of the evaluations; optimizer, KL
+    # controller, the moving-average baseline (leave-one-out keeps no state)
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
     held_out = HeldOut(model, tokenizer, reward, args, run.device)
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
-    baseline = MovingAverageBaseline()  # per process: its own running mean of the rewards it has seen
+    baseline = MovingAverageBaseline() if args.baseline == "moving-average" else None  # per process: its own mean
     generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)  # the sampler's
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
               samples_per_step=args.rollout_size * run.dist.world_size,
-              state={"prompts": train_prompts, "generator": generator, "scaler": scaler, "baseline": baseline,
+              state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
+                     **({"baseline": baseline} if baseline else {}),
                      **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume, metrics.jsonl
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
 
@@ -165,8 +184,8 @@ def main(args):
     for iteration in run.steps(desc="reinforce", unit="iteration"):  # ---- plumbing: Ctrl-C, checkpoints
         set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
 
-        # 3a. rollout: one response to each of rollout_size prompts; 3b. reward = score - β x KL(sequence)
-        batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size), args, generator)
+        # 3a. rollout: rollout_size / k prompts, each sampled k times (contiguous); 3b. reward = score - β x KL
+        batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size // k, repeat=k), args, generator)
         b_scores = reward(batch)  # (B,)
         b_logprobs = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size)[0]  # (B, R), no grad
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
@@ -174,8 +193,12 @@ def main(args):
         b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
         b_rlhf_reward = b_scores - kl_coef * b_kl.sum(-1)  # (B,)
 
-        # 3c. advantages: the reward minus the moving average of every reward seen so far
-        b_advantages = baseline.advantages(b_rlhf_reward)  # (B,)
+        # 3c. advantages: the reward minus its baseline, the moving average of every reward seen so far or (RLOO) the
+        # mean reward of the other k - 1 responses to its prompt
+        if args.baseline == "leave-one-out":
+            b_advantages = leave_one_out_advantages(b_rlhf_reward, k)  # (B,)
+        else:
+            b_advantages = baseline.advantages(b_rlhf_reward)  # (B,)
 
         # 3d. one on-policy pass of shuffled minibatches: -log π(y|x) · A (Williams 1992; reinforce.py)
         t_train, stats = time.time(), []

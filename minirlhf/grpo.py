@@ -1,27 +1,93 @@
 """GRPO's per-token objective: PPO's clipped ratio on group-normalised advantages, plus a k3 KL penalty in the loss.
 
-Legend: B responses (G per prompt, groups contiguous), T response tokens. Inputs are (B, T); `mask` is 1 on real
-response tokens. Shao et al. 2024, "DeepSeekMath", Eq. 3 (objective) and Eq. 4 (the KL estimate), as a loss:
+Legend: B responses (G per prompt, groups contiguous), T response tokens, L the most response tokens a rollout may
+sample (--max-new-tokens). Inputs are (B, T); `mask` is 1 on real response tokens. Shao et al. 2024, "DeepSeekMath",
+Eq. 3 (objective) and Eq. 4 (the KL estimate), as a loss per token:
 
     ratio_t = pi(o_t) / pi_old(o_t)
-    loss_t  = max(-A * ratio_t, -A * clip(ratio_t, 1 - clip_eps, 1 + clip_eps))  +  beta * k3_t
+    loss_t  = max(-A * ratio_t, -A * clip(ratio_t, 1 - clip_eps, 1 + clip_eps_high))  +  beta * k3_t
     k3_t    = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1          (>= 0, kl.k3)
 
-A is one number per response (baselines.group_advantages: its score against its group's mean and std), copied to
-every token. Unlike PPO in RLHF, the KL to the reference is not subtracted from the reward: it is a term of the loss,
-differentiated directly (its gradient pulls pi toward pi_ref on the sampled tokens). Both terms are masked means over
-all real tokens of the minibatch (DeepSeekMath averages per sequence first; the token mean weights long responses
-more, as DAPO does).
+A is one number per response (baselines.group_advantages), copied to every token. Unlike PPO in RLHF, the KL to the
+reference is not subtracted from the reward: it is a term of the loss, differentiated directly (its gradient pulls pi
+toward pi_ref on the sampled tokens).
+
+clip_eps_high: DAPO's "clip-higher" (Yu et al. 2025, "DAPO", Sec. 3.1). PPO's clip is symmetric (clip_eps_high =
+clip_eps, the default): with A > 0 a token may gain at most a factor 1 + clip_eps per rollout, so a token at p = 0.01
+can reach 0.012 while one at p = 0.9 can reach 1; the unlikely tokens never catch up and the policy's entropy
+collapses. A larger upper bound (DAPO: 0.28 against 0.2) lets them grow; the lower bound stays 1 - clip_eps.
+
+How the per-token losses become one number, the choice DeepSeekMath, DAPO and Dr. GRPO make differently (aggregate):
+
+    sequence  1/B Σ_i 1/|o_i| Σ_t loss_it   each response's mean, then the mean of those (DeepSeekMath Eq. 3)
+    token     1/Σ_i |o_i| Σ_i Σ_t loss_it   one mean of all tokens (DAPO Sec. 3.3, token-level policy-gradient loss)
+    constant  1/(B L) Σ_i Σ_t loss_it       a constant normaliser (Dr. GRPO: Liu et al. 2025, "Understanding
+                                            R1-Zero-Like Training: A Critical Perspective", Sec. 3.1)
+
+Under "sequence" a token of a long response weighs 1/|o_i|: a long wrong answer is penalised less per token than a
+short one, so wrong answers drift longer. "token" weighs every token of the minibatch alike; "constant" does too, and
+its weight no longer depends on how long the minibatch's responses happen to be. minirlhf's default is "token" (what
+it always did: DAPO's).
 """
+import torch
+
 from minirlhf.kl import k3
-from minirlhf.ppo import policy_loss, token_mean
+from minirlhf.ops import masked_sum
+from minirlhf.ppo import token_mean
+
+AGGREGATIONS = ("token", "sequence", "constant")
 
 
-def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.04, n_tokens=None):
-    """Scalar GRPO loss = PPO-clip policy loss + beta * masked mean of k3(pi, pi_ref); and detached stats
-    (clipfrac, approx_kl of ppo.policy_loss, plus `kl`: the masked mean k3 to the reference, and `pg_loss`).
-    n_tokens: the loss of a micro-batch of a minibatch of n_tokens real tokens (ppo.token_mean)."""
-    pg_loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps, n_tokens)  # (B, T) -> scalar
-    kl = token_mean(k3(logprobs, ref_logprobs), mask, n_tokens)  # scalar; gradient flows through logprobs
-    stats = {**stats, "kl": kl.detach(), "pg_loss": pg_loss.detach()}
+def aggregation_count(mask, aggregation):
+    """What a minibatch's loss divides by, before constants: its real tokens ("token") or its responses (rows). mask
+    (B, T) -> a number. A script computes it once per minibatch and passes it as n to each micro-batch's aggregate."""
+    return mask.sum() if aggregation == "token" else mask.shape[0]
+
+
+def aggregate(x, mask, aggregation="token", n=None, max_len=None):
+    """Per-token values x (B, T) -> a scalar, by `aggregation` (the table in the module's docstring).
+
+    n: x is one micro-batch of a minibatch whose aggregation_count is n; the micro-batches' results (and gradients)
+    then add up to the minibatch's exactly (ppo.token_mean's convention). None: x is the whole minibatch.
+    max_len: L of "constant" (--max-new-tokens)."""
+    if aggregation == "token":
+        return token_mean(x, mask, n)  # sum over the real tokens / their count
+    n = mask.shape[0] if n is None else n  # the minibatch's responses
+    if aggregation == "sequence":
+        lengths = mask.sum(dim=1).clamp(min=1)  # (B,) |o_i|
+        return (masked_sum(x, mask, dim=1) / lengths).sum() / n  # (B, T) -> (B,) per-response means -> scalar
+    if aggregation == "constant":
+        if max_len is None or not max_len > 0:
+            raise ValueError(f"aggregate: 'constant' needs max_len > 0 (L), got {max_len}")
+        return masked_sum(x, mask) / (n * max_len)
+    raise ValueError(f"aggregate: aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.04, n=None,
+              aggregation="token", max_len=None, clip_eps_high=None):
+    """Scalar GRPO loss = clipped policy loss + beta * k3 KL to the reference, each reduced by `aggregation`; and
+    detached stats, reduced the same way: pg_loss, kl, clipfrac (where the clip binds: zero gradient there; under
+    "token" the share of the tokens) and approx_kl (k3 between pi_old and pi, as ppo.policy_loss's).
+
+    n: the minibatch's aggregation_count when these tensors are one micro-batch of it (aggregate). max_len: L of
+    "constant". clip_eps_high: the upper clip 1 + clip_eps_high (DAPO clip-higher); None: clip_eps, symmetric."""
+    if any(t.shape != mask.shape for t in (logprobs, old_logprobs, ref_logprobs, advantages)):
+        raise ValueError(f"grpo_loss: all inputs must share the mask's shape {tuple(mask.shape)}, got "
+                         f"{[tuple(t.shape) for t in (logprobs, old_logprobs, ref_logprobs, advantages)]}")
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    if not (clip_eps > 0 and clip_eps_high > 0):
+        raise ValueError(f"grpo_loss: clip_eps and clip_eps_high must be > 0, got {clip_eps}, {clip_eps_high}")
+    mask = mask.bool()
+    logratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T); padding: ratio 1
+    ratio = torch.exp(logratio)  # (B, T)
+    pg_losses = -advantages * ratio  # (B, T)
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)  # (B, T)
+    pg_loss = aggregate(torch.max(pg_losses, pg_losses_clipped), mask, aggregation, n, max_len)  # scalar
+    kl = aggregate(k3(logprobs, ref_logprobs), mask, aggregation, n, max_len)  # scalar; its gradient flows to pi
+    with torch.no_grad():
+        stats = {
+            "clipfrac": aggregate((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask, aggregation, n, max_len),
+            "approx_kl": aggregate(k3(old_logprobs, logprobs.detach()), mask, aggregation, n, max_len),
+            "kl": kl.detach(), "pg_loss": pg_loss.detach(),
+        }
     return pg_loss + beta * kl, stats

@@ -1,11 +1,14 @@
-"""grpo.py: a token-by-token float64 reference (1e-12), -mean(A) at ratio 1 with beta = 0, zero gradient where the
-clip binds, and the KL term's gradient against its closed form."""
+"""grpo.py: a token-by-token float64 reference (1e-12) for every aggregation and clip-higher, -mean(A) at ratio 1 with
+beta = 0, zero gradient where the clip binds, the KL term's gradient against its closed form, each aggregation on a
+hand-made tensor, micro-batches that add up to the minibatch exactly, and the default bit-identical to PPO-clip + k3."""
 import math
 
 import pytest
 import torch
 
-from minirlhf.grpo import grpo_loss
+from minirlhf.grpo import AGGREGATIONS, aggregate, aggregation_count, grpo_loss
+from minirlhf.kl import k3
+from minirlhf.ppo import policy_loss, token_mean
 
 
 def _batch(seed, B=7, T=13):
@@ -61,3 +64,119 @@ def test_gradient_zero_where_clipped_and_kl_gradient_closed_form():
     expected = torch.where(mask, pg_grad + kl_grad, torch.zeros_like(ratio))
     torch.testing.assert_close(logprobs.grad, expected, rtol=1e-12, atol=1e-12)
     assert binds[mask].any() and (~binds[mask]).any()  # both cases occur in this batch
+
+
+def reference_variants(logprobs, old, ref, advantages, mask, eps, beta, aggregation, L, eps_high):
+    """The same loss per token with Python floats (upper clip 1 + eps_high), reduced by `aggregation` by hand:
+    token: sum / #tokens; sequence: mean over rows of each row's mean; constant: sum / (#rows * L)."""
+    rows = []
+    for lp_r, o_r, r_r, a_r, m_r in zip(*(t.tolist() for t in (logprobs, old, ref, advantages, mask))):
+        row = []
+        for lp, o, r, a, m in zip(lp_r, o_r, r_r, a_r, m_r):
+            if m:
+                ratio = math.exp(lp - o)
+                row.append(-min(ratio * a, min(max(ratio, 1 - eps), 1 + eps_high) * a)
+                           + beta * (math.exp(r - lp) - (r - lp) - 1))
+        rows.append(row)
+    if aggregation == "token":
+        return sum(map(sum, rows)) / sum(map(len, rows))
+    if aggregation == "sequence":
+        return sum(sum(row) / len(row) for row in rows) / len(rows)
+    return sum(map(sum, rows)) / (len(rows) * L)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("eps_high", [None, 0.28])
+def test_aggregations_and_clip_high_match_float64_reference(seed, aggregation, eps_high):
+    batch = _batch(seed)
+    loss, _ = grpo_loss(*batch, clip_eps=0.2, beta=0.1, aggregation=aggregation, max_len=17, clip_eps_high=eps_high)
+    expected = reference_variants(*batch, 0.2, 0.1, aggregation, 17, 0.2 if eps_high is None else eps_high)
+    assert abs(loss.item() - expected) < 1e-12
+
+
+def test_each_aggregation_on_a_hand_made_tensor():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]], dtype=torch.float64)  # the 9s are padding
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert aggregate(x, mask, "token").item() == 10 / 4  # DAPO: (1 + 2 + 3 + 4) / 4 tokens
+    assert aggregate(x, mask, "sequence").item() == (2 + 4) / 2  # DeepSeekMath: row means 2 and 4, then their mean
+    assert aggregate(x, mask, "constant", max_len=5).item() == 10 / (2 * 5)  # Dr. GRPO: / (2 rows x L = 5)
+    assert aggregation_count(mask, "token").item() == 4 and aggregation_count(mask, "sequence") == 2
+    # through the loss at ratio 1, beta 0: -A aggregated; row 1 has A = 2 on 3 tokens, row 2 has A = -6 on 1
+    lp = torch.zeros(2, 3, dtype=torch.float64)
+    advantages = torch.tensor([[2.0] * 3, [-6.0] * 3], dtype=torch.float64)
+    loss = {a: grpo_loss(lp, lp, lp, advantages, mask, beta=0.0, aggregation=a, max_len=4)[0].item()
+            for a in AGGREGATIONS}
+    assert loss == {"token": -(3 * 2 - 6) / 4, "sequence": -(2 - 6) / 2, "constant": -(3 * 2 - 6) / (2 * 4)}
+    # the length bias of "sequence": a long and a short wrong answer (A = -1), per token
+    long_short = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0]])
+    lp4 = torch.zeros(2, 4, dtype=torch.float64, requires_grad=True)
+    grpo_loss(lp4, lp4.detach(), lp4.detach(), -torch.ones(2, 4, dtype=torch.float64), long_short, beta=0.0,
+              aggregation="sequence")[0].backward()
+    assert lp4.grad[0, 0].item() == 1 / 8 and lp4.grad[1, 0].item() == 1 / 2  # the long one's tokens: 4x less push
+
+
+def test_clip_high_on_single_tokens():
+    """ratio 1.25 with A = 1: the symmetric clip (1.2) binds, loss -1.2, zero gradient; with clip_eps_high 0.28 it
+    does not, loss -1.25 and gradient -A ratio. ratio 0.75 with A = -1: the lower clip 0.8 binds either way."""
+    mask = torch.ones(1, 1)
+    for ratio, a, eps_high, loss_, grad in [(1.25, 1.0, None, -1.2, 0.0), (1.25, 1.0, 0.28, -1.25, -1.25),
+                                            (0.75, -1.0, None, 0.8, 0.0), (0.75, -1.0, 0.28, 0.8, 0.0)]:
+        logprobs = torch.tensor([[math.log(ratio)]], dtype=torch.float64, requires_grad=True)
+        zero = torch.zeros(1, 1, dtype=torch.float64)
+        loss, stats = grpo_loss(logprobs, zero, logprobs.detach(), torch.full((1, 1), a, dtype=torch.float64), mask,
+                                clip_eps=0.2, beta=0.0, clip_eps_high=eps_high)
+        loss.backward()
+        assert abs(loss.item() - loss_) < 1e-12 and abs(logprobs.grad.item() - grad) < 1e-12
+        assert stats["clipfrac"].item() == (1.0 if grad == 0 else 0.0)
+
+
+@pytest.mark.parametrize("aggregation", AGGREGATIONS)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_micro_batches_add_up_to_the_minibatch_exactly(aggregation, seed):
+    """One minibatch of 7 rows vs micro-batches of 3 + 1 + 3 rows, each given the minibatch's aggregation_count:
+    losses, stats and gradients add up to the one-piece ones (float64, 1e-12)."""
+    logprobs, old, ref, advantages, mask = _batch(seed)
+    kwargs = dict(clip_eps=0.2, beta=0.3, aggregation=aggregation, max_len=13, clip_eps_high=0.28)
+    whole = logprobs.clone().requires_grad_(True)
+    loss, stats = grpo_loss(whole, old, ref, advantages, mask, **kwargs)
+    loss.backward()
+    n = aggregation_count(mask, aggregation)
+    pieces = logprobs.clone().requires_grad_(True)
+    total_loss, total_stats = 0.0, {k: 0.0 for k in stats}
+    for rows in torch.arange(7).split([3, 1, 3]):
+        part, part_stats = grpo_loss(pieces[rows], old[rows], ref[rows], advantages[rows], mask[rows], n=n, **kwargs)
+        part.backward()
+        total_loss = total_loss + part.detach()
+        total_stats = {k: total_stats[k] + part_stats[k] for k in stats}
+    torch.testing.assert_close(total_loss, loss.detach(), rtol=1e-12, atol=1e-12)
+    for k in stats:
+        torch.testing.assert_close(total_stats[k], stats[k], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pieces.grad, whole.grad, rtol=1e-12, atol=1e-12)
+    assert 0 < stats["clipfrac"] < 1 and (whole.grad != 0).any()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_is_bit_identical_to_ppo_clip_plus_token_mean_k3(seed):
+    """The defaults (token aggregation, symmetric clip) are what grpo_loss computed before the options existed:
+    ppo.policy_loss + beta * token_mean(k3), bit for bit, in one piece and as a micro-batch (n given)."""
+    logprobs, old, ref, advantages, mask = (t.float() if t.is_floating_point() else t for t in _batch(seed))
+    for n in (None, mask[:4].sum()):
+        loss, stats = grpo_loss(logprobs[:4], old[:4], ref[:4], advantages[:4], mask[:4], 0.2, 0.04, n)
+        pg, pg_stats = policy_loss(logprobs[:4], old[:4], advantages[:4], mask[:4], 0.2, n)
+        kl = token_mean(k3(logprobs[:4], ref[:4]), mask[:4], n)
+        assert torch.equal(loss, pg + 0.04 * kl) and torch.equal(stats["kl"], kl)
+        assert torch.equal(stats["clipfrac"], pg_stats["clipfrac"]) and torch.equal(stats["approx_kl"],
+                                                                                    pg_stats["approx_kl"])
+
+
+def test_bad_options_raise():
+    logprobs, old, ref, advantages, mask = _batch(0)
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        grpo_loss(logprobs, old, ref, advantages, mask, aggregation="mean")
+    with pytest.raises(ValueError, match="max_len"):
+        grpo_loss(logprobs, old, ref, advantages, mask, aggregation="constant")
+    with pytest.raises(ValueError, match="clip_eps_high"):
+        grpo_loss(logprobs, old, ref, advantages, mask, clip_eps_high=0.0)
+    with pytest.raises(ValueError, match="shape"):
+        grpo_loss(logprobs, old, ref[:, :3], advantages, mask)

@@ -246,3 +246,94 @@ def test_bad_flags_give_one_line_errors(runs, tmp_path, monkeypatch):
             script.check_args(parse_args(script.Args, ["--reward-model", rm] + argv))
     with pytest.raises(SystemExit):  # GRPO's KL is a fixed term of its loss: there is no adaptive KL to target
         parse_args(train_grpo.Args, ["--target-kl", "1.0"])
+
+
+# ------------------------------------------------------------------ the options of issue #15 (RLOO, the GRPO family)
+VARIANTS = {  # name -> (script, extra flags); every new flag value runs once, all on the gold score (no reward model)
+    "rloo": ("reinforce", ["--baseline", "leave-one-out", "--samples-per-prompt", "4", "--forward-batch-size", "3"]),
+    "grpo_sequence": ("grpo", ["--group-size", "4", "--loss-aggregation", "sequence", "--advantage-std", "batch",
+                               "--clip-high", "0.28", "--forward-batch-size", "3"]),
+    "grpo_constant": ("grpo", ["--group-size", "4", "--loss-aggregation", "constant", "--advantage-std", "none"]),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("variants")
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    procs = {name: subprocess.Popen([sys.executable, SCRIPTS[algo], "--out", str(root / name), *FAST, "--reward",
+                                     "gold", "--eval-prompts", "2", "--eval-every", "0", *extra], cwd=REPO, env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name, (algo, extra) in VARIANTS.items()}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, f"{name} run failed:\n{out[-3000:]}\n{err[-3000:]}"
+    return root
+
+
+def grouped_prompts(r, k):
+    """The prompts of a last_rollout, checked to come in contiguous groups of k."""
+    from minirlhf.models import load_tokenizer
+    tok = load_tokenizer(TINY_LLAMA)
+    P = r["input_ids"].shape[1] - r["ref_logprobs"].shape[1]
+    prompts = [tok.decode(row[:P], skip_special_tokens=True) for row in r["input_ids"]]
+    assert all(len(set(prompts[i:i + k])) == 1 for i in range(0, len(prompts), k))
+    assert len(set(prompts)) == len(prompts) // k  # and each group is another prompt
+    return prompts
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_variant_runs_train_and_record_their_options(variant_runs, name):
+    import math
+    out = variant_runs / name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss/policy"]) for r in rows)
+    settings = json.loads((out / "args.json").read_text())
+    extra = VARIANTS[name][1]
+    for flag, value in zip(extra[::2], extra[1::2]):
+        assert str(settings[flag[2:].replace("-", "_")]) == value
+    adapter = load_file(str(out / "policy" / "adapter_model.safetensors"))
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if k.endswith("lora_B.weight"))  # B starts at 0
+    assert json.loads((out / "summary.json").read_text())["params/frozen_unchanged"] is True
+
+
+def test_rloo_advantages_are_leave_one_out_of_the_rewards(variant_runs):
+    r = load_file(str(variant_runs / "rloo" / "last_rollout.safetensors"))
+    grouped_prompts(r, 4)
+    rewards, advantages = r["returns"][:, 0].tolist(), r["advantages"][:, 0]  # R = score - β KL, one per response
+    expected = [rewards[i] - sum(rewards[j] for j in range(i // 4 * 4, i // 4 * 4 + 4) if j != i) / 3
+                for i in range(len(rewards))]  # each reward minus the mean of the other 3 of its prompt
+    assert torch.allclose(advantages, torch.tensor(expected), atol=1e-5)
+    assert not torch.allclose(advantages, torch.zeros_like(advantages))
+
+
+@pytest.mark.parametrize("name,scale", [("grpo_sequence", "batch"), ("grpo_constant", "none")])
+def test_grpo_advantage_std_options(variant_runs, name, scale):
+    import statistics
+    r = load_file(str(variant_runs / name / "last_rollout.safetensors"))
+    grouped_prompts(r, 4)
+    scores, advantages = r["scores"].tolist(), r["advantages"][:, 0]
+    divide = statistics.stdev(scores) + 1e-4 if scale == "batch" else 1.0  # the whole rollout's std, or none
+    expected = [(s - statistics.fmean(scores[i // 4 * 4:i // 4 * 4 + 4])) / divide for i, s in enumerate(scores)]
+    expected = [0.0 if len(set(scores[i // 4 * 4:i // 4 * 4 + 4])) == 1 else e for i, e in enumerate(expected)]
+    assert torch.allclose(advantages, torch.tensor(expected), atol=1e-5)
+
+
+def test_bad_option_values_give_one_line_errors():
+    import train_grpo
+    import train_reinforce
+    from minirlhf.cli import parse_args
+    for script, argv, message in [
+        (train_reinforce, ["--baseline", "leave-one-out"], "--baseline leave-one-out needs --samples-per-prompt >= 2"),
+        (train_reinforce, ["--samples-per-prompt", "3"], "--samples-per-prompt 3 must divide --rollout-size 64"),
+        (train_reinforce, ["--samples-per-prompt", "0"], "--samples-per-prompt"),
+        (train_reinforce, ["--baseline", "rloo"], "--baseline must be one of"),
+        (train_grpo, ["--loss-aggregation", "mean"], "--loss-aggregation must be one of"),
+        (train_grpo, ["--advantage-std", "global"], "--advantage-std must be one of"),
+        (train_grpo, ["--clip-high", "0"], "--clip-high"),
+        (train_grpo, ["--clip-high", "nan"], "--clip-high"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            script.check_args(parse_args(script.Args, ["--reward", "gold"] + argv))
+    for script in (train_reinforce, train_grpo):  # and the defaults pass
+        script.check_args(parse_args(script.Args, ["--reward", "gold"]))
