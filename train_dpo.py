@@ -7,6 +7,10 @@ With x = (log π(y_c|p) - log π_ref(y_c|p)) - (log π(y_r|p) - log π_ref(y_r|p
   sigmoid  -log σ(βx)                                  DPO, Rafailov et al. 2023, Eq. 7
   cdpo     -(1-ε) log σ(βx) - ε log σ(-βx)             conservative DPO (labels flipped with probability ε)
   ipo      (x - 1/(2β))²  with length-averaged log-probs  IPO, Azar et al. 2023, Eq. 17
+Two options for DPO's habit of lowering the chosen response's likelihood too (it only needs the rejected one to fall
+faster), both off by default:
+  --rpo-alpha α       + α · (-log π(y_c|p) / |y_c|): the chosen response's NLL per token  RPO, Pang et al. 2024, Eq. 1
+  --length-normalize  sigmoid / cdpo on per-token average log-probs      SimPO's reward, Meng et al. 2024, Eq. 4
 π is the base with a LoRA adapter "policy"; π_ref is the same base with adapters disabled (or a frozen copy of
 --sft-adapter when the policy starts from one). Dropout is off in every pass (it would make the log-ratios noisy),
 except the LoRA adapter's own --lora-dropout in the training step's policy pass (0 by default).
@@ -25,7 +29,7 @@ from minirlhf.assets import TINY_LLAMA
 from minirlhf.cli import MachineArgs, run_script
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
-from minirlhf.dpo import dpo_loss, ipo_loss
+from minirlhf.dpo import dpo_loss, ipo_loss, rpo_nll
 from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training, evaluate_policy, gold_summary, held_out_prompts, show_samples
 from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
@@ -40,7 +44,7 @@ from minirlhf.validation import check_choice, check_common
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
 METRICS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected"]  # the columns of each step's per-pair statistics
+           "logps/chosen", "logps/rejected"]  # the columns of each step's per-pair statistics (+ nll/chosen with RPO)
 
 
 @dataclass
@@ -64,6 +68,13 @@ class Args(MachineArgs):
     world's noisy labels, 0.1 is the usual choice on real data)"""
     label_smoothing: float = 0.0
     """cdpo: ε, the assumed probability that a label is flipped (default 0.1 when --loss cdpo)"""
+    rpo_alpha: float = 0.0
+    """RPO (Pang et al. 2024, Eq. 1): add α x the chosen response's NLL per token, -log π(y_c|p) / |y_c|, to every
+    pair's loss: it keeps the chosen likelihood from falling (logged as nll/chosen; 0: plain preference loss)"""
+    length_normalize: bool = False
+    """sigmoid / cdpo: compare per-token average log-probs instead of sums (SimPO's length-normalised reward, Meng et
+    al. 2024, Eq. 4, inside DPO's log-ratio): a long response no longer moves the margin more than a short one. The
+    margin shrinks about |y|-fold: raise --beta with it. IPO always averages"""
     quantization: str = "none"
     """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
     lora_r: int = 16
@@ -138,7 +149,12 @@ def sequence_logps(model, batch, device, average=False, rows=None):
     logps = in_row_chunks(lambda r: response_logprobs(model, ids[r], attention[r], mask[r]), len(ids),
                           rows or len(ids))  # (2B, T)
     total = logps.sum(-1)  # (2B,)
-    return total / mask.sum(-1).clamp(min=1) if average else total
+    return total / response_lengths(batch, device) if average else total
+
+
+def response_lengths(batch, device):
+    """(2B,) response tokens of each row (at least 1): |y| of the length-normalised log-probs and of RPO's NLL."""
+    return batch["response_mask"].to(device).sum(-1).clamp(min=1)
 
 
 def preference_loss(args, policy, ref):
@@ -149,7 +165,21 @@ def preference_loss(args, policy, ref):
     return dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=args.beta, label_smoothing=args.label_smoothing)
 
 
-RANGES = {"beta": "> 0", "label_smoothing": "[0, 0.5)", "max_eval_pairs": ">= 1", "eval_every": ">= 0"}
+def pair_losses(args, sums, ref, lengths, average):
+    """What each pair costs: the preference loss on the policy's (2B,) summed log-probs `sums` (per-token averages
+    with `average`) against the reference's `ref`, plus --rpo-alpha x the chosen response's NLL per token. Returns
+    (losses, chosen_rewards, rejected_rewards, nll) with nll (B,) detached, or None without RPO."""
+    policy = sums / lengths if average else sums  # (2B,)
+    losses, r_c, r_r = preference_loss(args, policy, ref)  # (B,) each
+    if args.rpo_alpha == 0:
+        return losses, r_c, r_r, None
+    b = len(losses)
+    nll = rpo_nll(sums[:b], lengths[:b])  # (B,): the chosen rows come first
+    return losses + args.rpo_alpha * nll, r_c, r_r, nll.detach()
+
+
+RANGES = {"beta": "> 0", "label_smoothing": "[0, 0.5)", "max_eval_pairs": ">= 1", "eval_every": ">= 0",
+          "rpo_alpha": ">= 0"}
 
 
 def check_args(args):
@@ -168,7 +198,9 @@ def main(args):
     if args.loss == "cdpo" and args.label_smoothing == 0.0:
         args.label_smoothing = 0.1
     run = Run(args)  # ---- plumbing: --out / --resume checks, torchrun, threads, seed (minirlhf/run.py)
-    device, average = run.device, args.loss == "ipo"  # IPO uses length-averaged log-probs (as TRL); DPO the sums
+    device = run.device  # IPO uses length-averaged log-probs (as TRL); DPO the sums unless --length-normalize
+    average = args.loss == "ipo" or args.length_normalize
+    columns = METRICS + (["nll/chosen"] if args.rpo_alpha > 0 else [])  # what each step logs
 
     # 1. one frozen base; the policy is a LoRA adapter on it, the reference is the base itself
     tokenizer = load_tokenizer(args.model)
@@ -229,19 +261,21 @@ def main(args):
                 with torch.no_grad(), reference(model):
                     ref = sequence_logps(model, batch, device, average, args.forward_batch_size)  # (2B,)
             with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
-                policy = sequence_logps(model, batch, device, average)  # (2B,)
-                losses, r_c, r_r = preference_loss(args, policy, ref)
+                sums = sequence_logps(model, batch, device)  # (2B,) summed over each response's tokens
+                lengths = response_lengths(batch, device)  # (2B,)
+                losses, r_c, r_r, nll = pair_losses(args, sums, ref, lengths, average)  # (B,) each
                 scaler.backward(losses.mean() / args.grad_accum)
-            b = len(examples)
+            b, policy = len(examples), (sums / lengths if average else sums).detach()  # (2B,)
             recent.append(torch.stack([losses.detach(), r_c, r_r, (r_c > r_r).float(), r_c - r_r,
-                                       policy.detach()[:b], policy.detach()[b:]], 1))  # (B, 7): METRICS
+                                       policy[:b], policy[b:], *([nll] if nll is not None else [])],
+                                      1))  # (B, 7 or 8): columns
         set_lr(optimizer, lr_at(step - 1, args.lr, total_steps, args.warmup_steps))
         grad_norm = optimizer_step(optimizer, params, loss=recent[-1][:, 0].mean(), grad_clip=args.grad_clip,
                                    step=step - 1, world_size=run.dist.world_size,
                                    scaler=scaler)  # all-reduce, (unscale), clip, NaN guard, step
         log_now = step % args.log_every == 0 or step == total_steps
         if run.is_main and log_now:
-            metrics = dict(zip(METRICS, torch.cat(recent).mean(0).tolist()))
+            metrics = dict(zip(columns, torch.cat(recent).mean(0).tolist()))
             metrics.update({"train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"]})
             if args.eval_every and step % args.eval_every == 0:
                 metrics.update(sample_eval()[0])
@@ -286,16 +320,17 @@ def with_reference_logps(model, data, pad_id, device, average, forward_batch_siz
 
 @torch.no_grad()
 def pair_eval(model, batches, args, device, average):
-    """Held-out implicit-reward accuracy and loss (no sampling)."""
+    """Held-out implicit-reward accuracy and loss (no sampling); with --rpo-alpha the loss holds the α x NLL term
+    too and eval/nll/chosen is its NLL."""
     stats = []
     for batch in batches:
-        policy = sequence_logps(model, batch, device, average, args.forward_batch_size)
+        sums = sequence_logps(model, batch, device, rows=args.forward_batch_size)  # (2B,)
         with reference(model):
             ref = sequence_logps(model, batch, device, average, args.forward_batch_size)
-        losses, r_c, r_r = preference_loss(args, policy, ref)
-        stats.append(torch.stack([losses, (r_c > r_r).float()], 1))
-    loss, acc = torch.cat(stats).mean(0).tolist()
-    return {"eval/loss": loss, "eval/rewards/accuracies": acc}
+        losses, r_c, r_r, nll = pair_losses(args, sums, ref, response_lengths(batch, device), average)
+        stats.append(torch.stack([losses, (r_c > r_r).float(), *([nll] if nll is not None else [])], 1))
+    means = torch.cat(stats).mean(0).tolist()
+    return dict(zip(["eval/loss", "eval/rewards/accuracies", "eval/nll/chosen"], means))
 
 
 def report(run, model, sample_eval, before, eval_batches, args, average):

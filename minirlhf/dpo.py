@@ -9,6 +9,10 @@ Both losses see the policy only through the implicit reward margin
 
 and return (losses (B,), chosen_rewards (B,), rejected_rewards (B,)) with the implicit rewards
 beta * (logps - ref_logps) detached, for logging (reward accuracy = mean(chosen_rewards > rejected_rewards)).
+
+Both see only a difference of log-ratios, so DPO can lower the chosen response's likelihood as long as the rejected
+one falls faster (Pal et al. 2024, "Smaug"; Razin et al. 2024, "likelihood displacement"). rpo_nll is the term RPO
+adds to hold the chosen likelihood up.
 """
 import torch.nn.functional as F
 
@@ -49,3 +53,20 @@ def ipo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
         "ipo_loss", beta, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     losses = (x - 1.0 / (2.0 * beta)) ** 2  # (B,)
     return losses, chosen_rewards, rejected_rewards
+
+
+def rpo_nll(chosen_logps, chosen_lengths):
+    """RPO's extra term (Pang et al. 2024, "Iterative Reasoning Preference Optimization", Eq. 1): the negative
+    log-likelihood of the chosen response per token, -log pi(y_c|p) / |y_c|. The paper's loss is
+    dpo_loss + alpha * rpo_nll (their y_c is a chain of thought plus its answer, divided by its whole length).
+
+    chosen_logps (B,): log pi(y_c|p) SUMMED over the response tokens (with grad); chosen_lengths (B,): |y_c|, the
+    number of response tokens (>= 1). Returns (B,); the caller reduces. Its gradient with respect to chosen_logps
+    is -1 / |y_c| < 0: a descent step always raises the chosen log-prob, which DPO's margin alone does not.
+    (TRL's rpo_alpha takes the token mean over the whole batch instead: the same up to how pairs are weighted.)"""
+    if chosen_logps.shape != chosen_lengths.shape:
+        raise ValueError(f"rpo_nll: chosen_logps {tuple(chosen_logps.shape)} and chosen_lengths "
+                         f"{tuple(chosen_lengths.shape)} must share one shape")
+    if not (chosen_lengths >= 1).all():
+        raise ValueError("rpo_nll: every chosen response needs at least one token (chosen_lengths >= 1)")
+    return -chosen_logps / chosen_lengths  # (B,)

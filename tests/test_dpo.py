@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minirlhf.dpo import dpo_loss, ipo_loss
+from minirlhf.dpo import dpo_loss, ipo_loss, rpo_nll
 
 
 def _logps(seed, B=13):
@@ -112,3 +112,57 @@ def test_bad_input_raises():
             dpo_loss(c, r, rc, rr, label_smoothing=eps)
     with pytest.raises(ValueError, match="share one shape"):
         dpo_loss(c, r[:-1], rc, rr)
+
+
+def _lengths(seed, B=13):
+    return torch.randint(1, 40, (B,), generator=torch.Generator().manual_seed(100 + seed)).to(torch.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rpo_nll_matches_closed_form(seed):
+    """-log pi(y_c|p) / |y_c| per pair, against Python floats (RPO, Pang et al. 2024, Eq. 1)."""
+    c, lengths = _logps(seed)[0], _lengths(seed)
+    expected = [-lp / n for lp, n in zip(c.tolist(), lengths.tolist())]
+    torch.testing.assert_close(rpo_nll(c, lengths), torch.tensor(expected, dtype=torch.float64), rtol=1e-12,
+                               atol=1e-12)
+    per_token = torch.full((13,), -0.7, dtype=torch.float64)  # a response whose every token has log-prob -0.7
+    assert torch.allclose(rpo_nll(per_token * lengths, lengths), torch.full_like(lengths, 0.7), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rpo_gradient_raises_the_chosen_logprob(seed):
+    """d rpo_nll / d chosen_logps = -1/|y_c| < 0, so a descent step raises log pi(y_c|p). Added to DPO it makes the
+    chosen gradient strictly more negative and leaves the rejected gradient as it was."""
+    c, r, rc, rr = _logps(seed)
+    lengths, alpha = _lengths(seed), 0.7
+    c.requires_grad_(True), r.requires_grad_(True)
+    (grad_nll,) = torch.autograd.grad(rpo_nll(c, lengths).sum(), c)
+    torch.testing.assert_close(grad_nll, -1 / lengths, rtol=1e-12, atol=1e-12)
+    assert (grad_nll < 0).all()
+    dpo = dpo_loss(c, r, rc, rr, beta=0.1)[0]
+    grad_c, grad_r = torch.autograd.grad(dpo.sum(), (c, r), retain_graph=True)
+    grad_c_rpo, grad_r_rpo = torch.autograd.grad((dpo + alpha * rpo_nll(c, lengths)).sum(), (c, r))
+    torch.testing.assert_close(grad_c_rpo, grad_c - alpha / lengths, rtol=1e-12, atol=1e-12)
+    assert (grad_c_rpo < grad_c).all() and torch.equal(grad_r_rpo, grad_r)
+
+
+def test_rpo_counters_a_falling_chosen_likelihood():
+    """DPO's loss falls when BOTH log-probs fall, the rejected one faster (likelihood displacement): its gradient
+    along that direction is negative. RPO's term rises along it, and with alpha large enough the sum does too."""
+    c, r, zeros, lengths = torch.tensor([-10.0]), torch.tensor([-12.0]), torch.zeros(1), torch.tensor([10.0])
+    direction = torch.tensor([-1.0, -3.0])  # d(chosen), d(rejected): both fall, the rejected three times as fast
+
+    def slope(alpha):
+        x = torch.stack([c, r]).requires_grad_(True)
+        loss = dpo_loss(x[0], x[1], zeros, zeros, beta=0.1)[0] + alpha * rpo_nll(x[0], lengths)
+        (grad,) = torch.autograd.grad(loss.sum(), x)
+        return (grad.flatten() * direction).sum().item()
+    assert slope(0.0) < 0 < slope(10.0)
+
+
+def test_rpo_bad_input_raises():
+    c = _logps(0)[0]
+    with pytest.raises(ValueError, match="share one shape"):
+        rpo_nll(c, _lengths(0)[:-1])
+    with pytest.raises(ValueError, match="at least one token"):
+        rpo_nll(c, torch.zeros_like(c))

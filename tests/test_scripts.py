@@ -5,6 +5,7 @@ changed), keep the frozen base bit-identical (the scripts' own params/frozen_unc
 adapter that reloads to the same outputs. Bad input must end in one line on stderr, never a traceback.
 """
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -237,3 +238,76 @@ def test_sft_loss_is_the_full_logits_cross_entropy():
     losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), blocks[:, 1:], reduction="none")  # (B, L-1)
     expected = (losses * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
     assert abs(lm_loss(model, blocks, attention, loss_mask).item() - expected.item()) < 1e-12
+
+
+DPO_TINY = ["--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-train-pairs", "16", "--max-eval-pairs",
+            "8", "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens", "6", "--log-every", "1"]
+
+
+def metrics_rows(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+@pytest.fixture(scope="module")
+def dpo_rpo_run(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("dpo_rpo"))
+    run("train_dpo.py", *DPO_TINY, "--rpo-alpha", "0.7", "--out", out)
+    return out
+
+
+def test_dpo_rpo_smoke(dpo_rpo_run):
+    """--rpo-alpha: nll/chosen logged each step and eval/nll/chosen at the end; at step 1 the policy IS the reference
+    (LoRA B = 0), so the DPO part of train/loss is exactly log 2 and the rest is α x nll/chosen."""
+    check_contract(dpo_rpo_run, ["eval/gold_after", "eval/kl", "eval/nll/chosen"])
+    assert adapter_trained(os.path.join(dpo_rpo_run, "policy"))
+    rows = metrics_rows(dpo_rpo_run)
+    assert all("nll/chosen" in r and r["nll/chosen"] > 0 for r in rows)
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2) + 0.7 * rows[0]["nll/chosen"], abs=1e-6)
+
+
+def test_dpo_length_normalize_smoke(dpo_rpo_run, tmp_path):
+    """--length-normalize: logps/chosen becomes the per-token average. At step 1 (same pairs, policy = base) it must
+    be minus the RPO run's nll/chosen, -log π(y_c|p) / |y_c|, computed from the sums by another code path."""
+    run("train_dpo.py", *DPO_TINY, "--length-normalize", "--out", str(tmp_path))
+    check_contract(str(tmp_path), ["eval/gold_after", "eval/kl"])
+    assert adapter_trained(os.path.join(tmp_path, "policy"))
+    rows, rpo = metrics_rows(str(tmp_path)), metrics_rows(dpo_rpo_run)
+    assert "nll/chosen" not in rows[0] and rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[0]["logps/chosen"] == pytest.approx(-rpo[0]["nll/chosen"], abs=1e-5)
+    assert -6 < rows[0]["logps/chosen"] < 0 and rows[0]["logps/chosen"] > rpo[0]["logps/chosen"]  # average > sum
+
+
+def test_dpo_sequence_logps_average_divides_by_response_tokens():
+    """train_dpo.sequence_logps(average=True) = the sum over response tokens / their count (Python loop), float64;
+    a row without response tokens divides by 1, not 0."""
+    from conftest import make_tiny_llama
+    module = load_script("train_dpo.py")
+    model = make_tiny_llama(dtype=torch.float64)
+    ids = torch.randint(3, 101, (4, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(4, 9, dtype=torch.long)
+    for row, (start, end) in enumerate([(3, 9), (5, 7), (8, 9), (4, 4)]):  # 6, 2, 1 and 0 response tokens
+        mask[row, start:end] = 1
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": mask}
+    sums, means = module.sequence_logps(model, batch, "cpu"), module.sequence_logps(model, batch, "cpu", average=True)
+    for row in range(4):
+        count = max(1, sum(mask[row].tolist()))
+        assert abs(means[row].item() - sums[row].item() / count) < 1e-12
+    assert sums[3].item() == 0.0 and (sums[:3] < 0).all()
+
+
+def test_dpo_rpo_alpha_must_be_non_negative(tmp_path):
+    module = load_script("train_dpo.py")
+    with pytest.raises(ValueError, match="--rpo-alpha"):
+        module.main(parse_args(module.Args, ["--rpo-alpha", "-0.5", "--out", str(tmp_path), "--threads", "1"]))
+
+
+def test_best_of_n_table_smoke():
+    """python -m minirlhf.best_of_n prints one table row per n, with the analytic KL bound."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "minirlhf.best_of_n", "--n", "1", "4", "--prompts", "3",
+                           "--max-new-tokens", "8", "--threads", "1"], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 4 |")]
+    assert len(rows) == 2 and rows[0].split("|")[2].strip() == "0.000"
+    assert rows[1].split("|")[2].strip() == f"{math.log(4) - 0.75:.3f}"
