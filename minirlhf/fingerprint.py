@@ -6,7 +6,9 @@ run.Run computes `frozen_fingerprint(model)` at run.start and again at run.finis
 What is summed: every parameter with requires_grad=False and, for bitsandbytes weights, the state that gives the
 stored bytes their meaning. A 4-bit weight's value is its packed NF4 codes AND its block scales: the packed bytes, the
 quantization state's absmax and, with double quantization, the nested state2.absmax and the offset. An 8-bit weight
-adds its row scales (SCB).
+adds its row scales (SCB), wherever bitsandbytes keeps them: on the weight until the layer's first forward, then on
+the layer's `state` (Linear8bitLt.init_8bit_state moves them there and sets weight.SCB to None; reading only the
+weight made an untouched 8-bit base look changed).
 
 How (memory bounded by the number of tensors, not their size): for each tensor t of n values w_1..w_n (row-major
 order) two float64 numbers,
@@ -34,6 +36,8 @@ CHUNK = {"cpu": 2 ** 16, "cuda": 2 ** 22}  # values per chunk: 0.5 MB / 32 MB of
 def frozen_tensors(model):
     """Every tensor whose values the frozen part of `model` consists of (see the module docstring), in a fixed
     order: each frozen parameter (shared ones once), then its quantization state."""
+    layer_state = {id(m.weight): m.state for m in model.modules()  # 8-bit layers: where SCB goes after a forward
+                   if getattr(m, "state", None) is not None and hasattr(m.state, "SCB") and hasattr(m, "weight")}
     for p in model.parameters():
         if p.requires_grad:
             continue
@@ -44,8 +48,11 @@ def frozen_tensors(model):
             if state.state2 is not None:  # double quantization: absmax is itself 8-bit, with its own scales
                 yield state.state2.absmax
                 yield state.offset
-        if getattr(p, "SCB", None) is not None:  # bitsandbytes 8-bit row scales
-            yield p.SCB
+        scb = getattr(p, "SCB", None)  # bitsandbytes 8-bit row scales: on the weight, or on its layer's state
+        if scb is None and id(p) in layer_state:
+            scb = layer_state[id(p)].SCB
+        if scb is not None:
+            yield scb
 
 
 @torch.no_grad()

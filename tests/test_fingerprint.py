@@ -125,3 +125,25 @@ def test_the_fingerprint_of_a_135m_model_needs_under_10_mb_of_host_memory():
     params, floats, peak = map(int, proc.stdout.split())
     assert params == 134_515_008 and floats == 2 * 272  # the 135M shape: 30 x 9 tensors + embeddings + final norm
     assert peak < 10 * 2 ** 20, f"the fingerprint grew the host's RSS by {peak / 2 ** 20:.1f} MB"
+
+
+def test_an_8bit_base_is_unchanged_through_its_first_forward_and_a_changed_scale_is_seen():
+    """bitsandbytes moves an 8-bit layer's row scales (SCB) from the weight to the layer's state at its first forward:
+    the fingerprint must read them where they are, or an untouched 8-bit base looks changed (it did: the StackLLaMA
+    recipe's frozen_unchanged was false in bench/real_shapes.py)."""
+    import bitsandbytes as bnb
+
+    from minirlhf.assets import TINY_LLAMA
+    from minirlhf.models import load_model, load_tokenizer
+    from minirlhf.training import make_trainable
+    model = load_model(TINY_LLAMA, quantization="8bit", tokenizer=load_tokenizer(TINY_LLAMA))
+    make_trainable(model, "p", lora_r=2, lora_alpha=4)
+    before = frozen_fingerprint(model)
+    layer = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear8bitLt))
+    assert layer.weight.SCB is not None
+    model(input_ids=torch.tensor([[3, 4, 5, 6]])).logits.sum().backward()
+    assert layer.weight.SCB is None and layer.state.SCB is not None  # moved by bitsandbytes
+    assert frozen_fingerprint(model) == before
+    with torch.no_grad():
+        layer.state.SCB[0] += 1
+    assert frozen_fingerprint(model) != before
