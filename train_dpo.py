@@ -40,7 +40,7 @@ from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.training import (EpochOrder, lora_dropout_active, lr_at, make_optimizer, make_trainable, optimizer_step,
                                set_lr, steps_per_epoch)
-from minirlhf.validation import check_choice, check_common
+from minirlhf.validation import check_choice, check_common, check_sampling
 
 LOSSES = ("sigmoid", "ipo", "cdpo")
 METRICS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -125,6 +125,14 @@ class Args(MachineArgs):
     """evaluation: response tokens sampled at most"""
     temperature: float = 1.0
     """evaluation sampling temperature"""
+    top_k: int = 0
+    """evaluation: sample from the k most likely tokens only (0: off)"""
+    top_p: float = 1.0
+    """evaluation: sample from the smallest set of likeliest tokens whose probability reaches p (1.0: off)"""
+    min_new_tokens: int = 0
+    """evaluation: EOS is forbidden before this many response tokens"""
+    stop_strings: list[str] = field(default_factory=list)
+    """evaluation: end a response when its text contains one of these strings; none by default"""
     save_every: int = 50
     """optimizer steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
     resume: Optional[str] = None
@@ -185,6 +193,7 @@ RANGES = {"beta": "> 0", "label_smoothing": "[0, 0.5)", "max_eval_pairs": ">= 1"
 def check_args(args):
     """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
     check_common(args, RANGES)
+    check_sampling(args)
     check_choice("--loss", args.loss, LOSSES)
     if args.loss != "cdpo" and args.label_smoothing != 0.0:
         raise InputError("--label-smoothing is the cdpo loss's ε: use it with --loss cdpo")
@@ -232,8 +241,10 @@ def main(args):
     def sample_eval():
         return evaluate_policy(model, tokenizer, eval_prompts, eval_ids,
                                gold_fn=world.gold_score if args.dataset == "builtin" else None,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                               batch_size=args.forward_batch_size, seed=args.seed, device=device)
+                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                               top_p=args.top_p, min_new_tokens=args.min_new_tokens,
+                               stop_strings=tuple(args.stop_strings), batch_size=args.forward_batch_size,
+                               seed=args.seed, device=device)
 
     per_step = args.batch_size * args.grad_accum * run.dist.world_size
     per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")

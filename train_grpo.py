@@ -40,6 +40,7 @@ from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, ite
                               sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
+from minirlhf.sampling import SamplingSettings
 from minirlhf.token_rewards import per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_choice, check_rl_args
@@ -93,6 +94,15 @@ class Args(MachineArgs):
     """prompt tokens kept (from the end)"""
     temperature: float = 1.0
     """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
+    top_k: int = 0
+    """sample from the k most likely tokens only (0: off); the policy's log-probs use the same filter (sampling.py)"""
+    top_p: float = 1.0
+    """sample from the smallest set of likeliest tokens whose probability reaches p (nucleus; 1.0: off)"""
+    min_new_tokens: int = 0
+    """EOS is forbidden before this many response tokens (its probability is 0 there, in the log-probs too)"""
+    stop_strings: list[str] = field(default_factory=list)
+    """end a response when its text contains one of these strings (the token completing it is kept; it counts as
+    ended for --missing-eos-penalty); none by default"""
     lr: float = 2e-3
     """peak learning rate (AdamW), warmup then cosine decay over the iterations"""
     warmup_iterations: int = 2
@@ -159,6 +169,7 @@ def main(args):
 
     # 1. ONE frozen base serves every role: the policy adapter (trainable), the reward adapter + head (frozen)
     tokenizer, model, params = load_policy(args)  # the base, and on it the policy: LoRA adapter "policy", B = 0
+    sampling = SamplingSettings.from_args(args, tokenizer.eos_token_id)  # the distribution rollouts are drawn from
     reward = Reward(model, args)  # the reward adapter + head from --reward-model, or the gold score
     dropout_off(model)  # sampling, old and new log-probs must come from one and the same policy
     run.print(roles(model, reward, args, run.dist.world_size))
@@ -186,7 +197,7 @@ def main(args):
         b_scores = reward(batch)  # (B,)
 
         # 3c. log-probs of the sampled tokens under the policy that sampled them and under the reference (no grad)
-        b_logprobs = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size)[0]  # (B, R)
+        b_logprobs = rollout_logprobs(model, batch, sampling, args.forward_batch_size)[0]  # (B, R)
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
 
         # 3d. advantages: each score minus its group's mean, / its group's std (--advantage-std: or the rollout's, or
@@ -205,7 +216,7 @@ def main(args):
                 # tokens (or responses) / n, their gradients and statistics add up to the minibatch's exactly
                 for mu in mb.split(args.forward_batch_size):
                     mu_mask = b_mask[mu]  # (b, R)
-                    newlogprobs, entropy, _ = policy_logprobs(model, batch, args.temperature, mu)  # (b, R) each
+                    newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
                     loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mu], b_ref_logprobs[mu], b_advantages[mu],
                                                  mu_mask, args.clip_eps, args.beta, n, args.loss_aggregation,
                                                  args.max_new_tokens, args.clip_high)

@@ -49,6 +49,7 @@ from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, ite
                               sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
+from minirlhf.sampling import SamplingSettings
 from minirlhf.token_rewards import KL_ESTIMATORS, token_rewards, whiten_advantages, whiten_rewards
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_rl_args
@@ -100,6 +101,15 @@ class Args(MachineArgs):
     """prompt tokens kept (from the end)"""
     temperature: float = 1.0
     """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
+    top_k: int = 0
+    """sample from the k most likely tokens only (0: off); the policy's log-probs use the same filter (sampling.py)"""
+    top_p: float = 1.0
+    """sample from the smallest set of likeliest tokens whose probability reaches p (nucleus; 1.0: off)"""
+    min_new_tokens: int = 0
+    """EOS is forbidden before this many response tokens (its probability is 0 there, in the log-probs too)"""
+    stop_strings: list[str] = field(default_factory=list)
+    """end a response when its text contains one of these strings (the token completing it is kept; it counts as
+    ended for --missing-eos-penalty); none by default"""
     lr: float = 2e-3
     """peak learning rate (AdamW), warmup then cosine decay over the iterations"""
     warmup_iterations: int = 2
@@ -171,6 +181,7 @@ def main(args):
 
     # 1. ONE frozen base serves every role: policy adapter (trainable), value head, reward adapter + head (frozen)
     tokenizer, model, params = load_policy(args)  # the base, and on it the policy: LoRA adapter "policy", B = 0
+    sampling = SamplingSettings.from_args(args, tokenizer.eos_token_id)  # the distribution rollouts are drawn from
     # The value head reads the policy's own hidden states (one trunk pass gives log-probs and values), so the value
     # loss also trains the policy adapter: vf_coef keeps that small. init_std=0: V = 0 everywhere at the start, so the
     # first advantages come from the rewards alone; the gradient dV/dw = h is not zero, so the head still learns.
@@ -207,7 +218,7 @@ def main(args):
         b_scores = reward(batch)  # (B,): the reward model reads the last real token
 
         # 3c. log-probs of the sampled tokens under the policy (+ its values) and under the reference (no grad)
-        b_logprobs, b_values = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size, value_head)
+        b_logprobs, b_values = rollout_logprobs(model, batch, sampling, args.forward_batch_size, value_head)
         b_values = b_values * b_mask  # (B, R): V(s_t), the state before token t
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
 
@@ -230,7 +241,7 @@ def main(args):
                 # tokens / n_tokens, their gradients and statistics add up to the minibatch's means exactly
                 for mu in mb.split(args.forward_batch_size):
                     mu_mask = b_mask[mu]  # (b, R)
-                    newlogprobs, entropy, vpred = policy_logprobs(model, batch, args.temperature, mu, value_head)
+                    newlogprobs, entropy, vpred = policy_logprobs(model, batch, sampling, mu, value_head)
                     pg_loss, pg_stats = policy_loss(newlogprobs, b_logprobs[mu], b_advantages[mu], mu_mask,
                                                     args.clip_eps, n_tokens)
                     v_loss, v_stats = value_loss(vpred, b_values[mu], b_returns[mu], mu_mask, args.vf_clip, n_tokens)

@@ -8,6 +8,7 @@ Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.compare`, so that e
   eval/kl       mean over prompts of Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), summed over the response tokens: the
                 exact KL of the per-token distributions, in nats per sequence (not a sampled estimate)
   eval/length   mean response length in tokens; eval/eos_fraction: share of responses that ended with EOS
+                (or a stop string: generate's `ended`)
 """
 import torch
 
@@ -16,21 +17,24 @@ from .data.tokenize import collate_prompts
 from .heads import final_hidden, lm_logits, predicting_states, to_token_grid
 from .kl import exact_kl
 from .models import reference
-from .sampling import eval_mode, sample
+from .sampling import StopStrings, eval_mode, sample
 
 
-def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None,
-             device="cpu"):
+def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0,
+             stop_strings=(), generator=None, device="cpu"):
     """Sample one response per prompt (prompt_ids: list of B id lists) with the model's active adapter.
 
     Returns a dict of (B, T) tensors input_ids / attention_mask / response_mask for prompt + response (prompt left-
     padded, response right-padded: the layout every later forward pass uses), the sampler's (B, T) logprobs
-    (0 off the response), the (B, R) response_ids and the decoded response texts."""
+    (0 off the response), the (B, R) response_ids, the decoded response texts and the (B,) bool `ended`: the
+    response stopped by itself, at EOS or at one of stop_strings (sampling.StopStrings: its text then contains the
+    string, the tokens up to the one that completed it are kept), rather than being cut off at max_new_tokens."""
     batch = collate_prompts([{"prompt_ids": p} for p in prompt_ids], tokenizer.pad_token_id)
     prompt, prompt_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (B, P)
     out = sample(model, prompt, prompt_mask, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
                  pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
-                 generator=generator)
+                 min_new_tokens=min_new_tokens, stop_strings=StopStrings(tokenizer, stop_strings) if stop_strings
+                 else None, generator=generator)
     response_mask = out.response_mask.to(prompt_mask.dtype)  # (B, R)
     texts = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
              for ids, m in zip(out.response_ids, response_mask)]
@@ -39,7 +43,7 @@ def generate(model, tokenizer, prompt_ids, *, max_new_tokens, temperature=1.0, t
         "attention_mask": torch.cat([prompt_mask, response_mask], 1),  # (B, T)
         "response_mask": torch.cat([torch.zeros_like(prompt_mask), response_mask], 1),  # (B, T)
         "logprobs": torch.cat([torch.zeros_like(prompt, dtype=out.logprobs.dtype), out.logprobs], 1),  # (B, T)
-        "response_ids": out.response_ids, "ended": (out.response_ids == tokenizer.eos_token_id).any(1),
+        "response_ids": out.response_ids, "ended": out.ended,  # (B,): EOS or a stop string
         "texts": texts,
     }
 
@@ -70,26 +74,31 @@ def sequence_kl(model, input_ids, attention_mask, response_mask):
 
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, prompts, prompt_ids, *, gold_fn=None, reward_fn=None, max_new_tokens=24,
-                    temperature=1.0, top_k=0, top_p=1.0, batch_size=64, seed=0, device="cpu"):
+                    temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, stop_strings=(), batch_size=64, seed=0,
+                    device="cpu"):
     """Sample one response per prompt and measure it (metrics in the module docstring).
 
     prompts: B message lists (for the gold score), prompt_ids: their B token-id lists. gold_fn(messages, text) ->
     float; reward_fn(batch) -> (B,) scores of a generate() batch. The sampler is seeded, so the same model gives the
     same samples (for the same batch_size: the prompts are sampled, scored and measured batch_size at a time, the
     scripts' --forward-batch-size, one batch after the other from one generator). Returns (metrics, samples) with
-    samples a list of {"prompt", "response", "gold", "reward"}."""
+    samples a list of {"prompt", "response", "gold", "reward"}. temperature, top_k, top_p, min_new_tokens and
+    stop_strings are generate()'s: the samples are drawn as the RL rollouts are; eval/kl stays the exact KL of the
+    unfiltered distributions at temperature 1, whatever the sampler does."""
+    sampler = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_new_tokens": min_new_tokens,
+               "stop_strings": stop_strings}
     with eval_mode(model):
-        return _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new_tokens, temperature, top_k,
-                         top_p, batch_size, seed, device)
+        return _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new_tokens, sampler,
+                         batch_size, seed, device)
 
 
-def _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new_tokens, temperature, top_k, top_p,
-              batch_size, seed, device):
+def _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new_tokens, sampler, batch_size, seed,
+              device):
     g = torch.Generator(device=device).manual_seed(seed)
     golds, rewards, kls, lengths, ended, samples = [], [], [], [], [], []
     for i in range(0, len(prompt_ids), batch_size):
-        batch = generate(model, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens=max_new_tokens,
-                         temperature=temperature, top_k=top_k, top_p=top_p, generator=g, device=device)
+        batch = generate(model, tokenizer, prompt_ids[i:i + batch_size], max_new_tokens=max_new_tokens, **sampler,
+                         generator=g, device=device)
         kls.append(sequence_kl(model, batch["input_ids"], batch["attention_mask"], batch["response_mask"]))
         lengths.append(batch["response_mask"].sum(1).float())
         ended.append(batch["ended"].float())

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .ops import entropy_from_logits, gather_logprobs
 from .precision import autocast
+from .sampling import as_settings, sampling_logits
 
 # Response positions whose logits exist at once (_token_logprobs, evaluation.sequence_kl). A chunk's fp32 logits are
 # LOGITS_CHUNK x V x 4 bytes: 200 MB for SmolLM2's 49152 tokens, 525 MB for Llama 3's 128256 (a backward or an
@@ -98,35 +99,50 @@ def to_token_grid(values, response_mask):
     return torch.zeros(mask.shape, dtype=values.dtype, device=values.device).masked_scatter(mask, values)
 
 
-def _chunk_logprobs(model, states, targets, temperature, return_entropy):
-    """(n, H) states and the (n,) tokens they predict -> ((n,) log-probs,) or ((n,) log-probs, (n,) entropies): the
-    LM head on one chunk of response positions, (n, V) float32 logits."""
-    logits = lm_logits(model, states) / temperature  # (n, H) -> (n, V), float32
-    logprobs = gather_logprobs(logits, targets)  # (n,)
+def _chunk_logprobs(model, states, targets, steps, sampling, return_entropy):
+    """(n, H) states, the (n,) tokens they predict and their (n,) response steps -> ((n,) log-probs,) or ((n,)
+    log-probs, (n,) entropies): the LM head on one chunk of response positions, (n, V) float32 logits, turned into
+    the sampled distribution's (sampling.sampling_logits: temperature, then the filters recomputed from these logits).
+
+    A token that filter gives probability 0 has log-prob -inf. The sampler never draws one, so the OLD policy's
+    log-probs are finite; but the NEW policy of an update can push an old sample out of its top-k / top-p set, and
+    -inf would make PPO's ratio 0 with no gradient and GRPO's k3 (exp(ref - new) - 1 - ...) infinite. Rule: such a token
+    is scored by its UNFILTERED log-prob at the same temperature instead: finite, with a gradient, and never above
+    the value it would have if the filter kept it (filtering renormalises: log p - log Z >= log p). (A constant floor
+    of -30 was tried: one dropped token made GRPO's loss/kl 2e10 on the built-in world.)"""
+    logits = lm_logits(model, states)  # (n, H) -> (n, V), float32
+    sampled = sampling_logits(logits, sampling, steps)  # (n, V): / temperature, -inf where the filter drops a token
+    logprobs = gather_logprobs(sampled, targets)  # (n,)
+    if sampling.filtered:  # -inf where the filter dropped the token -> its unfiltered log-prob
+        unfiltered = gather_logprobs(logits / sampling.temperature, targets)  # (n,)
+        logprobs = torch.where(torch.isfinite(logprobs), logprobs, unfiltered)
     if not return_entropy:
         return (logprobs,)
     # for logging: detached, so the (n, V) softmax intermediates are not kept for backward
-    return logprobs, entropy_from_logits(logits.detach())  # (n,), (n,)
+    return logprobs, entropy_from_logits(sampled.detach())  # (n,), (n,): of the sampled distribution
 
 
-def _token_logprobs(model, states, input_ids, response_mask, temperature, return_entropy):
+def _token_logprobs(model, states, input_ids, response_mask, sampling, return_entropy):
     """(B, T) log-probs of the response tokens (and, with return_entropy, detached (B, T) entropies) from
-    predicting_states' grid. Only the N response positions go through the LM head: prompt positions never build a
-    (B, T, V) tensor; and at most LOGITS_CHUNK positions at a time, so no pass holds more than one chunk's (chunk, V)
-    logits. With gradient, each chunk is checkpointed (torch.utils.checkpoint): its logits are recomputed in the
-    backward pass instead of being kept, so the backward too holds one chunk's at a time. N <= LOGITS_CHUNK is one
-    plain chunk."""
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 for log-probs, got {temperature}")
+    predicting_states' grid, under the distribution `sampling` (a temperature or a SamplingSettings) describes.
+    Only the N response positions go through the LM head: prompt positions never build a (B, T, V) tensor; and at
+    most LOGITS_CHUNK positions at a time, so no pass holds more than one chunk's (chunk, V) logits. With gradient,
+    each chunk is checkpointed (torch.utils.checkpoint): its logits are recomputed in the backward pass instead of
+    being kept, so the backward too holds one chunk's at a time. N <= LOGITS_CHUNK is one plain chunk."""
+    sampling = as_settings(sampling)
+    if sampling.temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for log-probs, got {sampling.temperature}")
     predicts = response_mask.bool()  # (B, T): True where token t is a response token, predicted by states[:, t]
     states, targets = states[predicts], input_ids[predicts]  # (N, H), (N,)
+    steps = (response_mask.long().cumsum(-1) - 1)[predicts]  # (N,) 0 for a response's first token, 1, 2, ...
     if states.shape[0] <= LOGITS_CHUNK:
-        outs = _chunk_logprobs(model, states, targets, temperature, return_entropy)
+        outs = _chunk_logprobs(model, states, targets, steps, sampling, return_entropy)
     else:
         plain = not torch.is_grad_enabled()  # without gradient nothing is kept for a backward: no checkpoint
-        parts = [_chunk_logprobs(model, s, t, temperature, return_entropy) if plain else
-                 checkpoint(_chunk_logprobs, model, s, t, temperature, return_entropy, use_reentrant=False)
-                 for s, t in zip(states.split(LOGITS_CHUNK), targets.split(LOGITS_CHUNK))]
+        parts = [_chunk_logprobs(model, s, t, k, sampling, return_entropy) if plain else
+                 checkpoint(_chunk_logprobs, model, s, t, k, sampling, return_entropy, use_reentrant=False)
+                 for s, t, k in zip(states.split(LOGITS_CHUNK), targets.split(LOGITS_CHUNK),
+                                    steps.split(LOGITS_CHUNK))]
         outs = [torch.cat(chunks) for chunks in zip(*parts)]  # (N,) each
     grids = [to_token_grid(out, response_mask) for out in outs]  # (N,) -> (B, T) each
     return tuple(grids) if return_entropy else grids[0]
@@ -139,7 +155,9 @@ def response_logprobs(model, input_ids, attention_mask, response_mask, temperatu
     input_ids (0 where response_mask is 0), and with return_entropy also the (B, T) entropy of that distribution
     (detached: for logging).
     The trunk runs once over all tokens; the LM head runs only at the N positions that predict a response token, so
-    prompt positions never build a (B, T, V) tensor. The temperature must be the sampler's, or the PPO ratio is off.
+    prompt positions never build a (B, T, V) tensor. The temperature must be the sampler's, or the PPO ratio is off;
+    `temperature` may also be the sampler's whole sampling.SamplingSettings: the log-probs are then those of the
+    filtered distribution it drew from (top-k, top-p, min_new_tokens; _chunk_logprobs' rule for a filtered-out token).
     Assumes logits = get_output_embeddings()(hidden) (true for Llama, Qwen, Mistral, SmolLM; not for soft-capped or
     scaled logits, e.g. Gemma 2)."""
     states = predicting_states(final_hidden(model, input_ids, attention_mask), response_mask)  # (B, T, H)

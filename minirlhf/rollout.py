@@ -8,18 +8,22 @@ reward model a second adapter "reward" + its head, the reference the base with e
     tokenizer, model, params = load_policy(args)       # the one frozen base and the policy adapter on it
     reward = Reward(model, args)                       # the reward adapter + head (frozen), or the gold score
     held_out = HeldOut(model, tokenizer, reward, args, device)   # before / during / after training: held_out()
+    sampling = SamplingSettings.from_args(args, tokenizer.eos_token_id)   # --temperature, --top-k, --top-p, ...
     batch = sample_rollout(model, tokenizer, train_prompts.take(k), args, generator)   # prompts -> responses
     scores = reward(batch)                             # (B,) read at each response's last real token
-    old_logprobs, values = rollout_logprobs(model, batch, args.temperature, args.forward_batch_size, value_head)
+    old_logprobs, values = rollout_logprobs(model, batch, sampling, args.forward_batch_size, value_head)
     ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)   # (B, R) each
     for mb in minibatches(B, args.minibatch_size):     # the update: one optimizer step per minibatch, computed in
         for mu in mb.split(args.forward_batch_size):   # micro-batches of rows, with a backward each
-            logprobs, entropy, values = policy_logprobs(model, batch, args.temperature, mu, value_head)  # (b, R)
+            logprobs, entropy, values = policy_logprobs(model, batch, sampling, mu, value_head)  # (b, R)
         stats.append(add_up(micro_batch_stats))        # the minibatch's statistics: sums over its micro-batches
     log_iteration(run, iteration, metrics, stats, batch, held_out)   # metrics.jsonl + one printed line
     return finish(run, model, held_out, before, last)  # policy adapter, summary.json, the result
 Every pass over a rollout runs on at most --forward-batch-size rows (sampling, scoring, log-probs, the update's
 micro-batches): its memory is bounded by the flag, not by --rollout-size.
+The policy's log-probs (old and new) are those of the distribution the rollout was sampled from (`sampling`: the
+temperature and the top-k / top-p / min-new-tokens filter, heads.py); the reference's are its unfiltered softmax at
+the same temperature: KL(π_sampled ‖ π_ref) is what the penalty means (docs/negative_kl.md).
 The per-token reward bookkeeping (KL penalty, score on the last token, whitening) is math: token_rewards.py.
 """
 import functools
@@ -41,6 +45,7 @@ from .heads import RatingHead, in_row_chunks, response_logprobs, response_logpro
 from .lora import adapter_names, use_adapter
 from .models import load_model, load_reward_model, load_tokenizer, parameter_report, reference, resident_bytes
 from .reward_losses import expected_rating, rating_entropy
+from .sampling import as_settings
 from .token_rewards import missing_eos_penalty
 from .training import EpochOrder, make_trainable
 
@@ -135,21 +140,28 @@ class Reward:
 
 
 def sample_rollout(model, tokenizer, prompts, args, generator):
-    """One response per prompt from the active adapter (the policy), at --temperature; prompts = (messages, token
-    ids). The evaluation.generate dict, on the generator's device, plus "prompts" (the messages), "P" (prompt
-    columns), "mask" (B, R): True on response tokens, and "seconds": how long sampling took.
+    """One response per prompt from the active adapter (the policy), at --temperature with --top-k, --top-p,
+    --min-new-tokens and --stop-strings; prompts = (messages, token ids). The evaluation.generate dict, on the
+    generator's device, plus "prompts" (the messages), "P" (prompt columns), "mask" (B, R): True on response tokens,
+    and "seconds": how long sampling took.
     Sampled --forward-batch-size prompts at a time (merge_generated joins the chunks). The chunks draw from the
     generator one after the other, so a chunked rollout samples other (equally likely) responses than one pass over
     all prompts would: the samples depend on the flag, their distribution does not."""
     start, (messages, prompt_ids), device = time.time(), prompts, generator.device
     size = args.forward_batch_size
     batch = merge_generated([generate(model, tokenizer, prompt_ids[i:i + size], max_new_tokens=args.max_new_tokens,
-                                      temperature=args.temperature, generator=generator, device=device)
+                                      **sampler_kwargs(args), generator=generator, device=device)
                              for i in range(0, len(prompt_ids), size)], tokenizer.pad_token_id)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     P = batch["input_ids"].shape[1] - batch["response_ids"].shape[1]  # prompt columns (left-padded)
     return {**batch, "prompts": messages, "P": P, "mask": batch["response_mask"][:, P:].bool(),  # (B, R)
             "seconds": time.time() - start}
+
+
+def sampler_kwargs(args):
+    """generate()'s sampling keywords from a script's Args: the rollouts and the held-out evaluation sample alike."""
+    return {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+            "min_new_tokens": args.min_new_tokens, "stop_strings": tuple(args.stop_strings or ())}
 
 
 def merge_generated(parts, pad_token_id):
@@ -173,25 +185,28 @@ def merge_generated(parts, pad_token_id):
             "texts": [text for part in parts for text in part["texts"]]}
 
 
-def policy_logprobs(model, batch, temperature, rows=slice(None), value_head=None):
+def policy_logprobs(model, batch, sampling, rows=slice(None), value_head=None):
     """The policy's log-probs of the sampled tokens and their entropies, (b, R) each, for the rows `rows` of a
     rollout (all by default), and with a value head the values V(s_t) of the states that predict them, (b, R) (None
     without one). With grad when called with grad (the update's micro-batches); rollout_logprobs is the pass without
-    grad."""
+    grad. sampling: the sampling.SamplingSettings the rollout was drawn with (or a plain temperature): the log-probs
+    are under that filtered distribution, recomputed from this policy's logits (where it gives a sampled token
+    probability 0, the rule of heads._chunk_logprobs)."""
     logprobs, entropy, states = response_logprobs_and_states(
-        model, batch["input_ids"][rows], batch["attention_mask"][rows], batch["response_mask"][rows], temperature)
+        model, batch["input_ids"][rows], batch["attention_mask"][rows], batch["response_mask"][rows], sampling)
     P = batch["P"]
     values = value_head(states)[:, P:] if value_head is not None else None  # (b, T, H) -> (b, R)
     return logprobs[:, P:], entropy[:, P:], values  # (b, T) -> (b, R)
 
 
 @torch.no_grad()
-def rollout_logprobs(model, batch, temperature, forward_batch_size, value_head=None):
+def rollout_logprobs(model, batch, sampling, forward_batch_size, value_head=None):
     """The log-probs of the sampled tokens under the policy that sampled them (the update's old log-probs), (B, R),
     and with a value head its values, (B, R) (else None): policy_logprobs without grad, forward_batch_size rows at a
-    time (only the values are kept of the (b, T, H) states a value head reads)."""
+    time (only the values are kept of the (b, T, H) states a value head reads). Under `sampling`'s filter they are
+    the sampler's own log-probs, recomputed (tests/test_sampling_flags.py: equal to 1e-5)."""
     logprobs, _, values = in_row_chunks(
-        lambda rows: policy_logprobs(model, batch, temperature, rows, value_head), len(batch["input_ids"]),
+        lambda rows: policy_logprobs(model, batch, sampling, rows, value_head), len(batch["input_ids"]),
         forward_batch_size)
     return logprobs, values
 
@@ -199,7 +214,10 @@ def rollout_logprobs(model, batch, temperature, forward_batch_size, value_head=N
 @torch.no_grad()
 def reference_logprobs(model, batch, temperature, forward_batch_size):
     """(B, R) log-probs of the sampled tokens under the reference: the base with every adapter disabled;
-    forward_batch_size rows at a time."""
+    forward_batch_size rows at a time. Its UNFILTERED softmax at the sampling temperature (given a SamplingSettings,
+    only its temperature is used): the KL penalty compares the distribution the policy samples from with the
+    reference itself, not with a filtered reference."""
+    temperature = as_settings(temperature).temperature
     ids, attention, mask = batch["input_ids"], batch["attention_mask"], batch["response_mask"]  # (B, T)
     with reference(model):
         logprobs = in_row_chunks(lambda rows: response_logprobs(model, ids[rows], attention[rows], mask[rows],
@@ -237,7 +255,7 @@ class HeldOut:
         reward, args = self.reward, self.args
         metrics, samples = evaluate_policy(self.model, self.tokenizer, self.prompts, self.prompt_ids,
                                            gold_fn=reward.gold, reward_fn=None if reward.gold_only else reward.score,
-                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           max_new_tokens=args.max_new_tokens, **sampler_kwargs(args),
                                            batch_size=args.forward_batch_size, seed=args.seed, device=self.device)
         if reward.gold_only:  # the proxy IS the gold score
             metrics["eval/reward"] = metrics["eval/gold"]

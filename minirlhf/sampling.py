@@ -5,10 +5,15 @@ Each step turns the last position's logits into a distribution and draws one tok
     logits / temperature  ->  top-k filter  ->  top-p (nucleus) filter  ->  softmax  ->  multinomial
 (the order transformers uses; top-p: Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration", Sec. 3.1).
 The log-prob returned for a token is under exactly that distribution, so PPO's old_logprobs match what was sampled.
+`sampling_logits` is that one chain (plus min_new_tokens' ban on stopping early), written once: the sampler draws from
+it and heads.py scores tokens under it (`SamplingSettings`), so the ratio, the KL and the loss see the distribution
+that was actually sampled from, not the unfiltered softmax (the StackLLaMA write-up's negative-KL warning;
+docs/negative_kl.md measures it). A row stops at EOS, at a stop token or when its text contains a stop string.
 Prompts are LEFT-padded, so every row's next token goes in the same column; position ids come from the mask.
 """
 import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -21,6 +26,8 @@ class Samples(NamedTuple):
     response_ids: torch.Tensor   # (B, R) generated tokens, pad_token_id after the stop token
     response_mask: torch.Tensor  # (B, R) 1 on generated tokens up to and including the stop token, 0 after
     logprobs: torch.Tensor       # (B, R) log-prob of each generated token where it was sampled from; 0 on padding
+    ended: torch.Tensor = None   # (B,) bool: the row stopped (EOS, a stop token or a stop string), not cut off at
+    #                              max_new_tokens: what --missing-eos-penalty reads
 
 
 def top_k_filter(logits, k):
@@ -43,13 +50,95 @@ def top_p_filter(logits, p):
     return logits.masked_fill(drop, float("-inf"))
 
 
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How responses are sampled, and so the distribution their log-probs must be taken under (heads.py).
+
+    temperature > 0 divides the logits; top_k = 0 and top_p = 1 are off; at response steps < min_new_tokens the
+    stop_token_ids (EOS first) are forbidden; stop_strings end a row but do not change any token's probability, so
+    only the sampler reads them. The defaults are the plain softmax at temperature 1."""
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_new_tokens: int = 0
+    stop_token_ids: tuple = ()
+    stop_strings: tuple = ()
+
+    @property
+    def filtered(self):
+        """True when some token can get probability 0 (log-prob -inf: heads._chunk_logprobs says how it is scored)."""
+        return self.top_k > 0 or self.top_p < 1.0 or (self.min_new_tokens > 0 and len(self.stop_token_ids) > 0)
+
+    @classmethod
+    def from_args(cls, args, eos_token_id):
+        """The settings of a script's Args (--temperature, --top-k, --top-p, --min-new-tokens, --stop-strings)."""
+        return cls(args.temperature, args.top_k, args.top_p, args.min_new_tokens, (eos_token_id,),
+                   tuple(args.stop_strings or ()))
+
+
+def as_settings(sampling):
+    """A SamplingSettings, or a plain temperature (float) meaning the unfiltered softmax at that temperature."""
+    return sampling if isinstance(sampling, SamplingSettings) else SamplingSettings(temperature=float(sampling))
+
+
+def sampling_logits(logits, settings, steps):
+    """(..., V) next-token logits -> (..., V) the logits of the distribution sampled from: log_softmax of the result
+    is the log-prob of every token under it (-inf for a token it cannot draw). steps: the response step each row
+    predicts (0 = the first response token), an int or a (...) tensor; before settings.min_new_tokens the stop tokens
+    are forbidden. Then logits / temperature -> top-k -> top-p, the sampler's order. temperature 0 (greedy) leaves
+    the logits unscaled and unfiltered: a point mass has no useful log-prob, the model's own is kept."""
+    if settings.min_new_tokens > 0 and settings.stop_token_ids:
+        early = torch.as_tensor(steps, device=logits.device) < settings.min_new_tokens  # () or (...)
+        stop = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # (V,)
+        stop[list(settings.stop_token_ids)] = True
+        logits = logits.masked_fill(early[..., None] & stop, float("-inf"))  # not allowed to stop yet
+    if settings.temperature == 0:
+        return logits
+    return top_p_filter(top_k_filter(logits / settings.temperature, settings.top_k), settings.top_p)
+
+
+class StopStrings:
+    """Ends a row when the token just sampled completes one of `strings` in the row's decoded text (decoded as
+    evaluation.generate decodes it, special tokens skipped). The response keeps every token up to and including the
+    one that completed the string, so its text may run a few characters past the string (to that token's end).
+
+    Each step decodes, for every row still running, only its last W tokens twice (with and without the new token):
+    W = the longest string's UTF-8 bytes + 1, since every token of a byte-level (or byte-fallback) vocabulary brings
+    at least one byte, and the one token more in front keeps the leading space a SentencePiece decode drops from the
+    first token of a text (special tokens, decoded to nothing, could stretch a string past W). So the cost is
+    O(running rows x W) characters a step, not the O(R) of decoding the whole response again. A string completed
+    before min_new_tokens does not count (the sampler does not check then), as a stop token is forbidden then."""
+
+    def __init__(self, tokenizer, strings):
+        if not strings or not all(strings):
+            raise ValueError(f"stop strings must be non-empty texts, got {strings!r}")
+        self.tokenizer, self.strings = tokenizer, tuple(strings)
+        self.window = max(len(s.encode("utf-8")) for s in self.strings) + 1  # tokens decoded per row and step
+
+    def _occurrences(self, ids):
+        """How many times (overlaps counted) each stop string occurs in the text of the token ids."""
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return [sum(text.startswith(s, i) for i in range(len(text))) for s in self.strings]
+
+    def __call__(self, response_ids, running):
+        """response_ids (B, t): the tokens so far, the newest last; running (B,) bool: the rows to check -> (B,) bool,
+        True where the newest token completed a stop string (one more occurrence with it than without it)."""
+        hit = torch.zeros_like(running)
+        for row in running.nonzero().flatten().tolist():
+            ids = response_ids[row, -self.window:].tolist()
+            hit[row] = any(now > before for now, before in zip(self._occurrences(ids), self._occurrences(ids[:-1])))
+        return hit
+
+
 @torch.no_grad()
 def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pad_token_id, temperature=1.0,
-           top_k=0, top_p=1.0, min_new_tokens=0, stop_token_ids=(), generator=None):
+           top_k=0, top_p=1.0, min_new_tokens=0, stop_token_ids=(), stop_strings=None, generator=None):
     """Sample up to max_new_tokens after each left-padded prompt (input_ids, attention_mask: (B, P)) -> Samples.
 
     A row stops at EOS or at any of stop_token_ids (the stop token is part of the response); before min_new_tokens
-    those tokens are forbidden. The loop ends when every row has stopped, so R <= max_new_tokens.
+    those tokens are forbidden. stop_strings (a StopStrings, or None) also stops a row whose newest token completed
+    one of its strings, from step min_new_tokens on. The loop ends when every row has stopped, so R <= max_new_tokens.
+    Samples.ended marks the rows that stopped by any of these, rather than at max_new_tokens.
     temperature = 0 is greedy; its logprobs are then the model's own log-probs (temperature 1, unfiltered), since the
     distribution it "samples" from is a point mass."""
     if pad_token_id == eos_token_id:
@@ -64,8 +153,9 @@ def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pa
     if attention_mask.shape[1] > 1 and not attention_mask[:, -1].bool().all():
         raise ValueError("prompts must be left-padded: the last column of attention_mask must be all 1")
     with eval_mode(model), autocast(model):  # the compute dtype of training's passes (precision.py)
-        return _sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature,
-                       top_k, top_p, min_new_tokens, stop_token_ids, generator)
+        settings = SamplingSettings(temperature, top_k, top_p, min_new_tokens, (eos_token_id, *stop_token_ids))
+        return _sample(model, input_ids, attention_mask, max_new_tokens, pad_token_id, settings, stop_strings,
+                       generator)
 
 
 @contextlib.contextmanager
@@ -81,10 +171,9 @@ def eval_mode(model):
             m.training = training
 
 
-def _sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_k, top_p,
-            min_new_tokens, stop_token_ids, generator):
+def _sample(model, input_ids, attention_mask, max_new_tokens, pad_token_id, settings, stop_strings, generator):
     device = input_ids.device
-    stop_ids = torch.tensor([eos_token_id, *stop_token_ids], device=device)
+    stop_ids = torch.tensor(settings.stop_token_ids, device=device)  # EOS and the stop tokens
     # Ask for the last position's logits only, when the model allows it: a prompt never builds (B, P, V).
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
@@ -99,20 +188,20 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_
         if not torch.isfinite(logits).all():  # a diverged policy: say so instead of multinomial's traceback
             raise Diverged("the policy's next-token logits are not finite (NaN or inf): its weights have diverged; "
                            "lower the learning rate (--lr) or check non-finite settings")
-        if step < min_new_tokens:
-            logits[:, stop_ids] = float("-inf")  # not allowed to stop yet
-        if temperature == 0:
+        logits = sampling_logits(logits, settings, step)  # (B, V) what we sample from
+        logp = torch.log_softmax(logits, -1)  # (B, V)
+        if settings.temperature == 0:  # greedy
             token = logits.argmax(-1)  # (B,)
-            logp = torch.log_softmax(logits, -1)  # (B, V)
         else:
-            logits = top_p_filter(top_k_filter(logits / temperature, top_k), top_p)  # (B, V) what we sample from
-            logp = torch.log_softmax(logits, -1)
             token = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)  # (B,)
         token_logp = logp.gather(-1, token[:, None]).squeeze(-1)  # (B,)
         tokens.append(token.masked_fill(done, pad_token_id))  # rows that already stopped get padding
         logprobs.append(token_logp.masked_fill(done, 0.0))
         masks.append(~done)
-        done = done | torch.isin(token, stop_ids)
+        stops = torch.isin(token, stop_ids)  # (B,)
+        if stop_strings is not None and step >= settings.min_new_tokens:
+            stops = stops | stop_strings(torch.stack(tokens, 1), ~done & ~stops)  # only rows still running
+        done = done | stops
         if done.all() or step == max_new_tokens - 1:
             break
         # Feed the new token; the cache holds keys/values of everything before it.
@@ -120,4 +209,5 @@ def _sample(model, input_ids, attention_mask, max_new_tokens, eos_token_id, pad_
         out = model(input_ids=tokens[-1][:, None], attention_mask=attention_mask, position_ids=next_position,
                     past_key_values=out.past_key_values, use_cache=True)
         next_position = next_position + 1
-    return Samples(torch.stack(tokens, 1), torch.stack(masks, 1).to(attention_mask.dtype), torch.stack(logprobs, 1))
+    return Samples(torch.stack(tokens, 1), torch.stack(masks, 1).to(attention_mask.dtype), torch.stack(logprobs, 1),
+                   done)

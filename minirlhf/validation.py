@@ -98,12 +98,28 @@ def check_common(args, ranges, datasets="preference"):
         check_model_source(args.model)  # a local folder with config.json + weights, or a Hub id (no network here)
 
 
+SAMPLING_RANGES = {"top_k": ">= 0", "top_p": "(0, 1]", "min_new_tokens": ">= 0"}
+
+
+def check_sampling(args):
+    """The sampling flags (train_ppo.py, train_grpo.py, train_reinforce.py, and train_dpo.py's evaluation): --top-k,
+    --top-p, --min-new-tokens in [0, --max-new-tokens], --stop-strings non-empty texts."""
+    for name, spec in SAMPLING_RANGES.items():
+        check_value("--" + name.replace("_", "-"), getattr(args, name), spec)
+    if args.min_new_tokens > args.max_new_tokens:
+        raise InputError(f"--min-new-tokens must lie in [0, --max-new-tokens {args.max_new_tokens}], got "
+                         f"{args.min_new_tokens}")
+    if any(not text for text in args.stop_strings or ()):
+        raise InputError(f"--stop-strings must be non-empty texts, got {list(args.stop_strings)!r}")
+
+
 def check_rl_args(args, ranges, kl_estimators=None):
     """What train_ppo.py, train_grpo.py and train_reinforce.py check alike: check_common, the reward source (a
     reward-model folder, file by file, whose head fits --reward-transform; or the gold score of the built-in world),
-    the KL estimator, minibatch <= rollout, a --target-kl with a starting --kl-coef."""
+    the KL estimator, minibatch <= rollout, a --target-kl with a starting --kl-coef, the sampling flags."""
     from .formats import check_reward_model_dir, read_head_config
     check_common(args, ranges, datasets="prompt")
+    check_sampling(args)
     check_choice("--reward", args.reward, ("model", "gold"))
     check_choice("--reward-transform", args.reward_transform, ("expected", "expected-minus-entropy"))
     if kl_estimators:

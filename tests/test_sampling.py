@@ -191,6 +191,7 @@ def test_eos_and_stop_tokens_end_rows_and_pad_after():
     assert out.response_ids.tolist() == [[5, EOS, PAD, PAD, PAD], [6, 8, 9, PAD, PAD], [EOS, PAD, PAD, PAD, PAD],
                                          [4, 4, 4, 4, 4]]
     assert out.response_mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert out.ended.tolist() == [True, True, True, False]  # stopped by EOS / the stop token; row 3 was cut off
     # all rows done after 2 steps -> the loop stops early
     early = sample(Scripted(script[:3]), ids[:3], mask[:3], 5, eos_token_id=EOS, pad_token_id=PAD, temperature=0,
                    stop_token_ids=(9,))
