@@ -212,9 +212,11 @@ def main(args):
     def data(split):
         rows = demonstrations(args, split)
         if args.packing:
-            return (pack(tokenize_rows(tokenizer, rows, args.template, args.system_prompt), args.block_size,
-                         tokenizer.eos_token_id)
-                    .to(run.device),)  # (N, L)
+            ids = tokenize_rows(tokenizer, rows, args.template, args.system_prompt)
+            if sum(len(x) + 1 for x in ids) < args.block_size:  # + 1: the EOS pack() puts after each
+                raise InputError(f"--block-size {args.block_size}: the {split} split's {len(ids)} demonstrations hold "
+                                 f"{sum(len(x) + 1 for x in ids)} tokens, not one block; lower --block-size")
+            return (pack(ids, args.block_size, tokenizer.eos_token_id).to(run.device),)  # (N, L)
         return tuple(t.to(run.device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
     train_data, eval_data = data("train"), data("test")
     n_train, what = len(train_data[0]), "blocks" if args.packing else "examples"

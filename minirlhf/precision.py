@@ -6,7 +6,8 @@
     float16    fp16                    fp16                               fp32                GradScaler
     auto       bf16 on a GPU that computes it natively (compute capability >= 8: Ampere, Hopper), fp16 on older
                GPUs (bf16 there is emulated and slow; torch.cuda.is_bf16_supported() counts emulation), fp32 on the
-               CPU (bf16 autocast on a CPU is ~10x slower than fp32 here)
+               CPU: exact toy numbers; on this machine's AVX-512 CPU bf16 autocast runs about as fast as fp32 (tiny
+               model forward 0.17 s vs 0.27 s, 1 thread) but fp16 is 4-50x slower (no fp16 matmul kernels)
 
 Micikevicius et al. 2018, "Mixed Precision Training": keep an fp32 master copy of every weight that is updated
 (an update lr·grad ≈ 1e-5 of a weight rounds away in bf16's 8-bit mantissa), compute in 16 bits, and for fp16 scale
@@ -27,6 +28,7 @@ import torch
 from .errors import Diverged
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INIT_LOSS_SCALE = 2.0 ** 10  # LossScaler's starting scale (its docstring says why not torch's 2^16)
 MIN_LOSS_SCALE = 1.0  # below this, fp16 gradients overflow whatever the scale: the run has diverged
 
 
@@ -64,13 +66,17 @@ def autocast(model):
 class LossScaler:
     """fp16's dynamic loss scaling (torch.amp.GradScaler): the loss is multiplied by S before backward, so gradients
     smaller than fp16's 6e-8 survive; optimizer_step divides them by S again before clipping. A step whose
-    gradients overflowed (inf / NaN) is skipped and S halves; S doubles after 2000 good steps. Below MIN_LOSS_SCALE
+    gradients overflowed (inf / NaN) is skipped and S halves; S doubles after 2000 good steps. S starts at
+    INIT_LOSS_SCALE = 2^10, not torch's 2^16: at 2^16 the first three steps of 1024-token QLoRA rows overflowed and
+    were skipped (bench/real_shapes.py, CPU fp16), and a recipe of 8 steps cannot spend three finding its scale;
+    LoRA gradients (~1e-6 and up) still clear fp16's underflow by far at 2^10. Below MIN_LOSS_SCALE
     the gradients overflow at any scale: errors.Diverged. Disabled (a plain backward) unless the model computes in
     float16. state_dict() / load_state_dict() for checkpoints (the scale is part of an exact resume)."""
 
     def __init__(self, model):
         device = next(model.parameters()).device
-        self.scaler = torch.amp.GradScaler(device.type, enabled=compute_dtype(model) == torch.float16)
+        self.scaler = torch.amp.GradScaler(device.type, init_scale=INIT_LOSS_SCALE,
+                                           enabled=compute_dtype(model) == torch.float16)
 
     @property
     def enabled(self):

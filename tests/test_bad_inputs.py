@@ -103,6 +103,7 @@ CHOICE_CASES = [
     ("train_grpo.py", ["--advantage-std", "rollout"], "--advantage-std"),
     ("train_grpo.py", ["--clip-high", "0"], "--clip-high"),
     ("train_dpo.py", ["--rpo-alpha", "-1"], "--rpo-alpha"),
+    ("train_sft.py", ["--block-size", "100000"], "--block-size"),  # after loading: the data cannot fill one block
     ("train_reward.py", ["--split", "dev"], "--split"),
     ("train_reward.py", ["--loss", "hinge"], "--loss"),
     ("train_dpo.py", ["--loss", "kto"], "--loss"),

@@ -93,7 +93,7 @@ def test_fp16_scaler_scales_the_backward_and_the_step_unscales_it():
     x = torch.randn(8, 4)
     scaler.backward(model(x).pow(2).mean())
     S = scaler.scaler.get_scale()
-    assert S == 2.0 ** 16
+    assert S == precision.INIT_LOSS_SCALE == 2.0 ** 10
     reference(x).pow(2).mean().backward()
     assert torch.allclose(model[0].weight.grad, S * reference.weight.grad, rtol=1e-5)  # scaled by S
     params = list(model.parameters())
@@ -117,10 +117,10 @@ def test_fp16_overflow_skips_the_step_halves_the_scale_and_a_collapse_is_diverge
             assert "fp16" in str(e) and "--dtype bfloat16" in str(e)
             break
         assert torch.equal(model[0].weight, before)  # skipped: the weights never see the overflow
-        assert scaler.scaler.get_scale() == 2.0 ** (15 - step)  # halved at every overflow
+        assert scaler.scaler.get_scale() == 2.0 ** (9 - step)  # halved at every overflow
     else:
         pytest.fail("an ever-overflowing fp16 run never raised Diverged")
-    assert step == 16  # 2^16 halved 17 times falls below MIN_LOSS_SCALE = 1
+    assert step == 10  # 2^10 halved 11 times falls below MIN_LOSS_SCALE = 1
     assert torch.equal(model[0].weight, before)
 
 
