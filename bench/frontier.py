@@ -52,6 +52,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from docblock import replace_block
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK_BEGIN, MARK_END = "<!-- bench/frontier.py: begin (generated) -->", "<!-- bench/frontier.py: end -->"
 KL_LIMIT = 5.0  # nats per sequence: the issue's budget for "best setting"
@@ -372,16 +374,8 @@ def plot(rows, sft, gold_max, path):
 
 
 def write_block(path, block, title="# The reward–KL frontier"):
-    """Replace what lies between MARK_BEGIN and MARK_END in `path`, keeping the text around it (the file and the
-    markers are created if missing)."""
-    text = open(path).read() if os.path.exists(path) else f"{title}\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    if MARK_BEGIN not in text or MARK_END not in text:
-        text = text.rstrip() + f"\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, rest = text.split(MARK_BEGIN, 1)
-    tail = rest.split(MARK_END, 1)[1]
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{head}{MARK_BEGIN}\n{block}\n{MARK_END}{tail}")
-    os.replace(path + ".tmp", path)
+    """Replace the generated block of `path` (between MARK_BEGIN and MARK_END), keeping the text around it."""
+    replace_block(path, block, MARK_BEGIN, MARK_END, new_file=f"{title}\n")
 
 
 def load_average():

@@ -56,6 +56,8 @@ import sys
 import tempfile
 import time
 
+from docblock import replace_block
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
 MARK_BEGIN, MARK_END = "<!-- bench/real_shapes.py: begin (generated) -->", "<!-- bench/real_shapes.py: end -->"
@@ -425,14 +427,7 @@ def shown(argv, placeholders):
 def write_doc(path, block):
     """Replace the generated block of `path` between the markers (appending a "## Real-shape benchmark" section with
     them when the file has none), keeping everything else of the file as it is."""
-    text = open(path).read() if os.path.exists(path) else "# Real models\n"
-    if MARK_BEGIN not in text or MARK_END not in text:
-        text = text.rstrip() + f"\n\n{SECTION}\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, rest = text.split(MARK_BEGIN, 1)
-    tail = rest.split(MARK_END, 1)[1]
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{head}{MARK_BEGIN}\n{block}\n{MARK_END}{tail}")
-    os.replace(path + ".tmp", path)
+    replace_block(path, block, MARK_BEGIN, MARK_END, new_file="# Real models\n", new_section=SECTION)
 
 
 def main():

@@ -79,6 +79,8 @@ import sys
 import tempfile
 import time
 
+from docblock import replace_block  # bench/ is on sys.path: this file's folder
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the training scripts' loss code (train_sft.lm_loss, ...) is imported from the repo root
 
@@ -618,17 +620,8 @@ def table(rows):
 
 def write_doc(path, block):
     """Replace the generated block of `path` (between the markers), keeping whatever is written around it."""
-    text = open(path).read() if os.path.exists(path) else (
-        "# Benchmarks\n\n`python bench/run.py` writes the block below; the analysis after it is written by hand.\n\n"
-        f"{MARK_BEGIN}\n{MARK_END}\n")
-    if MARK_BEGIN not in text or MARK_END not in text:
-        text = text.rstrip() + f"\n\n{MARK_BEGIN}\n{MARK_END}\n"
-    head, rest = text.split(MARK_BEGIN, 1)
-    tail = rest.split(MARK_END, 1)[1]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        f.write(f"{head}{MARK_BEGIN}\n{block}\n{MARK_END}{tail}")
-    os.replace(path + ".tmp", path)
+    replace_block(path, block, MARK_BEGIN, MARK_END, new_file=(
+        "# Benchmarks\n\n`python bench/run.py` writes the block below; the analysis after it is written by hand.\n"))
 
 
 def main():

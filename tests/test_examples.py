@@ -14,6 +14,7 @@ from minirlhf.cli import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the train_*.py scripts, imported for their Args
+sys.path.insert(0, os.path.join(REPO, "bench"))  # what the bench scripts import from their folder (docblock)
 _spec = importlib.util.spec_from_file_location("real_shapes", os.path.join(REPO, "bench", "real_shapes.py"))
 real_shapes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(real_shapes)

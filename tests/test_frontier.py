@@ -15,6 +15,7 @@ from minirlhf.cli import parse_args
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the train_*.py scripts, imported for their Args
+sys.path.insert(0, os.path.join(REPO, "bench"))  # what the bench scripts import from their folder (docblock)
 _spec = importlib.util.spec_from_file_location("frontier", os.path.join(REPO, "bench", "frontier.py"))
 frontier = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(frontier)
