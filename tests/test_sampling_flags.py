@@ -15,8 +15,6 @@ import json
 import math
 import os
 import random
-import runpy
-import sys
 
 import pytest
 import torch
@@ -146,17 +144,14 @@ def test_a_token_outside_the_new_filter_gets_its_unfiltered_logprob_and_finite_g
     assert sum(gr.abs().sum() for gr in grads) > 0
 
 
+from test_memory import logprob_inputs  # noqa: E402
+
+
 def test_chunked_filtered_logprobs_entropies_and_gradients_equal_one_piece(monkeypatch):
     """heads.LOGITS_CHUNK (and its checkpointing) with top-k, top-p and min-new-tokens on, float64: chunks of 5 of
     the 18 response positions give the one-piece log-probs, entropies and gradients (random tokens: some outside the
     filter, so the unfiltered fallback goes through the checkpoint too)."""
-    model = make_tiny_llama(dtype=torch.float64)
-    ids = torch.randint(3, 101, (3, 12), generator=torch.Generator().manual_seed(0))
-    attention = torch.ones_like(ids)
-    attention[0, 9:], attention[1, :2] = 0, 0  # row 0 right-padded, row 1 left-padded
-    response = torch.zeros_like(ids)
-    response[:, 5:] = 1
-    response[0, 9:] = 0
+    model, ids, attention, response = logprob_inputs()  # 3 padded rows, 18 response positions (test_memory.py)
     ids[:, 6] = 2  # EOS at response step 1, forbidden there by min_new_tokens = 3
     settings = SamplingSettings(0.7, top_k=6, top_p=0.9, min_new_tokens=3, stop_token_ids=(2,))
 
@@ -266,14 +261,7 @@ def test_windowed_stop_check_equals_decoding_the_whole_response(tokenizer):
 
 
 # ---------------------------------------------------------------------------------------------- the scripts
-def run_in_process(script, argv, monkeypatch):
-    """Run script's __main__ with argv; returns the SystemExit code (a str: the one line) or None."""
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:
-        return e.code
-    return None
+from test_bad_inputs import run_in_process  # noqa: E402  (script's __main__ in-process: the one-line exit)
 
 
 BAD = [(["--top-k", "-1"], "--top-k must be >= 0, got -1"),
