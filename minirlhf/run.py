@@ -29,7 +29,6 @@ baselines.MovingAverageBaseline), a torch.Generator, or a list (metrics gathered
 saved per process (every rank has its own data position and samplers).
 """
 import importlib.util
-import math
 import os
 import random
 import resource
@@ -50,6 +49,7 @@ from .errors import InputError
 from .fingerprint import frozen_fingerprint
 from .models import count_parameters, get_device
 from .tracking import RunLog
+from .validation import COMMON_RANGES, check_value
 
 
 class GracefulStop:
@@ -103,17 +103,16 @@ def seed_everything(seed):
 
 
 def check_run_settings(args):
-    """The settings Run itself acts on, checked before anything loads (one InputError line naming the flag).
-    Missing fields take their defaults, so scripts without them run as before."""
+    """The settings Run itself acts on, checked before anything loads (one InputError line naming the flag): the
+    --report-to choice and its package here (scripts' check_common does not repeat it), --cost-per-hour with the range
+    validation.COMMON_RANGES states for it. Missing fields take their defaults, so scripts without them run as
+    before."""
     report_to = getattr(args, "report_to", "none")
     if report_to not in ("none", "tensorboard"):
         raise InputError(f"--report-to: expected none or tensorboard, got {report_to!r}")
     if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise InputError("--report-to tensorboard: the tensorboard package is not installed; pip install tensorboard")
-    cost = getattr(args, "cost_per_hour", None)
-    if cost is not None and (isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost)
-                             or cost < 0):
-        raise InputError(f"--cost-per-hour: expected the instance's price per hour (a number >= 0), got {cost!r}")
+    check_value("--cost-per-hour", getattr(args, "cost_per_hour", None), COMMON_RANGES["cost_per_hour"])
 
 
 def use_deterministic():

@@ -16,8 +16,6 @@ import re
 
 from .errors import InputError
 
-REPORT_TO = ("none", "tensorboard")
-
 COMMON_RANGES = {
     "lr": "> 0", "grad_clip": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
     "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
@@ -82,7 +80,7 @@ def check_common(args, ranges, datasets="preference"):
     known = KNOWN_PREFERENCE_DATASETS if datasets == "preference" else KNOWN_PROMPT_DATASETS
     if hasattr(args, "dataset") and args.dataset not in known:
         raise InputError(f"--dataset {args.dataset!r} is unknown; known: {', '.join(known)}")
-    for name, allowed in (("quantization", QUANTIZATIONS), ("dtype", ("auto", *DTYPES)), ("report_to", REPORT_TO),
+    for name, allowed in (("quantization", QUANTIZATIONS), ("dtype", ("auto", *DTYPES)),
                           ("split", tuple(SPLITS)), ("eval_split", tuple(SPLITS))):
         if hasattr(args, name):
             check_choice("--" + name.replace("_", "-"), getattr(args, name), allowed)
