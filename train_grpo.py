@@ -21,7 +21,6 @@ per sequence; objective/kl_coef: β), policy/approx_kl, policy/clipfrac, policy/
 perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py.
 """
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,7 +35,7 @@ from minirlhf.grpo import AGGREGATIONS, aggregation_count, grpo_loss
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles, rollout_logprobs,
+                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles,
                               sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
@@ -176,7 +175,7 @@ def main(args):
 
     # 2. prompts for the rollouts (each sampled G times); the held-out prompts of the evaluations; optimizer
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
-    held_out = HeldOut(model, tokenizer, reward, args, device)
+    held_out = HeldOut(model, tokenizer, reward, args, device, run.clock)  # times itself: "evaluation"
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
@@ -192,12 +191,17 @@ def main(args):
         set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
 
         # 3a. rollout: rollout_size / G prompts, each sampled G times (group-contiguous); 3b. one score each
+        run.phase("generation")  # ---- time per phase: metrics time/*, summary time/*_seconds
         batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size // G, repeat=G), args, generator)
         b_mask = batch["mask"]  # (B, R): right-padded responses
+        run.phase("scoring")
         b_scores = reward(batch)  # (B,)
 
-        # 3c. log-probs of the sampled tokens under the policy that sampled them and under the reference (no grad)
-        b_logprobs = rollout_logprobs(model, batch, sampling, args.forward_batch_size)[0]  # (B, R)
+        run.phase("logprobs")
+        # 3c. log-probs of the sampled tokens under the policy that sampled them: the sampler's own (the same numbers a
+        # forward pass would give, to float rounding: tests/test_sampling_flags.py; no second pass), and under the
+        # reference (no grad)
+        b_logprobs = batch["logprobs"][:, batch["P"]:]  # (B, T) -> (B, R)
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
 
         # 3d. advantages: each score minus its group's mean, / its group's std (--advantage-std: or the rollout's, or
@@ -206,7 +210,8 @@ def main(args):
         b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
 
         # 3e. epochs of shuffled minibatches: clipped ratio x A + beta x k3 per token, --loss-aggregation (grpo.py)
-        t_train, stats = time.time(), []
+        run.phase("update")
+        stats = []
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
@@ -236,8 +241,7 @@ def main(args):
 
         # 3f. logging (and every --eval-every iterations the held-out evaluation)
         metrics = iteration_metrics(batch, b_scores, b_kl, b_scores - args.beta * b_kl.sum(-1), run.dist.world_size)
-        metrics.update({"objective/kl_coef": args.beta, "train/lr": optimizer.param_groups[0]["lr"],
-                        "time/training": time.time() - t_train})
+        metrics.update({"objective/kl_coef": args.beta, "train/lr": optimizer.param_groups[0]["lr"]})
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the policy adapter, the last rollout and the evaluation after training

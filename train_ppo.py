@@ -24,11 +24,11 @@ DIR/last_rollout.safetensors (the last rollout's tensors: what the last update s
 Logged per iteration (metrics.jsonl): objective/scores (mean score), objective/kl (mean per-sequence sum of the
 per-token KL estimate on the rollout, nats), objective/rlhf_reward (score - β·KL), policy/approx_kl (k3 of π_old vs π
 during the update), policy/clipfrac, policy/entropy, val/vpred, val/clipfrac, loss/policy, loss/value,
-time/generation and time/training (seconds), perf/tokens_per_second (rollout tokens / iteration wall time), and every
---eval-every iterations the eval/ metrics of evaluation.py.
+time/generation, time/scoring, time/logprobs, time/update and time/evaluation (the iteration's seconds per phase:
+phases.py; their totals are time/*_seconds in summary.json), perf/tokens_per_second (rollout tokens / iteration wall
+time), and every --eval-every iterations the eval/ metrics of evaluation.py.
 """
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -194,7 +194,7 @@ def main(args):
 
     # 2. prompts for the rollouts; the held-out prompts of the evaluations; optimizer, KL controller
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
-    held_out = HeldOut(model, tokenizer, reward, args, device)
+    held_out = HeldOut(model, tokenizer, reward, args, device, run.clock)  # times itself: "evaluation"
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
@@ -213,10 +213,13 @@ def main(args):
         kl_coef = kl_ctl.value if kl_ctl else args.kl_coef
 
         # 3a. rollout: one response to each of rollout_size prompts; 3b. its score (minus --missing-eos-penalty)
+        run.phase("generation")  # ---- time per phase: metrics time/*, summary time/*_seconds
         batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size), args, generator)
         b_mask = batch["mask"]  # (B, R): right-padded responses
+        run.phase("scoring")
         b_scores = reward(batch)  # (B,): the reward model reads the last real token
 
+        run.phase("logprobs")
         # 3c. log-probs of the sampled tokens under the policy (+ its values) and under the reference (no grad)
         b_logprobs, b_values = rollout_logprobs(model, batch, sampling, args.forward_batch_size, value_head)
         b_values = b_values * b_mask  # (B, R): V(s_t), the state before token t
@@ -232,7 +235,8 @@ def main(args):
             b_advantages = whiten_advantages(b_advantages, b_mask)
 
         # 3e. epochs of shuffled minibatches: clipped policy loss + vf_coef x clipped value loss
-        t_train, stats = time.time(), []
+        run.phase("update")
+        stats = []
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
@@ -265,8 +269,7 @@ def main(args):
         metrics = iteration_metrics(batch, b_scores, b_kl, b_scores - kl_coef * b_kl.sum(-1), run.dist.world_size)
         if kl_ctl:
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
-        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"],
-                        "time/training": time.time() - t_train})
+        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"]})
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. save the value head; the policy adapter, the last rollout and the evaluation after training: finish

@@ -20,7 +20,6 @@ policy/approx_kl (k3 between the sampling and the updated policy), policy/entrop
 perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py.
 """
 import os
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -36,7 +35,7 @@ from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.reinforce import reinforce_loss
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles, rollout_logprobs,
+                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles,
                               sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
@@ -176,7 +175,7 @@ def main(args):
     # 2. prompts for the rollouts (each sampled k times); the held-out prompts of the evaluations; optimizer, KL
     # controller, the moving-average baseline (leave-one-out keeps no state)
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
-    held_out = HeldOut(model, tokenizer, reward, args, run.device)
+    held_out = HeldOut(model, tokenizer, reward, args, run.device, run.clock)  # times itself: "evaluation"
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
@@ -196,9 +195,12 @@ def main(args):
         set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
 
         # 3a. rollout: rollout_size / k prompts, each sampled k times (contiguous); 3b. reward = score - β x KL
+        run.phase("generation")  # ---- time per phase: metrics time/*, summary time/*_seconds
         batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size // k, repeat=k), args, generator)
+        run.phase("scoring")
         b_scores = reward(batch)  # (B,)
-        b_logprobs = rollout_logprobs(model, batch, sampling, args.forward_batch_size)[0]  # (B, R), no grad
+        run.phase("logprobs")
+        b_logprobs = batch["logprobs"][:, batch["P"]:]  # (B, R): the sampler's own log-probs (no second pass)
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
         b_mask, kl_coef = batch["mask"], kl_ctl.value if kl_ctl else args.kl_coef  # (B, R): right-padded responses
         b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
@@ -212,7 +214,8 @@ def main(args):
             b_advantages = baseline.advantages(b_rlhf_reward)  # (B,)
 
         # 3d. one on-policy pass of shuffled minibatches: -log π(y|x) · A (Williams 1992; reinforce.py)
-        t_train, stats = time.time(), []
+        run.phase("update")
+        stats = []
         for mb in minibatches(len(b_scores), args.minibatch_size):
             optimizer.zero_grad(set_to_none=True)
             n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: the statistics' means divide by it
@@ -239,8 +242,7 @@ def main(args):
         metrics = iteration_metrics(batch, b_scores, b_kl, b_rlhf_reward, run.dist.world_size)
         if kl_ctl:
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
-        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"],
-                        "time/training": time.time() - t_train})
+        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"]})
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the policy adapter, the last rollout and the evaluation after training

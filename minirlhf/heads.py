@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from . import unpad
 from .ops import entropy_from_logits, gather_logprobs
 from .precision import autocast
 from .sampling import as_settings, sampling_logits
@@ -39,8 +40,13 @@ def position_ids_from_mask(attention_mask):
 
 def final_hidden(model, input_ids, attention_mask):
     """(B, T) token ids -> (B, T, H) final hidden states of the trunk (after its last norm), computed under autocast
-    in the model's compute dtype (precision.py), so 16-bit for a 16-bit run."""
+    in the model's compute dtype (precision.py), so 16-bit for a 16-bit run. A batch with much padding runs packed,
+    without its padding (unpad.py: the same states up to float rounding; zeros at padding slots)."""
     with autocast(model):
+        if getattr(model.config, "_attn_implementation", None) == "sdpa" and input_ids.shape[0] > 1:
+            packing = unpad.plan(attention_mask)
+            if unpad.worth_packing(attention_mask, packing):
+                return unpad.packed_forward(trunk(model), input_ids, attention_mask, packing)
         out = trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state

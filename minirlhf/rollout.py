@@ -7,7 +7,7 @@ reward model a second adapter "reward" + its head, the reference the base with e
 
     tokenizer, model, params = load_policy(args)       # the one frozen base and the policy adapter on it
     reward = Reward(model, args)                       # the reward adapter + head (frozen), or the gold score
-    held_out = HeldOut(model, tokenizer, reward, args, device)   # before / during / after training: held_out()
+    held_out = HeldOut(model, tokenizer, reward, args, device, run.clock)   # before / during / after training: held_out()
     sampling = SamplingSettings.from_args(args, tokenizer.eos_token_id)   # --temperature, --top-k, --top-p, ...
     batch = sample_rollout(model, tokenizer, train_prompts.take(k), args, generator)   # prompts -> responses
     scores = reward(batch)                             # (B,) read at each response's last real token
@@ -43,6 +43,7 @@ from .evaluation import evaluate_policy, generate, gold_summary, held_out_prompt
 from .formats import save_adapter
 from .heads import RatingHead, in_row_chunks, response_logprobs, response_logprobs_and_states, sequence_scores
 from .lora import adapter_names, use_adapter
+from .phases import format_totals
 from .models import load_model, load_reward_model, load_tokenizer, parameter_report, reference, resident_bytes
 from .reward_losses import expected_rating, rating_entropy
 from .sampling import as_settings
@@ -142,20 +143,19 @@ class Reward:
 def sample_rollout(model, tokenizer, prompts, args, generator):
     """One response per prompt from the active adapter (the policy), at --temperature with --top-k, --top-p,
     --min-new-tokens and --stop-strings; prompts = (messages, token ids). The evaluation.generate dict, on the
-    generator's device, plus "prompts" (the messages), "P" (prompt columns), "mask" (B, R): True on response tokens,
-    and "seconds": how long sampling took.
+    generator's device, plus "prompts" (the messages), "P" (prompt columns) and "mask" (B, R): True on response
+    tokens.
     Sampled --forward-batch-size prompts at a time (merge_generated joins the chunks). The chunks draw from the
     generator one after the other, so a chunked rollout samples other (equally likely) responses than one pass over
     all prompts would: the samples depend on the flag, their distribution does not."""
-    start, (messages, prompt_ids), device = time.time(), prompts, generator.device
+    (messages, prompt_ids), device = prompts, generator.device
     size = args.forward_batch_size
     batch = merge_generated([generate(model, tokenizer, prompt_ids[i:i + size], max_new_tokens=args.max_new_tokens,
                                       **sampler_kwargs(args), generator=generator, device=device)
                              for i in range(0, len(prompt_ids), size)], tokenizer.pad_token_id)
     batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     P = batch["input_ids"].shape[1] - batch["response_ids"].shape[1]  # prompt columns (left-padded)
-    return {**batch, "prompts": messages, "P": P, "mask": batch["response_mask"][:, P:].bool(),  # (B, R)
-            "seconds": time.time() - start}
+    return {**batch, "prompts": messages, "P": P, "mask": batch["response_mask"][:, P:].bool()}  # mask: (B, R)
 
 
 def sampler_kwargs(args):
@@ -243,15 +243,21 @@ def minibatches(batch_size, minibatch_size, generator=None):
 class HeldOut:
     """The held-out prompts (the first --eval-prompts of --eval-split, each --eval-samples times) and how the policy
     is measured on them: evaluation.evaluate_policy scored by the reward (its gold score stands in for the reward
-    model with --reward gold). held_out() -> (metrics, samples)."""
+    model with --reward gold). held_out() -> (metrics, samples); its time is the phase "evaluation" of `clock`
+    (run.clock: phases.py)."""
 
-    def __init__(self, model, tokenizer, reward, args, device):
+    def __init__(self, model, tokenizer, reward, args, device, clock):
         self.model, self.tokenizer, self.reward, self.args, self.device = model, tokenizer, reward, args, device
+        self.clock = clock
         self.prompts, self.prompt_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
                                                          args.eval_prompts, args.eval_samples, args.max_prompt_length,
                                                          args.template, args.system_prompt)
 
     def __call__(self):
+        with self.clock.during("evaluation"):
+            return self._evaluate()
+
+    def _evaluate(self):
         reward, args = self.reward, self.args
         metrics, samples = evaluate_policy(self.model, self.tokenizer, self.prompts, self.prompt_ids,
                                            gold_fn=reward.gold, reward_fn=None if reward.gold_only else reward.score,
@@ -275,17 +281,18 @@ def iteration_metrics(batch, scores, kl, rlhf_reward, world_size):
 
 
 def log_iteration(run, iteration, metrics, stats, batch, held_out):
-    """Rank 0: `metrics` plus the mean of each minibatch statistic in `stats`, the rollout's sampling time and its
-    tokens per second over the whole iteration and, every --eval-every iterations, the held-out evaluation: one row of
+    """Rank 0: `metrics` plus the mean of each minibatch statistic in `stats`, the iteration's seconds per phase
+    (time/generation, time/scoring, time/logprobs, time/update and time/evaluation: run.phase) and its rollout tokens
+    per second over the whole iteration and, every --eval-every iterations, the held-out evaluation: one row of
     metrics.jsonl, one printed line."""
     if not run.is_main:
         return
     args, seconds = run.args, time.time() - run.step_started
     metrics.update({k: torch.stack([s[k].float() for s in stats]).mean().item() for k in stats[0]})
-    metrics.update({"time/generation": batch["seconds"],
-                    "perf/tokens_per_second": batch["attention_mask"].sum().item() / seconds})
+    metrics["perf/tokens_per_second"] = batch["attention_mask"].sum().item() / seconds
     if args.eval_every and iteration % args.eval_every == 0 and iteration < args.iterations:
         metrics.update(held_out()[0])
+    metrics.update(run.clock.take())
     run.log(iteration, metrics)
     tqdm.write(log_line(iteration, metrics, time.time() - run.step_started))
 
@@ -321,7 +328,7 @@ def finish(run, model, held_out, before, last):
 def final_summary(run, model, reward, before, after, after_samples):
     """summary.json (rank 0) and the printed result; `before` = (metrics, samples) of the evaluation before."""
     before, before_samples = before
-    extra = {"train/iterations": run.step, "train/episodes": run.step * run.args.rollout_size}
+    extra = {"train/iterations": run.step, "train/episodes": run.step * run.args.rollout_size, **run.clock.totals()}
     final = {**{k + "_before": v for k, v in before.items()}, **{k + "_after": v for k, v in after.items()},
              "eval/kl": after["eval/kl"], "memory/model_bytes": resident_bytes(model), **extra}
     if reward.gold:
@@ -332,6 +339,8 @@ def final_summary(run, model, reward, before, after, after_samples):
           f"{summary['memory/peak_rss_bytes'] / 2**20:.0f} MiB" + (
               f", CUDA peak {summary['memory/cuda_peak_bytes'] / 2**20:.0f} MiB (run.PhaseMemory: per phase in "
               "summary.json)" if "memory/cuda_peak_bytes" in summary else ""))
+    print(f"time: {format_totals(summary)} (of {summary['time/total_seconds']:.0f} s; the rest: loading, logging, "
+          "checkpoints)")
     print(f"done in {summary['time/total_seconds']:.0f}s: reward {summary['eval/reward_before']:+.3f} -> "
           f"{summary['eval/reward_after']:+.3f}, "
           + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "

@@ -23,6 +23,8 @@ What it takes care of (checkpoint.py holds the file format, distributed.py the c
   fingerprint.frozen_fingerprint); --report-to tensorboard: the same rows in out/tensorboard/ too.
 - memory and cost in summary.json: the peak memory of each phase (PhaseMemory), the samples trained and their
   rate, and with --cost-per-hour what they cost (Run.finish).
+- time per phase of an RL iteration: run.phase("generation") charges what follows to that phase (phases.py):
+  the metrics time/<phase> and time/<phase>_seconds in the summary.
 - GPU settings: each torchrun process on its own GPU (distributed.setup); --deterministic (use_deterministic).
 `state` objects: anything with state_dict() / load_state_dict() (training.EpochOrder, kl.AdaptiveKLController,
 baselines.MovingAverageBaseline), a torch.Generator, or a list (metrics gathered since the last log line). Each is
@@ -48,6 +50,7 @@ from .cli import format_args
 from .errors import InputError
 from .fingerprint import frozen_fingerprint
 from .models import count_parameters, get_device
+from .phases import PhaseClock
 from .tracking import RunLog
 from .validation import COMMON_RANGES, check_value
 
@@ -199,6 +202,7 @@ class Run:
         self.dist = distributed.setup(get_device(args.device).type)
         self.device = get_device(args.device)  # after setup: "auto" is now this process's own GPU (LOCAL_RANK)
         self.memory = PhaseMemory(self.device)
+        self.clock = PhaseClock(self.device)  # seconds per phase of an RL iteration (phases.py)
         self.steps_run, self.train_seconds, self.samples_per_step = 0, 0.0, None
         self.is_main = self.dist.is_main
         self.checkpoint = load_checkpoint(args.resume, args, self.dist) if args.resume else None
@@ -262,6 +266,7 @@ class Run:
             while self.step < self.total:
                 self.step_started = time.time()  # for the step's timings (metrics time/*, perf/*)
                 yield self.step + 1
+                self.clock.stop()
                 self.step += 1
                 self.steps_run += 1  # this process's steps (a resumed run counts only its own)
                 bar.update(1)
@@ -271,6 +276,11 @@ class Run:
         bar.close()
         self.train_seconds += time.time() - loop_started
         self.memory.mark("after")
+
+    def phase(self, name):
+        """From here on, charge the time to phase `name` (generation, scoring, logprobs, update, evaluation) until the
+        next phase or the step's end: the metrics time/<phase> and the summary's time/<phase>_seconds (phases.py)."""
+        self.clock.start(name)
 
     def _save_checkpoint(self):
         return save_training(self.args.out, self.dist, step=self.step, args=self.args, model=self.model,

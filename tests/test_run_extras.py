@@ -109,7 +109,9 @@ def test_on_the_cpu_only_the_peak_rss_is_reported(tmp_path):
     rss_before = int(next(line for line in open("/proc/self/status") if line.startswith("VmRSS:")).split()[1]) * 1024
     summary = script(Args(out=str(tmp_path)))
     assert not [k for k in summary if k.startswith("memory/cuda")]
-    assert rss_before <= summary["memory/peak_rss_bytes"] < 64 * 2 ** 30  # bytes, not KiB: at least the RSS before
+    # bytes, not KiB: at least the RSS before, give or take the kernel's per-thread RSS counter caches (which made
+    # getrusage's peak read 76 KiB below an earlier VmRSS once)
+    assert rss_before - 2 ** 20 <= summary["memory/peak_rss_bytes"] < 64 * 2 ** 30
 
 
 # ------------------------------------------------------------------------------------- samples and cost

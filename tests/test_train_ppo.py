@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from minirlhf.assets import TINY_LLAMA
+from minirlhf.phases import PHASES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {algo: os.path.join(REPO, f"train_{algo}.py") for algo in ("ppo", "reinforce", "grpo")}
@@ -35,9 +36,10 @@ RUNS = {  # algo -> extra flags; {scalar} / {rating} are the reward model folder
     "grpo": ["--reward", "gold", "--gradient-checkpointing", "--group-size", "4", "--ppo-epochs", "2"],
 }
 STEP_KEYS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approx_kl", "policy/entropy",
-             "loss/policy", "time/generation", "time/training", "perf/tokens_per_second"]
+             "loss/policy", "time/generation", "time/scoring", "time/logprobs", "time/update", "perf/tokens_per_second"]
 SUMMARY_KEYS = ["time/total_seconds", "params/trainable", "params/total", "eval/gold_before", "eval/gold_after",
-                "eval/gold_max", "eval/kl", "eval/reward_before", "eval/reward_after", "eval/headroom_closed"]
+                "eval/gold_max", "eval/kl", "eval/reward_before", "eval/reward_after", "eval/headroom_closed",
+                *[f"time/{phase}_seconds" for phase in PHASES]]
 
 pytestmark = pytest.mark.skipif(not os.path.isfile(os.path.join(TINY_LLAMA, "config.json")),
                                 reason="the embedded tiny Llama (minirlhf/assets/tiny-llama) is not built yet")
@@ -104,15 +106,19 @@ def test_output_contract(runs, algo):
                         "grpo": ["policy/clipfrac", "loss/kl"], "reinforce": []}[algo]
     for row in rows:
         assert all(k in row for k in keys), set(keys) - set(row)
-    assert "eval/gold" in rows[0]  # --eval-every 1: a mid-run evaluation after iteration 1
+    assert "eval/gold" in rows[0] and "time/evaluation" in rows[0]  # --eval-every 1: evaluated after iteration 1
     summary = json.loads((out / "summary.json").read_text())
     assert all(k in summary for k in SUMMARY_KEYS), set(SUMMARY_KEYS) - set(summary)
+    for phase in ("generation", "scoring", "logprobs", "update"):  # the totals are the iterations' sums
+        assert summary[f"time/{phase}_seconds"] == pytest.approx(sum(r[f"time/{phase}"] for r in rows), abs=2e-3)
+    assert summary["time/evaluation_seconds"] > rows[0]["time/evaluation"] > 0  # + before and after training
+    assert sum(summary[f"time/{phase}_seconds"] for phase in PHASES) <= summary["time/total_seconds"]
     assert summary["eval/kl_before"] == pytest.approx(0.0, abs=1e-6)  # the fresh policy IS the reference
     assert summary["eval/kl"] > 0  # and after training it is not
     assert summary["eval/gold_max"] == 4.0 and summary["params/trainable"] > 0
     assert summary["params/frozen_unchanged"] is True  # the script's own checksum of base + reward model
     stdout = runs["results"][algo][1]
-    assert "trainable params:" in stdout and "peak RSS" in stdout and "samples after training:" in stdout
+    assert "time: generation" in stdout and "trainable params:" in stdout and "peak RSS" in stdout and "samples after training:" in stdout
 
 
 def test_adaptive_kl_moves_the_coefficient(runs):
