@@ -19,8 +19,9 @@ embeddings; random weights, no download):
 - one PPO iteration split into generation / scoring / training time, and its peak memory against a PPO that holds
   policy, reference, reward and value as four separate model copies built from the same code (ratio);
 - the 4-bit base's resident bytes per parameter.
-Targets, reported met or not: sampler >= 1.0x generate; PPO peak memory <= 0.4x the four-copy layout; training step
->= 50 % of the measured matmul rate on the 135M-shaped model; 4-bit base <= 0.55 bytes/param.
+Targets, reported met or not: sampler >= 2.0x generate on the tiny model (issue #16), >= 1.0x on the 135M shape;
+PPO peak memory <= 0.4x the four-copy layout; training step >= 50 % of the measured matmul rate on the 135M-shaped
+model; 4-bit base <= 0.55 bytes/param.
 
 How each figure is made
 - Every step runs the library's own code paths, in float32 on the CPU: SFT = train_sft.lm_loss (packed blocks, loss
@@ -49,7 +50,9 @@ How each figure is made
   copy; on a GPU each copy is its own allocation. 4-bit weights are new anonymous memory either way.
 - Sampler vs generate: minirlhf.sampling.sample vs model.generate(do_sample=True, temperature=1, top_k=0, top_p=1),
   both forced to the same length (min_new_tokens = max_new_tokens), left-padded prompts of varied lengths, runs
-  alternating so they share the machine's state; the median tokens/s of the repeats.
+  alternating so they share the machine's state; the median tokens/s of the repeats. sample runs on decode.py's
+  forward (its default for Llama models); the comparison column also shows sample(engine="hf"), the same loop on
+  transformers' forward.
 - PPO: one iteration composed as train_ppo.py does it (sample -> reward model score -> policy log-probs and values,
   reference log-probs -> per-token KL reward, GAE, whitened advantages -> minibatch epochs of clipped policy + value
   loss), in two layouts doing the same work on the same samples:
@@ -114,7 +117,7 @@ TINY_REWARD_MODEL = os.path.join(ASSETS_DIR, "reward-model")
 # What each model is measured at. sft: (rows, tokens per row); pairs: (pairs, prompt tokens, response tokens), each
 # pair being 2 rows of prompt + response; sample: (batch, longest prompt, new tokens); ppo: one iteration's shape.
 SETTINGS = {
-    "tiny": dict(sft=(16, 128), pairs=(16, 32, 32), sample=(16, 32, 64),
+    "tiny": dict(sft=(16, 128), pairs=(16, 32, 32), sample=(64, 32, 24),
                  ppo=dict(rollout=64, minibatch=32, epochs=2, prompt=32, new_tokens=24, iterations=3),
                  train_steps=4, sample_repeats=5),
     "135m": dict(sft=(4, 256), pairs=(2, 128, 128), sample=(4, 32, 32),
@@ -125,7 +128,7 @@ QUICK = dict(train_steps=2, sample_repeats=3, ppo_iterations=2)  # --quick: fewe
 LORA_R, LORA_ALPHA = 16, 32  # SFT / reward / DPO adapters (the scripts' defaults)
 PPO_LORA_R, PPO_LORA_ALPHA, KL_COEF, VF_COEF = 8, 16, 0.3, 0.1  # train_ppo.py's defaults
 DPO_BETA = 0.5  # train_dpo.py's default
-TARGETS = dict(mfu=0.50, sampler=1.0, ppo_memory=0.4, bytes_per_param=0.55)
+TARGETS = dict(mfu=0.50, sampler={"tiny": 2.0, "135m": 1.0}, ppo_memory=0.4, bytes_per_param=0.55)
 MARK_BEGIN, MARK_END = "<!-- bench/run.py: begin (generated) -->", "<!-- bench/run.py: end -->"
 
 
@@ -322,9 +325,12 @@ def child_sample(job):
     ids, mask = random_prompts(batch, longest, cfg.vocab_size, cfg.pad_token_id, seed=2)
     common = dict(eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
 
-    def ours():
-        out = sample(model, ids, mask, new_tokens, min_new_tokens=new_tokens, temperature=1.0, **common)
-        return int(out.response_mask.sum())
+    def ours(engine):
+        def run():
+            out = sample(model, ids, mask, new_tokens, min_new_tokens=new_tokens, temperature=1.0, engine=engine,
+                         **common)
+            return int(out.response_mask.sum())
+        return run
 
     def theirs():
         with torch.no_grad():
@@ -332,7 +338,7 @@ def child_sample(job):
                                  top_p=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **common)
         return (out.shape[1] - ids.shape[1]) * ids.shape[0]
 
-    runs = {"sample": ours, "generate": theirs}
+    runs = {"sample": ours("auto"), "sample (hf)": ours("hf"), "generate": theirs}
     rates = {name: [] for name in runs}
     for run in runs.values():
         run()  # warm-up
@@ -341,7 +347,8 @@ def child_sample(job):
             start = time.perf_counter()
             n = profiled(run, job["profile"] and i == 0, f"{name}, {job['model']}")
             rates[name].append(n / (time.perf_counter() - start))
-    return dict(ours=statistics.median(rates["sample"]), theirs=statistics.median(rates["generate"]),
+    return dict(ours=statistics.median(rates["sample"]), hf=statistics.median(rates["sample (hf)"]),
+                theirs=statistics.median(rates["generate"]),
                 setting=f"batch {batch}, prompts {mask.sum(1).min().item()}-{longest} tokens (left-padded), "
                         f"{new_tokens} new tokens, temperature 1, full softmax")
 
@@ -527,10 +534,10 @@ def training_rows(name, label, jobs, threads, rate):
 
 def sampler_row(name, label, jobs, threads):
     r = run_child(dict(jobs, name=f"sample {name}"), threads, echo=jobs["profile"])
-    ratio = r["ours"] / r["theirs"]
+    ratio, target = r["ours"] / r["theirs"], TARGETS["sampler"][name]
     return [row("sampler vs generate: tokens/s", label, r["setting"], f"sample {r['ours']:,.0f} tok/s",
-                f"generate {r['theirs']:,.0f} tok/s", ratio, target=f">= {TARGETS['sampler']:.1f}",
-                met=ratio >= TARGETS["sampler"])]
+                f"generate {r['theirs']:,.0f} tok/s (sample on the HF forward {r['hf']:,.0f} tok/s)", ratio,
+                target=f">= {target:.1f}", met=ratio >= target)]
 
 
 def ppo_rows(name, label, jobs, threads, quick):
