@@ -59,7 +59,9 @@ class LoRALinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):  # (under autocast the matmuls cast for themselves)
             x = x.to(A.weight.dtype)
         x = self.lora_dropout[self.active](x)
-        return y + (B(A(x)) * self.scaling[self.active]).to(y.dtype)  # (..., in) -> (..., r) -> (..., out)
+        # scaled at rank r, not at the output's width: (alpha/r)·B(Ax) = B((alpha/r)·Ax), r/out of the multiplications
+        # (bit for bit the same when alpha/r is a power of two, as every default here: 2)
+        return y + B(A(x) * self.scaling[self.active]).to(y.dtype)  # (..., in) -> (..., r) -> (..., out)
 
 
 def _layers(model, adapter=None):
