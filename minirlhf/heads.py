@@ -40,11 +40,12 @@ def position_ids_from_mask(attention_mask):
 
 def final_hidden(model, input_ids, attention_mask):
     """(B, T) token ids -> (B, T, H) final hidden states of the trunk (after its last norm), computed under autocast
-    in the model's compute dtype (precision.py), so 16-bit for a 16-bit run. A batch with much padding runs packed,
-    without its padding (unpad.py: the same states up to float rounding; zeros at padding slots)."""
+    in the model's compute dtype (precision.py), so 16-bit for a 16-bit run. A batch with much padding or with rows
+    that share a prompt runs packed: without its padding, each shared prefix computed once (unpad.py: the same states
+    up to float rounding; zeros at padding slots)."""
     with autocast(model):
         if getattr(model.config, "_attn_implementation", None) == "sdpa" and input_ids.shape[0] > 1:
-            packing = unpad.plan(attention_mask)
+            packing = unpad.plan(input_ids, attention_mask)
             if unpad.worth_packing(attention_mask, packing):
                 return unpad.packed_forward(trunk(model), input_ids, attention_mask, packing)
         out = trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
