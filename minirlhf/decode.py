@@ -106,7 +106,24 @@ class Decoder:
         self.keys, self.values = [], []  # per layer (B, K, L, D), allocated at prefill in the keys' dtype
 
     def prefill(self, input_ids):
-        """(B, P) the prompt -> (B, V) logits of the token after it. Fills cache columns 0..P-1."""
+        """(B, P) the prompt -> (B, V) logits of the token after it. Fills cache columns 0..P-1.
+
+        A prompt that appears in several rows (GRPO samples each prompt G times, RLOO k times, the evaluation twice)
+        is computed once: the distinct rows are prefilled, then their cache rows and logits are copied to every row
+        that has that prompt."""
+        real = self.key_mask[:, :input_ids.shape[1]]  # (B, P)
+        distinct, inverse = torch.unique(input_ids.masked_fill(~real, -1), dim=0, return_inverse=True)  # (U, P), (B,)
+        if len(distinct) == len(input_ids):
+            return self._prefill(input_ids)
+        first = torch.full((len(distinct),), len(input_ids), device=input_ids.device).scatter_reduce(
+            0, inverse, torch.arange(len(input_ids), device=input_ids.device), "amin")  # (U,) a row of each prompt
+        once = Decoder(self.model, real[first].long(), self.length - input_ids.shape[1])
+        logits = once._prefill(input_ids[first])  # (U, V)
+        self.keys, self.values = [k[inverse] for k in once.keys], [v[inverse] for v in once.values]  # (B, K, L, D)
+        self.cos, self.sin, self.filled = once.cos, once.sin, once.filled
+        return logits[inverse]  # (B, V)
+
+    def _prefill(self, input_ids):
         P = input_ids.shape[1]
         h = self.trunk.embed_tokens(input_ids[self.rows, self.cols])  # (N, E) the real tokens only
         # cos/sin of every position the cache will hold: (L, D) each, in h's dtype (as the HF forward gets them)

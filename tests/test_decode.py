@@ -173,3 +173,19 @@ def test_rows_that_stopped_leave_the_batch_and_change_nothing(monkeypatch):
     assert min(kept) <= 8 < 64 == kept[0]  # rows left the batch
     assert torch.equal(fast.response_ids, hf.response_ids) and torch.equal(fast.ended, hf.ended)
     torch.testing.assert_close(fast.logprobs, hf.logprobs, atol=1e-5, rtol=0)
+
+
+def test_a_repeated_prompt_is_prefilled_once_and_samples_as_before(monkeypatch):
+    """GRPO's layout: 3 prompts x 4 copies. The decoder prefills 3 rows, not 12; the samples (temperature 1, one
+    seed) and their log-probs are those of the HF path, which prefills all 12."""
+    model = random_model()
+    ids, mask = left_padded_prompts([5, 2, 7])
+    ids, mask = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0)  # (12, P), each prompt 4 times in a row
+    prefilled = []
+    inner = decode.Decoder._prefill
+    monkeypatch.setattr(decode.Decoder, "_prefill", lambda self, x: prefilled.append(len(x)) or inner(self, x))
+    fast, hf = both_engines(model, ids, mask, 10, eos_token_id=100, temperature=1.0)
+    assert prefilled == [3]
+    assert torch.equal(fast.response_ids, hf.response_ids)
+    assert len({tuple(r) for r in fast.response_ids.tolist()}) > 3  # the copies still sample apart
+    torch.testing.assert_close(fast.logprobs, hf.logprobs, atol=1e-5, rtol=0)
