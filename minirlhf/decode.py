@@ -55,6 +55,30 @@ def unsupported_reason(model):
     return None
 
 
+# merged_lora_weights' budget for the merged copies. Merging pays where a step is many small operations (the tiny
+# model: bench/sampler.py's GRPO rollout 242 -> 172 ms); a large model's LoRA branch costs r / d of its matmuls, and a copy of every
+# adapted weight would cost gigabytes: such a model keeps calling its LoRA layers.
+MERGE_LIMIT_BYTES = 64 * 2**20
+
+
+def merged_lora_weights(model):
+    """{LoRA layer: W + (alpha/r)·B·A} for every lora.LoRALinear with an active adapter over a plain (not quantized)
+    base, so that sampling runs one matmul per layer instead of three plus a scale and an add (Hu et al. 2021, Sec.
+    4.1: "we can explicitly compute and store W = W0 + BA and perform inference as usual"); {} when the copies would
+    exceed MERGE_LIMIT_BYTES or some layer cannot be merged. Made at every sample() call: the policy changes between
+    rollouts. The same function as calling the layer, up to float rounding."""
+    from .lora import LoRALinear, _bits
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.active in m.lora_A]
+    if not layers or any(_bits(m.base_layer) for m in layers) or \
+            sum(m.base_layer.weight.nbytes for m in layers) > MERGE_LIMIT_BYTES:
+        return {}
+    merged = {}
+    for m in layers:
+        W, A, B = m.base_layer.weight, m.lora_A[m.active].weight, m.lora_B[m.active].weight  # (out, in) (r, in) (out, r)
+        merged[m] = (W.to(A.dtype) + m.scaling[m.active] * (B @ A)).to(W.dtype)
+    return merged
+
+
 def supports(model):
     """True when `model` can run on this forward; otherwise the sampler keeps transformers' forward."""
     return unsupported_reason(model) is None
@@ -104,6 +128,7 @@ class Decoder:
         self.filled = 0  # cache columns written so far
         self.rows_kept = torch.arange(B, device=attention_mask.device)  # (b,) the rows still computed (step)
         self.keys, self.values = [], []  # per layer (B, K, L, D), allocated at prefill in the keys' dtype
+        self.merged = merged_lora_weights(model)
 
     def prefill(self, input_ids):
         """(B, P) the prompt -> (B, V) logits of the token after it. Fills cache columns 0..P-1.
@@ -190,8 +215,8 @@ class Decoder:
         newest token (a decode step, and the prefill's last layer)."""
         attn, N, D = layer.self_attn, h.shape[0], self.head_dim
         x = layer.input_layernorm(h)  # (N, E)
-        k = apply_rope(attn.k_proj(x).view(N, self.kv_heads, D), cos, sin)  # (N, K, D)
-        v = attn.v_proj(x).view(N, self.kv_heads, D)  # (N, K, D)
+        k = apply_rope(self._linear(attn.k_proj, x).view(N, self.kv_heads, D), cos, sin)  # (N, K, D)
+        v = self._linear(attn.v_proj, x).view(N, self.kv_heads, D)  # (N, K, D)
         if i == len(self.keys):  # first pass: allocate this layer's cache (zeros: padding's keys stay finite)
             B = self.key_mask.shape[0]
             self.keys.append(k.new_zeros(B, self.kv_heads, self.length, D))  # (B, K, L, D)
@@ -199,10 +224,16 @@ class Decoder:
         self.keys[i][cells], self.values[i][cells] = k, v
         if queries is not None:  # only these tokens' outputs are wanted
             h, x, cos, sin = h[queries], x[queries], cos[queries], sin[queries]  # (N', E), (N', E), (N', D)
-        q = apply_rope(attn.q_proj(x).view(h.shape[0], self.heads, D), cos, sin)  # (N', H, D)
+        q = apply_rope(self._linear(attn.q_proj, x).view(h.shape[0], self.heads, D), cos, sin)  # (N', H, D)
         out = self._attend_last(i, q) if prompt_mask is None else self._attend_prompt(i, q, prompt_mask)
-        h = h + attn.o_proj(out)  # (N', E)
-        return h + layer.mlp(layer.post_attention_layernorm(h))  # (N', E)
+        h = h + self._linear(attn.o_proj, out)  # (N', E)
+        x, mlp = layer.post_attention_layernorm(h), layer.mlp
+        return h + self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+
+    def _linear(self, layer, x):
+        """layer(x), with a LoRA layer's merged weight when there is one (merged_lora_weights)."""
+        weight = self.merged.get(layer)
+        return layer(x) if weight is None else F.linear(x, weight, layer.base_layer.bias)
 
     def _attend_last(self, i, q):
         """q (B, H, D): each row's newest query -> (B, H·D) attention over layer i's cache up to that query.
