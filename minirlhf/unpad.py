@@ -89,7 +89,7 @@ def plan(input_ids, attention_mask):
         s = len(fill) - 1
         slots[row] = (slots[prev][:shared] if shared else []) + list(range(fill[s], fill[s] + lengths[row] - shared))
         packed_row[row], fill[s], prev = s, fill[s] + lengths[row] - shared, row
-    S, device = len(fill), attention_mask.device
+    S, L, device = len(fill), max(fill), attention_mask.device  # no packed row uses the columns after max(fill)
     position_ids = torch.zeros(S, L, dtype=torch.long)
     attend = torch.eye(L, dtype=torch.bool).repeat(S, 1, 1)  # (S, L, L): filler sees itself
     src, dst = [], []

@@ -61,7 +61,8 @@ def test_plan_refuses_holes_and_empty_rows():
 def test_plan_opens_a_new_packed_row_when_the_next_one_does_not_fit():
     ids, mask = _batch([(0, [9] * 70), (0, [8] * 70), (0, [7] * 5)], 70)
     p = unpad.plan(ids, mask)
-    assert p.position_ids.shape == (2, 128)  # 2 x 70 > 128: the 70-token rows in two packed rows, 5 after one
+    # width 128, 2 x 70 > 128: the 70-token rows in two packed rows, the 5 before one; cut to the fullest, 75
+    assert p.position_ids.shape == (2, 75)
     block = p.attend[0, 0]  # sorted: [7]*5, then [8]*70 in the first packed row, [9]*70 in the second
     assert not block[5:75, :5].any() and torch.equal(block[5:75, 5:75], torch.ones(70, 70, dtype=torch.bool).tril())
 
