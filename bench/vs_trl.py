@@ -84,14 +84,16 @@ def pair_settings(job):
     return s
 
 
-def grpo_settings(quick):
-    """train_grpo.py's defaults (--reward gold), both sides' (3 iterations with --quick)."""
+def grpo_settings(quick, seed=None):
+    """train_grpo.py's defaults (--reward gold), both sides' (3 iterations with --quick; another seed with --seed)."""
     a = train_grpo.Args()
     keys = ("iterations", "rollout_size", "group_size", "minibatch_size", "ppo_epochs", "max_new_tokens",
             "max_prompt_length", "lr", "warmup_iterations", "beta", "clip_eps", "clip_high", "lora_r", "lora_alpha",
             "temperature", "top_k", "top_p", "min_new_tokens", "grad_clip", "advantage_std", "loss_aggregation",
             "missing_eos_penalty", "seed")
     s = {k: getattr(a, k) for k in keys}
+    if seed is not None:
+        s["seed"] = seed
     if quick:
         s["iterations"] = QUICK_ITERATIONS
     return s
@@ -246,9 +248,9 @@ def measure_pair_job(job, steps, repeats, threads, tmp):
     return [row], dict(check, job=names[0])
 
 
-def measure_grpo(quick, threads, tmp):
+def measure_grpo(quick, threads, tmp, seed=None):
     """GRPO end to end: minirlhf's script, then TRL's trainer, then both adapters scored by minirlhf's evaluator."""
-    s = grpo_settings(quick)
+    s = grpo_settings(quick, seed)
     ours_out, trl_out = os.path.join(tmp, "grpo-ours"), os.path.join(tmp, "grpo-trl")
     os.makedirs(trl_out)
     t_ours = run_process(ours_command("grpo", s, threads, ours_out), threads, ours_out + ".log",
@@ -384,6 +386,8 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_STEPS[0]} and {QUICK_STEPS[1]} steps, {QUICK_ITERATIONS} GRPO "
                              "iterations")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the GRPO job's seed, both sides (default: train_grpo.py's, 0): one seed is one draw")
     parser.add_argument("--no-write", action="store_true", help="print the table only; leave docs/ alone")
     parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"),
                         help="markdown file to write the block into, between its markers")
@@ -426,7 +430,7 @@ def main():
     with tempfile.TemporaryDirectory(prefix="minirlhf-vs-trl-") as tmp:
         for job in args.jobs:
             if job == "grpo":
-                job_rows, check, gold = measure_grpo(args.quick, args.threads, tmp)
+                job_rows, check, gold = measure_grpo(args.quick, args.threads, tmp, args.seed)
             else:
                 job_rows, check = measure_pair_job(job, args.steps, args.repeats, args.threads, tmp)
             rows += job_rows

@@ -28,6 +28,8 @@ D head dim, V vocab.
 import torch
 import torch.nn.functional as F
 
+from .lora import LoRALinear, _bits
+
 SUPPORTED = ("llama", "mistral", "qwen2")  # the model_types sharing LlamaDecoderLayer's structure
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only: one table serves all
 
@@ -50,14 +52,17 @@ def unsupported_reason(model):
     attn = trunk.layers[0].self_attn
     if hasattr(attn, "q_norm") or hasattr(attn, "k_norm"):
         return "q_norm / k_norm in attention (Qwen3-style)"
-    if any(m._forward_hooks or m._forward_pre_hooks for m in (model, trunk)):
-        return "a forward hook on the model or its trunk (this path never calls their forward)"
+    mlp = trunk.layers[0].mlp
+    if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return "an MLP other than down_proj(act_fn(gate_proj(x)) * up_proj(x))"
+    if any(m._forward_hooks or m._forward_pre_hooks for m in (model, trunk, *(layer.mlp for layer in trunk.layers))):
+        return "a forward hook on the model, its trunk or an MLP (this path never calls their forward)"
     return None
 
 
 # merged_lora_weights' budget for the merged copies. Merging pays where a step is many small operations (the tiny
-# model: bench/sampler.py's GRPO rollout 242 -> 172 ms); a large model's LoRA branch costs r / d of its matmuls, and a copy of every
-# adapted weight would cost gigabytes: such a model keeps calling its LoRA layers.
+# model: bench/sampler.py's GRPO rollout 242 -> 172 ms); a large model's LoRA branch costs r / d of its matmuls, and
+# a copy of every adapted weight would cost gigabytes: such a model keeps calling its LoRA layers.
 MERGE_LIMIT_BYTES = 64 * 2**20
 
 
@@ -67,14 +72,14 @@ def merged_lora_weights(model):
     4.1: "we can explicitly compute and store W = W0 + BA and perform inference as usual"); {} when the copies would
     exceed MERGE_LIMIT_BYTES or some layer cannot be merged. Made at every sample() call: the policy changes between
     rollouts. The same function as calling the layer, up to float rounding."""
-    from .lora import LoRALinear, _bits
     layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.active in m.lora_A]
     if not layers or any(_bits(m.base_layer) for m in layers) or \
             sum(m.base_layer.weight.nbytes for m in layers) > MERGE_LIMIT_BYTES:
         return {}
     merged = {}
     for m in layers:
-        W, A, B = m.base_layer.weight, m.lora_A[m.active].weight, m.lora_B[m.active].weight  # (out, in) (r, in) (out, r)
+        W, A, B = m.base_layer.weight, m.lora_A[m.active].weight, m.lora_B[m.active].weight  # (out, in), (r, in),
+        # (out, r)
         merged[m] = (W.to(A.dtype) + m.scaling[m.active] * (B @ A)).to(W.dtype)
     return merged
 
@@ -227,8 +232,9 @@ class Decoder:
         q = apply_rope(self._linear(attn.q_proj, x).view(h.shape[0], self.heads, D), cos, sin)  # (N', H, D)
         out = self._attend_last(i, q) if prompt_mask is None else self._attend_prompt(i, q, prompt_mask)
         h = h + self._linear(attn.o_proj, out)  # (N', E)
-        x, mlp = layer.post_attention_layernorm(h), layer.mlp
-        return h + self._linear(mlp.down_proj, mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x))
+        x, mlp = layer.post_attention_layernorm(h), layer.mlp  # the gated MLP: down(act(gate(x)) * up(x))
+        gated = mlp.act_fn(self._linear(mlp.gate_proj, x)) * self._linear(mlp.up_proj, x)  # (N', intermediate)
+        return h + self._linear(mlp.down_proj, gated)  # (N', E)
 
     def _linear(self, layer, x):
         """layer(x), with a LoRA layer's merged weight when there is one (merged_lora_weights)."""
