@@ -1,6 +1,6 @@
 """Direct Preference Optimization: align the policy on preference pairs with no reward model and no sampling.
 
-    python train_dpo.py                        # DPO on the built-in world (about 2 minutes on a CPU)
+    python train_dpo.py                        # DPO on the built-in world (about 25 seconds on a 2-core CPU)
     python train_dpo.py --loss ipo --beta 0.5  # IPO;  --loss cdpo --label-smoothing 0.1 for conservative DPO
 
 With x = (log π(y_c|p) - log π_ref(y_c|p)) - (log π(y_r|p) - log π_ref(y_r|p))   (minirlhf/dpo.py):

@@ -1,7 +1,7 @@
 """GRPO: PPO's clipped update without a value function: each response is judged against the others sampled for the
 same prompt (Shao et al. 2024, "DeepSeekMath", Sec. 4.1). Every role is served by ONE frozen base with LoRA adapters.
 
-    python train_grpo.py --reward gold         # against the built-in world's gold score (~2 minutes on a CPU)
+    python train_grpo.py --reward gold         # against the built-in world's gold score (~20 seconds on a 2-core CPU)
     python train_grpo.py                       # against the shipped reward model
 
 The roles on the one base (minirlhf/rollout.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the

@@ -1,6 +1,6 @@
 """PPO for a language model, every role served by ONE frozen base model with LoRA adapters (the multi-adapter setup).
 
-    python train_ppo.py                                # against the shipped reward model (~2 minutes on a CPU)
+    python train_ppo.py                                # against the shipped reward model (~30 seconds on a 2-core CPU)
     python train_ppo.py --reward gold                  # against the built-in world's gold score
 
 The roles on the one base (minirlhf/rollout.py), all in memory once:

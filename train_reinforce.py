@@ -2,7 +2,7 @@
 baseline (Williams 1992): the average so far (the SmolLM2 + HelpSteer2 setup) or, RLOO, the other responses to the
 same prompt (Ahmadian et al. 2024). ONE frozen base serves every role through LoRA adapters.
 
-    python train_reinforce.py                  # against the shipped reward model (~1.5 minutes on a CPU)
+    python train_reinforce.py                  # against the shipped reward model (~20 seconds on a 2-core CPU)
     python train_reinforce.py --reward gold    # against the built-in world's gold score
     python train_reinforce.py --baseline leave-one-out --samples-per-prompt 4    # RLOO, k = 4
 
