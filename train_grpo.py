@@ -9,7 +9,8 @@ reward model a frozen adapter "reward" + head (or the gold score), the reference
 One iteration reads top to bottom:
   1. rollout     rollout_size / G prompts, each sampled G times (the group of a prompt is contiguous)
   2. reward      one score per response
-  3. log-probs   policy (old) and reference log-probs of the sampled tokens, at the sampling temperature
+  3. log-probs   the old policy's log-probs of the sampled tokens (the sampler's own: no second pass) and the
+                 reference's, at the sampling temperature
   4. advantages  A = (score - mean of its group) / std of its group, the same for every token    (baselines.py)
                  (--advantage-std batch: / the whole rollout's std; none: not divided, as Dr. GRPO)
   5. update      epochs of shuffled minibatches of the GRPO loss: clipped ratio · A + β · k3 KL to the

@@ -1,9 +1,23 @@
 """The generated block of a markdown file: what a benchmark writes between its two markers, the rest kept as written.
 
-bench/run.py (docs/benchmarks.md), bench/real_shapes.py (docs/real_models.md) and bench/frontier.py (docs/frontier.md)
-each own one block; the analysis around it is written by hand and survives every re-run.
+bench/run.py, bench/vs_trl.py, bench/sampler.py (docs/benchmarks.md), bench/real_shapes.py (docs/real_models.md) and
+bench/frontier.py (docs/frontier.md) each own one block; the analysis around it is written by hand and survives every
+re-run. machine() and load_average() give the facts every block's header states.
 """
 import os
+import platform
+
+
+def machine():
+    """(CPU model name, logical cores) of this machine."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    return cpu, os.cpu_count()
+
+
+def load_average():
+    """The 1-minute load average, as /proc/loadavg writes it."""
+    return open("/proc/loadavg").read().split()[0]
 
 
 def replace_block(path, block, begin, end, new_file="", new_section=""):

@@ -82,7 +82,7 @@ import sys
 import tempfile
 import time
 
-from docblock import replace_block  # bench/ is on sys.path: this file's folder
+from docblock import load_average, machine, replace_block  # (bench/ is on sys.path: this file's folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the training scripts' loss code (train_sft.lm_loss, ...) is imported from the repo root
@@ -604,16 +604,6 @@ def four_bit_rows(name, label, jobs, threads):
             f"{whole16:.3f} B/param ({mib(b16['bytes'])})", f"float32 {fp32_bpp:.2f} B/param", whole16 / fp32_bpp,
             target=target, met=whole16 <= TARGETS["bytes_per_param"]),
     ]
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return cpu, os.cpu_count()
-
-
-def load_average():
-    return open("/proc/loadavg").read().split()[0]
 
 
 def table(rows):

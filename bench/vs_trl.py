@@ -47,7 +47,7 @@ import tempfile
 import time
 from importlib.metadata import version
 
-from docblock import replace_block  # bench/ is on sys.path: this file's folder
+from docblock import load_average, machine, replace_block  # (bench/ is on sys.path: this file's folder)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # the train_*.py scripts, for their Args (the settings both sides are given)
@@ -364,16 +364,6 @@ def gold_table(gold):
 def write_doc(path, block):
     """The block between this script's markers in `path`; the first run appends the section at the file's end."""
     replace_block(path, block, MARK_BEGIN, MARK_END, new_section=SECTION)
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return cpu, os.cpu_count()
-
-
-def load_average():
-    return open("/proc/loadavg").read().split()[0]
 
 
 def parse_args(argv=None):
