@@ -6,8 +6,11 @@ rollouts are per process, must run to completion. Only rank 0 writes.
 The two runs cannot be bit-identical: a gradient summed over 2b rows in one matmul and the mean of two b-row sums
 round differently (~1e-7 relative). AdamW's first steps divide each gradient by its own magnitude, so where a
 gradient is near zero that rounding becomes a visible fraction of an lr-sized step: at the scripts' default
-learning rates (1e-3, 2e-3) four steps differ by up to ~3e-6 - 8e-6 (measured), at lr 1e-4 by ~5e-7. The test
-uses lr 1e-4 and checks that the weights moved by more than 100x the 1e-6 tolerance.
+learning rates (1e-3, 2e-3) four steps differ by up to ~3e-6 - 8e-6 (measured), at lr 1e-4 by ~5e-7. Since forward
+passes run packed (unpad.py: rows share a prompt's positions with the other rows of their batch, so a row's sums
+depend on its companions, in the last bits), a batch of b and one of 2b also round differently in the forward pass:
+at lr 1e-4, 1.1e-6 (DPO) and 2.0e-6 (reward) after four steps (measured). The test uses lr 1e-4, a 4e-6 tolerance,
+and checks that the weights moved by more than 25x that.
 """
 import os
 import subprocess
@@ -53,7 +56,7 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(name, tmp_path):
     assert state2["world_size"] == 2 and state1["world_size"] == 1 and state2["step"] == state1["step"] == 4
     assert w1.keys() == w2.keys()
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert diff <= 1e-6, f"max abs difference {diff:.2e}"
+    assert diff <= 4e-6, f"max abs difference {diff:.2e}"
     # ...and training moved them well beyond that tolerance (equal but untrained weights would prove nothing)
     moved = max(v.abs().max().item() for k, v in w1.items() if "lora_B" in k)
     assert moved > 1e-4
