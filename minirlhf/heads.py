@@ -44,7 +44,7 @@ def final_hidden(model, input_ids, attention_mask):
     that share a prompt runs packed: without its padding, each shared prefix computed once (unpad.py: the same states
     up to float rounding; zeros at padding slots)."""
     with autocast(model):
-        if getattr(model.config, "_attn_implementation", None) == "sdpa" and input_ids.shape[0] > 1:
+        if input_ids.shape[0] > 1 and unpad.supports(model):
             packing = unpad.plan(input_ids, attention_mask)
             if unpad.worth_packing(attention_mask, packing):
                 return unpad.packed_forward(trunk(model), input_ids, attention_mask, packing)

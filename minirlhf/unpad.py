@@ -25,9 +25,10 @@ packing of documents (data/packing.py) with the attention kept apart, as in Krel
 Packing without Cross-contamination", Sec. 3), plus prefix sharing, as tree attention does for speculative decoding
 (Miao et al. 2024, "SpecInfer", Sec. 4.2).
 
-Used by heads.final_hidden when it saves work (`worth_packing`) and the model runs SDPA attention, which takes the
-boolean 4-D mask as given (transformers passes a 4-D mask through unchanged; an eager attention would add it, so it is
-left alone, as is flash attention, which has a variable-length kernel of its own).
+Used by heads.final_hidden when it saves work (`worth_packing`) and the model runs SDPA attention without sliding
+windows (`supports`): SDPA takes the boolean 4-D mask as given (transformers passes a 4-D mask through unchanged; an
+eager attention would add it, so it is left alone, as is flash attention, which has a variable-length kernel of its
+own; a sliding window would be lost in the explicit mask).
 """
 from typing import NamedTuple
 
@@ -42,6 +43,15 @@ SHORT_ROWS = 128
 # Pack when the packed rows hold at most this share of the padded grid's positions: below it the shorter pass pays for
 # building the mask and moving states; a batch that is nearly full runs as it is.
 MAX_PACKED_SHARE = 0.8
+
+
+def supports(model):
+    """True when the model takes packed rows as they are: SDPA attention (it reads the boolean 4-D mask as given) and
+    no sliding-window layer (an explicit mask would replace the window transformers builds for it)."""
+    config = model.config
+    sliding = any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()) or (
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+    return getattr(config, "_attn_implementation", None) == "sdpa" and not sliding
 
 
 class Packing(NamedTuple):

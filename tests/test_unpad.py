@@ -105,3 +105,15 @@ def test_final_hidden_packs_only_when_it_saves_work_and_matches_the_padded_pass(
     with torch.no_grad():
         final_hidden(tiny_llama, distinct, torch.ones(3, 10, dtype=torch.long))
     assert calls == [1]
+
+
+def test_only_sdpa_models_without_sliding_windows_are_packed():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def model(**kw):
+        config = AutoConfig.for_model("mistral", vocab_size=101, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, **kw)
+        return AutoModelForCausalLM.from_config(config)
+    assert unpad.supports(model(sliding_window=None))
+    assert not unpad.supports(model(sliding_window=16))  # the window lives in the mask transformers builds
+    assert not unpad.supports(model(sliding_window=None, attn_implementation="eager"))  # eager adds masks
