@@ -22,8 +22,8 @@ of its own row up to itself:
 padded row, and its state is the same up to float rounding (tests/test_unpad.py: each row run alone; gradients too:
 the states of a shared slot are gathered into every row that has it, and its gradient is their sum). It is SFT's
 packing of documents (data/packing.py) with the attention kept apart, as in Krell et al. 2021 ("Efficient Sequence
-Packing without Cross-contamination", Sec. 3), plus prefix sharing, as tree attention does for speculative decoding
-(Miao et al. 2024, "SpecInfer", Sec. 4.2).
+Packing without Cross-contamination"), plus prefix sharing, as tree attention does for speculative decoding
+(Miao et al. 2024, "SpecInfer": tree-based parallel decoding).
 
 Used by heads.final_hidden when it saves work (`worth_packing`) and the model runs SDPA attention without sliding
 windows (`supports`): SDPA takes the boolean 4-D mask as given (transformers passes a 4-D mask through unchanged; an
