@@ -1,4 +1,9 @@
-"""Shared fixtures: a tiny random Llama built in memory (no download), and the same model saved to a folder."""
+"""Shared fixtures: a tiny random Llama built in memory (no download), and the same model saved to a folder; and
+load_bench, the one way the tests import a bench/ script."""
+import importlib.util
+import os
+import sys
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -6,6 +11,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 # One intra-op thread: the test models are tiny, and when the 2 cores are shared with other processes, 2 OpenMP
 # threads spin-wait on each other (measured here: tests/test_models.py + test_sampling.py 131 s with 2, 2.4 s with 1).
 torch.set_num_threads(1)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_bench(name):
+    """bench/<name>.py as a module, with what it imports from its own folder (docblock) and the repository's root
+    (the train_*.py scripts, imported for their Args) on sys.path, as when it runs as a script."""
+    for folder in (REPO, os.path.join(REPO, "bench")):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 TINY = dict(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,

@@ -3,21 +3,15 @@ script's flags, so a renamed or removed flag fails here rather than on a user's 
 recipe runs under bash with `python` replaced by a recorder (bench/real_shapes.recipe_commands), and the recorded
 arguments go through minirlhf.cli.parse_args with the script's own Args."""
 import importlib
-import importlib.util
 import os
 import re
-import sys
 
 import pytest
 
+from conftest import REPO, load_bench
 from minirlhf.cli import parse_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the train_*.py scripts, imported for their Args
-sys.path.insert(0, os.path.join(REPO, "bench"))  # what the bench scripts import from their folder (docblock)
-_spec = importlib.util.spec_from_file_location("real_shapes", os.path.join(REPO, "bench", "real_shapes.py"))
-real_shapes = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(real_shapes)
+real_shapes = load_bench("real_shapes")
 
 RECIPES = real_shapes.recipes()
 OUT = "/recipes-out"  # the OUT the recipes are expanded with: every path under it is made by an earlier stage

@@ -3,22 +3,16 @@
 spreads and "best at KL <= 5" are checked against numbers worked out by hand, the cache skips a finished run and
 re-runs a failed or unfinished one, and the markdown block is replaced between its markers only."""
 import importlib
-import importlib.util
 import json
 import math
 import os
-import sys
 
 import pytest
 
+from conftest import load_bench
 from minirlhf.cli import parse_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the train_*.py scripts, imported for their Args
-sys.path.insert(0, os.path.join(REPO, "bench"))  # what the bench scripts import from their folder (docblock)
-_spec = importlib.util.spec_from_file_location("frontier", os.path.join(REPO, "bench", "frontier.py"))
-frontier = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(frontier)
+frontier = load_bench("frontier")
 
 ALG = {a.key: a for a in frontier.ALGORITHMS}
 KNOB_FIELD = {"--kl-coef": "kl_coef", "--beta": "beta"}

@@ -2,21 +2,15 @@
 against numbers worked out by hand, the flags, every minirlhf command it would run is accepted by its script's own
 Args and sets what TRL is given, the token check, the markdown block, and the one line it ends with when TRL is not
 installed."""
-import importlib.util
 import json
-import os
 import sys
 
 import pytest
 
+from conftest import load_bench
 from minirlhf.cli import parse_args
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the train_*.py scripts, imported for their Args
-sys.path.insert(0, os.path.join(REPO, "bench"))  # what the bench scripts import from their folder (docblock)
-_spec = importlib.util.spec_from_file_location("vs_trl", os.path.join(REPO, "bench", "vs_trl.py"))
-vs_trl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(vs_trl)
+vs_trl = load_bench("vs_trl")
 
 
 def test_importing_it_imports_no_trl():
