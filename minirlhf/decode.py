@@ -113,7 +113,9 @@ class Decoder:
     the B new tokens at a decode step. Only attention sees the (B, ., L, D) layout of the cache.
     """
 
-    def __init__(self, model, attention_mask, max_new_tokens):
+    def __init__(self, model, attention_mask, max_new_tokens, merged=None):
+        """merged: merged_lora_weights(model) when the caller has them already (prefill's decoder of the distinct
+        prompts); None: computed here."""
         self.model, self.trunk = model, model.model
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads  # H, K
@@ -133,7 +135,7 @@ class Decoder:
         self.filled = 0  # cache columns written so far
         self.rows_kept = torch.arange(B, device=attention_mask.device)  # (b,) the rows still computed (step)
         self.keys, self.values = [], []  # per layer (B, K, L, D), allocated at prefill in the keys' dtype
-        self.merged = merged_lora_weights(model)
+        self.merged = merged_lora_weights(model) if merged is None else merged
 
     def prefill(self, input_ids):
         """(B, P) the prompt -> (B, V) logits of the token after it. Fills cache columns 0..P-1.
@@ -147,7 +149,7 @@ class Decoder:
             return self._prefill(input_ids)
         first = torch.full((len(distinct),), len(input_ids), device=input_ids.device).scatter_reduce(
             0, inverse, torch.arange(len(input_ids), device=input_ids.device), "amin")  # (U,) a row of each prompt
-        once = Decoder(self.model, real[first].long(), self.length - input_ids.shape[1])
+        once = Decoder(self.model, real[first].long(), self.length - input_ids.shape[1], merged=self.merged)
         logits = once._prefill(input_ids[first])  # (U, V)
         self.keys, self.values = [k[inverse] for k in once.keys], [v[inverse] for v in once.values]  # (B, K, L, D)
         self.cos, self.sin, self.filled = once.cos, once.sin, once.filled

@@ -12,9 +12,9 @@ docs/negative_kl.md measures it). A row stops at EOS, at a stop token or when it
 Prompts are LEFT-padded, so every row's next token goes in the same column; position ids come from the mask.
 Two engines compute the next-token logits, the same up to float rounding (log-probs within ~1e-6): decode.py's
 hand-written Llama-family forward over a preallocated KV cache, which also stops computing rows that have stopped
-(engine="auto" picks it when decode.supports(model); 1.3-1.5x generate's tokens/s on the embedded tiny model at batch
-64, one CPU thread: docs/benchmarks.md), and transformers' own forward with its DynamicCache (engine="hf", and every
-other model).
+(engine="auto" picks it when decode.supports(model); on the embedded tiny model, one CPU thread, 1.2-1.5x generate's
+speed at batch 64 and 2.3x in a GRPO rollout: docs/benchmarks.md), and transformers' own forward with its DynamicCache
+(engine="hf", and every other model).
 """
 import contextlib
 import inspect
