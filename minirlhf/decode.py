@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import LoRALinear, _bits
+from .unpad import has_sliding_window
 
 SUPPORTED = ("llama", "mistral", "qwen2")  # the model_types sharing LlamaDecoderLayer's structure
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin depend on the position only: one table serves all
@@ -44,8 +45,7 @@ def unsupported_reason(model):
     if not all(hasattr(trunk, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")) \
             or not hasattr(model, "lm_head"):
         return "not a *ForCausalLM with .model.{embed_tokens, layers, norm, rotary_emb} and .lm_head"
-    if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()) or (
-            getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True)):
+    if has_sliding_window(config):
         return "sliding-window attention"
     if getattr(trunk.rotary_emb, "rope_type", "default") not in STATIC_ROPE:
         return f"rope type {trunk.rotary_emb.rope_type!r} (cos/sin that change with the sequence length)"

@@ -45,13 +45,17 @@ SHORT_ROWS = 128
 MAX_PACKED_SHARE = 0.8
 
 
+def has_sliding_window(config):
+    """True when some layer of the model attends through a sliding window (transformers builds that window into the
+    mask it makes; decode.py's and this file's own masks have none)."""
+    return any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()) or bool(
+        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
+
+
 def supports(model):
     """True when the model takes packed rows as they are: SDPA attention (it reads the boolean 4-D mask as given) and
     no sliding-window layer (an explicit mask would replace the window transformers builds for it)."""
-    config = model.config
-    sliding = any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()) or (
-        getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True))
-    return getattr(config, "_attn_implementation", None) == "sdpa" and not sliding
+    return getattr(model.config, "_attn_implementation", None) == "sdpa" and not has_sliding_window(model.config)
 
 
 class Packing(NamedTuple):
