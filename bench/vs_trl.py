@@ -58,6 +58,7 @@ import train_dpo  # noqa: E402
 import train_grpo  # noqa: E402
 import train_reward  # noqa: E402
 from minirlhf.assets import TINY_LLAMA  # noqa: E402
+from minirlhf.phases import format_totals  # noqa: E402
 
 JOBS = ("dpo", "dpo-precompute", "reward", "grpo")
 DEFAULT_JOBS = "dpo,reward,grpo"
@@ -274,19 +275,19 @@ def measure_grpo(quick, threads, tmp, seed=None):
                f"{s['ppo_epochs']} epochs, minibatch {s['minibatch_size']}, {s['max_new_tokens']} new tokens), gold "
                f"reward, LoRA r {s['lora_r']}; gold after: minirlhf {scores['minirlhf']['eval/gold']:.3f}, TRL "
                f"{scores['TRL']['eval/gold']:.3f} (before {scores['base']['eval/gold']:.3f})")
-    phases = ", ".join(f"{k[5:-8]} {v:.1f} s" for k, v in summary.items() if k.startswith("time/")
-                       and k.endswith("_seconds") and k not in ("time/total_seconds", "time/train_seconds"))
+    phases = format_totals(summary)  # the script's own "time:" line
     rows = [dict(job="GRPO end to end (minirlhf vs GRPOTrainer)", setting=setting, ours=f"{t_ours:.1f} s",
                  trl=f"{t_trl:.1f} s", ratio=t_trl / t_ours, target=target,
                  met=verdict(t_trl / t_ours, target, gold_ok),
                  detail="whole processes; minirlhf's includes its evaluations before and after training"
                  + (f" (its phases: {phases})" if phases else ""))]
-    evaluation = sum(v for k, v in summary.items() if k.startswith("time/eval") and isinstance(v, (int, float)))
+    evaluation = summary.get("time/evaluation_seconds", 0.0)
     if evaluation > 0:  # summary.json with per-phase times: the process without minirlhf's evaluations
         rows.append(dict(job="GRPO end to end, minirlhf without its evaluations",
                          setting="the same two processes; minirlhf's minus its held-out evaluations",
                          ours=f"{t_ours - evaluation:.1f} s", trl=f"{t_trl:.1f} s", ratio=t_trl / (t_ours - evaluation),
-                         target=None, met="", detail=f"minus summary.json's time/eval* ({evaluation:.1f} s)"))
+                         target=None, met="",
+                         detail=f"minus summary.json's time/evaluation_seconds ({evaluation:.1f} s)"))
     rows.append(dict(job="GRPO training loop only", setting="minirlhf: summary.json time/train_seconds; TRL: "
                      "trainer.train()'s train_runtime", ours=f"{summary['time/train_seconds']:.1f} s",
                      trl=f"{trl['train_runtime']:.1f} s", ratio=trl["train_runtime"] / summary["time/train_seconds"],
