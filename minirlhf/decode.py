@@ -76,12 +76,7 @@ def merged_lora_weights(model):
     if not layers or any(_bits(m.base_layer) for m in layers) or \
             sum(m.base_layer.weight.nbytes for m in layers) > MERGE_LIMIT_BYTES:
         return {}
-    merged = {}
-    for m in layers:
-        W, A, B = m.base_layer.weight, m.lora_A[m.active].weight, m.lora_B[m.active].weight  # (out, in), (r, in),
-        # (out, r)
-        merged[m] = (W.to(A.dtype) + m.scaling[m.active] * (B @ A)).to(W.dtype)
-    return merged
+    return {m: m.merged_weight(m.active) for m in layers}
 
 
 def supports(model):

@@ -51,6 +51,13 @@ class LoRALinear(nn.Module):
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, alpha / r
         self.train(self.training)  # the new dropout follows the layer's train/eval mode
 
+    def merged_weight(self, name):
+        """(out, in): W + (alpha/r) B A of adapter `name`, in the base weight's dtype: the one weight that computes what
+        the layer computes with that adapter (merge_lora writes it into the layer; the sampler, decode.py, uses it)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
+        W = self.base_layer.weight
+        return W + (self.scaling[name] * (B @ A)).to(W.dtype)  # (out, r) @ (r, in) -> (out, in)
+
     def forward(self, x):  # x: (..., in)
         y = self.base_layer(x)  # (..., out), in the base's own precision
         if self.active not in self.lora_A:
@@ -173,9 +180,9 @@ def merge_lora(model, adapter):
             raise ValueError(f"cannot merge into a {_bits(m.base_layer)}-bit base ({name}); "
                              "load the base in float32/bfloat16 to merge")
     for name, m in layers:
-        base, A, B = m.base_layer, m.lora_A[adapter].weight, m.lora_B[adapter].weight
+        base = m.base_layer
         with torch.no_grad():
-            base.weight += (m.scaling[adapter] * (B @ A)).to(base.weight.dtype)  # (out, r) @ (r, in) -> (out, in)
+            base.weight.copy_(m.merged_weight(adapter))
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, base)  # the layer's other adapters are dropped
     return model
