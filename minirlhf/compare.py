@@ -38,7 +38,8 @@ from minirlhf.validation import check_common
 @dataclass
 class Args:
     model: str = TINY_LLAMA
-    """base model every adapter sits on (default: the embedded tiny Llama)"""
+    """base model every adapter sits on: a folder, Hub id, smollm2 or a .gguf file (default: the embedded tiny
+    Llama)"""
     policies: list[str] = field(default_factory=lambda: ["base"])
     """policy adapter folders (or run folders holding policy/); 'base' = the base model, no adapter"""
     reward_models: list[str] = field(default_factory=list)

