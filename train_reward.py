@@ -211,6 +211,7 @@ def main(args):
     # 3. the loop: micro-batches of pairs -> rewards at the last token -> pairwise loss -> step
     model.train()
     tick = time.time()
+    evaluated = None, {}  # (step, held-out metrics) of the latest evaluation: the final one if it is the last step's
     for step in run.steps(desc="reward"):  # ---- plumbing: Ctrl-C and checkpoints between steps
         optimizer.zero_grad(set_to_none=True)
         for _ in range(args.grad_accum):
@@ -226,8 +227,9 @@ def main(args):
             metrics = {"train/loss": sum(l for _, l in recent) / len(recent),
                        "train/accuracy": sum(a for a, _ in recent) / len(recent),
                        "train/grad_norm": grad_norm.item(), "train/lr": optimizer.param_groups[0]["lr"],
-                       "perf/pairs_per_second": len(recent) * micro / (time.time() - tick),
-                       **evaluate(model, head, eval_data, args, pad_id, run.device)}
+                       "perf/pairs_per_second": len(recent) * micro / (time.time() - tick)}
+            evaluated = step, evaluate(model, head, eval_data, args, pad_id, run.device)
+            metrics.update(evaluated[1])
             run.log(step, metrics)
             tqdm.write(f"step {step:5d} | loss {metrics['train/loss']:.4f} | train acc "
                        f"{metrics['train/accuracy']:.3f} | eval acc {metrics['eval/accuracy']:.3f} | "
@@ -245,7 +247,10 @@ def main(args):
             save_adapter(model, folder, adapter="reward")
         save_head(head, folder)
     run.save("reward_model", write)
-    final = evaluate(model, head, eval_data, args, pad_id, run.device) if run.is_main else {}
+    final = {}
+    if run.is_main:  # the last step's evaluation when there was one (always, unless stopped early or resumed done)
+        final = dict(evaluated[1]) if evaluated[0] == run.step else evaluate(model, head, eval_data, args, pad_id,
+                                                                             run.device)
     ceiling = world.accuracy_ceiling(args.eval_split) if args.dataset == "builtin" else None
     if ceiling is not None and run.is_main:
         final.update({"eval/accuracy_ceiling": ceiling, "eval/accuracy_vs_ceiling": final["eval/accuracy"] / ceiling})

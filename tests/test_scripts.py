@@ -83,6 +83,24 @@ def test_reward_is_deterministic(reward_run, tmp_path):
     assert a["eval/margin"] == b["eval/margin"] and a["eval/loss"] == b["eval/loss"]
 
 
+def test_reward_evaluates_the_held_out_pairs_once_per_evaluation_step(tmp_path, monkeypatch):
+    """Steps 2 and 3 of 3 are evaluation steps (--eval-every 2, and the last step): two passes over the held-out
+    pairs, the final metrics being the last step's (no third pass after saving the model)."""
+    module = load_script("train_reward.py")
+    calls = []
+    evaluate = module.evaluate
+    monkeypatch.setattr(module, "evaluate", lambda *a, **k: calls.append(1) or evaluate(*a, **k))
+    out = str(tmp_path / "run")
+    summary = module.main(parse_args(module.Args, ["--threads", "1", "--batch-size", "4", "--max-steps", "3",
+                                                   "--eval-every", "2", "--max-train-pairs", "16",
+                                                   "--max-eval-pairs", "8", "--out", out]))
+    assert len(calls) == 2
+    rows = metrics_rows(out)
+    assert [r["step"] for r in rows if "eval/accuracy" in r] == [2, 3]
+    for key in ("eval/accuracy", "eval/margin", "eval/loss"):
+        assert summary[key] == rows[-1][key], key
+
+
 @pytest.mark.parametrize("loss", ["distributional", "margin"])
 def test_reward_other_losses(loss, tmp_path):
     run("train_reward.py", "--threads", "1", "--batch-size", "4", "--max-steps", "2", "--max-eval-pairs", "16",
