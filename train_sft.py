@@ -102,6 +102,9 @@ class Args(MachineArgs):
     """steps between log lines / metrics.jsonl rows"""
     eval_every: int = 100
     """steps between evaluations of the held-out loss"""
+    max_eval_blocks: int = 32
+    """held-out blocks (examples with --no-packing) the evaluations cover: the first this many of the test split
+    (0: all of it; the whole split of a real model's tokenizer can take minutes on a CPU)"""
     save_every: int = 100
     """steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
     resume: Optional[str] = None
@@ -166,7 +169,8 @@ def eval_loss(model, data, batch_size):
     return total / len(blocks)
 
 
-RANGES = {"block_size": ">= 2", "max_steps": ">= 1", "min_lr_ratio": "[0, 1]", "eval_every": ">= 1"}
+RANGES = {"block_size": ">= 2", "max_steps": ">= 1", "min_lr_ratio": "[0, 1]", "eval_every": ">= 1",
+          "max_eval_blocks": ">= 0"}
 
 
 def check_args(args):
@@ -220,9 +224,13 @@ def main(args):
             return (pack(ids, args.block_size, tokenizer.eos_token_id).to(run.device),)  # (N, L)
         return tuple(t.to(run.device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
     train_data, eval_data = data("train"), data("test")
+    n_eval_all = len(eval_data[0])
+    if args.max_eval_blocks > 0:
+        eval_data = tuple(t[:args.max_eval_blocks] for t in eval_data)  # the first N: every evaluation the same rows
     n_train, what = len(train_data[0]), "blocks" if args.packing else "examples"
     steps_per_epoch(n_train, args.batch_size * run.dist.world_size, f"training {what}", fix="lower --batch-size")
-    run.print(f"data: {n_train} train {what}, {len(eval_data[0])} eval, {train_data[0].shape[1]} tokens each; "
+    run.print(f"data: {n_train} train {what}, {len(eval_data[0])} of {n_eval_all} held-out {what} evaluated, "
+              f"{train_data[0].shape[1]} tokens each; "
               f"{args.max_steps} steps of {args.batch_size * run.dist.world_size} (per process {args.batch_size})")
 
     # optimizer: AdamW, weight decay on matrices only (nanoGPT)
@@ -280,11 +288,13 @@ def main(args):
     if not lora_run or args.merge:
         run.save("model", save)
     summary = run.finish({"params/frozen_unchanged": unchanged, "train/loss": metrics.get("train/loss"),
-                          "eval/loss": metrics.get("eval/loss")})
+                          "eval/loss": metrics.get("eval/loss"), "eval/blocks": len(eval_data[0]),
+                          "eval/blocks_available": n_eval_all})
     where = os.path.join(args.out, "model" if not lora_run or args.merge else "adapter")
     if run.is_main:
         print(f"done in {summary['time/total_seconds']:.0f}s: train/loss {summary['train/loss']:.4f} "
-              f"eval/loss {summary['eval/loss']:.4f}; saved in {where}")
+              f"eval/loss {summary['eval/loss']:.4f} (on {len(eval_data[0])} of {n_eval_all} held-out {what}); "
+              f"saved in {where}")
     return summary
 
 

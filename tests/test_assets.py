@@ -121,6 +121,31 @@ def test_train_sft_fine_tunes_every_parameter_and_writes_the_contract(tmp_path, 
     assert AutoTokenizer.from_pretrained(out / "model").pad_token == "<|pad|>"
 
 
+def test_train_sft_max_eval_blocks_bounds_every_evaluation(tmp_path, train_sft, monkeypatch):
+    """--max-eval-blocks N: the periodic and the final held-out loss cover the first N blocks of the test split, and
+    summary.json and the last line say how many of how many; 0 evaluates them all."""
+    seen = []
+    eval_loss = train_sft.eval_loss
+    monkeypatch.setattr(train_sft, "eval_loss", lambda model, data, rows: seen.append(data[0]) or eval_loss(
+        model, data, rows))
+    runs = {}
+    for limit in (0, 3):
+        seen.clear()
+        summary = train_sft.main(train_sft.Args(model=TINY_LLAMA, max_steps=2, batch_size=2, block_size=64,
+                                                log_every=1, eval_every=1, max_eval_blocks=limit, threads=1,
+                                                out=str(tmp_path / str(limit))))
+        assert len(seen) == 2  # steps 1 and 2 (the last one's is the final eval/loss)
+        runs[limit] = summary, list(seen)
+    (whole, whole_seen), (bounded, bounded_seen) = runs[0], runs[3]
+    available = len(whole_seen[0])
+    assert available > 3 and whole["eval/blocks"] == whole["eval/blocks_available"] == available
+    assert (bounded["eval/blocks"], bounded["eval/blocks_available"]) == (3, available)
+    for blocks in bounded_seen:
+        assert torch.equal(blocks, whole_seen[0][:3])  # the first 3 blocks, at every evaluation
+    assert bounded["train/loss"] == whole["train/loss"]  # the bound changes the evaluation only
+    assert bounded["eval/loss"] != whole["eval/loss"]
+
+
 def test_train_sft_from_a_config(tmp_path, train_sft):
     config = json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                          "num_attention_heads": 2, "vocab_size": 512, "tie_word_embeddings": True})
