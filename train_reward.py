@@ -25,6 +25,7 @@ from tqdm import tqdm
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.cli import MachineArgs, run_script
 from minirlhf.data import load_preference_dataset, world
+from minirlhf.data.loading import SPLITS
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.errors import InputError
 from minirlhf.formats import check_reward_model_dir, save_adapter, save_head
@@ -194,8 +195,8 @@ def main(args):
     run.print(f"{parameter_report(model)} (+ {sum(p.numel() for p in head.parameters())} head)")
 
     # 2. data: tokenised pairs (prompt masked out; the reward reads the last real token)
-    eval_data = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
-    train_data = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
+    eval_data, eval_positions = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
+    train_data, _ = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
     micro, per_step = args.batch_size, args.batch_size * args.grad_accum * run.dist.world_size
     per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")  # one line if the data cannot fill one
     total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
@@ -251,7 +252,7 @@ def main(args):
     if run.is_main:  # the last step's evaluation when there was one (always, unless stopped early or resumed done)
         final = dict(evaluated[1]) if evaluated[0] == run.step else evaluate(model, head, eval_data, args, pad_id,
                                                                              run.device)
-    ceiling = world.accuracy_ceiling(args.eval_split) if args.dataset == "builtin" else None
+    ceiling = held_out_ceiling(args, eval_positions)  # on the pairs evaluated, as eval/accuracy
     if ceiling is not None and run.is_main:
         final.update({"eval/accuracy_ceiling": ceiling, "eval/accuracy_vs_ceiling": final["eval/accuracy"] / ceiling})
     summary = run.finish(final)
@@ -263,16 +264,24 @@ def main(args):
 
 
 def load_pairs(args, tokenizer, split, max_pairs):
-    """Tokenised pairs of one split (the first max_pairs of them; 0: all)."""
+    """Tokenised pairs of one split (the first max_pairs of them; 0: all), and their positions in the split (a pair
+    whose prompt alone is longer than --max-length is skipped: the first n pairs kept need not be the first n)."""
     rows = load_preference_dataset(args.dataset, split=split, data_files=args.data_files)
     if args.loss == "margin" and "margin" not in rows.column_names:
         raise InputError(f"--loss margin needs scores, but {args.dataset} has no margin column")
+    rows = rows.add_column("_position", list(range(len(rows))))
     data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template,
                                        system_prompt=args.system_prompt)
     if max_pairs > 0:
         data = data.select(range(min(max_pairs, len(data))))
-    return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"] + (["margin"] if args.loss == "margin"
-                                                                                 else []))
+    columns = ["prompt_ids", "chosen_ids", "rejected_ids"] + (["margin"] if args.loss == "margin" else [])
+    return data.select_columns(columns), list(data["_position"])
+
+
+def held_out_ceiling(args, positions):
+    """The built-in world's accuracy ceiling on the held-out pairs at `positions` of --eval-split (the pairs
+    evaluated, so that eval/accuracy / ceiling compares like with like); None for other data sets."""
+    return world.accuracy_ceiling(SPLITS[args.eval_split], positions) if args.dataset == "builtin" else None
 
 
 def evaluate_only(args, run, model, tokenizer):
@@ -281,10 +290,10 @@ def evaluate_only(args, run, model, tokenizer):
     set_active_adapter(model, adapter)
     if isinstance(head, RatingHead) != (args.loss == "distributional"):  # evaluate with the head's own loss
         args.loss = "distributional" if isinstance(head, RatingHead) else "bt"
-    metrics = evaluate(model, head, load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs), args,
-                       require_pad_token(tokenizer), run.device)
+    pairs, positions = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
+    metrics = evaluate(model, head, pairs, args, require_pad_token(tokenizer), run.device)
     if args.dataset == "builtin":
-        metrics["eval/accuracy_ceiling"] = world.accuracy_ceiling(args.eval_split)
+        metrics["eval/accuracy_ceiling"] = held_out_ceiling(args, positions)
     total = count_parameters(model)[1] + sum(p.numel() for p in head.parameters())
     summary = RunLog(args.out, args, enabled=run.is_main).summary({"params/trainable": 0, "params/total": total,
                                                                   **metrics})

@@ -73,8 +73,36 @@ def test_reward_model_reloads_to_identical_scores(reward_run, tmp_path):
     run("train_reward.py", "--threads", "1", "--eval-only", "--reward-model",
         os.path.join(reward_run, "reward_model"), "--max-eval-pairs", "48", "--out", str(tmp_path))
     trained, reloaded = summary(reward_run), summary(str(tmp_path))
-    for key in ("eval/accuracy", "eval/margin", "eval/loss"):
+    for key in ("eval/accuracy", "eval/margin", "eval/loss", "eval/accuracy_ceiling"):
         assert reloaded[key] == pytest.approx(trained[key], abs=1e-6), key
+
+
+def test_reward_ceiling_is_on_the_pairs_evaluated(reward_run):
+    """--max-eval-pairs 48: eval/accuracy counts the first 48 held-out pairs, so must the ceiling it is divided by
+    (the ceiling of all 500 differs: accuracy / ceiling could pass 1)."""
+    from minirlhf.data import world
+    s = summary(reward_run)
+    assert s["eval/accuracy_ceiling"] == world.accuracy_ceiling("test", range(48)) != world.accuracy_ceiling("test")
+    assert s["eval/accuracy_vs_ceiling"] == s["eval/accuracy"] / s["eval/accuracy_ceiling"]
+
+
+def test_reward_pairs_know_their_place_in_the_split_when_some_are_skipped():
+    """--max-length 18 skips the held-out pairs whose prompt alone is longer (about 30 % of them): the first 48 pairs
+    kept are not the first 48 of the split, and the ceiling must count the ones kept."""
+    from minirlhf.data import world
+    from minirlhf.models import load_tokenizer
+    module = load_script("train_reward.py")
+    args = parse_args(module.Args, ["--max-length", "18", "--max-prompt-length", "16"])
+    tok = load_tokenizer(TINY_LLAMA)
+    pairs, positions = module.load_pairs(args, tok, "test", 48)
+    rows = world.preference_rows("test")
+    assert len(pairs) == len(positions) == 48 and positions != list(range(48)) and positions == sorted(positions)
+    for pair, i in zip(pairs, positions):  # each pair is the row at its position (its responses cut to fit)
+        for key in ("chosen", "rejected"):
+            ids = tok(rows[i][key], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            assert pair[f"{key}_ids"] == ids[:len(pair[f"{key}_ids"])] and pair[f"{key}_ids"]
+    assert module.held_out_ceiling(args, positions) == world.accuracy_ceiling("test", positions)
+    assert world.accuracy_ceiling("test", positions) != world.accuracy_ceiling("test", range(48))
 
 
 def test_reward_is_deterministic(reward_run, tmp_path):

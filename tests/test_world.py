@@ -191,3 +191,19 @@ def test_accuracy_ceiling_matches_sigma_formula():
         pairs = world._pairs(split)
         expected = sum(1 / (1 + math.exp(-abs(gc - gr) / world.TAU)) for *_, gc, gr in pairs) / len(pairs)
         assert abs(ceiling - expected) < 4 * math.sqrt(expected * (1 - expected) / len(pairs))
+
+
+def test_accuracy_ceiling_of_some_pairs():
+    """accuracy_ceiling(split, indices): the same count over the pairs at those positions of preference_rows(split)
+    (gold is recomputed here from the rows' texts); all of them by default, as before."""
+    rows = world.preference_rows("test")
+    right = [world.gold_score(r["prompt"], r["chosen"]) > world.gold_score(r["prompt"], r["rejected"]) for r in rows]
+    assert world.accuracy_ceiling("test") == sum(right) / len(rows)
+    assert world.accuracy_ceiling("test", range(len(rows))) == world.accuracy_ceiling("test")
+    for indices in (range(48), [3, 1, 4, 1, 5, 9, 2, 6], range(100, 500, 7)):
+        indices = list(indices)
+        assert world.accuracy_ceiling("test", indices) == sum(right[i] for i in indices) / len(indices)
+    assert world.accuracy_ceiling("test", range(48)) != world.accuracy_ceiling("test")  # so the choice matters
+    for bad in ([], [len(rows)], [-1], [0.5]):
+        with pytest.raises(ValueError, match="indices"):
+            world.accuracy_ceiling("test", bad)

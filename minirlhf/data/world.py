@@ -17,8 +17,9 @@ empty 0), then subtracts for long (-1), repetitive (-1) and unfinished (-0.5) an
   logistic, so P(a ≻ b) = σ((s_a - s_b)/τ) exactly (Bradley-Terry with temperature τ). chosen_score and
   rejected_score are the ratings rounded and clipped to 0..4 (monotone, so margin = their difference ≥ 0).
 - `prompt_rows(split)`: prompts for RL, at most 64 per task, round-robin over tasks.
-- `accuracy_ceiling(split)`: the share of preference pairs where gold(chosen) > gold(rejected), i.e. what a perfect
-  reward model scores against these noisy labels: 86.4 % (train), 85.0 % (test) with τ = 0.8.
+- `accuracy_ceiling(split, indices=None)`: the share of preference pairs (all, or those at `indices`) where
+  gold(chosen) > gold(rejected), i.e. what a perfect reward model scores against these noisy labels: 86.4 % (train),
+  85.0 % (test) with τ = 0.8.
 Everything comes from `random.Random(seed)` objects, never global state: identical on every machine.
 """
 import functools
@@ -202,8 +203,15 @@ def preference_rows(split):
              "margin": cs - rs} for p, c, r, cs, rs, _, _ in _pairs(split)]
 
 
-def accuracy_ceiling(split):
-    """Fraction of `split`'s preference pairs whose chosen response has the higher gold score."""
+def accuracy_ceiling(split, indices=None):
+    """Fraction of `split`'s preference pairs whose chosen response has the higher gold score: of all of them, or
+    of those at `indices` (positions in preference_rows(split); range(n): the first n), e.g. the pairs a reward model
+    was evaluated on, so that its accuracy and this ceiling count the same pairs."""
     _check_split(split)
     pairs = _pairs(split)
+    if indices is not None:
+        indices = list(indices)
+        if not indices or not all(isinstance(i, int) and 0 <= i < len(pairs) for i in indices):
+            raise ValueError(f"accuracy_ceiling: indices must be positions in [0, {len(pairs)}), at least one")
+        pairs = [pairs[i] for i in indices]
     return sum(gc > gr for *_, gc, gr in pairs) / len(pairs)
