@@ -1,6 +1,7 @@
 """Best-of-N: sample n responses from the base policy, keep the one the reward model scores highest.
 
     python -m minirlhf.best_of_n --n 1 2 4 8 16 32 64      # a table on the built-in world (embedded reward model)
+    python -m minirlhf.best_of_n --model DIR --reward-model RUN/reward_model   # another base, a reward model on it
 
 Legend: B prompts, N = max(ns) samples per prompt, n <= N the samples one selection sees.
 The baseline every RLHF paper compares to (Stiennon et al. 2020; Nakano et al. 2021; Gao et al. 2023): no training,
@@ -18,10 +19,11 @@ import math
 import os
 import types
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
-from .assets import ASSETS_DIR
+from .assets import ASSETS_DIR, TINY_LLAMA
 from .cli import run_script
 from .evaluation import generate
 from .sampling import eval_mode
@@ -98,6 +100,21 @@ def best_of_n_evaluation(model, tokenizer, prompts, prompt_ids, *, reward_fn, go
 
 @dataclass
 class Args:
+    """Best-of-n of a base policy on the built-in world's held-out prompts: proxy and gold reward against n."""
+    model: str = TINY_LLAMA
+    """the base policy: a Hugging Face folder or Hub id (default: the embedded tiny Llama); --reward-model must be
+    trained on it"""
+    template: Optional[str] = None
+    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
+    system_prompt: Optional[str] = None
+    """a system message put before every prompt (chat templates and --template llama3 render it)"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU) | float32 | bfloat16 |
+    float16"""
+    quantization: str = "none"
+    """base precision: none | 8bit | 4bit (NF4)"""
+    device: str = "auto"
+    """auto (CUDA if present, else CPU) | cpu | cuda"""
     n: list[int] = field(default_factory=lambda: list(NS))
     """the n of best-of-n (one row each); max(n) responses are sampled per prompt"""
     reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
@@ -119,32 +136,34 @@ class Args:
 
 
 def main(args):
-    """The table on the built-in world: base = the embedded tiny Llama, proxy = --reward-model."""
-    from .assets import TINY_LLAMA
+    """The table on the built-in world's held-out prompts: base = --model, proxy = --reward-model."""
     from .data import world
     from .errors import InputError
     from .evaluation import held_out_prompts
     from .formats import check_reward_model_dir
-    from .models import load_model, load_tokenizer
+    from .models import get_device, load_model, load_tokenizer
     from .rollout import Reward
-    from .validation import check_ranges
-    check_ranges(args, {"prompts": ">= 1"})
+    from .validation import check_common
+    check_common(args, {"prompts": ">= 1"})  # ranges, --quantization, --dtype, --template, --device, --model
     if min(args.n) < 1:
         raise InputError(f"--n must be integers >= 1, got {args.n}")
     if args.reward_model != "gold":
         check_reward_model_dir(args.reward_model, "--reward-model")  # before anything is loaded
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    tokenizer = load_tokenizer(TINY_LLAMA)
-    model = load_model(TINY_LLAMA, device="cpu", tokenizer=tokenizer)
+    tokenizer = load_tokenizer(args.model)
+    device = get_device(args.device)
+    model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                       tokenizer=tokenizer)
     reward = Reward(model, types.SimpleNamespace(  # the RL scripts' reward, with the settings it reads
         reward="gold" if args.reward_model == "gold" else "model", reward_model=args.reward_model,
         reward_transform="expected",
         entropy_coef=0.0, forward_batch_size=args.forward_batch_size, dataset="builtin"))
-    prompts, ids = held_out_prompts("builtin", "test", None, tokenizer, args.prompts, 1, args.max_prompt_length)
+    prompts, ids = held_out_prompts("builtin", "test", None, tokenizer, args.prompts, 1, args.max_prompt_length,
+                                    args.template, system_prompt=args.system_prompt)
     rows = best_of_n_evaluation(model, tokenizer, prompts, ids, reward_fn=reward.score, gold_fn=world.gold_score,
                                 ns=tuple(args.n), seed=args.seed, forward_batch_size=args.forward_batch_size,
-                                max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+                                max_new_tokens=args.max_new_tokens, temperature=args.temperature, device=device)
     print(f"best-of-n on {len(ids)} held-out prompts, proxy = {reward.describe}, gold max {world.GOLD_MAX}")
     print("| n | KL bound (nats) | proxy | gold | win rate vs n=1 | length |\n|---|---|---|---|---|---|")
     for r in rows:

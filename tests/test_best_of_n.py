@@ -140,3 +140,51 @@ def test_bad_ns(world):
     for ns in ((), (0, 2), (2.0,)):
         with pytest.raises(ValueError, match="ns must be integers"):
             best_of_n_evaluation(model, tokenizer, prompts, ids, reward_fn=None, ns=ns)
+
+
+def test_main_runs_the_model_named_by_the_flags(tmp_path, monkeypatch):
+    """python -m minirlhf.best_of_n --model DIR: the table is DIR's (another model, not the embedded one), loaded with
+    --quantization / --dtype / --device, its prompts formatted with --template when DIR's tokenizer has no chat
+    template (without one: one line asking for --template)."""
+    import json
+    import os
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from minirlhf import best_of_n, models
+    from minirlhf.cli import parse_args
+    from minirlhf.errors import InputError
+    other = tmp_path / "other"
+    shutil.copytree(TINY_LLAMA, other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))  # another policy: other samples
+    model.save_pretrained(other)
+    os.remove(other / "chat_template.jinja")
+    config = json.load(open(other / "tokenizer_config.json"))
+    config.pop("chat_template", None)
+    json.dump(config, open(other / "tokenizer_config.json", "w"))
+    loads = []
+    load_model = models.load_model
+    monkeypatch.setattr(models, "load_model", lambda *a, **k: loads.append((a, k)) or load_model(*a, **k))
+    flags = ["--n", "1", "4", "--prompts", "3", "--max-new-tokens", "8", "--reward-model", "gold", "--threads", "1"]
+
+    with pytest.raises(InputError, match="--template"):
+        best_of_n.main(parse_args(best_of_n.Args, [*flags, "--model", str(other)]))
+    loads.clear()
+    rows = best_of_n.main(parse_args(best_of_n.Args, [*flags, "--model", str(other), "--template", "qa",
+                                                      "--dtype", "float32", "--device", "cpu"]))
+    (args, kwargs), = loads
+    assert args == (str(other),) and (kwargs["quantization"], kwargs["dtype"], kwargs["device"]) == (
+        "none", "float32", "cpu")
+    tokenizer = load_tokenizer(str(other))
+    expected_model = load_model(str(other), device="cpu", tokenizer=tokenizer)
+    prompts, ids = held_out_prompts("builtin", "test", None, tokenizer, 3, 1, best_of_n.Args().max_prompt_length, "qa")
+    assert tokenizer.decode(ids[0]).startswith("Question: ")  # the qa template, not ChatML
+    expected = best_of_n_evaluation(expected_model, tokenizer, prompts, ids, reward_fn=recording(gold_score)[0],
+                                    gold_fn=gold_score, ns=(1, 4), max_new_tokens=8)
+    assert rows == expected
+    default = best_of_n.main(parse_args(best_of_n.Args, flags))  # the embedded model: another table
+    assert loads[-1][0] == (TINY_LLAMA,) and default != rows
