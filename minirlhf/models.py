@@ -10,6 +10,7 @@ trunk in memory (the multi-adapter PPO setup):
   value      adapter "policy" + ScalarHead             ->  heads.response_logprobs_and_states -> head
 """
 import contextlib
+import logging
 import os
 
 import torch
@@ -227,6 +228,7 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
         p.requires_grad_(False)
     if quantization != "none":
         prepare_for_kbit_training(model)
+        show_bitsandbytes_messages_once()
     if quantization == "4bit" and device.type == "cpu":
         keep_4bit_layout_on_cpu(model)
     if gradient_checkpointing:
@@ -247,6 +249,36 @@ def prepare_for_kbit_training(model):
         p.requires_grad_(False)
     model.enable_input_require_grads()
     return model
+
+
+class _FirstOfEachMessage(logging.Filter):
+    """Lets the first record of each distinct message through and drops its repeats."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record):
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+_BITSANDBYTES_ONCE = _FirstOfEachMessage()  # one for the process: a message shown once is not shown again
+
+
+def show_bitsandbytes_messages_once():
+    """Show each bitsandbytes log message once per process. Some of its kernels log at every call: on the CPU,
+    LLM.int8's matmul warns "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during quantization" at
+    every forward of every 8-bit layer (13,020 identical lines in a 2-iteration GRPO run). The filter goes on every
+    bitsandbytes logger, as a logger's filters do not see its child loggers' records."""
+    import bitsandbytes  # noqa: F401 - its modules create their loggers on import
+    names = [n for n in list(logging.Logger.manager.loggerDict) if n.split(".")[0] == "bitsandbytes"]
+    for logger in map(logging.getLogger, names):
+        if _BITSANDBYTES_ONCE not in logger.filters:
+            logger.addFilter(_BITSANDBYTES_ONCE)
 
 
 NF4_BLOCK = 64  # values per absmax block of a 4-bit weight (bitsandbytes' default, what transformers loads with)

@@ -291,6 +291,30 @@ def test_8bit_loads_on_this_backend(tiny_llama_dir):
     assert err < 0.1 * want.abs().max()  # LLM.int8 (int8 weights, fp16 activations): a few % of the logit scale
 
 
+def test_8bit_on_the_cpu_shows_each_bitsandbytes_warning_once(tiny_llama_dir):
+    """On the CPU LLM.int8's matmul logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16 during
+    quantization" at every forward of every 8-bit layer (thousands of lines in a short run): after an 8-bit load it
+    shows once in the process (a fresh one, so that no earlier test has shown it already)."""
+    import subprocess
+    import sys
+    import bitsandbytes as bnb
+    try:
+        bnb.functional.int8_vectorwise_quant(torch.randn(4, 4, dtype=torch.float16))
+    except Exception as e:  # noqa: BLE001 - any backend failure means: not supported here
+        pytest.skip(f"bitsandbytes {bnb.__version__} has no int8 quantization on the CPU: {e}")
+    code = ("import sys, torch; from minirlhf.models import load_model\n"
+            "model = load_model(sys.argv[1], quantization='8bit', device='cpu')\n"
+            "with torch.no_grad():\n"
+            "    for _ in range(3):\n"
+            "        model(torch.tensor([[5, 17, 42, 99]]))\n"
+            "print('forwards done')\n")
+    proc = subprocess.run([sys.executable, "-c", code, tiny_llama_dir], capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and "forwards done" in proc.stdout, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "MatMul8bitLt" in line]
+    assert len(lines) == 1, f"{len(lines)} lines: {lines[:2]}"  # 14 8-bit layers x 3 forwards without the filter
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_llama_dir):
     grads = []
     for checkpointing in (False, True):
