@@ -91,8 +91,9 @@ class Args(MachineArgs):
     """passes over each rollout (the clipped ratio corrects for re-using samples)"""
     max_new_tokens: int = 24
     """response tokens sampled at most"""
-    max_prompt_length: int = 32
-    """prompt tokens kept (from the end)"""
+    max_prompt_length: Optional[int] = None
+    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
+    most 1024), so that no prompt is cut"""
     temperature: float = 1.0
     """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
     top_k: int = 0

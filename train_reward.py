@@ -90,10 +90,12 @@ class Args(MachineArgs):
     """passes over the training pairs"""
     max_steps: int = -1
     """stop after this many optimizer steps (-1: run the epochs)"""
-    max_length: int = 64
-    """prompt + response tokens"""
-    max_prompt_length: int = 32
-    """prompt tokens kept (from the end)"""
+    max_length: Optional[int] = None
+    """prompt + response tokens (a longer response is cut on the right); default: derived from the data (the longest
+    prompt kept + the longest response, at most 2048), so that no response is cut"""
+    max_prompt_length: Optional[int] = None
+    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
+    most 1024; with --max-length, at most what leaves room for the longest response, and at least half of it)"""
     grad_clip: float = 1.0
     """clip the global gradient norm"""
     gradient_checkpointing: bool = False
@@ -271,7 +273,7 @@ def load_pairs(args, tokenizer, split, max_pairs):
         raise InputError(f"--loss margin needs scores, but {args.dataset} has no margin column")
     rows = rows.add_column("_position", list(range(len(rows))))
     data = tokenize_preference_dataset(rows, tokenizer, args.max_length, args.max_prompt_length, args.template,
-                                       system_prompt=args.system_prompt)
+                                       system_prompt=args.system_prompt, name=f"{args.dataset} [{split}]")
     if max_pairs > 0:
         data = data.select(range(min(max_pairs, len(data))))
     columns = ["prompt_ids", "chosen_ids", "rejected_ids"] + (["margin"] if args.loss == "margin" else [])

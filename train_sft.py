@@ -32,7 +32,7 @@ from minirlhf.cli import MachineArgs, run_script
 from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
-from minirlhf.data.tokenize import pad
+from minirlhf.data.tokenize import pad, report_cuts, resolve_lengths
 from minirlhf.errors import InputError
 from minirlhf.formats import read_json_object, save_adapter
 from minirlhf.heads import response_logprobs
@@ -136,14 +136,22 @@ def tokenize_rows(tokenizer, rows, template=None, system_prompt=None):
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
 
 
-def padded_examples(tokenizer, rows, args):
+def padded_examples(tokenizer, rows, args, name=None):
     """Without packing: a (N, T) right-padded batch of prompt + response + EOS, cut to block_size tokens (the prompt
-    keeps its last max_prompt_length tokens), and the (N, T) loss mask that is 1 on response tokens only."""
+    keeps its last max_prompt_length tokens; none: derived from the rows, tokenize.resolve_lengths), and the (N, T)
+    loss mask that is 1 on response tokens only. What was cut is reported in one line naming `name`."""
+    prompts = [tokenizer(format_prompt(tokenizer, r["prompt"], args.template, args.system_prompt),
+                         add_special_tokens=False)["input_ids"] for r in rows]
+    responses = [tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+                 for r in rows]
+    derived = () if args.max_prompt_length is not None else ("max_prompt_length",)
+    max_prompt_length = args.max_prompt_length if not derived else resolve_lengths(
+        [len(p) for p in prompts], [len(r) for r in responses], max_length=args.block_size)[0]
+    report_cuts(name, [len(p) for p in prompts], max_prompt_length, [(len(r),) for r in responses], args.block_size,
+                derived=derived, length_flag="--block-size")
     ids, masks = [], []
-    for r in rows:
-        prompt = tokenizer(format_prompt(tokenizer, r["prompt"], args.template, args.system_prompt),
-                           add_special_tokens=False)["input_ids"][-args.max_prompt_length:]
-        response = tokenizer(r["response"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    for prompt, response in zip(prompts, responses):
+        prompt = prompt[-max_prompt_length:]
         ids.append((prompt + response)[:args.block_size])
         masks.append(([0] * len(prompt) + [1] * len(response))[:args.block_size])
     return (pad(ids, tokenizer.pad_token_id), pad([[1] * len(x) for x in ids], 0), pad(masks, 0))  # (N, T) x 3
@@ -222,7 +230,8 @@ def main(args):
                 raise InputError(f"--block-size {args.block_size}: the {split} split's {len(ids)} demonstrations hold "
                                  f"{sum(len(x) + 1 for x in ids)} tokens, not one block; lower --block-size")
             return (pack(ids, args.block_size, tokenizer.eos_token_id).to(run.device),)  # (N, L)
-        return tuple(t.to(run.device) for t in padded_examples(tokenizer, rows, args))  # (N, T) ids, attention, loss
+        examples = padded_examples(tokenizer, rows, args, f"{args.dataset} [{split}]")  # (N, T) ids, attention, loss
+        return tuple(t.to(run.device) for t in examples)
     train_data, eval_data = data("train"), data("test")
     n_eval_all = len(eval_data[0])
     if args.max_eval_blocks > 0:

@@ -123,8 +123,9 @@ class Args:
     """held-out prompts of the built-in world's test split"""
     max_new_tokens: int = 24
     """response tokens sampled at most"""
-    max_prompt_length: int = 32
-    """prompt tokens kept (from the end)"""
+    max_prompt_length: Optional[int] = None
+    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
+    most 1024), so that no prompt is cut"""
     temperature: float = 1.0
     """sampling temperature"""
     forward_batch_size: int = 64

@@ -60,8 +60,9 @@ class Args:
     """responses sampled per prompt"""
     max_new_tokens: int = 24
     """response tokens sampled at most"""
-    max_prompt_length: int = 32
-    """prompt tokens kept (from the end)"""
+    max_prompt_length: Optional[int] = None
+    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
+    most 1024), so that no prompt is cut"""
     temperature: float = 1.0
     """sampling temperature"""
     quantization: str = "none"
@@ -131,7 +132,8 @@ def main(args):
 
     data = load_prompt_dataset(args.dataset, args.split, args.data_files)
     data = tokenize_prompt_dataset(data.select(range(min(args.prompts, len(data)))), tokenizer,
-                                   args.max_prompt_length, args.template, system_prompt=args.system_prompt)
+                                   args.max_prompt_length, args.template, system_prompt=args.system_prompt,
+                                   name=f"{args.dataset} [{args.split}]")
     rows, ids = data["prompt"], data["prompt_ids"]
     prompts = [p for p in rows for _ in range(args.samples)]
     ids = [p for p in ids for _ in range(args.samples)]

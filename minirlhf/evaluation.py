@@ -121,12 +121,13 @@ def _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new
 def held_out_prompts(dataset, split, data_files, tokenizer, n_prompts, samples, max_prompt_length, template=None,
                      system_prompt=None):
     """(prompts, prompt_ids) for evaluate_policy: the first n_prompts prompts of `split`, each repeated `samples`
-    times (more samples per prompt: less noisy gold / reward numbers)."""
+    times (more samples per prompt: less noisy gold / reward numbers). max_prompt_length None: derived from these
+    prompts (tokenize.resolve_lengths); a cut is reported (tokenize.report_cuts)."""
     from .data import load_prompt_dataset
     from .data.tokenize import tokenize_prompt_dataset
     data = load_prompt_dataset(dataset, split=split, data_files=data_files)
     data = tokenize_prompt_dataset(data.select(range(min(n_prompts, len(data)))), tokenizer, max_prompt_length,
-                                   template, system_prompt=system_prompt)
+                                   template, system_prompt=system_prompt, name=f"{dataset} [{split}]")
     return ([p for p in data["prompt"] for _ in range(samples)],
             [ids for ids in data["prompt_ids"] for _ in range(samples)])
 

@@ -81,7 +81,7 @@ class TrainPrompts:
     def __init__(self, args, tokenizer, dist):
         data = tokenize_prompt_dataset(load_prompt_dataset(args.dataset, split=args.split, data_files=args.data_files),
                                        tokenizer, args.max_prompt_length, args.template,
-                                       system_prompt=args.system_prompt)
+                                       system_prompt=args.system_prompt, name=f"{args.dataset} [{args.split}]")
         self.messages, self.ids = data["prompt"], data["prompt_ids"]
         self.order = EpochOrder(len(self.ids), args.seed, dist.rank, dist.world_size)
 

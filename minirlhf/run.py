@@ -20,7 +20,9 @@ What it takes care of (checkpoint.py holds the file format, distributed.py the c
   Ctrl-C aborts.
 - the output contract (tracking.RunLog): args.json, metrics.jsonl, summary.json with time/total_seconds,
   params/trainable, params/total and params/frozen_unchanged (the frozen base and frozen heads, bit for bit:
-  fingerprint.frozen_fingerprint); --report-to tensorboard: the same rows in out/tensorboard/ too.
+  fingerprint.frozen_fingerprint), data/prompts_truncated (+ data/responses_truncated, data/pairs_skipped for pairs:
+  what the data's length limits cut, tokenize.report_cuts); --report-to tensorboard: the same rows in
+  out/tensorboard/ too.
 - memory and cost in summary.json: the peak memory of each phase (PhaseMemory), the samples trained and their
   rate, and with --cost-per-hour what they cost (Run.finish).
 - time per phase of an RL iteration: run.phase("generation") charges what follows to that phase (phases.py):
@@ -47,6 +49,7 @@ from .atomic import atomic_directory
 from .checkpoint import (CHECKPOINT_DIR, load_checkpoint, prepare_out_dir, restore_training, save_training,
                          set_rng_state)
 from .cli import format_args
+from .data.tokenize import reset_truncation_summary, truncation_summary
 from .errors import InputError
 from .fingerprint import frozen_fingerprint
 from .models import count_parameters, get_device
@@ -210,6 +213,7 @@ class Run:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         seed_everything(args.seed)
+        reset_truncation_summary()  # this run's data cuts: summary.json's data/* (tokenize.report_cuts)
         self.step, self.total, self.log_file, self.saved_once = 0, None, None, {}
 
     def print(self, *lines):
@@ -299,14 +303,16 @@ class Run:
     def finish(self, final):
         """summary.json (rank 0): `final` plus the time, the parameter counts, train/steps, train/finished and
         params/frozen_unchanged (a key of `final` wins: SFT checks the base before --merge rewrites it), the memory
-        of each phase (PhaseMemory.summary) and the throughput and cost (throughput()); curves.png.
+        of each phase (PhaseMemory.summary), the throughput and cost (throughput()) and what the data's length
+        limits cut (tokenize.truncation_summary); curves.png.
         Leaves the process group. Returns the summary (None on other ranks)."""
         summary = None
         if self.is_main:
             summary = self.log_file.summary({**self.params, "train/steps": self.step,
                                              "train/finished": self.step == self.total,
                                              "params/frozen_unchanged": self.frozen_unchanged(),
-                                             **self.memory.summary(), **self.throughput(), **final})
+                                             **self.memory.summary(), **self.throughput(),
+                                             **truncation_summary(), **final})
         distributed.cleanup()
         return summary
 

@@ -20,7 +20,7 @@ COMMON_RANGES = {
     "lr": "> 0", "grad_clip": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
     "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
     "batch_size": ">= 1", "grad_accum": ">= 1", "epochs": ">= 1", "max_steps": "-1 or >= 1",
-    "max_length": ">= 2", "max_prompt_length": ">= 1", "max_train_pairs": ">= 0",
+    "max_length": "none or >= 2", "max_prompt_length": "none or >= 1", "max_train_pairs": ">= 0",
     "max_new_tokens": ">= 1", "temperature": "> 0", "eval_prompts": ">= 1", "eval_samples": ">= 1",
     "log_every": ">= 1", "save_every": ">= 0", "seed": ">= 0", "threads": ">= 0",
     "forward_batch_size": ">= 1", "cost_per_hour": "none or >= 0",

@@ -162,6 +162,24 @@ def test_dpo_contract_and_training(dpo_run):
         assert key in rows[-1], key
 
 
+def test_derived_lengths_cut_nothing_and_an_explicit_limit_reports_its_cuts(reward_run, dpo_run, tmp_path):
+    """The default (derived) lengths cut nothing on the built-in world; a system prompt as long as SmolLM2's with the
+    old --max-prompt-length 32 cuts every prompt: one line per split on stderr, the counts in summary.json."""
+    for out in (reward_run, dpo_run):
+        s = summary(out)
+        assert (s["data/prompts_truncated"], s["data/responses_truncated"], s["data/pairs_skipped"]) == (0, 0, 0)
+    proc = run("train_reward.py", "--threads", "1", "--batch-size", "4", "--max-steps", "1", "--max-eval-pairs", "8",
+               "--eval-every", "1", "--system-prompt", "You are a helpful AI assistant named SmolLM, trained by "
+               "Hugging Face", "--max-prompt-length", "32", "--max-length", "96", "--out", str(tmp_path))
+    lines = [line for line in proc.stderr.splitlines() if "--max-prompt-length 32: cut" in line]
+    assert len(lines) == 2 and [line.split("UserWarning: ")[1].split(" (by")[0] for line in lines] == [
+        "builtin [test]: --max-prompt-length 32: cut 500 of 500 prompts",
+        "builtin [train]: --max-prompt-length 32: cut 3000 of 3000 prompts"], proc.stderr[-2000:]
+    assert all(line.endswith("); they keep their last 32 tokens") for line in lines)
+    s = summary(str(tmp_path))
+    assert (s["data/prompts_truncated"], s["data/responses_truncated"], s["data/pairs_skipped"]) == (3500, 0, 0)
+
+
 def test_dpo_adapter_reloads_to_identical_logprobs(dpo_run):
     """Our own loader puts the saved policy back: its held-out DPO loss equals the one the run reported."""
     from minirlhf import lora

@@ -206,3 +206,178 @@ def test_a_system_prompt_goes_before_every_prompt_of_both_dataset_helpers(chat_t
     assert row["prompt_ids"] == ids(chat_tokenizer, format_prompt(None, LONG_CHAT[:1], "llama3", system))
     assert "Answer in one word." in chat_tokenizer.decode(row["prompt_ids"])
     assert row["chosen_ids"] == ids(chat_tokenizer, "Paris.") + [chat_tokenizer.eos_token_id]
+
+
+# ---- length limits derived from the data, and every cut reported
+SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # SmolLM2's own system prompt
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from minirlhf.assets import TINY_LLAMA
+    from minirlhf.models import load_tokenizer
+    return load_tokenizer(TINY_LLAMA)
+
+
+def full_prompt_ids(tokenizer, prompts, system_prompt=None):
+    return [ids(tokenizer, format_prompt(tokenizer, p, None, system_prompt)) for p in prompts]
+
+
+def cut_messages(caught):
+    return [str(w.message) for w in caught if "cut" in str(w.message) or "skipped" in str(w.message)]
+
+
+def test_resolve_lengths():
+    from minirlhf.data.tokenize import LENGTH_CAP, PROMPT_LENGTH_CAP, resolve_lengths
+    assert resolve_lengths([14, 24, 20]) == (24, None)  # prompts alone: the longest, no max_length
+    assert resolve_lengths([14, 24], [5, 31]) == (24, 55)  # pairs: + the longest response (EOS included)
+    assert resolve_lengths([14, 24], [5, 31], 32, 64) == (32, 64)  # given values are kept as they are
+    assert resolve_lengths([14, 24], [5, 31], max_prompt_length=16) == (16, 47)  # max_length from the kept prompt
+    assert resolve_lengths([14, 24], [5, 31], max_prompt_length=40) == (40, 55)
+    assert resolve_lengths([14, 70], [5, 31], max_length=64) == (33, 64)  # room for the longest response
+    assert resolve_lengths([14, 70], [5, 60], max_length=64) == (32, 64)  # ... but at least half of max_length
+    assert resolve_lengths([14, 20], [5, 60], max_length=64) == (20, 64)
+    assert resolve_lengths([5000]) == (PROMPT_LENGTH_CAP, None)  # capped
+    assert resolve_lengths([5000], [5000]) == (PROMPT_LENGTH_CAP, LENGTH_CAP)
+    assert resolve_lengths([3], [1], max_prompt_length=8) == (8, 9)  # max_length stays above max_prompt_length
+    with pytest.raises(ValueError, match="must be smaller than max_length"):
+        resolve_lengths([3], [1], 8, 8)
+
+
+def test_derived_limits_give_the_tiny_model_the_same_ids_as_the_old_defaults(tiny_tokenizer):
+    """The built-in world's prompts fit the old --max-prompt-length 32 and its pairs --max-length 64 with the tiny
+    model's template: the derived limits must tokenise them to the very same ids, and report nothing."""
+    from minirlhf.data import load_prompt_dataset
+    from minirlhf.data.tokenize import resolve_lengths
+    prompts, pairs = load_prompt_dataset("builtin", "train"), load_preference_dataset("builtin", "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a cut would be a warning
+        derived = tokenize_prompt_dataset(prompts, tiny_tokenizer)["prompt_ids"]
+        assert derived == tokenize_prompt_dataset(prompts, tiny_tokenizer, 32)["prompt_ids"]
+        derived = tokenize_preference_dataset(pairs, tiny_tokenizer)
+        old = tokenize_preference_dataset(pairs, tiny_tokenizer, 64, 32)
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert derived[key] == old[key], key
+    lengths = [len(p) for p in full_prompt_ids(tiny_tokenizer, prompts["prompt"])]
+    assert resolve_lengths(lengths) == (24, None)  # the values the scripts now run with
+    responses = [1 + max(len(ids(tiny_tokenizer, c)), len(ids(tiny_tokenizer, r)))
+                 for c, r in zip(pairs["chosen"], pairs["rejected"])]
+    assert resolve_lengths([len(p) for p in derived["prompt_ids"]], responses) == (24, 55)
+
+
+def test_a_long_system_prompt_fits_the_derived_limit_and_an_explicit_one_cuts_and_reports(tiny_tokenizer):
+    from minirlhf.data import load_prompt_dataset
+    from minirlhf.data.tokenize import reset_truncation_summary, truncation_summary
+    prompts = load_prompt_dataset("builtin", "test")
+    full = full_prompt_ids(tiny_tokenizer, prompts["prompt"], SMOL_SYSTEM)
+    assert min(map(len, full)) > 32  # every prompt is longer than the old default
+    reset_truncation_summary()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        derived = tokenize_prompt_dataset(prompts, tiny_tokenizer, system_prompt=SMOL_SYSTEM, name="builtin [test]")
+        assert cut_messages(caught) == []
+        assert derived["prompt_ids"] == full  # nothing cut: the limit is the longest prompt
+        assert truncation_summary() == {"data/prompts_truncated": 0}
+        cut = tokenize_prompt_dataset(prompts, tiny_tokenizer, 32, system_prompt=SMOL_SYSTEM, name="builtin [test]")
+    assert cut["prompt_ids"] == [p[-32:] for p in full]
+    by = [len(p) - 32 for p in full]
+    assert cut_messages(caught) == [
+        f"builtin [test]: --max-prompt-length 32: cut 120 of 120 prompts (by {min(by)}-{max(by)} tokens, mean "
+        f"{sum(by) / len(by):.1f}); they keep their last 32 tokens"]
+    assert truncation_summary() == {"data/prompts_truncated": 120}
+
+
+def test_held_out_prompts_report_their_cuts(tiny_tokenizer):
+    from minirlhf.evaluation import held_out_prompts
+    with pytest.warns(UserWarning, match=r"^builtin \[test\]: --max-prompt-length 40: cut 6 of 6 prompts \(by "):
+        _, prompt_ids = held_out_prompts("builtin", "test", None, tiny_tokenizer, 6, 2, 40, system_prompt=SMOL_SYSTEM)
+    assert len(prompt_ids) == 12 and {len(p) for p in prompt_ids} == {40}
+    _, prompt_ids = held_out_prompts("builtin", "test", None, tiny_tokenizer, 6, 2, None, system_prompt=SMOL_SYSTEM)
+    assert min(map(len, prompt_ids)) > 40  # derived: whole
+
+
+def test_pairs_report_prompt_and_response_cuts_and_skips(tiny_tokenizer):
+    from minirlhf.data.tokenize import reset_truncation_summary, truncation_summary
+    pairs = load_preference_dataset("builtin", "test").select(range(40))
+    prompts = full_prompt_ids(tiny_tokenizer, pairs["prompt"], SMOL_SYSTEM)
+    eos = tiny_tokenizer.eos_token_id
+    responses = [(ids(tiny_tokenizer, c) + [eos], ids(tiny_tokenizer, r) + [eos])
+                 for c, r in zip(pairs["chosen"], pairs["rejected"])]
+    max_length, max_prompt_length = 72, 64  # some prompts are longer than 72 (skipped), most longer than 64 (cut)
+    kept = [i for i, p in enumerate(prompts) if len(p) <= max_length]
+    assert 0 < len(kept) < len(prompts)
+    prompt_cuts = [len(prompts[i]) - max_prompt_length for i in kept if len(prompts[i]) > max_prompt_length]
+    response_cuts = [len(r) - (max_length - min(len(prompts[i]), max_prompt_length)) for i in kept
+                     for r in responses[i] if min(len(prompts[i]), max_prompt_length) + len(r) > max_length]
+    assert prompt_cuts and response_cuts
+
+    def spread(cuts):
+        return (f"by {min(cuts)} tokens" if min(cuts) == max(cuts) else
+                f"by {min(cuts)}-{max(cuts)} tokens, mean {sum(cuts) / len(cuts):.1f}")
+    reset_truncation_summary()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data = tokenize_preference_dataset(pairs, tiny_tokenizer, max_length, max_prompt_length,
+                                           system_prompt=SMOL_SYSTEM, name="builtin [test]")
+    assert cut_messages(caught) == [
+        f"builtin [test]: skipped {len(prompts) - len(kept)} of {len(prompts)} pairs whose prompt alone is longer "
+        f"than max_length={max_length} tokens; --max-prompt-length {max_prompt_length}: cut {len(prompt_cuts)} of "
+        f"{len(kept)} prompts ({spread(prompt_cuts)}); they keep their last {max_prompt_length} tokens; --max-length "
+        f"{max_length}: cut {len(response_cuts)} of {2 * len(kept)} responses on the right ({spread(response_cuts)}); "
+        f"a cut response has no EOS"]
+    assert truncation_summary() == {"data/pairs_skipped": len(prompts) - len(kept),
+                                    "data/prompts_truncated": len(prompt_cuts),
+                                    "data/responses_truncated": len(response_cuts)}
+    for row, i in zip(data, kept):  # the same ids as one pair at a time
+        expected = tokenize_pair(tiny_tokenizer, format_prompt(tiny_tokenizer, pairs[i]["prompt"], None, SMOL_SYSTEM),
+                                 pairs[i]["chosen"], pairs[i]["rejected"], max_length, max_prompt_length)
+        assert {key: row[key] for key in expected} == expected
+    assert all(len(row["prompt_ids"]) + len(row[k]) <= max_length for row in data for k in ("chosen_ids",
+                                                                                             "rejected_ids"))
+    # derived limits: nothing cut, nothing skipped, no line
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        whole = tokenize_preference_dataset(pairs, tiny_tokenizer, system_prompt=SMOL_SYSTEM)
+    assert cut_messages(caught) == [] and whole["prompt_ids"] == prompts
+    assert [(c, r) for c, r in zip(whole["chosen_ids"], whole["rejected_ids"])] == [tuple(r) for r in responses]
+
+
+def test_optional_lengths_on_the_command_line():
+    import train_dpo
+    import train_ppo
+    from minirlhf.cli import _field_docs, parse_args
+    from minirlhf.validation import COMMON_RANGES, check_ranges
+    args = parse_args(train_dpo.Args, [])
+    assert args.max_length is None and args.max_prompt_length is None
+    check_ranges(args, COMMON_RANGES)  # none is allowed
+    args = parse_args(train_dpo.Args, ["--max-length", "64", "--max-prompt-length", "32"])
+    assert (args.max_length, args.max_prompt_length) == (64, 32)
+    with pytest.raises(ValueError, match="--max-length must be >= 2"):
+        check_ranges(parse_args(train_dpo.Args, ["--max-length", "1"]), {})
+    assert parse_args(train_ppo.Args, ["--max-prompt-length", "none"]).max_prompt_length is None
+    for module, field in ((train_dpo, "max_length"), (train_dpo, "max_prompt_length"),
+                          (train_ppo, "max_prompt_length")):
+        assert "default: derived from the data (the longest prompt" in " ".join(_field_docs(module.Args)[field].split())
+
+
+def test_sft_padded_examples_report_their_cuts(tiny_tokenizer):
+    import train_sft
+    from minirlhf.data import world
+    rows = world.sft_rows("test")[:10]
+    responses = [len(ids(tiny_tokenizer, r["response"])) + 1 for r in rows]
+    block = 40 + sorted(responses)[5]  # some responses fit beside a 40-token prompt, some are cut
+    args = train_sft.Args(packing=False, block_size=block, max_prompt_length=40, system_prompt=SMOL_SYSTEM)
+    cut = sum(40 + n > block for n in responses)
+    assert 0 < cut < 10
+    with pytest.warns(UserWarning, match=rf"^builtin \[test\]: --max-prompt-length 40: cut 10 of 10 prompts \(by .*\); "
+                                         rf"they keep their last 40 tokens; --block-size {block}: cut {cut} of 10 "
+                                         rf"responses on the right"):
+        _, attention, loss = train_sft.padded_examples(tiny_tokenizer, rows, args, "builtin [test]")
+    assert attention.sum(1).tolist() == [min(block, 40 + n) for n in responses]
+    args = train_sft.Args(packing=False, max_prompt_length=None, system_prompt=SMOL_SYSTEM)  # derived: whole
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, attention, loss = train_sft.padded_examples(tiny_tokenizer, rows, args, "builtin [test]")
+    prompts = full_prompt_ids(tiny_tokenizer, [r["prompt"] for r in rows], SMOL_SYSTEM)
+    assert loss.sum(1).tolist() == responses
+    assert attention.sum(1).tolist() == [len(p) + n for p, n in zip(prompts, responses)]
