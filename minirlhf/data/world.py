@@ -6,8 +6,9 @@ content ("What is {a} plus {b}?" with a=3, b=4; answer "7"). The test split hold
 combinations per task: every template and every content is seen in training, only the combination is new.
 
 Responses come in styles (`gold.STYLES`): concise, rambling, repetitive, evasive, wrong, truncated, hedged, empty.
-The gold score (gold.py, whose docstring has the full table) rates content first (correct 4, evasive 1, wrong 0.5,
-empty 0), then subtracts for long (-1), repetitive (-1) and unfinished (-0.5) answers.
+The gold score (gold.py, whose docstring has the full table) reads the response against the request (the request's
+own words are not answers), rates content first (correct 4, evasive 1, wrong 0.5, empty 0), then subtracts for long
+(-1), repetitive (-1) and unfinished (-0.5) answers.
 
 - `sft_rows(split)`: demonstrations in a mixed-quality style mix (`SFT_MIX`), so the SFT model is mediocre by style,
   not by knowledge: 30 % of the demonstrations are concise and correct (mean gold 2.35 = 59 % of GOLD_MAX).
@@ -46,7 +47,8 @@ _PAIRS = [("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"),
           ("loud", "quiet"), ("tall", "short"), ("full", "empty"), ("rich", "poor"), ("thick", "thin"),
           ("light", "dark")]
 OPPOSITES = {**dict(_PAIRS), **{b: a for a, b in _PAIRS}}
-ANSWER_WORDS = set(REPEAT_WORDS) | set(COLOURS.values()) | set(SOUNDS.values()) | set(OPPOSITES)
+OTHER_COLOURS = ["purple", "pink", "grey", "gray", "violet"]  # answer-like but never an answer: a wrong colour
+ANSWER_WORDS = set(REPEAT_WORDS) | set(COLOURS.values()) | set(SOUNDS.values()) | set(OPPOSITES) | set(OTHER_COLOURS)
 
 # task -> (phrasing templates, [(template fields, answer, answer-like vocabulary, wrong answers)])
 TASKS = {
@@ -117,23 +119,24 @@ def _user_text(prompt):
 
 
 def _spec(prompt):
-    text = _user_text(prompt)
-    spec = _universe()[1].get(text.strip())
+    """(request text, answer, vocab, wrong answers) of a prompt of the world."""
+    text = _user_text(prompt).strip()
+    spec = _universe()[1].get(text)
     if spec is None:
         raise ValueError(f"gold_score: {text[:60]!r} is not a prompt of the built-in world")
-    return spec  # (answer, vocab, wrong answers)
+    return (text, *spec)
 
 
 def gold_score(prompt, response):
     """Gold score in [0, GOLD_MAX] of `response` (decoded assistant text) to `prompt` (see gold.py's table)."""
-    answer, vocab, _ = _spec(prompt)
-    return score(response, answer, vocab)
+    text, answer, vocab, _ = _spec(prompt)
+    return score(response, answer, vocab, text)
 
 
 def judge(prompt, response):
     """(content class, [form penalties]) behind gold_score, e.g. ("correct", ["long"])."""
-    answer, vocab, _ = _spec(prompt)
-    return gold.judge(response, answer, vocab)
+    text, answer, vocab, _ = _spec(prompt)
+    return gold.judge(response, answer, vocab, text)
 
 
 def respond(prompt, style, rng):
