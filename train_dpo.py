@@ -31,7 +31,8 @@ from minirlhf.data import load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.dpo import dpo_loss, ipo_loss, rpo_nll
 from minirlhf.errors import InputError
-from minirlhf.evaluation import before_training, evaluate_policy, gold_summary, held_out_prompts, show_samples
+from minirlhf.evaluation import (before_training, evaluate_policy, gold_summary, held_out_prompts, save_samples,
+                                 show_samples)
 from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
 from minirlhf.heads import in_row_chunks, response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
@@ -360,6 +361,7 @@ def report(run, model, sample_eval, before, eval_batches, args, average):
             final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
     summary = run.finish(final)
     if run.is_main:
+        save_samples(args.out, before_samples, after_samples)
         show_samples(after_samples, "\nsamples after training:")
         print(f"done in {summary['time/total_seconds']:.0f}s: "
               + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "

@@ -10,9 +10,12 @@ Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.compare`, so that e
   eval/length   mean response length in tokens; eval/eos_fraction: share of responses that ended with EOS
                 (or a stop string: generate's `ended`)
 """
+import os
+
 import torch
 
 from . import heads
+from .atomic import atomic_write_json
 from .data.tokenize import collate_prompts
 from .heads import final_hidden, lm_logits, predicting_states, to_token_grid
 from .kl import exact_kl
@@ -150,6 +153,12 @@ def show_samples(samples, title, n=6, every=1):
         scores = [f"reward {s['reward']:+.2f}"] if s["reward"] is not None else []
         scores += [f"gold {s['gold']:.1f}"] if s["gold"] is not None else []
         print(f"  {s['prompt']!r:45} -> {s['response']!r}" + (f"  ({', '.join(scores)})" if scores else ""))
+
+
+def save_samples(out, before_samples, after_samples):
+    """DIR/samples.json: every held-out sample of the evaluations before and after training (prompt, response, gold,
+    reward), in the same order, to read side by side."""
+    atomic_write_json(os.path.join(out, "samples.json"), {"before": before_samples, "after": after_samples})
 
 
 def before_training(evaluate):

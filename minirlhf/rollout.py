@@ -39,7 +39,8 @@ from tqdm import tqdm
 from . import distributed
 from .data import load_prompt_dataset, world
 from .data.tokenize import require_pad_token, tokenize_prompt_dataset
-from .evaluation import evaluate_policy, generate, gold_summary, held_out_prompts, show_samples
+from .evaluation import (evaluate_policy, generate, gold_summary, held_out_prompts, save_samples,
+                         show_samples)
 from .formats import save_adapter
 from .heads import RatingHead, in_row_chunks, response_logprobs, response_logprobs_and_states, sequence_scores
 from .lora import adapter_names, use_adapter
@@ -334,6 +335,7 @@ def final_summary(run, model, reward, before, after, after_samples):
     if reward.gold:
         final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
     summary = run.finish(final)
+    save_samples(run.args.out, before_samples, after_samples)
     show_samples(after_samples, "\nsamples after training:", every=run.args.eval_samples)
     print(f"memory: model {summary['memory/model_bytes'] / 2**20:.1f} MiB resident, process peak RSS "
           f"{summary['memory/peak_rss_bytes'] / 2**20:.0f} MiB" + (

@@ -160,6 +160,9 @@ def test_dpo_contract_and_training(dpo_run):
     for key in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected"):
         assert key in rows[-1], key
+    samples = json.load(open(os.path.join(dpo_run, "samples.json")))  # 6 held-out prompts x 1, before and after
+    assert len(samples["before"]) == len(samples["after"]) == 6
+    assert all(isinstance(s["response"], str) and s["gold"] is not None for s in samples["after"])
 
 
 def test_derived_lengths_cut_nothing_and_an_explicit_limit_reports_its_cuts(reward_run, dpo_run, tmp_path):

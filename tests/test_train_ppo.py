@@ -117,6 +117,9 @@ def test_output_contract(runs, algo):
     assert summary["eval/kl"] > 0  # and after training it is not
     assert summary["eval/gold_max"] == 4.0 and summary["params/trainable"] > 0
     assert summary["params/frozen_unchanged"] is True  # the script's own checksum of base + reward model
+    samples = json.loads((out / "samples.json").read_text())  # the held-out samples before and after, side by side
+    assert [s["prompt"] for s in samples["before"]] == [s["prompt"] for s in samples["after"]]
+    assert summary["eval/gold_after"] == pytest.approx(sum(s["gold"] for s in samples["after"]) / len(samples["after"]))
     stdout = runs["results"][algo][1]
     assert "time: generation" in stdout and "trainable params:" in stdout and "peak RSS" in stdout and "samples after training:" in stdout
 
