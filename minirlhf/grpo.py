@@ -6,11 +6,18 @@ Eq. 3 (objective) and Eq. 4 (the KL estimate), as a loss per token:
 
     ratio_t = pi(o_t) / pi_old(o_t)
     loss_t  = max(-A * ratio_t, -A * clip(ratio_t, 1 - clip_eps, 1 + clip_eps_high))  +  beta * k3_t
-    k3_t    = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1          (>= 0, kl.k3)
+    k3_t    = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1          (>= 0, kl.k3; its gradient: below)
 
 A is one number per response (baselines.group_advantages), copied to every token. Unlike PPO in RLHF, the KL to the
-reference is not subtracted from the reward: it is a term of the loss, differentiated directly (its gradient pulls pi
-toward pi_ref on the sampled tokens).
+reference is not subtracted from the reward: it is a term of the loss, differentiated directly. k3's VALUE is an
+unbiased estimate of KL(pi || pi_ref), but its expected GRADIENT on tokens sampled from pi is grad KL(pi_ref || pi), the
+other direction (the "forward" KL, where RLHF's KL(pi || pi_ref) is the "reverse" one): beta * k3 in the loss
+regularises toward pi_ref by KL(pi_ref || pi), as in DeepSeekMath (the two directions' gradients agree to first order
+near pi_ref only). With ppo_epochs > 1 the tokens come from pi_old and the KL term carries no ratio: E_old[grad k3] is
+neither direction's gradient (times sg(pi / pi_old) it would be KL(pi_ref || pi)'s). On whole responses the per-token
+term also misses how earlier tokens change later tokens' KL. kl.py's table has every estimator and placement;
+tests/test_kl_gradients.py checks them by exact enumeration (Tang & Munos 2025, "On a few pitfalls in KL divergence
+gradient estimation for RL").
 
 clip_eps_high: DAPO's "clip-higher" (Yu et al. 2025, "DAPO", Sec. 3.1). PPO's clip is symmetric (clip_eps_high =
 clip_eps, the default): with A > 0 a token may gain at most a factor 1 + clip_eps per rollout, so a token at p = 0.01

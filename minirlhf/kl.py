@@ -2,14 +2,43 @@
 
 Legend: B batch, T tokens, V vocab.
 
-For a token x sampled from the policy pi, with logr = log pi_ref(x) - log pi(x) and r = exp(logr)
+For a token x sampled from the policy pi, with logr = log pi_ref(x) - log pi(x) and r = exp(logr), their VALUES
 (Schulman, "Approximating KL divergence", 2020, http://joschu.net/blog/kl-approx.html):
 
-    k1 = -logr               unbiased for KL(pi || pi_ref), high variance, NEGATIVE on many tokens
-    k2 = logr^2 / 2          biased, always >= 0, low variance
-    k3 = (r - 1) - logr      unbiased (E_pi[r] = 1) and always >= 0, since e^x >= 1 + x
+    k1 = -logr               E_pi[k1] = KL(pi || pi_ref): unbiased, high variance, NEGATIVE on many tokens
+    k2 = logr^2 / 2          biased (close to the KL only near pi_ref), always >= 0, low variance
+    k3 = (r - 1) - logr      E_pi[k3] = KL(pi || pi_ref): unbiased (E_pi[r] = 1), and always >= 0 since e^x >= 1 + x
 
 A negative per-token (or even per-batch) k1 is not a bug in the policy: it is what an unbiased, noisy estimator does.
+
+An unbiased VALUE is not an unbiased GRADIENT. What an estimate differentiates to depends on where it is put
+(expected gradients; grad KL = grad_theta KL(pi || pi_ref), the penalty RLHF asks for):
+
+         in the REWARD: detached, times grad log pi        in the LOSS: backpropagated through k(x; theta) on the
+         (score function; token_rewards: PPO, REINFORCE)   sampled tokens (pathwise; GRPO's k3)
+    k1   grad KL                          right            0                             no gradient at all
+    k2   grad E_pi[k2] - grad KL          biased           grad KL, on-policy            right
+    k3   grad KL - grad KL(pi_ref || pi)  wrong            grad KL(pi_ref || pi)         the other direction
+
+The two placements are the two halves of grad E_pi[k] = E_pi[k grad log pi] + E_pi[grad k]; each keeps one. k2 and k3 in
+the reward vanish to first order near pi_ref (both are second-order small per token, where grad KL is first order) and
+point partly the wrong way (cosines with grad KL of -0.9 to +0.8 in the tests). k3 in the loss, GRPO's (grpo.py, as in
+DeepSeekMath), follows KL(pi_ref || pi), whose gradient agrees with grad KL to first order at pi_ref only. PPO's and
+REINFORCE's default, --kl-estimator k1, is the right one.
+
+Samples of an older policy pi_old (a second epoch): a loss-side estimate needs the ratio sg(pi / pi_old) (k2 then gives
+grad KL again); rho * k with rho = pi / pi_old keeping its gradient gives grad E_pi[k], so grad KL for k1 and k3. On
+whole responses, a per-token estimate in the loss misses how earlier tokens change later tokens' KL (a partial
+gradient); k1 in the reward does not, since the return of a token carries the later tokens' KL (REINFORCE's
+whole-response reward; PPO's GAE, exactly so at gamma = lam = 1).
+
+Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL" (arXiv:2506.09477); Zhang et al.
+2025, "On the design of KL-regularized policy gradient algorithms for LLM reasoning" (arXiv:2505.17508). Every entry is
+checked by exact enumeration in float64 in tests/test_kl_gradients.py and explained in docs/kl.md.
+
+Sampled from a top-k / top-p filtered q (minirlhf scores samples under q, pi_ref its plain softmax): k1 stays unbiased
+for KL(q || pi_ref), but E_q[k3] = KL(q || pi_ref) - (1 - pi_ref(kept tokens)), since E_q[r] = pi_ref(kept) < 1:
+per token, k3 under-reads the filtered distribution's KL by the reference's mass the filter cut.
 """
 import math
 
@@ -23,13 +52,15 @@ def _check_same_shape(name, a, b):
 
 
 def k1(logprobs, ref_logprobs):
-    """k1 = log pi(x) - log pi_ref(x), elementwise. (...) -> (...)."""
+    """k1 = log pi(x) - log pi_ref(x), elementwise. (...) -> (...). Put it in the reward (detached): its expected
+    score-function gradient is grad KL(pi || pi_ref); backpropagated as a loss its expected gradient is 0."""
     _check_same_shape("k1", logprobs, ref_logprobs)
     return logprobs - ref_logprobs
 
 
 def k2(logprobs, ref_logprobs):
-    """k2 = 0.5 * (log pi(x) - log pi_ref(x))^2, elementwise. (...) -> (...)."""
+    """k2 = 0.5 * (log pi(x) - log pi_ref(x))^2, elementwise. (...) -> (...). Backpropagated as a loss on tokens
+    sampled from pi its expected gradient is grad KL(pi || pi_ref); in the reward it is biased."""
     _check_same_shape("k2", logprobs, ref_logprobs)
     return 0.5 * (logprobs - ref_logprobs) ** 2
 
@@ -37,7 +68,9 @@ def k2(logprobs, ref_logprobs):
 def k3(logprobs, ref_logprobs):
     """k3 = (r - 1) - log r with r = pi_ref(x) / pi(x), elementwise. (...) -> (...).
 
-    expm1 keeps r - 1 exact for tiny logr, so k3 is never negative from cancellation and is 0 iff the inputs match."""
+    expm1 keeps r - 1 exact for tiny logr, so k3 is never negative from cancellation and is 0 iff the inputs match.
+    Its VALUE is unbiased for KL(pi || pi_ref); its gradient is not: backpropagated as a loss (GRPO) its expected
+    gradient is grad KL(pi_ref || pi), in the reward grad KL(pi || pi_ref) - grad KL(pi_ref || pi) (module table)."""
     _check_same_shape("k3", logprobs, ref_logprobs)
     logr = ref_logprobs - logprobs
     return torch.expm1(logr) - logr
