@@ -31,7 +31,8 @@ from minirlhf.errors import InputError
 from minirlhf.formats import check_reward_model_dir, save_adapter, save_head
 from minirlhf.heads import RatingHead, ScalarHead, in_row_chunks, sequence_scores
 from minirlhf.lora import set_active_adapter
-from minirlhf.models import count_parameters, load_model, load_reward_model, load_tokenizer, parameter_report
+from minirlhf.models import (base_precision, count_parameters, load_model, load_reward_model, load_tokenizer,
+                             parameter_report)
 from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expected_rating
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
@@ -248,7 +249,7 @@ def main(args):
             tokenizer.save_pretrained(folder)
         else:
             save_adapter(model, folder, adapter="reward")
-        save_head(head, folder)
+        save_head(head, folder, base=base_precision(model))  # the scores hold for a base of this precision
     run.save("reward_model", write)
     final = {}
     if run.is_main:  # the last step's evaluation when there was one (always, unless stopped early or resumed done)

@@ -207,8 +207,11 @@ HEAD_WEIGHTS, HEAD_CONFIG = "head.safetensors", "head_config.json"
 HEAD_FILES = f"{HEAD_CONFIG} + {HEAD_WEIGHTS}, as save_head writes (train_reward.py: runs/reward/reward_model)"
 
 
-def save_head(head, path):
-    """Write path/head.safetensors and path/head_config.json (kind, hidden_size, num_classes), each atomically."""
+def save_head(head, path, base=None):
+    """Write path/head.safetensors and path/head_config.json (kind, hidden_size, num_classes), each atomically.
+    base: the precision of the base model the head was trained on, {"quantization": "none" | "8bit" | "4bit",
+    "dtype": its compute dtype} (models.base_precision), recorded as "base" so that a reward model put on a base of
+    another precision can say so (models.load_reward_model)."""
     kinds = {ScalarHead: "scalar", RatingHead: "rating"}
     if type(head) not in kinds:
         raise TypeError(f"save_head saves a ScalarHead or a RatingHead, got a {type(head).__name__}")
@@ -217,6 +220,8 @@ def save_head(head, path):
         raise InputError(f"cannot save a head in {path!r}: it is a file, not a folder")
     config = {"kind": kind, "hidden_size": head.linear.in_features, "bias": head.linear.bias is not None,
               "num_classes": head.linear.out_features if kind == "rating" else None}
+    if base is not None:
+        config["base"] = {"quantization": base["quantization"], "dtype": base["dtype"]}
     state = {k: v.detach().float().cpu().contiguous() for k, v in head.state_dict().items()}
     atomic_write_bytes(os.path.join(path, HEAD_WEIGHTS), save(state))
     atomic_write_json(os.path.join(path, HEAD_CONFIG), config)
@@ -224,7 +229,8 @@ def save_head(head, path):
 
 def read_head_config(path, flag=None):
     """head_config.json of a head folder, checked: kind scalar|rating, hidden_size an int > 0, num_classes an int >= 2
-    for a rating head, bias a bool. InputError naming `flag` (or the folder) and the file otherwise. Cheap: for the
+    for a rating head, bias a bool, and base (optional: without it there is no precision check) an object of two
+    strings, quantization and dtype. InputError naming `flag` (or the folder) and the file otherwise. Cheap: for the
     scripts' validation before any model is loaded (check_reward_model_dir)."""
     path = os.fspath(path)
     name, file = who(path, flag, "head folder"), os.path.join(path, HEAD_CONFIG)
@@ -240,6 +246,11 @@ def read_head_config(path, flag=None):
         raise InputError(f"{name}: {file} needs hidden_size (an int > 0), bias (true/false) and, for a rating head, "
                          f"num_classes (an int >= 2); got hidden_size={hidden!r}, bias={config.get('bias')!r}, "
                          f"num_classes={classes!r}")
+    base = config.get("base")
+    if base is not None and not (isinstance(base, dict) and all(isinstance(base.get(k), str)
+                                                                for k in ("quantization", "dtype"))):
+        raise InputError(f"{name}: {file} has base={base!r}; expected the precision of the base model the head was "
+                         'trained on, e.g. {"quantization": "4bit", "dtype": "float32"}, or no base at all')
     return config
 
 

@@ -14,6 +14,7 @@ import ctypes
 import json
 import logging
 import os
+import sys
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -22,9 +23,9 @@ from . import lora
 from .assets import smollm2
 from .errors import InputError
 from .padding import PAD_TOKEN, VOCAB_MULTIPLE, ensure_pad_token, resize_for_tokenizer
-from .precision import DTYPES, resolve_dtype, set_compute_dtype
+from .precision import DTYPES, compute_dtype, resolve_dtype, set_compute_dtype
 from .formats import (MODEL_FOLDER, check_model_config, check_model_dir, check_reward_model_dir, first_line,
-                      load_adapter, load_head, who)
+                      load_adapter, load_head, read_head_config, who)
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
 HUB_TIMEOUT_S = 5.0  # the one question asked to the Hub before a download (see _from_pretrained)
@@ -443,7 +444,9 @@ def load_reward_model(model, path, adapter="reward", flag="--reward-model"):
     `adapter`) and its head, checked against the model's hidden size. Returns (adapter name or None, head); the
     active adapter is left as it was. The folder is checked first (check_reward_model_dir). A fully fine-tuned reward
     model has no adapter: its head reads that model's own hidden states, so `model` must be that very folder (loaded
-    with --model DIR), never another base; anything else is refused rather than scored with the wrong model."""
+    with --model DIR), never another base; anything else is refused rather than scored with the wrong model.
+    A reward model trained on a base of another precision (4-bit vs float32, bfloat16 vs float32: recorded by
+    train_reward.py) is used, with one warning line on stderr: its scores shift with the base's precision."""
     kind = check_reward_model_dir(path, flag)
     if kind == "full":
         base = os.fspath(getattr(model, "name_or_path", "") or "")
@@ -454,10 +457,38 @@ def load_reward_model(model, path, adapter="reward", flag="--reward-model"):
                              "--full-finetune)")
     head = load_head(path, hidden_size=model.config.hidden_size, flag=flag)
     head = head.to(model.get_input_embeddings().weight.device)
+    _warn_if_other_precision(model, path, flag)
     if kind == "full":
         return None, head
     load_adapter(model, path, adapter=adapter, flag=flag)
     return adapter, head
+
+
+def base_precision(model):
+    """The precision of a base load_model loaded: {"quantization": "none" | "8bit" | "4bit", "dtype": its compute
+    dtype, e.g. "float32"}; train_reward.py records it beside a reward model (formats.save_head)."""
+    kinds = {type(p).__name__ for p in model.parameters()}
+    quantization = "4bit" if "Params4bit" in kinds else "8bit" if "Int8Params" in kinds else "none"
+    return {"quantization": quantization, "dtype": str(compute_dtype(model)).removeprefix("torch.")}
+
+
+def describe_precision(precision):
+    """How a message names a base_precision: "float32", "4-bit NF4 (float32 compute)", "8-bit LLM.int8 (bfloat16
+    compute)", ..."""
+    kind = {"none": None, "4bit": "4-bit NF4", "8bit": "8-bit LLM.int8"}.get(precision["quantization"],
+                                                                            precision["quantization"])
+    return precision["dtype"] if kind is None else f"{kind} ({precision['dtype']} compute)"
+
+
+def _warn_if_other_precision(model, path, flag):
+    """One line on stderr (rank 0) when the reward model in `path` was trained on a base of another precision than
+    `model`; nothing when they match or the folder does not record it."""
+    trained_on = read_head_config(path, flag).get("base")
+    here = base_precision(model)
+    if trained_on is None or {k: trained_on[k] for k in here} == here or os.environ.get("RANK", "0") != "0":
+        return
+    print(f"warning: {who(path, flag)}: reward model trained on a {describe_precision(trained_on)} base; this base is "
+          f"{describe_precision(here)}: its scores may shift (retrain it on this base to be exact)", file=sys.stderr)
 
 
 def _numel(p):

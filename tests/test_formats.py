@@ -115,3 +115,20 @@ def test_head_save_load_round_trip_and_mismatch(tmp_path):
         load_head(tmp_path / "big", kind="rating")
     with pytest.raises(ValueError, match="not a saved head"):
         load_head(tmp_path / "missing")
+
+
+def test_head_records_the_base_precision_it_was_trained_on(tmp_path):
+    """save_head(base=...) writes the base's precision into head_config.json; a head saved without one has none (and
+    loads); a malformed record is one InputError line."""
+    from minirlhf.errors import InputError
+    from minirlhf.formats import read_head_config
+    save_head(ScalarHead(16), tmp_path / "q", base={"quantization": "4bit", "dtype": "bfloat16"})
+    assert read_head_config(tmp_path / "q")["base"] == {"quantization": "4bit", "dtype": "bfloat16"}
+    save_head(ScalarHead(16), tmp_path / "plain")
+    assert "base" not in read_head_config(tmp_path / "plain")
+    load_head(tmp_path / "plain", hidden_size=16)
+    config = json.loads((tmp_path / "q" / "head_config.json").read_text())
+    for bad in ("4bit", {"quantization": "4bit"}, {"quantization": 4, "dtype": "float32"}):
+        (tmp_path / "q" / "head_config.json").write_text(json.dumps({**config, "base": bad}))
+        with pytest.raises(InputError, match="base="):
+            read_head_config(tmp_path / "q", "--reward-model")

@@ -522,3 +522,44 @@ def test_reference_is_the_trained_starting_adapter_when_there_is_one():
         assert (logps(model) - start).abs().max() > 1e-2
     with reference(model):
         torch.testing.assert_close(logps(model), start, atol=1e-6, rtol=0)  # the reference stayed at the start
+
+
+@pytest.fixture
+def reward_folder(tmp_path):
+    """A copy of the embedded reward model (trained on the embedded model) whose head records a float32 base."""
+    import json
+    import shutil
+    from minirlhf.assets import ASSETS_DIR
+    folder = tmp_path / "reward_model"
+    shutil.copytree(f"{ASSETS_DIR}/reward-model", folder)
+    config = json.loads((folder / "head_config.json").read_text())
+    assert "base" not in config  # as shipped: no record
+    config["base"] = {"quantization": "none", "dtype": "float32"}
+    (folder / "head_config.json").write_text(json.dumps(config))
+    return str(folder)
+
+
+def test_reward_model_on_a_base_of_another_precision_says_so_once(reward_folder, capsys):
+    """A reward model recorded as trained on a float32 base: on a 4-bit base one warning line on stderr (and it is
+    used, not refused); on a float32 base, or for a folder without the record, nothing."""
+    from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
+    from minirlhf.models import base_precision, load_reward_model
+    tok = load_tokenizer(TINY_LLAMA)
+    float_base = load_model(TINY_LLAMA, device="cpu", tokenizer=tok)
+    assert base_precision(float_base) == {"quantization": "none", "dtype": "float32"}
+    capsys.readouterr()
+    load_reward_model(float_base, reward_folder)
+    assert capsys.readouterr().err == ""
+    try:
+        kbit_base = load_model(TINY_LLAMA, quantization="4bit", device="cpu", tokenizer=tok)
+    except ValueError as e:  # models.keep_4bit_layout_on_cpu: this CPU cannot run that model's 4-bit rows
+        pytest.skip(str(e))
+    assert base_precision(kbit_base) == {"quantization": "4bit", "dtype": "float32"}
+    capsys.readouterr()
+    adapter, head = load_reward_model(kbit_base, reward_folder)
+    err = capsys.readouterr().err
+    assert err == (f"warning: --reward-model {reward_folder!r}: reward model trained on a float32 base; this base is "
+                   "4-bit NF4 (float32 compute): its scores may shift (retrain it on this base to be exact)\n")
+    assert adapter == "reward" and head is not None
+    load_reward_model(kbit_base, f"{ASSETS_DIR}/reward-model", adapter="shipped")  # no record: no word
+    assert capsys.readouterr().err == ""

@@ -67,6 +67,8 @@ def test_reward_contract_and_training(reward_run):
     check_contract(reward_run, ["eval/accuracy", "eval/accuracy_ceiling"])
     assert adapter_trained(os.path.join(reward_run, "reward_model"))
     assert os.path.isfile(os.path.join(reward_run, "reward_model", "head.safetensors"))
+    config = json.load(open(os.path.join(reward_run, "reward_model", "head_config.json")))
+    assert config["base"] == {"quantization": "none", "dtype": "float32"}  # the precision it was trained on
 
 
 def test_reward_model_reloads_to_identical_scores(reward_run, tmp_path):
@@ -143,6 +145,13 @@ def test_reward_qlora_4bit_smoke(tmp_path):
         "--quantization", "4bit", "--out", str(tmp_path))
     check_contract(str(tmp_path), ["eval/accuracy"])
     assert adapter_trained(os.path.join(tmp_path, "reward_model"))
+    config = json.load(open(os.path.join(tmp_path, "reward_model", "head_config.json")))
+    assert config["base"] == {"quantization": "4bit", "dtype": "float32"}
+    # used on a float32 base: evaluated all the same, with one line saying the scores may shift
+    proc = run("train_reward.py", "--threads", "1", "--eval-only", "--reward-model",
+               os.path.join(tmp_path, "reward_model"), "--max-eval-pairs", "8", "--out", str(tmp_path / "on_float"))
+    warnings = [line for line in proc.stderr.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and "trained on a 4-bit NF4 (float32 compute) base; this base is float32" in warnings[0]
 
 
 @pytest.fixture(scope="module")
