@@ -91,9 +91,13 @@ def recipe_commands(script, env=None):
     return commands
 
 
+CPU_RECIPES = ("smollm2_cpu",)  # the laptop recipe: the real model itself, run end to end by bench/real_model.py
+
+
 def recipes(only=None):
-    """{name: path} of examples/*.sh (the names in `only`, when given)."""
-    found = {os.path.basename(p)[:-3]: p for p in sorted(glob.glob(os.path.join(EXAMPLES, "*.sh")))}
+    """{name: path} of the GPU recipes examples/*.sh (the names in `only`, when given)."""
+    found = {os.path.basename(p)[:-3]: p for p in sorted(glob.glob(os.path.join(EXAMPLES, "*.sh")))
+             if os.path.basename(p)[:-3] not in CPU_RECIPES}
     unknown = sorted(set(only or ()) - set(found))
     if unknown:
         raise SystemExit(f"bench/real_shapes.py: error: --only: no recipe {unknown}; known: {', '.join(found)}")

@@ -184,3 +184,45 @@ def test_written_rows_load_in_their_raw_schema(tmp_path):
             assert len(pairs) == 3 and all(c != r for c, r in zip(pairs["chosen"], pairs["rejected"]))
             chosen = [len(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in pairs["chosen"]]
             assert max(chosen) <= 40 and min(chosen) >= 15, chosen  # 40 -> 20 tokens over the rows
+
+
+# ---------------------------------------------------------------- the laptop recipe (bench/real_model.py runs it)
+LAPTOP = os.path.join(REPO, "examples", "smollm2_cpu.sh")
+
+
+def laptop_commands():
+    return real_shapes.recipe_commands(LAPTOP, {"OUT": OUT, "THREADS": "1"})
+
+
+def test_laptop_recipe_commands_are_accepted_and_chained():
+    from minirlhf import best_of_n
+    found = laptop_commands()
+    assert [argv[0] for argv in found].count("train_reward.py") == 2 and ["-m", "minirlhf.best_of_n"] in \
+        [argv[:2] for argv in found]
+    earlier = []
+    for argv in found:
+        if argv[0] == "-m":
+            assert argv[1] == "minirlhf.best_of_n", argv
+            args = parse_args(best_of_n.Args, argv[2:])
+        else:
+            args = parse_args(importlib.import_module(argv[0][:-3]).Args, argv[1:])
+            assert args.out.startswith(OUT + "/"), argv
+        assert (args.model, args.threads) == ("smollm2", 1), argv  # the real model, the threads the bench asks for
+        for flag in ("--reward-model",):
+            path = real_shapes.flag_value(argv, flag)
+            if path and path.startswith(OUT):
+                assert any(path == os.path.join(out, "reward_model") for out in earlier), argv
+        earlier.append(real_shapes.flag_value(argv, "--out"))
+    text = open(LAPTOP).read()
+    assert "\nset -euo pipefail\n" in text and re.search(r'^OUT=\$\{OUT:-runs/[\w/.-]+\}$', text, re.M)
+
+
+def test_real_model_bench_adds_the_fp32_memory_yardstick():
+    import train_ppo
+    real_model = load_bench("real_model")
+    found = dict(real_model.stages("/o", 1))
+    assert "grpo_gold" in found and "best_of_n" in found
+    fp32, ppo = (vars(parse_args(train_ppo.Args, found[k][1:])) for k in (real_model.FP32_YARDSTICK, "ppo_4bit"))
+    assert (fp32["quantization"], fp32["iterations"], ppo["quantization"]) == ("none", 3, "4bit")
+    differ = {k for k in ppo if ppo[k] != fp32[k]}
+    assert differ == {"quantization", "iterations", "out"}, differ  # nothing else differs
