@@ -16,10 +16,16 @@ One iteration reads top to bottom:
   5. update      epochs of shuffled minibatches of the GRPO loss: clipped ratio · A + β · k3 KL to the
                  reference, a term of the loss rather than of the reward (DeepSeekMath Eq. 3-4: grpo.py);
                  --loss-aggregation token | sequence | constant: how its token losses become one number (DAPO,
-                 DeepSeekMath, Dr. GRPO), --clip-high: an upper clip 1 + clip_high above 1 + clip_eps (DAPO)
+                 DeepSeekMath, Dr. GRPO), --clip-high: an upper clip 1 + clip_high above 1 + clip_eps (DAPO);
+                 --kl-loss k3 | k2 | k3+: the KL term, whose gradient is ∇KL(π_ref‖π) (k3) or ∇KL(π‖π_ref) (k2,
+                 k3+), --kl-off-policy-weight: the term times sg(π/π_old), so that it keeps that gradient in the
+                 epochs after the first (grpo.py; docs/kl.md)
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl: the k3 KL
-per sequence; objective/kl_coef: β), policy/approx_kl, policy/clipfrac, policy/entropy, loss/policy, loss/kl, time/*,
-perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py.
+per sequence, whatever --kl-loss; objective/kl_coef: β), policy/approx_kl, policy/clipfrac, policy/entropy,
+loss/policy, loss/kl (the loss's KL term per token: k3's value for k3 and k3+, k2's for k2), time/*,
+perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl, loss/kl
+and policy/approx_kl are of the sampling distribution (--top-k / --top-p / --min-new-tokens filtered, when set);
+eval/kl is the exact KL of the unfiltered π.
 """
 import os
 from dataclasses import dataclass, field
@@ -32,7 +38,7 @@ from minirlhf.baselines import SCALES, group_advantages
 from minirlhf.cli import MachineArgs, run_script
 from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
-from minirlhf.grpo import AGGREGATIONS, aggregation_count, grpo_loss
+from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, aggregation_count, grpo_loss
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
@@ -112,7 +118,13 @@ class Args(MachineArgs):
     grad_clip: float = 1.0
     """clip the global gradient norm"""
     beta: float = 0.04
-    """weight of the k3 KL to the reference inside the loss (DeepSeekMath's β; 0: no KL term)"""
+    """weight of the KL term to the reference inside the loss (DeepSeekMath's β; 0: no KL term)"""
+    kl_loss: str = "k3"
+    """the KL term: k3 (DeepSeekMath's; its gradient is ∇KL(π_ref‖π), the other direction) | k2 (gradient
+    ∇KL(π‖π_ref)) | k3+ (k3's value, logged as loss/kl, with k2's gradient ∇KL(π‖π_ref)); grpo.py, docs/kl.md"""
+    kl_off_policy_weight: bool = False
+    """multiply the KL term by sg(π/π_old): with --ppo-epochs > 1 every --kl-loss then keeps its gradient after the
+    first epoch (where the weight is exactly 1); off: DeepSeekMath's loss"""
     missing_eos_penalty: Optional[float] = None
     """subtract this from the score of a response cut off before EOS (none: no penalty)"""
     clip_eps: float = 0.2
@@ -160,6 +172,7 @@ def check_args(args):
     check_rl_args(args, RANGES)
     check_choice("--advantage-std", args.advantage_std, SCALES)
     check_choice("--loss-aggregation", args.loss_aggregation, AGGREGATIONS)
+    check_choice("--kl-loss", args.kl_loss, KL_LOSSES)
     if args.rollout_size % args.group_size:
         raise InputError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
                          f"got {args.group_size}")
@@ -212,7 +225,8 @@ def main(args):
         b_advantages = group_advantages(b_scores, G, scale=args.advantage_std)[:, None] * b_mask  # (B,) -> (B, R)
         b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
 
-        # 3e. epochs of shuffled minibatches: clipped ratio x A + beta x k3 per token, --loss-aggregation (grpo.py)
+        # 3e. epochs of shuffled minibatches: clipped ratio x A + beta x the KL term (--kl-loss) per token,
+        # --loss-aggregation (grpo.py)
         run.phase("update")
         stats = []
         for _ in range(args.ppo_epochs):
@@ -227,7 +241,8 @@ def main(args):
                     newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
                     loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mu], b_ref_logprobs[mu], b_advantages[mu],
                                                  mu_mask, args.clip_eps, args.beta, n, args.loss_aggregation,
-                                                 args.max_new_tokens, args.clip_high)
+                                                 args.max_new_tokens, args.clip_high, args.kl_loss,
+                                                 args.kl_off_policy_weight)
                     scaler.backward(loss)
                     parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
                                   "policy/clipfrac": loss_stats["clipfrac"],

@@ -26,7 +26,9 @@ per-token KL estimate on the rollout, nats), objective/rlhf_reward (score - β·
 during the update), policy/clipfrac, policy/entropy, val/vpred, val/clipfrac, loss/policy, loss/value,
 time/generation, time/scoring, time/logprobs, time/update and time/evaluation (the iteration's seconds per phase:
 phases.py; their totals are time/*_seconds in summary.json), perf/tokens_per_second (rollout tokens / iteration wall
-time), and every --eval-every iterations the eval/ metrics of evaluation.py.
+time), and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl and policy/approx_kl are
+of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered one, when set); eval/kl is the exact KL
+of the unfiltered π at temperature 1.
 """
 import os
 from dataclasses import dataclass, field
@@ -52,7 +54,7 @@ from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
 from minirlhf.token_rewards import KL_ESTIMATORS, token_rewards, whiten_advantages, whiten_rewards
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
-from minirlhf.validation import check_rl_args
+from minirlhf.validation import check_kl_floor, check_rl_args
 
 @dataclass
 class Args(MachineArgs):
@@ -123,7 +125,8 @@ class Args(MachineArgs):
     kl_estimator: str = "k1"
     """per-token KL estimate in the reward: k1 | k2 | k3 (kl.py)"""
     target_kl: Optional[float] = None
-    """adapt β toward this KL per sequence (nats; Ziegler et al. 2019); none: fixed β"""
+    """adapt β toward this KL per sequence (nats; Ziegler et al. 2019); none: fixed β. Below the KL floor that
+    --top-k / --top-p / --min-new-tokens put under objective/kl (its value on the first rollout) it is refused"""
     kl_horizon: int = 10000
     """adaptive KL: horizon in episodes"""
     missing_eos_penalty: Optional[float] = None
@@ -270,6 +273,8 @@ def main(args):
         # 3f. adaptive KL; logging (and every --eval-every iterations the held-out evaluation)
         metrics = iteration_metrics(batch, b_scores, b_kl, b_scores - kl_coef * b_kl.sum(-1), run.dist.world_size)
         if kl_ctl:
+            if iteration == 1:  # the rollout of the fresh policy (= the reference): the sampling filters' KL floor
+                check_kl_floor(args, metrics["objective/kl"])
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
         metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"]})
         log_iteration(run, iteration, metrics, stats, batch, held_out)

@@ -17,7 +17,9 @@ One iteration reads top to bottom:
                  to correct for re-used samples, so no clipping and no second epoch
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl_coef: β),
 policy/approx_kl (k3 between the sampling and the updated policy), policy/entropy, loss/policy, time/*,
-perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py.
+perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl and
+policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered one, when set);
+eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
 import os
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
 from minirlhf.token_rewards import KL_ESTIMATORS, per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
-from minirlhf.validation import check_choice, check_rl_args
+from minirlhf.validation import check_choice, check_kl_floor, check_rl_args
 
 @dataclass
 class Args(MachineArgs):
@@ -111,7 +113,8 @@ class Args(MachineArgs):
     kl_estimator: str = "k1"
     """per-token KL estimate summed into KL(sequence): k1 | k2 | k3 (kl.py)"""
     target_kl: Optional[float] = None
-    """adapt β toward this KL per sequence (nats; Ziegler et al. 2019); none: fixed β"""
+    """adapt β toward this KL per sequence (nats; Ziegler et al. 2019); none: fixed β. Below the KL floor that
+    --top-k / --top-p / --min-new-tokens put under objective/kl (its value on the first rollout) it is refused"""
     kl_horizon: int = 10000
     """adaptive KL: horizon in episodes"""
     missing_eos_penalty: Optional[float] = None
@@ -243,6 +246,8 @@ def main(args):
         # 3e. adaptive KL; logging (and every --eval-every iterations the held-out evaluation)
         metrics = iteration_metrics(batch, b_scores, b_kl, b_rlhf_reward, run.dist.world_size)
         if kl_ctl:
+            if iteration == 1:  # the rollout of the fresh policy (= the reference): the sampling filters' KL floor
+                check_kl_floor(args, metrics["objective/kl"])
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
         metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"]})
         log_iteration(run, iteration, metrics, stats, batch, held_out)

@@ -6,7 +6,8 @@ Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.compare`, so that e
   eval/gold     mean gold score of sampled responses (world.gold_score, 0..GOLD_MAX)
   eval/reward   mean score of a reward model on the same samples
   eval/kl       mean over prompts of Σ_t KL(π(·|x, y_<t) ‖ π_ref(·|x, y_<t)), summed over the response tokens: the
-                exact KL of the per-token distributions, in nats per sequence (not a sampled estimate)
+                exact KL of the per-token distributions, in nats per sequence (not a sampled estimate); of π itself,
+                unfiltered at temperature 1, whatever --temperature / --top-k / --top-p / --min-new-tokens sample
   eval/length   mean response length in tokens; eval/eos_fraction: share of responses that ended with EOS
                 (or a stop string: generate's `ended`)
 """
@@ -60,8 +61,8 @@ def _response_states(model, input_ids, attention_mask, response_mask):
 @torch.no_grad()
 def sequence_kl(model, input_ids, attention_mask, response_mask):
     """(B,) exact KL(π‖π_ref) summed over each sequence's response tokens; π = the active adapter, π_ref =
-    models.reference(model). Both trunks' states first, then the logits of heads.LOGITS_CHUNK positions at a time:
-    never two whole (N, V) tensors."""
+    models.reference(model), both their unfiltered softmax at temperature 1 (not the sampling distribution). Both
+    trunks' states first, then the logits of heads.LOGITS_CHUNK positions at a time: never two whole (N, V) tensors."""
     states = _response_states(model, input_ids, attention_mask, response_mask)  # (N, H)
     with reference(model):
         ref_states = _response_states(model, input_ids, attention_mask, response_mask)  # (N, H)

@@ -1,4 +1,4 @@
-"""GRPO's per-token objective: PPO's clipped ratio on group-normalised advantages, plus a k3 KL penalty in the loss.
+"""GRPO's per-token objective: PPO's clipped ratio on group-normalised advantages, plus a KL penalty in the loss (k3).
 
 Legend: B responses (G per prompt, groups contiguous), T response tokens, L the most response tokens a rollout may
 sample (--max-new-tokens). Inputs are (B, T); `mask` is 1 on real response tokens. Shao et al. 2024, "DeepSeekMath",
@@ -19,6 +19,17 @@ term also misses how earlier tokens change later tokens' KL. kl.py's table has e
 tests/test_kl_gradients.py checks them by exact enumeration (Tang & Munos 2025, "On a few pitfalls in KL divergence
 gradient estimation for RL").
 
+What the KL term is (kl_loss; its expected gradient on tokens sampled from pi, grad KL = grad KL(pi || pi_ref)):
+
+    k3    k3_t                                   grad KL(pi_ref || pi)   DeepSeekMath's, the default
+    k2    (log pi - log pi_ref)^2 / 2            grad KL                 the KL's own gradient, a biased logged value
+    k3+   sg(k3_t) + k2_t - sg(k2_t)             grad KL                 k3's value (unbiased), k2's gradient
+
+off_policy_weight multiplies the term by sg(pi / pi_old), the ratio of the clipped term, detached: on tokens of an
+older policy (the epochs after the first) each choice then keeps the gradient it has on-policy; at the first epoch
+pi = pi_old and the weight is exactly 1 (Zhang et al. 2025, "On the design of KL-regularized policy gradient
+algorithms for LLM reasoning", the importance weight of each KL term). Off by default: DeepSeekMath's loss.
+
 clip_eps_high: DAPO's "clip-higher" (Yu et al. 2025, "DAPO", Sec. 3.1). PPO's clip is symmetric (clip_eps_high =
 clip_eps, the default): with A > 0 a token may gain at most a factor 1 + clip_eps per rollout, so a token at p = 0.01
 can reach 0.012 while one at p = 0.9 can reach 1; the unlikely tokens never catch up and the policy's entropy
@@ -38,11 +49,26 @@ it always did: DAPO's).
 """
 import torch
 
-from minirlhf.kl import k3
+from minirlhf.kl import k2, k3
 from minirlhf.ops import masked_sum
 from minirlhf.ppo import token_mean
 
 AGGREGATIONS = ("token", "sequence", "constant")
+KL_LOSSES = ("k3", "k2", "k3+")
+
+
+def kl_term(logprobs, ref_logprobs, kl_loss="k3"):
+    """The per-token KL term of the loss, (B, T) -> (B, T), by `kl_loss` (the table in the module's docstring): k3
+    (gradient grad KL(pi_ref || pi)), k2 (grad KL(pi || pi_ref)) or k3+ (k3's value, k2's gradient: the straight-through
+    sum sg(k3) + (k2 - sg(k2)), whose value is k3's bit for bit since k2 - sg(k2) is exactly 0)."""
+    if kl_loss == "k3":
+        return k3(logprobs, ref_logprobs)
+    if kl_loss == "k2":
+        return k2(logprobs, ref_logprobs)
+    if kl_loss == "k3+":
+        forward = k2(logprobs, ref_logprobs)
+        return k3(logprobs, ref_logprobs).detach() + (forward - forward.detach())
+    raise ValueError(f"kl_term: kl_loss must be one of {KL_LOSSES}, got {kl_loss!r}")
 
 
 def aggregation_count(mask, aggregation):
@@ -71,13 +97,15 @@ def aggregate(x, mask, aggregation="token", n=None, max_len=None):
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.04, n=None,
-              aggregation="token", max_len=None, clip_eps_high=None):
-    """Scalar GRPO loss = clipped policy loss + beta * k3 KL to the reference, each reduced by `aggregation`; and
-    detached stats, reduced the same way: pg_loss, kl, clipfrac (where the clip binds: zero gradient there; under
-    "token" the share of the tokens) and approx_kl (k3 between pi_old and pi, as ppo.policy_loss's).
+              aggregation="token", max_len=None, clip_eps_high=None, kl_loss="k3", off_policy_weight=False):
+    """Scalar GRPO loss = clipped policy loss + beta * the KL term to the reference, each reduced by `aggregation`;
+    and detached stats, reduced the same way: pg_loss, kl (the KL term's value), clipfrac (where the clip binds: zero
+    gradient there; under "token" the share of the tokens) and approx_kl (k3 between pi_old and pi, as
+    ppo.policy_loss's).
 
     n: the minibatch's aggregation_count when these tensors are one micro-batch of it (aggregate). max_len: L of
-    "constant". clip_eps_high: the upper clip 1 + clip_eps_high (DAPO clip-higher); None: clip_eps, symmetric."""
+    "constant". clip_eps_high: the upper clip 1 + clip_eps_high (DAPO clip-higher); None: clip_eps, symmetric.
+    kl_loss: k3 | k2 | k3+ (kl_term). off_policy_weight: the KL term times sg(pi / pi_old) (module docstring)."""
     if any(t.shape != mask.shape for t in (logprobs, old_logprobs, ref_logprobs, advantages)):
         raise ValueError(f"grpo_loss: all inputs must share the mask's shape {tuple(mask.shape)}, got "
                          f"{[tuple(t.shape) for t in (logprobs, old_logprobs, ref_logprobs, advantages)]}")
@@ -90,7 +118,10 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
     pg_losses = -advantages * ratio  # (B, T)
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)  # (B, T)
     pg_loss = aggregate(torch.max(pg_losses, pg_losses_clipped), mask, aggregation, n, max_len)  # scalar
-    kl = aggregate(k3(logprobs, ref_logprobs), mask, aggregation, n, max_len)  # scalar; its gradient flows to pi
+    per_token_kl = kl_term(logprobs, ref_logprobs, kl_loss)  # (B, T); its gradient flows to pi
+    if off_policy_weight:
+        per_token_kl = ratio.detach() * per_token_kl  # (B, T) x sg(pi / pi_old): 1 at the first epoch
+    kl = aggregate(per_token_kl, mask, aggregation, n, max_len)  # scalar
     with torch.no_grad():
         stats = {
             "clipfrac": aggregate((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask, aggregation, n, max_len),

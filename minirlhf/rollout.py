@@ -274,7 +274,8 @@ class HeldOut:
 def iteration_metrics(batch, scores, kl, rlhf_reward, world_size):
     """What every RL script logs about a rollout (B responses): objective/kl (mean per-sequence sum of the per-token
     KL estimate, averaged over processes: every rank must call this), objective/scores, objective/rlhf_reward
-    (score - beta KL), rollout/length, rollout/eos_fraction."""
+    (score - beta KL), rollout/length, rollout/eos_fraction. objective/kl is of the distribution the rollout was sampled
+    from (filtered by --top-k / --top-p / --min-new-tokens when set) against π_ref, not of the unfiltered π."""
     return {"objective/kl": distributed.all_reduce_mean(kl.sum(-1).mean().item(), world_size),
             "objective/scores": scores.mean().item(), "objective/rlhf_reward": rlhf_reward.mean().item(),
             "rollout/length": batch["mask"].sum(-1).float().mean().item(),

@@ -41,7 +41,8 @@ def last_real_index(response_mask):
 def per_token_kl(logprobs, ref_logprobs, response_mask, estimator="k1"):
     """(B, R) estimate of KL(pi || pi_ref) at every sampled token (k1 | k2 | k3 of kl.py); 0 on padding.
 
-    logprobs must be the log-probs of the policy that SAMPLED the tokens (the estimators assume x ~ pi)."""
+    logprobs must be the log-probs of the policy that SAMPLED the tokens (the estimators assume x ~ pi): with a
+    --top-k / --top-p / --min-new-tokens filter those of the filtered q, so that this estimates KL(q || pi_ref)."""
     if estimator not in KL_ESTIMATORS:
         raise ValueError(f"KL estimator must be one of {tuple(KL_ESTIMATORS)}, got {estimator!r}")
     mask = _check_mask(response_mask)

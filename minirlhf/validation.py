@@ -12,7 +12,9 @@ a check written `if args.grad_clip <= 0: error` lets `--grad-clip nan` through, 
 COMMON_RANGES holds the settings that mean the same in every script; each script adds its own.
 """
 import math
+import os
 import re
+import sys
 
 from .errors import InputError
 
@@ -111,10 +113,55 @@ def check_sampling(args):
         raise InputError(f"--stop-strings must be non-empty texts, got {list(args.stop_strings)!r}")
 
 
+# What --kl-estimator's gradient is in the reward (docs/kl.md, "Where the estimate goes decides its gradient";
+# tests/test_kl_gradients.py): k1's is grad KL(pi || pi_ref), the others' are not.
+REWARD_KL_GRADIENTS = {
+    "k2": "∇E_π[k2] − ∇KL(π‖π_ref), biased and vanishing to first order near π_ref",
+    "k3": "∇KL(π‖π_ref) − ∇KL(π_ref‖π), vanishing to first order near π_ref and partly of the wrong sign",
+}
+
+
+def kl_estimator_warning(estimator):
+    """The one warning line for a --kl-estimator put in the reward whose gradient is not the KL's, or None (k1)."""
+    if estimator not in REWARD_KL_GRADIENTS:
+        return None
+    return (f"--kl-estimator {estimator} in the reward: its gradient is {REWARD_KL_GRADIENTS[estimator]}, not the "
+            f"KL's (docs/kl.md); k1 is the correct choice")
+
+
+def warn(line):
+    """One line `script.py: warning: ...` on stderr, from the first process only (torchrun's RANK 0)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{os.path.basename(sys.argv[0])}: warning: {line}", file=sys.stderr)
+
+
+def filter_flags(args):
+    """The sampling flags that make the sampled distribution differ from π, as typed: "--top-k 5 --min-new-tokens 8";
+    "" when none is set (--temperature is no such flag: the reference's log-probs are taken at it too)."""
+    flags = [(args.top_k, args.top_k > 0, "--top-k"), (args.top_p, args.top_p < 1, "--top-p"),
+             (args.min_new_tokens, args.min_new_tokens > 0, "--min-new-tokens")]
+    return " ".join(f"{flag} {value}" for value, on, flag in flags if on)
+
+
+def check_kl_floor(args, measured_kl):
+    """--target-kl against the floor the sampling filters put under the KL. With --top-k / --top-p /
+    --min-new-tokens the rollout is drawn from the filtered q, not π, and the KL the adaptive controller steers
+    (objective/kl, an estimate of KL(q‖π_ref)) is above 0 even for the fresh policy π = π_ref (docs/negative_kl.md):
+    -log π_ref(kept set) per token. Call it with the first rollout's objective/kl, which is that floor: a --target-kl
+    below it cannot be reached, so the run stops with one line naming the floor and the flags."""
+    flags = filter_flags(args)
+    if args.target_kl is not None and flags and measured_kl > args.target_kl:
+        raise InputError(f"--target-kl {args.target_kl} is below the KL floor of the sampling filters ({flags}): the "
+                         f"fresh policy, equal to the reference, already measures objective/kl {measured_kl:.3f} "
+                         f"nats per sequence, since it samples from the filtered distribution, not from π; raise "
+                         f"--target-kl above it or drop the filters")
+
+
 def check_rl_args(args, ranges, kl_estimators=None):
     """What train_ppo.py, train_grpo.py and train_reinforce.py check alike: check_common, the reward source (a
     reward-model folder, file by file, whose head fits --reward-transform; or the gold score of the built-in world),
-    the KL estimator, minibatch <= rollout, a --target-kl with a starting --kl-coef, the sampling flags."""
+    the KL estimator (k2 or k3 in the reward: one warning line, kl_estimator_warning), minibatch <= rollout, a
+    --target-kl with a starting --kl-coef, the sampling flags."""
     from .formats import check_reward_model_dir, read_head_config
     check_common(args, ranges, datasets="prompt")
     check_sampling(args)
@@ -136,3 +183,5 @@ def check_rl_args(args, ranges, kl_estimators=None):
         if kind != "rating" and args.reward_transform != "expected":
             raise InputError(f"--reward-transform {args.reward_transform} needs a rating (distributional) reward "
                              f"head; {args.reward_model!r} holds a {kind} head")
+    if kl_estimators and (line := kl_estimator_warning(args.kl_estimator)):
+        warn(line)  # once the shared checks have passed: a command they refuse prints its error alone

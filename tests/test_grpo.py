@@ -1,13 +1,15 @@
 """grpo.py: a token-by-token float64 reference (1e-12) for every aggregation and clip-higher, -mean(A) at ratio 1 with
 beta = 0, zero gradient where the clip binds, the KL term's gradient against its closed form, each aggregation on a
-hand-made tensor, micro-batches that add up to the minibatch exactly, and the default bit-identical to PPO-clip + k3."""
+hand-made tensor, micro-batches that add up to the minibatch exactly, and the default bit-identical to PPO-clip + k3;
+the KL term's choices (kl_loss) and the off-policy weight against a float64 reference, the weight exactly 1 at the
+first epoch. What each choice's gradient is: tests/test_kl_gradients.py."""
 import math
 
 import pytest
 import torch
 
-from minirlhf.grpo import AGGREGATIONS, aggregate, aggregation_count, grpo_loss
-from minirlhf.kl import k3
+from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, aggregate, aggregation_count, grpo_loss
+from minirlhf.kl import k2, k3
 from minirlhf.ppo import policy_loss, token_mean
 
 
@@ -170,6 +172,46 @@ def test_default_is_bit_identical_to_ppo_clip_plus_token_mean_k3(seed):
                                                                                     pg_stats["approx_kl"])
 
 
+def kl_reference(logprobs, old, ref, mask, kl_loss, weighted):
+    """The logged KL term with Python floats: mean over real tokens of k3 (k3, k3+) or k2, times pi / pi_old."""
+    terms = []
+    for lp, o, r, m in zip(*(t.flatten().tolist() for t in (logprobs, old, ref, mask))):
+        if m:
+            term = (r - lp) ** 2 / 2 if kl_loss == "k2" else math.exp(r - lp) - (r - lp) - 1
+            terms.append(term * (math.exp(lp - o) if weighted else 1.0))
+    return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("kl_loss", KL_LOSSES)
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kl_loss_choices_match_float64_reference(seed, kl_loss, weighted):
+    logprobs, old, ref, advantages, mask = _batch(seed)
+    _, stats = grpo_loss(logprobs, old, ref, advantages, mask, beta=0.5, kl_loss=kl_loss, off_policy_weight=weighted)
+    assert abs(stats["kl"].item() - kl_reference(logprobs, old, ref, mask, kl_loss, weighted)) < 1e-12
+
+
+@pytest.mark.parametrize("kl_loss", KL_LOSSES)
+def test_off_policy_weight_is_exactly_one_at_the_first_epoch(kl_loss):
+    """pi_old = pi (the first epoch): the weighted loss and its gradient equal the unweighted ones bit for bit; on
+    pi_old's tokens (later epochs) they differ. And k3+ has k3's value and k2's gradient, bit for bit."""
+    logprobs, old, ref, advantages, mask = (t.float() if t.is_floating_point() else t for t in _batch(0))
+    results = {}
+    for first_epoch in (True, False):
+        for weighted in (False, True):
+            x = logprobs.clone().requires_grad_(True)
+            loss, _ = grpo_loss(x, x.detach() if first_epoch else old, ref, advantages, mask, beta=0.5,
+                                kl_loss=kl_loss, off_policy_weight=weighted)
+            loss.backward()
+            results[first_epoch, weighted] = loss.detach(), x.grad
+    assert all(torch.equal(a, b) for a, b in zip(results[True, False], results[True, True]))
+    assert not torch.equal(results[False, False][1], results[False, True][1])
+    x = logprobs.clone().requires_grad_(True)
+    loss, stats = grpo_loss(x, old, ref, torch.zeros_like(advantages), mask, beta=1.0, kl_loss="k3+")  # KL term alone
+    assert torch.equal(stats["kl"], token_mean(k3(logprobs, ref), mask))
+    assert torch.equal(torch.autograd.grad(loss, x)[0], torch.autograd.grad(token_mean(k2(x, ref), mask), x)[0])
+
+
 def test_bad_options_raise():
     logprobs, old, ref, advantages, mask = _batch(0)
     with pytest.raises(ValueError, match="aggregation must be one of"):
@@ -180,3 +222,5 @@ def test_bad_options_raise():
         grpo_loss(logprobs, old, ref, advantages, mask, clip_eps_high=0.0)
     with pytest.raises(ValueError, match="shape"):
         grpo_loss(logprobs, old, ref[:, :3], advantages, mask)
+    with pytest.raises(ValueError, match="kl_loss must be one of"):
+        grpo_loss(logprobs, old, ref, advantages, mask, kl_loss="k1")

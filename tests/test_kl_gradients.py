@@ -15,14 +15,15 @@ The table these tests check, one row each (docs/kl.md), with grad KL = grad KL(p
     k2 in the reward  grad E_pi[k2] - grad KL (biased)     k2 in the loss  grad KL (on-policy)
     k3 in the reward  grad KL - grad KL(pi_ref || pi)      k3 in the loss  grad KL(pi_ref || pi) (GRPO)
 
-Then: samples from pi_old != pi (a second epoch), a top-k sampler, and responses of two tokens.
+Then: samples from pi_old != pi (a second epoch), GRPO's --kl-loss choices (k3, k2, k3+) with and without the
+off-policy weight sg(pi / pi_old), a top-k sampler, and responses of two tokens.
 """
 import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
 from minirlhf.gae import gae
-from minirlhf.grpo import grpo_loss
+from minirlhf.grpo import KL_LOSSES, grpo_loss
 from minirlhf.kl import k1, k2, k3
 from minirlhf.ppo import policy_loss
 from minirlhf.reinforce import reinforce_loss
@@ -132,16 +133,19 @@ def in_loss(estimator, ref_logits, old_logits=None, ratio=None):
     return surrogate
 
 
-def in_loss_grpo(ref_logits, old_logits=None, detached_ratio=False):
+def in_loss_grpo(ref_logits, old_logits=None, detached_ratio=False, kl_loss="k3", off_policy_weight=False):
     """grpo.grpo_loss (beta 1, advantages 0: its KL term alone) on each sampled token, weighted by the sampling
-    policy; old_logits: the log-probs it is handed as old_logprobs too (a second epoch)."""
+    policy; old_logits: the log-probs it is handed as old_logprobs too (a second epoch). detached_ratio: times
+    sg(pi / pi_old) here, outside grpo_loss; kl_loss, off_policy_weight: grpo_loss's own (--kl-loss,
+    --kl-off-policy-weight)."""
     def surrogate(theta):
         logprobs = tokens(theta)
         old = logprobs.detach() if old_logits is None else tokens(old_logits)
         weights = old.exp()[:, 0] * (torch.exp(logprobs - old).detach()[:, 0] if detached_ratio else 1)
         zero = torch.zeros(1, 1, dtype=D)
         return sum(weights[x] * grpo_loss(logprobs[x:x + 1], old[x:x + 1], tokens(ref_logits)[x:x + 1], zero,
-                                          ONE[x:x + 1], beta=1.0)[0] for x in range(V))
+                                          ONE[x:x + 1], beta=1.0, kl_loss=kl_loss,
+                                          off_policy_weight=off_policy_weight)[0] for x in range(V))
     return surrogate
 
 
@@ -269,6 +273,61 @@ def test_off_policy_grpo_loss_is_neither_directions_gradient(seed):
     assert rel(g, grad_kl_other_way(theta, ref_logits)) > 0.1 and rel(g, grad_kl(theta, ref_logits)) > 0.1
     corrected = grad(in_loss_grpo(ref_logits, old_logits, detached_ratio=True), theta)
     assert rel(corrected, grad_kl_other_way(theta, ref_logits)) < EXACT
+
+
+# ---- GRPO's choices of KL term (grpo_loss kl_loss: --kl-loss) and its off-policy weight (--kl-off-policy-weight) --
+
+CLAIMED = {"k3": grad_kl_other_way, "k2": grad_kl, "k3+": grad_kl}  # the expected gradient each choice claims
+OTHER = {"k3": grad_kl, "k2": grad_kl_other_way, "k3+": grad_kl_other_way}
+
+
+@pytest.mark.parametrize("kl_loss", KL_LOSSES)
+@pytest.mark.parametrize("step", [FAR, NEAR])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_grpo_kl_loss_choices_give_the_gradient_they_claim_on_policy(seed, step, kl_loss):
+    """k3: grad KL(pi_ref || pi); k2 and k3+: grad KL(pi || pi_ref). With or without the off-policy weight: on-policy
+    it is exactly 1. Far from pi_ref the two directions differ, so the test tells them apart."""
+    theta, ref_logits, _ = policy(seed, step)
+    target = CLAIMED[kl_loss](theta, ref_logits)
+    for weight in (False, True):
+        g = grad(in_loss_grpo(ref_logits, kl_loss=kl_loss, off_policy_weight=weight), theta)
+        assert rel(g, target) < EXACT
+        if step == FAR:
+            assert rel(g, OTHER[kl_loss](theta, ref_logits)) > 0.2
+
+
+@pytest.mark.parametrize("kl_loss", KL_LOSSES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_grpo_kl_loss_choices_off_policy_need_the_weight(seed, kl_loss):
+    """Tokens of pi_old (a second epoch): without the weight no choice gives the gradient it claims; with
+    off_policy_weight (sg(pi / pi_old) inside grpo_loss) each does again, as the weight applied outside it does."""
+    theta, ref_logits, old_logits = off_policy(seed)
+    target = CLAIMED[kl_loss](theta, ref_logits)
+    assert rel(grad(in_loss_grpo(ref_logits, old_logits, kl_loss=kl_loss), theta), target) > 0.1
+    g = grad(in_loss_grpo(ref_logits, old_logits, kl_loss=kl_loss, off_policy_weight=True), theta)
+    assert rel(g, target) < EXACT
+    assert rel(g, grad(in_loss_grpo(ref_logits, old_logits, detached_ratio=True, kl_loss=kl_loss), theta)) < EXACT
+
+
+@pytest.mark.parametrize("off", [False, True])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_grpo_kl_loss_values_k3_plus_logs_k3s_unbiased_value(seed, off):
+    """The logged loss/kl: k3+'s value is k3's bit for bit; its expectation (times the off-policy weight on pi_old's
+    tokens) is KL(pi || pi_ref), which k2's is not."""
+    theta, ref_logits, old_logits = off_policy(seed)
+    logprobs = tokens(theta)
+    old = tokens(old_logits) if off else logprobs
+    weights = old.exp()[:, 0]
+
+    def logged(kl_loss):  # (V,) grpo_loss's stats["kl"] of each token
+        zero = torch.zeros(1, 1, dtype=D)
+        return torch.stack([grpo_loss(logprobs[x:x + 1], old[x:x + 1], tokens(ref_logits)[x:x + 1], zero,
+                                      ONE[x:x + 1], beta=1.0, kl_loss=kl_loss, off_policy_weight=True)[1]["kl"]
+                            for x in range(V)])
+    assert torch.equal(logged("k3+"), logged("k3"))
+    exact = kl(theta, ref_logits).item()
+    assert (weights * logged("k3+")).sum().item() == pytest.approx(exact, rel=EXACT)
+    assert abs((weights * logged("k2")).sum().item() - exact) > 0.01 * exact
 
 
 @pytest.mark.parametrize("off", [False, True])
