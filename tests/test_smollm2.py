@@ -139,3 +139,8 @@ def test_the_module_command_converts_a_gguf_file(tiny_gguf, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "minirlhf.assets.smollm2", "--gguf", str(tmp_path / "no.gguf")],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "no such file" in bad.stderr
+    other = tmp_path / "model.bin"  # a GGUF file by its bytes, whatever its name
+    other.write_bytes(open(tiny_gguf, "rb").read())
+    done = subprocess.run([sys.executable, "-m", "minirlhf.assets.smollm2", "--gguf", str(other)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "model folder:" in done.stdout, done.stderr

@@ -94,15 +94,19 @@ def resolve(name_or_path, flag="--model", force=False):
     if name_or_path == NAME:
         return smollm2_folder(flag, force)
     if is_gguf_path(name_or_path):
-        check_gguf_file(name_or_path, flag)
-        digest = sha256(name_or_path)
-        stem = os.path.splitext(os.path.basename(name_or_path))[0]
-        folder = os.path.join(cache_dir(), "gguf", f"{stem}-{digest[:12]}")
-        if force or not is_converted(folder):
-            convert(name_or_path, folder, source={"gguf_file": os.path.abspath(name_or_path), "sha256": digest},
-                    note=GGUF_NOTE)
-        return folder
+        return gguf_folder(name_or_path, flag, force)
     return name_or_path
+
+
+def gguf_folder(path, flag="--model", force=False):
+    """The converted folder of the GGUF file `path` in the cache (named by its SHA-256), converted if not there."""
+    check_gguf_file(path, flag)
+    digest = sha256(path)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    folder = os.path.join(cache_dir(), "gguf", f"{stem}-{digest[:12]}")
+    if force or not is_converted(folder):
+        convert(path, folder, source={"gguf_file": os.path.abspath(path), "sha256": digest}, note=GGUF_NOTE)
+    return folder
 
 
 def smollm2_folder(flag="--model", force=False):
@@ -239,7 +243,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         target = args.gguf or NAME
-        folder = resolve(target, "--gguf" if args.gguf else "--model", force=args.force)
+        folder = gguf_folder(args.gguf, "--gguf", args.force) if args.gguf else smollm2_folder("--model", args.force)
     except InputError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
