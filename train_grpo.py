@@ -10,7 +10,8 @@ One iteration reads top to bottom:
   1. rollout     rollout_size / G prompts, each sampled G times (the group of a prompt is contiguous)
   2. reward      one score per response
   3. log-probs   the old policy's log-probs of the sampled tokens (the sampler's own: no second pass) and the
-                 reference's, at the sampling temperature
+                 reference's, at the sampling temperature; with --tis-cap / --mismatch-mask-threshold the trainer's
+                 own, recomputed, and per-token TIS weights / responses dropped (mismatch.py)
   4. advantages  A = (score - mean of its group) / std of its group, the same for every token    (baselines.py)
                  (--advantage-std batch: / the whole rollout's std; none: not divided, as Dr. GRPO)
   5. update      epochs of shuffled minibatches of the GRPO loss: clipped ratio · A + β · k3 KL to the
@@ -23,7 +24,10 @@ One iteration reads top to bottom:
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl: the k3 KL
 per sequence, whatever --kl-loss; objective/kl_coef: β), policy/approx_kl, policy/clipfrac, policy/entropy,
 loss/policy, loss/kl (the loss's KL term per token: k3's value for k3 and k3+, k2's for k2), time/*,
-perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl, loss/kl
+perf/tokens_per_second, mismatch/kl, mismatch/k1, mismatch/max_ratio (the sampler's log-probs against the
+trainer's: on the update's first minibatch, before any step; on the whole rollout with either flag, and then
+mismatch/tis_capped, mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iterations the eval/
+metrics of evaluation.py. objective/kl, loss/kl
 and policy/approx_kl are of the sampling distribution (--top-k / --top-p / --min-new-tokens filtered, when set);
 eval/kl is the exact KL of the unfiltered π.
 """
@@ -234,10 +238,10 @@ def main(args):
         # 3d. advantages: each score minus its group's mean, / its group's std (--advantage-std: or the rollout's, or
         # none); the KL goes into the loss, not the reward
         b_advantages = group_advantages(b_scores, G, scale=args.advantage_std)[:, None] * b_mask  # (B,) -> (B, R)
-        b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
+        b_kl = per_token_kl(b_old_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
 
         # 3e. epochs of shuffled minibatches: clipped ratio x A (x the TIS weight) + beta x the KL term (--kl-loss)
-        # per token, --loss-aggregation (grpo.py); b_loss_mask: b_mask less the responses --mismatch-mask-threshold drops
+        # per token, --loss-aggregation (grpo.py); b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
         stats, trainer_first = [], []  # trainer_first: the first minibatch's log-probs, before any optimizer step
         for _ in range(args.ppo_epochs):

@@ -26,9 +26,11 @@ per-token KL estimate on the rollout, nats), objective/rlhf_reward (score - β·
 during the update), policy/clipfrac, policy/entropy, val/vpred, val/clipfrac, loss/policy, loss/value,
 time/generation, time/scoring, time/logprobs, time/update and time/evaluation (the iteration's seconds per phase:
 phases.py; their totals are time/*_seconds in summary.json), perf/tokens_per_second (rollout tokens / iteration wall
-time), and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl and policy/approx_kl are
-of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered one, when set); eval/kl is the exact KL
-of the unfiltered π at temperature 1.
+time), mismatch/kl, mismatch/k1, mismatch/max_ratio (the sampler's log-probs of the rollout's tokens against the
+recomputed old ones: mismatch.py; with --tis-cap / --mismatch-mask-threshold also mismatch/tis_capped,
+mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iterations the eval/ metrics of evaluation.py.
+objective/kl and policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered
+one, when set); eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
 import os
 from dataclasses import dataclass, field

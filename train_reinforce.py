@@ -14,10 +14,12 @@ One iteration reads top to bottom:
   3. advantages  A = R - b (baselines.py), --baseline moving-average: b the running mean of every R seen so far, each
                  taken after its own update; leave-one-out (RLOO): b the mean R of the other k - 1 of its prompt
   4. update      ONE on-policy pass of shuffled minibatches of -log π(y|x) · A (reinforce.py): there is no ratio
-                 to correct for re-used samples, so no clipping and no second epoch
+                 to correct for re-used samples, so no clipping and no second epoch; --tis-cap: each token's log π
+                 times min(π_trainer_old / π_sampler, C) (mismatch.py)
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl_coef: β),
 policy/approx_kl (k3 between the sampling and the updated policy), policy/entropy, loss/policy, time/*,
-perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl and
+perf/tokens_per_second, mismatch/* (as train_grpo.py's), and every --eval-every iterations the eval/ metrics of
+evaluation.py. objective/kl and
 policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered one, when set);
 eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
@@ -215,11 +217,12 @@ def main(args):
         b_scores = reward(batch)  # (B,)
         run.phase("logprobs")
         b_logprobs = batch["logprobs"][:, batch["P"]:]  # (B, R): the sampler's own log-probs (no second pass)
-        # with --tis-cap / --mismatch-mask-threshold: the trainer's, recomputed, for the TIS weights and the mask
-        _, b_tis, b_loss_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args)
+        # with --tis-cap / --mismatch-mask-threshold: the trainer's, recomputed, for the TIS weights and the mask, and
+        # in the KL (the sampler's rounding, measured against the trainer's reference, would read as KL: mismatch.py)
+        b_old_logprobs, b_tis, b_loss_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args)
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
         b_mask, kl_coef = batch["mask"], kl_ctl.value if kl_ctl else args.kl_coef  # (B, R): right-padded responses
-        b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
+        b_kl = per_token_kl(b_old_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
         b_rlhf_reward = b_scores - kl_coef * b_kl.sum(-1)  # (B,)
 
         # 3c. advantages: the reward minus its baseline, the moving average of every reward seen so far or (RLOO) the
@@ -249,7 +252,7 @@ def main(args):
                                       None if b_tis is None else b_tis[mu]).sum() / len(mb)
                 scaler.backward(loss)
                 parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
-                              "policy/approx_kl": masked_sum(k3(b_logprobs[mu], newlogprobs.detach()), mu_mask)
+                              "policy/approx_kl": masked_sum(k3(b_old_logprobs[mu], newlogprobs.detach()), mu_mask)
                               / n_tokens, "loss/policy": loss.detach(), "loss/total": loss.detach()})
             if mismatch is None:  # sampler vs trainer, measured for free on this minibatch (mismatch.py)
                 mismatch = mismatch_stats(b_logprobs[mb], torch.cat(trainer_first), b_mask[mb])

@@ -12,6 +12,7 @@ reward model a second adapter "reward" + its head, the reference the base with e
     batch = sample_rollout(model, tokenizer, train_prompts.take(k), args, generator)   # prompts -> responses
     scores = reward(batch)                             # (B,) read at each response's last real token
     old_logprobs, values = rollout_logprobs(model, batch, sampling, args.forward_batch_size, value_head)
+    old_logprobs, tis, update_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args, old_logprobs)
     ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)   # (B, R) each
     for mb in minibatches(B, args.minibatch_size):     # the update: one optimizer step per minibatch, computed in
         for mu in mb.split(args.forward_batch_size):   # micro-batches of rows, with a backward each
@@ -221,7 +222,8 @@ def old_logprobs_and_corrections(model, batch, sampling, args, trainer_logprobs=
     Without them (GRPO, REINFORCE) and with neither --tis-cap nor --mismatch-mask-threshold, the old log-probs are the
     sampler's, with no second pass, the weights None, the mask batch["mask"], and the metrics None: the script then
     measures the mismatch on its update's first minibatch, whose log-probs are the trainer's before any step. With
-    either flag the trainer's are computed here (one pass without grad), and they are the old log-probs."""
+    either flag the trainer's are computed here (one pass without grad), and they are the old log-probs, also in the
+    KL to the reference (computed by the trainer: against the sampler's log-probs, the mismatch would read as KL)."""
     sampler_logprobs, mask = batch["logprobs"][:, batch["P"]:], batch["mask"]  # (B, T) -> (B, R)
     correcting = args.tis_cap is not None or args.mismatch_mask_threshold is not None
     if trainer_logprobs is None:

@@ -195,6 +195,30 @@ def test_the_default_path_takes_the_samplers_log_probs_with_no_pass():
     assert weights is None and loss_mask is mask and metrics is None
 
 
+def test_with_a_flag_the_trainers_log_probs_are_computed_and_become_the_old_ones(monkeypatch):
+    """--tis-cap (or the mask): one trainer pass (rollout_logprobs, no value head) over the rollout; its log-probs are the
+    old ones (GRPO's ratio, REINFORCE's KL), the weights and the metrics those of rollout_correction. PPO passes its
+    own trainer log-probs: no pass at all."""
+    import minirlhf.rollout as rollout_module
+    sampler, trainer, mask = rollout(11, scale=0.5)
+    batch = {"logprobs": torch.cat([torch.zeros(5, 3, dtype=sampler.dtype), sampler], 1), "P": 3, "mask": mask}
+    calls = []
+
+    def fake_rollout_logprobs(model, b, sampling, forward_batch_size, value_head=None):
+        calls.append((b is batch, forward_batch_size, value_head))
+        return trainer, None
+    monkeypatch.setattr(rollout_module, "rollout_logprobs", fake_rollout_logprobs)
+
+    class Args:
+        tis_cap, mismatch_mask_threshold, forward_batch_size = 2.0, 0.6, 4
+    old, weights, loss_mask, metrics = old_logprobs_and_corrections(None, batch, None, Args)
+    assert calls == [(True, 4, None)] and old is trainer
+    expected = rollout_correction(sampler, trainer, mask, 2.0, 0.6)
+    assert torch.equal(weights, expected[0]) and torch.equal(loss_mask, expected[1]) and metrics == expected[2]
+    old, *_ = old_logprobs_and_corrections(None, batch, None, Args, trainer_logprobs=trainer)  # PPO
+    assert len(calls) == 1 and old is trainer
+
+
 RL = ["--threads", "1", "--iterations", "2", "--rollout-size", "8", "--minibatch-size", "4", "--eval-prompts", "3",
       "--eval-samples", "1", "--max-new-tokens", "6", "--eval-every", "0", "--reward", "gold"]
 MISMATCH = ("mismatch/kl", "mismatch/k1", "mismatch/max_ratio")
