@@ -36,7 +36,8 @@ The weight is per token: the exact correction of a whole response would be the p
 
 Sequence-level masking (mismatch_keep, --mismatch-mask-threshold T): a response whose sequence log ratio
 |Σ_t (log π_t_old − log π_s)| exceeds T, i.e. whose sequence importance ratio lies outside [e^−T, e^T], is dropped
-from the loss (its tokens leave the update's mask); `mismatch/masked_responses` counts them.
+from the loss (its tokens leave the update's mask; REINFORCE sets its advantage to 0); `mismatch/masked_responses`
+counts them.
 """
 import torch
 
