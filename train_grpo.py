@@ -10,7 +10,8 @@ One iteration reads top to bottom:
   1. rollout     rollout_size / G prompts, each sampled G times (the group of a prompt is contiguous)
   2. reward      one score per response
   3. log-probs   the old policy's log-probs of the sampled tokens (the sampler's own: no second pass) and the
-                 reference's, at the sampling temperature
+                 reference's, at the sampling temperature; with --tis-cap / --mismatch-mask-threshold the trainer's
+                 own, recomputed, and per-token TIS weights / responses dropped (mismatch.py)
   4. advantages  A = (score - mean of its group) / std of its group, the same for every token    (baselines.py)
                  (--advantage-std batch: / the whole rollout's std; none: not divided, as Dr. GRPO)
   5. update      epochs of shuffled minibatches of the GRPO loss: clipped ratio · A + β · k3 KL to the
@@ -23,7 +24,10 @@ One iteration reads top to bottom:
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl: the k3 KL
 per sequence, whatever --kl-loss; objective/kl_coef: β), policy/approx_kl, policy/clipfrac, policy/entropy,
 loss/policy, loss/kl (the loss's KL term per token: k3's value for k3 and k3+, k2's for k2), time/*,
-perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl, loss/kl
+perf/tokens_per_second, mismatch/kl, mismatch/k1, mismatch/max_ratio (the sampler's log-probs against the
+trainer's: on the update's first minibatch, before any step; on the whole rollout with either flag, and then
+mismatch/tis_capped, mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iterations the eval/
+metrics of evaluation.py. objective/kl, loss/kl
 and policy/approx_kl are of the sampling distribution (--top-k / --top-p / --min-new-tokens filtered, when set);
 eval/kl is the exact KL of the unfiltered π.
 """
@@ -39,11 +43,12 @@ from minirlhf.cli import MachineArgs, run_script
 from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
 from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, aggregation_count, grpo_loss
+from minirlhf.mismatch import mismatch_stats
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles,
-                              sample_rollout)
+                              log_iteration, minibatches, old_logprobs_and_corrections, policy_logprobs,
+                              reference_logprobs, roles, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -125,6 +130,14 @@ class Args(MachineArgs):
     kl_off_policy_weight: bool = False
     """multiply the KL term by sg(π/π_old): with --ppo-epochs > 1 every --kl-loss then keeps its gradient after the
     first epoch (where the weight is exactly 1); off: DeepSeekMath's loss"""
+    tis_cap: Optional[float] = None
+    """truncated importance sampling (Yao et al. 2025): each token's clipped term times min(π_trainer_old /
+    π_sampler, C), detached, with the old log-probs recomputed by the trainer (one more forward pass without grad over
+    the rollout); the sampler's log-probs differ from the trainer's by float rounding, more in 16 bits or over a
+    4/8-bit base (mismatch/kl, mismatch/max_ratio; mismatch.py, docs/kl.md); none: off"""
+    mismatch_mask_threshold: Optional[float] = None
+    """drop from the loss every response whose |Σ_t log(π_trainer_old / π_sampler)| exceeds this (counted in
+    mismatch/masked_responses; the same extra pass as --tis-cap); none: off"""
     missing_eos_penalty: Optional[float] = None
     """subtract this from the score of a response cut off before EOS (none: no penalty)"""
     clip_eps: float = 0.2
@@ -216,38 +229,45 @@ def main(args):
         run.phase("logprobs")
         # 3c. log-probs of the sampled tokens under the policy that sampled them: the sampler's own (the same numbers a
         # forward pass would give, to float rounding: tests/test_sampling_flags.py; no second pass), and under the
-        # reference (no grad)
+        # reference (no grad). With --tis-cap or --mismatch-mask-threshold the update's old log-probs are the
+        # trainer's, recomputed, and correct for that rounding (mismatch.py); else they are the sampler's.
         b_logprobs = batch["logprobs"][:, batch["P"]:]  # (B, T) -> (B, R)
+        b_old_logprobs, b_tis, b_loss_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args)
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
 
         # 3d. advantages: each score minus its group's mean, / its group's std (--advantage-std: or the rollout's, or
         # none); the KL goes into the loss, not the reward
         b_advantages = group_advantages(b_scores, G, scale=args.advantage_std)[:, None] * b_mask  # (B,) -> (B, R)
-        b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
+        b_kl = per_token_kl(b_old_logprobs, b_ref_logprobs, b_mask, "k3")  # (B, R), for logging
 
-        # 3e. epochs of shuffled minibatches: clipped ratio x A + beta x the KL term (--kl-loss) per token,
-        # --loss-aggregation (grpo.py)
+        # 3e. epochs of shuffled minibatches: clipped ratio x A (x the TIS weight) + beta x the KL term (--kl-loss)
+        # per token, --loss-aggregation (grpo.py); b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
-        stats = []
+        stats, trainer_first = [], []  # trainer_first: the first minibatch's log-probs, before any optimizer step
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: the entropy's mean divides by it
-                n = aggregation_count(b_mask[mb], args.loss_aggregation)  # and the loss by this: tokens or responses
+                n_tokens, parts = b_loss_mask[mb].sum().clamp(min=1), []  # its real tokens: the entropy mean / them
+                n = aggregation_count(b_loss_mask[mb], args.loss_aggregation)  # and the loss by this: tokens or rows
                 # micro-batches of <= --forward-batch-size rows, a backward each: as each loss is a sum over its
                 # tokens (or responses) / n, their gradients and statistics add up to the minibatch's exactly
                 for mu in mb.split(args.forward_batch_size):
-                    mu_mask = b_mask[mu]  # (b, R)
+                    mu_mask = b_loss_mask[mu]  # (b, R)
                     newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
-                    loss, loss_stats = grpo_loss(newlogprobs, b_logprobs[mu], b_ref_logprobs[mu], b_advantages[mu],
-                                                 mu_mask, args.clip_eps, args.beta, n, args.loss_aggregation,
-                                                 args.max_new_tokens, args.clip_high, args.kl_loss,
-                                                 args.kl_off_policy_weight)
+                    if mismatch is None:  # the first minibatch: the trainer's log-probs at the sampler's weights
+                        trainer_first.append(newlogprobs.detach())
+                    loss, loss_stats = grpo_loss(newlogprobs, b_old_logprobs[mu], b_ref_logprobs[mu],
+                                                 b_advantages[mu], mu_mask, args.clip_eps, args.beta, n,
+                                                 args.loss_aggregation, args.max_new_tokens, args.clip_high,
+                                                 args.kl_loss, args.kl_off_policy_weight,
+                                                 None if b_tis is None else b_tis[mu])
                     scaler.backward(loss)
                     parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
                                   "policy/clipfrac": loss_stats["clipfrac"],
                                   "policy/approx_kl": loss_stats["approx_kl"], "loss/kl": loss_stats["kl"],
                                   "loss/policy": loss_stats["pg_loss"], "loss/total": loss.detach()})
+                if mismatch is None:  # sampler vs trainer, measured for free on this minibatch (mismatch.py)
+                    mismatch = mismatch_stats(b_logprobs[mb], torch.cat(trainer_first), b_mask[mb])
                 mb_stats = add_up(parts)  # the minibatch's
                 grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(),
                                            grad_clip=args.grad_clip, step=iteration - 1,
@@ -259,7 +279,7 @@ def main(args):
 
         # 3f. logging (and every --eval-every iterations the held-out evaluation)
         metrics = iteration_metrics(batch, b_scores, b_kl, b_scores - args.beta * b_kl.sum(-1), run.dist.world_size)
-        metrics.update({"objective/kl_coef": args.beta, "train/lr": optimizer.param_groups[0]["lr"]})
+        metrics.update({"objective/kl_coef": args.beta, "train/lr": optimizer.param_groups[0]["lr"], **mismatch})
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the policy adapter, the last rollout and the evaluation after training

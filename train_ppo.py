@@ -26,9 +26,11 @@ per-token KL estimate on the rollout, nats), objective/rlhf_reward (score - β·
 during the update), policy/clipfrac, policy/entropy, val/vpred, val/clipfrac, loss/policy, loss/value,
 time/generation, time/scoring, time/logprobs, time/update and time/evaluation (the iteration's seconds per phase:
 phases.py; their totals are time/*_seconds in summary.json), perf/tokens_per_second (rollout tokens / iteration wall
-time), and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl and policy/approx_kl are
-of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered one, when set); eval/kl is the exact KL
-of the unfiltered π at temperature 1.
+time), mismatch/kl, mismatch/k1, mismatch/max_ratio (the sampler's log-probs of the rollout's tokens against the
+recomputed old ones: mismatch.py; with --tis-cap / --mismatch-mask-threshold also mismatch/tis_capped,
+mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iterations the eval/ metrics of evaluation.py.
+objective/kl and policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered
+one, when set); eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
 import os
 from dataclasses import dataclass, field
@@ -47,8 +49,8 @@ from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles, rollout_logprobs,
-                              sample_rollout)
+                              log_iteration, minibatches, old_logprobs_and_corrections, policy_logprobs,
+                              reference_logprobs, roles, rollout_logprobs, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -131,6 +133,14 @@ class Args(MachineArgs):
     """adaptive KL: horizon in episodes"""
     missing_eos_penalty: Optional[float] = None
     """subtract this from the score of a response cut off before EOS (none: no penalty)"""
+    tis_cap: Optional[float] = None
+    """truncated importance sampling (Yao et al. 2025): each token's clipped term times min(π_trainer_old /
+    π_sampler, C), detached: the old log-probs are the trainer's (recomputed already), the tokens were drawn by the
+    sampler, whose log-probs differ by float rounding, more in 16 bits or over a 4/8-bit base (mismatch/kl,
+    mismatch/max_ratio; mismatch.py, docs/kl.md); none: off"""
+    mismatch_mask_threshold: Optional[float] = None
+    """drop from the update (policy and value loss) every response whose |Σ_t log(π_trainer_old / π_sampler)|
+    exceeds this (counted in mismatch/masked_responses); none: off"""
     whiten_rewards: bool = False
     """divide the per-token rewards by their std over the rollout (mean kept)"""
     whiten_advantages: bool = True
@@ -229,6 +239,9 @@ def main(args):
         b_logprobs, b_values = rollout_logprobs(model, batch, sampling, args.forward_batch_size, value_head)
         b_values = b_values * b_mask  # (B, R): V(s_t), the state before token t
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
+        # the sampler's log-probs of the same tokens (batch["logprobs"]) against these: the mismatch metrics, and
+        # with --tis-cap / --mismatch-mask-threshold the TIS weights and the update's mask (mismatch.py)
+        _, b_tis, b_loss_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args, b_logprobs)
 
         # 3d. per-token rewards: -β·KL on every token, the score on the last; GAE; whitened advantages
         b_rewards, b_kl = token_rewards(b_scores, b_logprobs, b_ref_logprobs, b_mask, kl_coef,
@@ -239,20 +252,21 @@ def main(args):
         if args.whiten_advantages:
             b_advantages = whiten_advantages(b_advantages, b_mask)
 
-        # 3e. epochs of shuffled minibatches: clipped policy loss + vf_coef x clipped value loss
+        # 3e. epochs of shuffled minibatches: clipped policy loss (x the TIS weight) + vf_coef x clipped value loss;
+        # b_loss_mask: b_mask less the responses --mismatch-mask-threshold drops
         run.phase("update")
         stats = []
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: every mean below divides by it
+                n_tokens, parts = b_loss_mask[mb].sum().clamp(min=1), []  # the minibatch's real tokens: means / them
                 # micro-batches of <= --forward-batch-size rows, a backward each: as each loss is a sum over its
                 # tokens / n_tokens, their gradients and statistics add up to the minibatch's means exactly
                 for mu in mb.split(args.forward_batch_size):
-                    mu_mask = b_mask[mu]  # (b, R)
+                    mu_mask = b_loss_mask[mu]  # (b, R)
                     newlogprobs, entropy, vpred = policy_logprobs(model, batch, sampling, mu, value_head)
                     pg_loss, pg_stats = policy_loss(newlogprobs, b_logprobs[mu], b_advantages[mu], mu_mask,
-                                                    args.clip_eps, n_tokens)
+                                                    args.clip_eps, n_tokens, None if b_tis is None else b_tis[mu])
                     v_loss, v_stats = value_loss(vpred, b_values[mu], b_returns[mu], mu_mask, args.vf_clip, n_tokens)
                     loss = pg_loss + args.vf_coef * v_loss
                     scaler.backward(loss)
@@ -276,7 +290,7 @@ def main(args):
             if iteration == 1:  # the rollout of the fresh policy (= the reference): the sampling filters' KL floor
                 check_kl_floor(args, metrics["objective/kl"])
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
-        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"]})
+        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"], **mismatch})
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. save the value head; the policy adapter, the last rollout and the evaluation after training: finish

@@ -14,10 +14,12 @@ One iteration reads top to bottom:
   3. advantages  A = R - b (baselines.py), --baseline moving-average: b the running mean of every R seen so far, each
                  taken after its own update; leave-one-out (RLOO): b the mean R of the other k - 1 of its prompt
   4. update      ONE on-policy pass of shuffled minibatches of -log π(y|x) · A (reinforce.py): there is no ratio
-                 to correct for re-used samples, so no clipping and no second epoch
+                 to correct for re-used samples, so no clipping and no second epoch; --tis-cap: each token's log π
+                 times min(π_trainer_old / π_sampler, C) (mismatch.py)
 Writes what train_ppo.py writes, without a value head. Logged per iteration: objective/* (objective/kl_coef: β),
 policy/approx_kl (k3 between the sampling and the updated policy), policy/entropy, loss/policy, time/*,
-perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of evaluation.py. objective/kl and
+perf/tokens_per_second, mismatch/* (as train_grpo.py's), and every --eval-every iterations the eval/ metrics of
+evaluation.py. objective/kl and
 policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered one, when set);
 eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
@@ -33,12 +35,13 @@ from minirlhf.cli import MachineArgs, run_script
 from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training
 from minirlhf.kl import AdaptiveKLController, k3
+from minirlhf.mismatch import mismatch_stats
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.reinforce import reinforce_loss
 from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, policy_logprobs, reference_logprobs, roles,
-                              sample_rollout)
+                              log_iteration, minibatches, old_logprobs_and_corrections, policy_logprobs,
+                              reference_logprobs, roles, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -119,6 +122,14 @@ class Args(MachineArgs):
     """adaptive KL: horizon in episodes"""
     missing_eos_penalty: Optional[float] = None
     """subtract this from the score of a response cut off before EOS (none: no penalty)"""
+    tis_cap: Optional[float] = None
+    """truncated importance sampling (Yao et al. 2025): each token's log π times min(π_trainer_old / π_sampler, C),
+    detached, with the trainer's log-probs under the rollout's weights computed in one more forward pass without grad
+    over the rollout; the sampler's log-probs differ from the trainer's by float rounding, more in 16 bits or over a
+    4/8-bit base (mismatch/kl, mismatch/max_ratio; mismatch.py, docs/kl.md); none: off"""
+    mismatch_mask_threshold: Optional[float] = None
+    """drop from the loss every response whose |Σ_t log(π_trainer_old / π_sampler)| exceeds this (counted in
+    mismatch/masked_responses; the same extra pass as --tis-cap); none: off"""
     baseline: str = "moving-average"
     """what a reward is compared with: moving-average (the running mean of every reward so far, the SmolLM2 +
     HelpSteer2 setup) | leave-one-out (RLOO: the mean of the other k - 1 responses to its prompt; --samples-per-prompt
@@ -206,9 +217,12 @@ def main(args):
         b_scores = reward(batch)  # (B,)
         run.phase("logprobs")
         b_logprobs = batch["logprobs"][:, batch["P"]:]  # (B, R): the sampler's own log-probs (no second pass)
+        # with --tis-cap / --mismatch-mask-threshold: the trainer's, recomputed, for the TIS weights and the mask, and
+        # in the KL (the sampler's rounding, measured against the trainer's reference, would read as KL: mismatch.py)
+        b_old_logprobs, b_tis, b_loss_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args)
         b_ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)  # (B, R)
         b_mask, kl_coef = batch["mask"], kl_ctl.value if kl_ctl else args.kl_coef  # (B, R): right-padded responses
-        b_kl = per_token_kl(b_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
+        b_kl = per_token_kl(b_old_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
         b_rlhf_reward = b_scores - kl_coef * b_kl.sum(-1)  # (B,)
 
         # 3c. advantages: the reward minus its baseline, the moving average of every reward seen so far or (RLOO) the
@@ -217,23 +231,31 @@ def main(args):
             b_advantages = leave_one_out_advantages(b_rlhf_reward, k)  # (B,)
         else:
             b_advantages = baseline.advantages(b_rlhf_reward)  # (B,)
+        if b_loss_mask is not b_mask:  # --mismatch-mask-threshold: a dropped response's advantage is 0, so its loss
+            b_advantages = b_advantages * b_loss_mask.any(-1)  # and gradient are (its tokens leave the statistics)
 
-        # 3d. one on-policy pass of shuffled minibatches: -log π(y|x) · A (Williams 1992; reinforce.py)
+        # 3d. one on-policy pass of shuffled minibatches: -log π(y|x) · A (Williams 1992; reinforce.py), each token's
+        # log π times its TIS weight with --tis-cap; b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
-        stats = []
+        stats, trainer_first = [], []  # trainer_first: the first minibatch's log-probs, before any optimizer step
         for mb in minibatches(len(b_scores), args.minibatch_size):
             optimizer.zero_grad(set_to_none=True)
-            n_tokens, parts = b_mask[mb].sum(), []  # the minibatch's real tokens: the statistics' means divide by it
+            n_tokens, parts = b_loss_mask[mb].sum().clamp(min=1), []  # the minibatch's real tokens: means / them
             # micro-batches of <= --forward-batch-size rows, a backward each: the loss is a mean over the minibatch's
             # rows (sum / len(mb)) and each statistic a mean over its tokens, so the micro-batches add up exactly
             for mu in mb.split(args.forward_batch_size):
-                mu_mask = b_mask[mu]  # (b, R)
+                mu_mask = b_loss_mask[mu]  # (b, R)
                 newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
-                loss = reinforce_loss(newlogprobs, b_advantages[mu], mu_mask).sum() / len(mb)
+                if mismatch is None:  # the first minibatch: the trainer's log-probs at the sampler's weights
+                    trainer_first.append(newlogprobs.detach())
+                loss = reinforce_loss(newlogprobs, b_advantages[mu], b_mask[mu],
+                                      None if b_tis is None else b_tis[mu]).sum() / len(mb)
                 scaler.backward(loss)
                 parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
-                              "policy/approx_kl": masked_sum(k3(b_logprobs[mu], newlogprobs.detach()), mu_mask)
+                              "policy/approx_kl": masked_sum(k3(b_old_logprobs[mu], newlogprobs.detach()), mu_mask)
                               / n_tokens, "loss/policy": loss.detach(), "loss/total": loss.detach()})
+            if mismatch is None:  # sampler vs trainer, measured for free on this minibatch (mismatch.py)
+                mismatch = mismatch_stats(b_logprobs[mb], torch.cat(trainer_first), b_mask[mb])
             mb_stats = add_up(parts)  # the minibatch's
             grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(), grad_clip=args.grad_clip,
                                        step=iteration - 1, world_size=run.dist.world_size,
@@ -249,7 +271,7 @@ def main(args):
             if iteration == 1:  # the rollout of the fresh policy (= the reference): the sampling filters' KL floor
                 check_kl_floor(args, metrics["objective/kl"])
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
-        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"]})
+        metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"], **mismatch})
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the policy adapter, the last rollout and the evaluation after training

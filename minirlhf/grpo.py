@@ -74,7 +74,8 @@ def kl_term(logprobs, ref_logprobs, kl_loss="k3"):
 def aggregation_count(mask, aggregation):
     """What a minibatch's loss divides by, before constants: its real tokens ("token") or its responses (rows). mask
     (B, T) -> a number. A script computes it once per minibatch and passes it as n to each micro-batch's aggregate."""
-    return mask.sum() if aggregation == "token" else mask.shape[0]
+    return mask.sum().clamp(min=1) if aggregation == "token" else mask.shape[0]  # (>= 1: a minibatch whose
+    # responses --mismatch-mask-threshold all dropped has no token, and its loss is 0, not 0 / 0)
 
 
 def aggregate(x, mask, aggregation="token", n=None, max_len=None):
@@ -97,7 +98,8 @@ def aggregate(x, mask, aggregation="token", n=None, max_len=None):
 
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.04, n=None,
-              aggregation="token", max_len=None, clip_eps_high=None, kl_loss="k3", off_policy_weight=False):
+              aggregation="token", max_len=None, clip_eps_high=None, kl_loss="k3", off_policy_weight=False,
+              tis_weights=None):
     """Scalar GRPO loss = clipped policy loss + beta * the KL term to the reference, each reduced by `aggregation`;
     and detached stats, reduced the same way: pg_loss, kl (the KL term's value), clipfrac (where the clip binds: zero
     gradient there; under "token" the share of the tokens) and approx_kl (k3 between pi_old and pi, as
@@ -105,7 +107,9 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
 
     n: the minibatch's aggregation_count when these tensors are one micro-batch of it (aggregate). max_len: L of
     "constant". clip_eps_high: the upper clip 1 + clip_eps_high (DAPO clip-higher); None: clip_eps, symmetric.
-    kl_loss: k3 | k2 | k3+ (kl_term). off_policy_weight: the KL term times sg(pi / pi_old) (module docstring)."""
+    kl_loss: k3 | k2 | k3+ (kl_term). off_policy_weight: the KL term times sg(pi / pi_old) (module docstring).
+    tis_weights: (B, T) detached weights of each token's clipped term, not of the KL term (mismatch.tis_weights:
+    truncated importance sampling of the sampler's tokens, with old_logprobs the trainer's); None: none."""
     if any(t.shape != mask.shape for t in (logprobs, old_logprobs, ref_logprobs, advantages)):
         raise ValueError(f"grpo_loss: all inputs must share the mask's shape {tuple(mask.shape)}, got "
                          f"{[tuple(t.shape) for t in (logprobs, old_logprobs, ref_logprobs, advantages)]}")
@@ -117,7 +121,10 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
     ratio = torch.exp(logratio)  # (B, T)
     pg_losses = -advantages * ratio  # (B, T)
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)  # (B, T)
-    pg_loss = aggregate(torch.max(pg_losses, pg_losses_clipped), mask, aggregation, n, max_len)  # scalar
+    pg_per_token = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
+    if tis_weights is not None:
+        pg_per_token = tis_weights.detach() * pg_per_token
+    pg_loss = aggregate(pg_per_token, mask, aggregation, n, max_len)  # scalar
     per_token_kl = kl_term(logprobs, ref_logprobs, kl_loss)  # (B, T); its gradient flows to pi
     if off_policy_weight:
         per_token_kl = ratio.detach() * per_token_kl  # (B, T) x sg(pi / pi_old): 1 at the first epoch

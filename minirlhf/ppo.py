@@ -32,13 +32,15 @@ def token_mean(x, mask, n_tokens=None):
     return masked_mean(x, mask) if n_tokens is None else masked_sum(x, mask) / n_tokens
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, n_tokens=None):
+def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, n_tokens=None, weights=None):
     """PPO-clip policy loss, a scalar masked mean over real tokens, and detached scalar stats:
 
     clipfrac:  fraction of tokens where the clipped term is the larger one (the clip binds: zero gradient there).
     approx_kl: masked mean of k3 = (ratio - 1) - log ratio, an unbiased, non-negative estimate of KL(pi_old || pi)
                from tokens sampled by pi_old (see kl.py).
     n_tokens: the loss of a micro-batch of a minibatch of n_tokens real tokens (token_mean): sums / n_tokens.
+    weights: (B, T) detached per-token weights of the clipped term (mismatch.tis_weights: truncated importance
+    sampling of the sampler's tokens); None: none (not a multiplication by 1: the default's numbers stay bit for bit).
     """
     _check("policy_loss", mask, clip_eps, logprobs, old_logprobs, advantages)
     mask = mask.bool()
@@ -46,7 +48,10 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, n_tokens
     ratio = torch.exp(logratio)  # (B, T)
     pg_losses = -advantages * ratio
     pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = token_mean(torch.max(pg_losses, pg_losses_clipped), mask, n_tokens)
+    per_token = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
+    if weights is not None:
+        per_token = weights.detach() * per_token
+    loss = token_mean(per_token, mask, n_tokens)
     with torch.no_grad():
         stats = {
             "clipfrac": token_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask, n_tokens),

@@ -12,6 +12,7 @@ reward model a second adapter "reward" + its head, the reference the base with e
     batch = sample_rollout(model, tokenizer, train_prompts.take(k), args, generator)   # prompts -> responses
     scores = reward(batch)                             # (B,) read at each response's last real token
     old_logprobs, values = rollout_logprobs(model, batch, sampling, args.forward_batch_size, value_head)
+    old_logprobs, tis, update_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args, old_logprobs)
     ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)   # (B, R) each
     for mb in minibatches(B, args.minibatch_size):     # the update: one optimizer step per minibatch, computed in
         for mu in mb.split(args.forward_batch_size):   # micro-batches of rows, with a backward each
@@ -44,6 +45,7 @@ from .evaluation import (evaluate_policy, generate, gold_summary, held_out_promp
 from .formats import save_adapter
 from .heads import RatingHead, in_row_chunks, response_logprobs, response_logprobs_and_states, sequence_scores
 from .lora import adapter_names, use_adapter
+from .mismatch import rollout_correction
 from .phases import format_totals
 from .models import load_model, load_reward_model, load_tokenizer, parameter_report, reference, resident_bytes
 from .reward_losses import expected_rating, rating_entropy
@@ -210,6 +212,27 @@ def rollout_logprobs(model, batch, sampling, forward_batch_size, value_head=None
         lambda rows: policy_logprobs(model, batch, sampling, rows, value_head), len(batch["input_ids"]),
         forward_batch_size)
     return logprobs, values
+
+
+def old_logprobs_and_corrections(model, batch, sampling, args, trainer_logprobs=None):
+    """The update's old log-probs and what corrects the sampler / trainer mismatch (mismatch.py, docs/kl.md "The
+    sampler is not the trainer"): (old log-probs (B, R), TIS weights (B, R) or None, the update's mask (B, R),
+    mismatch metrics or None). batch["logprobs"] holds the sampler's log-probs; trainer_logprobs the trainer's
+    (rollout_logprobs) when the script computes them anyway (PPO: they are its old log-probs).
+    Without them (GRPO, REINFORCE) and with neither --tis-cap nor --mismatch-mask-threshold, the old log-probs are the
+    sampler's, with no second pass, the weights None, the mask batch["mask"], and the metrics None: the script then
+    measures the mismatch on its update's first minibatch, whose log-probs are the trainer's before any step. With
+    either flag the trainer's are computed here (one pass without grad), and they are the old log-probs, also in the
+    KL to the reference (computed by the trainer: against the sampler's log-probs, the mismatch would read as KL)."""
+    sampler_logprobs, mask = batch["logprobs"][:, batch["P"]:], batch["mask"]  # (B, T) -> (B, R)
+    correcting = args.tis_cap is not None or args.mismatch_mask_threshold is not None
+    if trainer_logprobs is None:
+        if not correcting:
+            return sampler_logprobs, None, mask, None
+        trainer_logprobs, _ = rollout_logprobs(model, batch, sampling, args.forward_batch_size)
+    weights, loss_mask, metrics = rollout_correction(sampler_logprobs, trainer_logprobs, mask, args.tis_cap,
+                                                     args.mismatch_mask_threshold)
+    return trainer_logprobs, weights, loss_mask, metrics
 
 
 @torch.no_grad()

@@ -99,6 +99,8 @@ def check_common(args, ranges, datasets="preference"):
 
 
 SAMPLING_RANGES = {"top_k": ">= 0", "top_p": "(0, 1]", "min_new_tokens": ">= 0"}
+# the sampler / trainer mismatch's corrections (mismatch.py): a cap below 1 would shrink every token's weight
+MISMATCH_RANGES = {"tis_cap": "none or >= 1", "mismatch_mask_threshold": "none or > 0"}
 
 
 def check_sampling(args):
@@ -161,9 +163,9 @@ def check_rl_args(args, ranges, kl_estimators=None):
     """What train_ppo.py, train_grpo.py and train_reinforce.py check alike: check_common, the reward source (a
     reward-model folder, file by file, whose head fits --reward-transform; or the gold score of the built-in world),
     the KL estimator (k2 or k3 in the reward: one warning line, kl_estimator_warning), minibatch <= rollout, a
-    --target-kl with a starting --kl-coef, the sampling flags."""
+    --target-kl with a starting --kl-coef, the sampling flags, --tis-cap and --mismatch-mask-threshold."""
     from .formats import check_reward_model_dir, read_head_config
-    check_common(args, ranges, datasets="prompt")
+    check_common(args, {**MISMATCH_RANGES, **ranges}, datasets="prompt")
     check_sampling(args)
     check_choice("--reward", args.reward, ("model", "gold"))
     check_choice("--reward-transform", args.reward_transform, ("expected", "expected-minus-entropy"))
