@@ -1,4 +1,4 @@
-"""Memory bounded by flags, not by data size (issue #14): --forward-batch-size bounds the rows of every model call,
+"""Memory bounded by flags, not by data size: --forward-batch-size bounds the rows of every model call,
 heads.LOGITS_CHUNK the response positions whose logits exist at once, and splitting a pass (or an RL minibatch into
 micro-batches) does not change what it computes.
 
@@ -256,9 +256,9 @@ def test_rollout_passes_in_chunks_equal_one_pass(asset_model):
     for whole, chunked in [(rollout_logprobs(model, batch, 0.8, 64, value_head),
                             rollout_logprobs(model, batch, 0.8, 2, value_head)),
                            ((reference_logprobs(model, batch, 0.8, 64),), (reference_logprobs(model, batch, 0.8, 2),))]:
-        for a, b in zip(whole, chunked):
+        for a, b in zip(whole, chunked):  # packed rows differ with the chunk (unpad.py): fp32 rounding, ~2e-6 here
             assert a.shape == batch["mask"].shape
-            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
     args = types.SimpleNamespace(reward="model", reward_model=os.path.join(ASSETS_DIR, "reward-model"),
                                  reward_transform="expected", entropy_coef=0.1, dataset="builtin",
