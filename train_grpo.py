@@ -126,7 +126,8 @@ class Args(MachineArgs):
     """weight of the KL term to the reference inside the loss (DeepSeekMath's β; 0: no KL term)"""
     kl_loss: str = "k3"
     """the KL term: k3 (DeepSeekMath's; its gradient is ∇KL(π_ref‖π), the other direction) | k2 (gradient
-    ∇KL(π‖π_ref)) | k3+ (k3's value, logged as loss/kl, with k2's gradient ∇KL(π‖π_ref)); grpo.py, docs/kl.md"""
+    ∇KL(π‖π_ref)) | k3+ (k3's value, logged as loss/kl, with k2's gradient ∇KL(π‖π_ref)); the default is k3 because
+    on the built-in world no choice moved gold at equal KL (bench/kl_loss_choice.py); grpo.py, docs/kl.md"""
     kl_off_policy_weight: bool = False
     """multiply the KL term by sg(π/π_old): with --ppo-epochs > 1 every --kl-loss then keeps its gradient after the
     first epoch (where the weight is exactly 1); off: DeepSeekMath's loss"""
