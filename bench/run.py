@@ -19,7 +19,7 @@ embeddings; random weights, no download):
 - one PPO iteration split into generation / scoring / training time, and its peak memory against a PPO that holds
   policy, reference, reward and value as four separate model copies built from the same code (ratio);
 - the 4-bit base's resident bytes per parameter.
-Targets, reported met or not: sampler >= 2.0x generate on the tiny model (issue #16), >= 1.0x on the 135M shape;
+Targets, reported met or not: sampler >= 2.0x generate on the tiny model, >= 1.0x on the 135M shape;
 PPO peak memory <= 0.4x the four-copy layout; training step >= 50 % of the measured matmul rate on the 135M-shaped
 model; 4-bit base <= 0.55 bytes/param.
 

@@ -33,7 +33,7 @@ from minirlhf.models import load_model, load_tokenizer  # noqa: E402
 from minirlhf.sampling import sample  # noqa: E402
 from minirlhf.training import make_trainable  # noqa: E402
 
-NEW_TOKENS, TARGET = 24, 2.0  # issue #16: >= 2x generate on the tiny model
+NEW_TOKENS, TARGET = 24, 2.0  # the target: >= 2x generate on the tiny model
 MARK_BEGIN, MARK_END = "<!-- bench/sampler.py: begin (generated) -->", "<!-- bench/sampler.py: end -->"
 SECTION = "## The sampler against generate, in RL's settings (bench/sampler.py)"
 

@@ -1,4 +1,4 @@
-"""The sampler's fast path: a hand-written forward of the Llama family over a preallocated KV cache (issue #16).
+"""The sampler's fast path: a hand-written forward of the Llama family over a preallocated KV cache.
 
 transformers' generic forward, as generate and the HF engine of sampling.py call it, grows its DynamicCache by
 concatenation (every layer's keys and values copied at every step: 35 % of generate's CPU time on the embedded tiny

@@ -257,7 +257,7 @@ def test_bad_flags_give_one_line_errors(runs, tmp_path, monkeypatch):
         parse_args(train_grpo.Args, ["--target-kl", "1.0"])
 
 
-# ------------------------------------------------------------------ the options of issue #15 (RLOO, the GRPO family)
+# ------------------------------------------------------------------ RLOO and the GRPO family's options
 VARIANTS = {  # name -> (script, extra flags); every new flag value runs once, all on the gold score (no reward model)
     "rloo": ("reinforce", ["--baseline", "leave-one-out", "--samples-per-prompt", "4", "--forward-batch-size", "3"]),
     "grpo_sequence": ("grpo", ["--group-size", "4", "--loss-aggregation", "sequence", "--advantage-std", "batch",
