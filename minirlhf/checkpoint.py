@@ -9,14 +9,21 @@ everything saved here is first turned into tensors and plain Python values (`_lo
 """
 import collections
 import dataclasses
+import errno
 import json
 import os
 import pickle
 import random
+import socket
 import tempfile
 
 import numpy as np
 import torch
+
+try:
+    import fcntl  # POSIX: the --out folder's lock (lock_out_dir)
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 from .atomic import atomic_directory, atomic_torch_save, remove
 from .errors import InputError
@@ -305,7 +312,10 @@ def prepare_out_dir(out, resume, overwrite):
     - A finished run's folder, or an empty or new one, is used as it is (a command that then fails on another
       setting leaves a finished run untouched); the new run's first checkpoint replaces the old one, and its RunLog
       drops the old summary.json (whose "train/finished" must not vouch for the new run's checkpoint).
-    Every rank may call it. It reads at most the checkpoint's step (memory-mapped), so it takes milliseconds."""
+    - The folder is locked for the life of the run (lock_out_dir): a second run started into it, by --out or
+      --resume, while the first one lives, is refused with one line naming the folder and the owner's pid.
+    Every rank may call it (only rank 0 takes the lock). It reads at most the checkpoint's step (memory-mapped), so
+    it takes milliseconds."""
     if resume and overwrite:
         raise InputError("--overwrite starts the run in --out over and --resume continues it: pass one of them")
     flag, folder = ("--resume", resume) if resume else ("--out", out)
@@ -315,6 +325,8 @@ def prepare_out_dir(out, resume, overwrite):
     if resume and not os.path.exists(folder):
         return
     _check_writable(folder, flag)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: the ranks of one run share rank 0's lock
+        lock_out_dir(folder, flag)
     if resume:
         return
     file = _checkpoint_file(folder)
@@ -373,3 +385,76 @@ def _finished(folder):
             return json.load(f).get("train/finished") is True
     except (OSError, ValueError, AttributeError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per folder: two runs writing into one --out would interleave their metrics.jsonl rows and overwrite each
+# other's checkpoints. The lock is flock(2) on DIR/.minirlhf.lock, which holds the owner's pid and host for the
+# message. The kernel drops a flock when its process ends, however it ends (exit, error, Ctrl-C, SIGTERM, SIGKILL,
+# a crash), so a lock file left by a dead process is stale by construction: the next run takes it over. A normal
+# exit (cli.run_script) also removes the file. Within one process the lock is re-entrant (a test or notebook that
+# runs script after script in one folder).
+# ---------------------------------------------------------------------------------------------------------------
+LOCK_FILE = ".minirlhf.lock"
+_locks = {}  # real path of a locked folder -> the open lock file (holding the flock)
+
+
+def lock_out_dir(folder, flag="--out"):
+    """Lock `folder` for this process (see above): return at once if this process holds it already; InputError
+    naming the folder and the owner's pid (and host) if another live process does. Filesystems without locks
+    (some network mounts) run unlocked, with one warning line."""
+    key = os.path.realpath(folder)
+    if key in _locks or fcntl is None:
+        return
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = _lock_owner(f)
+            f.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(f"{flag} {folder} is in use by another run ({owner}): two runs in one folder would "
+                                 "mix their metrics and checkpoints; wait for it to end, or pass another --out") \
+                    from None
+            from .validation import warn
+            warn(f"{flag} {folder}: cannot lock the folder ({e.strerror}): nothing stops a second run from writing "
+                 "into it while this one runs")
+            return
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except FileNotFoundError:  # its owner removed the file between our open and our flock
+            same = False
+        if same:
+            break
+        f.close()  # locked a file another process had just unlinked: take the new one
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    _locks[key] = f
+
+
+def _lock_owner(f):
+    """What a lock file says of its owner ("pid 123 on host h"), or a stand-in when it is empty or unreadable."""
+    try:
+        f.seek(0)
+        return f.read().strip() or "a process that has not written its pid yet"
+    except OSError:
+        return "a process whose pid cannot be read"
+
+
+def release_out_dir(folder=None):
+    """Remove and unlock this process's lock file of `folder` (every folder it locked when None). The file is
+    removed while the lock is held, so no other process can lock it in between."""
+    keys = list(_locks) if folder is None else [os.path.realpath(folder)]
+    for key in keys:
+        f = _locks.pop(key, None)
+        if f is None:
+            continue
+        try:
+            os.remove(os.path.join(key, LOCK_FILE))
+        except OSError:
+            pass
+        f.close()

@@ -103,7 +103,9 @@ def run_script(main, args_cls, prog=None):
     Bad input (errors.InputError) and a diverged run (errors.Diverged) end in one line, `script.py: error: ...`,
     exit status 1; a Ctrl-C outside the training loop (while loading, evaluating before training) or a second Ctrl-C
     inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: run.GracefulStop).
-    Any other exception is a bug in minirlhf and keeps its traceback."""
+    Any other exception is a bug in minirlhf and keeps its traceback. However it ends, the --out folder's lock
+    (checkpoint.lock_out_dir) is released."""
+    from .checkpoint import release_out_dir
     prog = prog or os.path.basename(sys.argv[0])
     try:
         return main(parse_args(args_cls))
@@ -113,3 +115,5 @@ def run_script(main, args_cls, prog=None):
         print(f"\n{prog}: interrupted; nothing more was written (a checkpoint saved earlier is intact)",
               file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        release_out_dir()

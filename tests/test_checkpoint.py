@@ -21,6 +21,13 @@ from minirlhf.errors import InputError
 from minirlhf.tracking import RunLog
 
 
+@pytest.fixture(autouse=True)
+def release_locks():
+    """prepare_out_dir locks the folders it prepares (for the life of the process): release them after each test."""
+    yield
+    ck.release_out_dir()
+
+
 @dataclasses.dataclass
 class Args:
     out: str = "runs/x"
@@ -257,8 +264,11 @@ def test_a_kill_between_the_two_renames_keeps_the_old_version_until_the_new_one_
 
 def test_a_new_or_empty_out_is_created_and_accepted(tmp_path):
     ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)
-    assert os.path.isdir(tmp_path / "new" / "run") and os.listdir(tmp_path / "new" / "run") == []  # no probe left
-    ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)
+    assert os.path.isdir(tmp_path / "new" / "run")
+    assert os.listdir(tmp_path / "new" / "run") == [ck.LOCK_FILE]  # the run's lock; no probe left
+    ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)  # the lock is this process's own
+    ck.release_out_dir(str(tmp_path / "new" / "run"))
+    assert os.listdir(tmp_path / "new" / "run") == []
 
 
 def test_an_unusable_out_is_one_clear_line(tmp_path, monkeypatch):
@@ -311,7 +321,7 @@ def test_an_interrupted_run_is_not_overwritten_without_overwrite(tmp_path):
     assert os.path.isdir(out / "checkpoint.old")
 
     ck.prepare_out_dir(str(out), None, True)  # --overwrite: the old checkpoint goes, the rest is the run's to replace
-    assert sorted(os.listdir(out)) == ["metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(out)) == sorted([ck.LOCK_FILE, "metrics.jsonl", "summary.json"])
     ck.prepare_out_dir(str(out), None, False)
 
 
@@ -331,7 +341,8 @@ def test_a_finished_run_folder_is_reused_as_it_is(tmp_path):
     write_file(tmp_path / "summary.json", json.dumps({"train/finished": True}).encode())
     before = sorted(os.listdir(tmp_path))
     ck.prepare_out_dir(str(tmp_path), None, False)
-    assert sorted(os.listdir(tmp_path)) == before  # untouched (no probe file left either)
+    ck.release_out_dir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == before  # untouched (no probe file left, the lock released)
     # the new run's log drops the old summary: its "finished" must not vouch for the new run's checkpoints
     RunLog(str(tmp_path), Args(out=str(tmp_path)))
     assert not (tmp_path / "summary.json").exists()

@@ -1,0 +1,90 @@
+"""What the run plumbing guarantees when the world around a run goes wrong: a second run started into a live run's
+folder, data smaller than the work asked of it, a disk that fills up during a save. Each ends in one line (or runs
+correctly), and nothing written before is lost: a resumed run continues exactly.
+
+Runs are in this process (runpy of the script's __main__, as tests/test_bad_inputs.py does) on the embedded tiny
+model, a few steps each; a second process only where two processes are the point.
+"""
+import errno
+import json
+import os
+import runpy
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minirlhf import atomic, checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+SFT = ["--threads", "1", "--max-steps", "2", "--batch-size", "2", "--block-size", "32", "--eval-every", "1",
+       "--max-eval-blocks", "2", "--log-every", "1"]
+
+
+def run_in_process(script, argv, monkeypatch):
+    """Run script's __main__ with argv; returns the SystemExit code (a str: the one line) or None if it returned."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        return e.code
+    return None
+
+
+def assert_one_line(code, script, *expected):
+    assert isinstance(code, str), f"expected a one-line error, got exit code {code!r}"
+    assert "\n" not in code and code.startswith(f"{script}: error: "), code
+    for text in expected:
+        assert text in code, code
+
+
+def files_in(folder):
+    return sorted(os.path.relpath(os.path.join(r, f), folder) for r, _, fs in os.walk(folder) for f in fs)
+
+
+# ---- one run per folder ------------------------------------------------------------------------------------------
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from minirlhf.checkpoint import lock_out_dir; "
+        "lock_out_dir({out!r}); print('locked', flush=True); time.sleep(120)")
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT, out=str(out))], stdout=subprocess.PIPE,
+                              text=True, cwd=ROOT, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        before = files_in(out)
+        for flags in (["--out", str(out)], ["--out", str(out), "--overwrite"], ["--resume", str(out)]):
+            code = run_in_process("train_sft.py", [*SFT, *flags], monkeypatch)
+            assert_one_line(code, "train_sft.py", str(out), "in use by another run", f"pid {holder.pid} on host")
+            assert files_in(out) == before  # nothing written, nothing removed
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died without a word: its lock file stays, naming a dead pid; the next run takes it over
+    assert files_in(out) == [checkpoint.LOCK_FILE]
+    assert run_in_process("train_sft.py", [*SFT, "--out", str(out)], monkeypatch) is None
+    assert os.path.isfile(out / "summary.json") and not os.path.exists(out / checkpoint.LOCK_FILE)  # released
+
+
+def test_a_stale_lock_file_is_taken_over_and_a_live_one_refuses_a_command_line(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / checkpoint.LOCK_FILE).write_text("pid 999999999 on host elsewhere\n")  # no process holds it
+    assert run_in_process("train_sft.py", [*SFT, "--out", str(out)], monkeypatch) is None
+    assert not os.path.exists(out / checkpoint.LOCK_FILE)
+    checkpoint.lock_out_dir(str(out))  # this process holds it now: a command line in another process is refused
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), *SFT, "--resume", str(out)],
+                              capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
+    finally:
+        checkpoint.release_out_dir(str(out))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line, = proc.stderr.strip().splitlines()
+    assert line.startswith(f"train_sft.py: error: --resume {out} is in use by another run (pid {os.getpid()} "), line
