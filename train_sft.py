@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.cli import MachineArgs, run_script
-from minirlhf.data import load_preference_dataset, world
+from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad, report_cuts, resolve_lengths
@@ -209,19 +209,10 @@ def init_config(text_or_path):
 def main(args):
     run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
 
-    # model and tokenizer
+    # data first (the tokenizer is all it needs): packed blocks (loss on every token) or padded examples (loss on
+    # response tokens); data that cannot fill one batch is one line here, before the model loads
     tokenizer = load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
-    if args.init_config is not None:
-        model = set_compute_dtype(fresh_model(args.init_config, tokenizer).to(run.device),
-                                  resolve_dtype(args.dtype, run.device))  # trains in fp32, computes in --dtype
-    else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
-        model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
-                           tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
-        make_trainable(model, "sft", full_finetune=args.full_finetune, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
-    run.print(f"model: {parameter_report(model)} on {run.device}")
 
-    # data: packed blocks (loss on every token) or padded examples (loss on response tokens)
     def data(split):
         rows = demonstrations(args, split)
         if args.packing:
@@ -237,7 +228,19 @@ def main(args):
     if args.max_eval_blocks > 0:
         eval_data = tuple(t[:args.max_eval_blocks] for t in eval_data)  # the first N: every evaluation the same rows
     n_train, what = len(train_data[0]), "blocks" if args.packing else "examples"
-    steps_per_epoch(n_train, args.batch_size * run.dist.world_size, f"training {what}", fix="lower --batch-size")
+    steps_per_epoch(n_train, args.batch_size * run.dist.world_size, f"training {what}", fix="lower --batch-size",
+                    source=describe_source(args.dataset, "train", args.data_files))
+
+    # model
+    if args.init_config is not None:
+        model = set_compute_dtype(fresh_model(args.init_config, tokenizer).to(run.device),
+                                  resolve_dtype(args.dtype, run.device))  # trains in fp32, computes in --dtype
+    else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
+        model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                           tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
+        make_trainable(model, "sft", full_finetune=args.full_finetune, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+    run.print(f"model: {parameter_report(model)} on {run.device}")
     run.print(f"data: {n_train} train {what}, {len(eval_data[0])} of {n_eval_all} held-out {what} evaluated, "
               f"{train_data[0].shape[1]} tokens each; "
               f"{args.max_steps} steps of {args.batch_size * run.dist.world_size} (per process {args.batch_size})")

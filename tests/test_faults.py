@@ -88,3 +88,64 @@ def test_a_stale_lock_file_is_taken_over_and_a_live_one_refuses_a_command_line(t
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line, = proc.stderr.strip().splitlines()
     assert line.startswith(f"train_sft.py: error: --resume {out} is in use by another run (pid {os.getpid()} "), line
+
+
+# ---- data smaller than the work asked of it ----------------------------------------------------------------------
+RL = ["--threads", "1", "--iterations", "2", "--rollout-size", "8", "--minibatch-size", "4", "--eval-prompts", "1",
+      "--eval-samples", "1", "--max-new-tokens", "4", "--dataset", "juyoungml/HelpSteer2-binarized"]
+
+
+def rows_file(tmp_path, n):
+    """The first n rows of the HelpSteer2 fixture as a file of their own."""
+    with open(os.path.join(FIXTURES, "helpsteer2_binarized.jsonl")) as f:
+        lines = f.readlines()[:n]
+    path = tmp_path / f"{n}_rows.jsonl"
+    path.write_text("".join(lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("script,rows,extra", [("train_ppo.py", 1, []), ("train_reinforce.py", 3, []),
+                                               ("train_grpo.py", 1, ["--group-size", "4"])])
+def test_rl_prompts_fewer_than_a_rollout_cycle_and_every_sample_counted_was_drawn(script, rows, extra, tmp_path,
+                                                                                 monkeypatch, capsys):
+    out = tmp_path / "run"
+    code = run_in_process(script, [*RL, *extra, "--data-files", rows_file(tmp_path, rows), "--out", str(out)],
+                          monkeypatch)
+    assert code is None
+    assert f"[train]: {rows} prompt(s), fewer than the" in capsys.readouterr().err  # one warning line says so
+    drawn = load_file(str(out / "last_rollout.safetensors"))["scores"].shape[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert drawn == 8 and summary["train/samples"] == summary["train/episodes"] == 2 * drawn
+
+
+def test_epoch_order_chains_epochs_when_one_is_shorter_than_a_take():
+    from minirlhf.training import EpochOrder, epoch_order
+    order = EpochOrder(3, seed=0)
+    taken = [order.take(8) for _ in range(3)]
+    assert all(len(t) == 8 for t in taken)
+    flat = sum(taken, [])
+    assert flat == sum((epoch_order(3, e, 0) for e in range(8)), [])  # epoch after epoch, nothing dropped
+    again = EpochOrder(3, seed=0)
+    again.take(8)
+    resumed = EpochOrder(3, seed=0)
+    resumed.load_state_dict(again.state_dict())
+    assert resumed.take(8) == taken[1]
+    # an epoch that holds a whole take: as always, its rest is dropped when it cannot fill the next one
+    order = EpochOrder(10, seed=1)
+    assert order.take(4) + order.take(4) == epoch_order(10, 0, 1)[:8] and order.take(4) == epoch_order(10, 1, 1)[:4]
+    with pytest.raises(ValueError, match="rank 1 would have none"):
+        EpochOrder(1, seed=0, rank=1, world_size=2)
+
+
+@pytest.mark.parametrize("script,extra", [("train_dpo.py", []), ("train_reward.py", []),
+                                          ("train_sft.py", ["--no-packing"])])
+def test_pairs_fewer_than_one_optimizer_step_are_one_line_before_the_model_loads(script, extra, tmp_path,
+                                                                                monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr("minirlhf.models.load_model", no_model)
+    data = rows_file(tmp_path, 1)
+    code = run_in_process(script, ["--threads", "1", "--dataset", "juyoungml/HelpSteer2-binarized", "--data-files",
+                                   data, *extra, "--out", str(tmp_path / "run")], monkeypatch)
+    assert_one_line(code, script, f"--data-files {data} [train]: 1 training ", "do not fill one optimizer step")
+    assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
