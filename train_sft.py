@@ -37,7 +37,7 @@ from minirlhf.errors import InputError
 from minirlhf.formats import read_json_object, save_adapter
 from minirlhf.heads import response_logprobs
 from minirlhf.lora import adapter_names, merge_lora
-from minirlhf.models import load_model, load_tokenizer, parameter_report
+from minirlhf.models import load_model, load_tokenizer, parameter_report, skeleton_of
 from minirlhf.ops import masked_mean
 from minirlhf.precision import LossScaler, resolve_dtype, set_compute_dtype
 from minirlhf.run import Run
@@ -190,7 +190,12 @@ def check_args(args):
     if args.init_config is not None and args.tokenizer is None:
         raise InputError("--init-config needs --tokenizer (a fresh model has no tokenizer beside it)")
     if args.init_config is not None:
-        init_config(args.init_config)  # readable JSON, or one line saying why not
+        config = init_config(args.init_config)  # readable JSON, or one line saying why not
+        try:  # what transformers builds of it, on the meta device (no memory): a config it rejects fails now
+            skeleton_of(AutoConfig.for_model(**config))
+        except Exception as e:  # whatever transformers raises for a config it cannot build (KeyError, ValueError...)
+            raise InputError(f"--init-config: transformers cannot build a causal language model from it "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 def init_config(text_or_path):

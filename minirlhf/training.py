@@ -27,6 +27,9 @@ def make_trainable(model, adapter, *, full_finetune=False, lora_r=16, lora_alpha
         model.requires_grad_(True)
         return [p for p in model.parameters() if p.requires_grad]
     targets = "all-linear" if list(lora_targets) == ["all-linear"] else list(lora_targets)
+    problem = lora.targets_problem(model, targets)  # checked on the skeleton already where its config was at hand
+    if problem:
+        raise InputError(f"--lora-targets {problem}")
     lora.add_lora(model, targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, adapter=adapter)
     lora.set_active_adapter(model, adapter)
     return lora.lora_parameters(model, adapter)

@@ -83,6 +83,9 @@ RANGE_CASES = [
     ("train_ppo.py", ["--missing-eos-penalty", "nan"], "--missing-eos-penalty"),
     ("train_ppo.py", ["--entropy-coef", "inf"], "--entropy-coef"),
     ("train_ppo.py", ["--rollout-size", "0"], "--rollout-size"),
+    # the range the code accepts, narrower than a plain bound: numpy's seeds stop at 2^32 - 1
+    *[(s, ["--seed", "4294967296"], "--seed") for s in SCRIPTS],
+    ("train_grpo.py", ["--clip-high", "0.1"], "--clip-high"),  # below --clip-eps 0.2: a narrower upper clip
 ]
 # ---- choices and flag combinations
 CHOICE_CASES = [
@@ -120,6 +123,15 @@ CHOICE_CASES = [
     ("train_sft.py", ["--init-config", "{not json", "--tokenizer", TINY_LLAMA], "--init-config"),
     ("train_reward.py", ["--dataset", "builtin", "--data-files", "x.jsonl"], "--data-files"),
     ("train_reward.py", ["--reward-model", TINY_LLAMA], "--eval-only"),
+    # checked against the model's skeleton (its config.json on the meta device) before anything loads
+    *[(s, ["--lora-targets", "q_prj"], "--lora-targets") for s in SCRIPTS],
+    ("train_ppo.py", ["--lora-targets", "q_proj", "v_prj"], "v_prj"),
+    ("train_sft.py", ["--full-finetune", "--quantization", "4bit"], "--full-finetune"),
+    ("train_reward.py", ["--full-finetune", "--quantization", "8bit"], "--full-finetune"),
+    ("train_sft.py", ["--init-config", '{"model_type": "llama", "hidden_act": "nope"}', "--tokenizer", TINY_LLAMA],
+     "--init-config"),
+    ("train_sft.py", ["--init-config", '{"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}',
+                      "--tokenizer", TINY_LLAMA], "--init-config"),
 ]
 CASES = RANGE_CASES + CHOICE_CASES
 
@@ -288,6 +300,16 @@ def make_bad_files(root):
     shutil.copytree(TINY_LLAMA, model)
     (model / "config.json").write_text("{not json")
     p["model_bad_config"] = str(model)
+    for name, change in (("model_bad_activation", {"hidden_act": "nope"}),
+                         ("model_bad_heads", {"num_attention_heads": 5, "head_dim": None}),
+                         ("model_bad_rope", {"rope_parameters": {"rope_type": "bogus", "rope_theta": 10000.0}}),
+                         ("model_no_layers", {"num_hidden_layers": 0})):
+        model = root / name
+        shutil.copytree(TINY_LLAMA, model)
+        config = json.loads((model / "config.json").read_text())
+        config.update(change)
+        (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        p[name] = str(model)
     (root / "a_file").write_text("x")
     p["a_file"] = str(root / "a_file")
     # an interrupted run: a checkpoint and no summary; and a crafted checkpoint that would run code if unpickled
@@ -330,6 +352,10 @@ FILE_CASES = [
     ("train_reward.py", ["--model", "{model_no_weights}"], "no model weights"),
     ("train_dpo.py", ["--model", "{model_bad_config}"], "config.json"),
     ("train_sft.py", ["--model", "/nonexistent"], "--model"),
+    ("train_sft.py", ["--model", "{model_bad_activation}"], "'nope'"),
+    ("train_ppo.py", ["--model", "{model_bad_heads}"], "not a multiple of the number of attention heads"),
+    ("train_dpo.py", ["--model", "{model_bad_rope}"], "'bogus'"),
+    ("train_reward.py", ["--model", "{model_no_layers}"], "--lora-targets"),
     ("train_ppo.py", ["--model", "nobody/no-such-model"], "--model"),
     ("train_sft.py", ["--device", "foo"], "--device"),
     ("train_reward.py", ["--out", "{a_file}"], "--out"),
