@@ -287,8 +287,9 @@ def main(args):
                            f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
             recent.clear()
             tokens, tick = 0, time.time()
-    if run.is_main and "eval/loss" not in metrics:  # stopped between evaluations
-        metrics = {"train/loss": sum(recent) / max(1, len(recent)), **metrics,
+    if run.is_main and "eval/loss" not in metrics:  # stopped between evaluations, or resumed with no step left
+        logged = next((row["train/loss"] for row in reversed(run.log_file.history) if "train/loss" in row), None)
+        metrics = {"train/loss": sum(recent) / len(recent) if recent else logged, **metrics,
                    "eval/loss": eval_loss(model, eval_data, eval_rows)}
 
     # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged

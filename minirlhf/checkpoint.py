@@ -458,3 +458,25 @@ def release_out_dir(folder=None):
         except OSError:
             pass
         f.close()
+
+
+def out_of_space(error, args):
+    """The one line for a full disk or quota (OSError ENOSPC / EDQUOT) met while a run wrote into its folder: what
+    happened, what was kept, how to continue. Every write is atomic (atomic.py), so whatever was being written is
+    simply not there and everything written before is whole; the last checkpoint on disk is read for its step."""
+    what = "no space left on the device" if error.errno == errno.ENOSPC else "the disk quota is exceeded"
+    if error.filename:
+        what += f" while writing {error.filename}"
+    out = getattr(args, "out", None)
+    if not hasattr(args, "resume") or not out or not os.path.isdir(out):  # not a run folder (compare's --out file)
+        return f"{what}; nothing of it was kept: free space, then run the command again"
+    file = _checkpoint_file(out)
+    try:
+        step = read_checkpoint_file(file, mmap=True)["step"] if file else None
+    except InputError:
+        step = None
+    if step is None:
+        return (f"{what}; {out} holds no whole checkpoint, so the run cannot be resumed: free space, then start it "
+                f"again (with --overwrite if a checkpoint was left unreadable)")
+    return (f"{what}; kept: the last whole checkpoint, step {step}, in {os.path.dirname(file)} (everything written "
+            f"before is whole): free space, then continue with --resume {out}")

@@ -33,10 +33,11 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from . import distributed
+from .atomic import atomic_write_bytes
 from .data import describe_source, load_prompt_dataset, world
 from .data.tokenize import require_pad_token, tokenize_prompt_dataset
 from .errors import InputError
@@ -323,8 +324,9 @@ def log_line(iteration, metrics, seconds):
 
 def save_last_rollout(out, tensors):
     """out/last_rollout.safetensors: the tensors the last update saw, to inspect by hand (and for the tests)."""
-    save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-               for k, v in tensors.items()}, os.path.join(out, "last_rollout.safetensors"))
+    atomic_write_bytes(os.path.join(out, "last_rollout.safetensors"), save_safetensors(
+        {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+         for k, v in tensors.items()}))
 
 
 def finish(run, model, held_out, before, last):

@@ -149,3 +149,80 @@ def test_pairs_fewer_than_one_optimizer_step_are_one_line_before_the_model_loads
                                    data, *extra, "--out", str(tmp_path / "run")], monkeypatch)
     assert_one_line(code, script, f"--data-files {data} [train]: 1 training ", "do not fill one optimizer step")
     assert not os.path.exists(tmp_path / "run" / "metrics.jsonl")
+
+
+# ---- a full disk -------------------------------------------------------------------------------------------------
+NOISY = ("perf/", "time/", "memory/", "train/samples")  # wall clock; what this process ran itself
+
+
+def fail_writes(monkeypatch, name, at, err=errno.ENOSPC):
+    """The `at`-th atomic.atomic_write_bytes of a file called `name` fails as a full disk fails it: its write()
+    raises OSError(err), naming no file. Returns the real function, to put back."""
+    real, real_fdopen, seen = atomic.atomic_write_bytes, os.fdopen, []
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(err, os.strerror(err))
+
+    def write(path, data):
+        if os.path.basename(path) == name:
+            seen.append(path)
+            if len(seen) == at:
+                with monkeypatch.context() as m:
+                    m.setattr(os, "fdopen", Full)
+                    return real(path, data)
+        return real(path, data)
+    monkeypatch.setattr(atomic, "atomic_write_bytes", write)
+    return real
+
+
+def outcome(out):
+    """The final checkpoint's weights and optimizer, the adapter's bytes, the logged rows, the summary's numbers."""
+    state = torch.load(out / "checkpoint" / "trainer.pt", weights_only=True)
+    rows = [{k: v for k, v in json.loads(line).items() if not k.startswith(NOISY)}
+            for line in (out / "metrics.jsonl").read_text().splitlines()]
+    summary = {k: v for k, v in json.loads((out / "summary.json").read_text()).items() if not k.startswith(NOISY)}
+    return (state["step"], state["trainable"], state["optimizer"]["state"], rows, summary,
+            (out / "adapter" / "adapter_model.safetensors").read_bytes())
+
+
+def assert_same(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), (sorted(a), sorted(b))
+        for k in a:
+            assert_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same(x, y)
+    else:
+        assert a == b, (a, b)
+
+
+@pytest.mark.parametrize("name,at,err,kept", [("trainer.pt", 3, errno.ENOSPC, 2),   # the third checkpoint
+                                              ("summary.json", 1, errno.EDQUOT, 4)])  # after the last one
+def test_a_full_disk_is_one_line_and_the_run_resumes_exactly(name, at, err, kept, tmp_path, monkeypatch):
+    flags = [*SFT[:3], "4", *SFT[4:], "--save-every", "1"]  # --max-steps 4, a checkpoint after each step
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert run_in_process("train_sft.py", [*flags, "--out", str(full)], monkeypatch) is None
+    real = fail_writes(monkeypatch, name, at, err)
+    code = run_in_process("train_sft.py", [*flags, "--out", str(cut)], monkeypatch)
+    what = "no space left on the device" if err == errno.ENOSPC else "the disk quota is exceeded"
+    assert_one_line(code, "train_sft.py", f"{what} while writing ", name,
+                    f"kept: the last whole checkpoint, step {kept}, in {cut / 'checkpoint'}",
+                    f"continue with --resume {cut}")
+    assert not [f for f in files_in(cut) if ".tmp" in f]  # no half-written file left behind
+    monkeypatch.setattr(atomic, "atomic_write_bytes", real)  # space freed
+    assert run_in_process("train_sft.py", [*flags, "--resume", str(cut)], monkeypatch) is None
+    assert_same(outcome(cut), outcome(full))
