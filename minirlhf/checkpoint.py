@@ -10,11 +10,13 @@ everything saved here is first turned into tensors and plain Python values (`_lo
 import collections
 import dataclasses
 import errno
+import inspect
 import json
 import os
 import pickle
 import random
 import socket
+import sys
 import tempfile
 
 import numpy as np
@@ -92,6 +94,7 @@ def set_rng_state(state):
 #   DIR/checkpoint/trainer.pt = {
 #       "step": optimizer steps done (PPO: iterations),  "world_size": processes that wrote it,
 #       "args": the run's settings (a resume must use the same ones, RESUME_MAY_DIFFER aside),
+#       "script": the script that wrote it (script_of: "train_ppo.py"), named when another one is asked to resume it,
 #       "trainable": {parameter name: tensor} of every trainable model weight (LoRA A/B, or all of them),
 #       "heads": {head name: state_dict},  "optimizer": AdamW's state_dict (moments and step counts),
 #       "ranks": [one dict per rank: RNG states (python, numpy, torch), data position, per-rank extras],
@@ -240,11 +243,21 @@ def load_checkpoint(run_dir, args, dist):
                          "--overwrite instead of --resume") from None
     ours = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_DIFFER}
     theirs = {k: v for k, v in state["args"].items() if k not in RESUME_MAY_DIFFER}
-    differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    script, writer = script_of(args), state.get("script")
+    if isinstance(writer, str) and writer != script and ours != theirs:  # (a renamed copy of the script may resume)
+        raise InputError(f"--resume {run_dir} was written by {writer}; resume it with python {writer} --resume "
+                         f"{run_dir} and the settings in {os.path.join(run_dir, 'args.json')} (this is {script})")
+    if set(ours) != set(theirs):  # another script's settings (a checkpoint that does not name its script)
+        only = sorted(set(theirs) - set(ours))
+        raise InputError(f"--resume {run_dir} was written by another script than {script}: its settings have "
+                         + (_first(["--" + k.replace("_", "-") for k in only], 5) + f", which {script} has not"
+                            if only else f"fewer flags than {script}'s")
+                         + "; resume it with the script that wrote it")
+    differ = [k for k in sorted(ours) if ours[k] != theirs[k]]
     if differ:
         raise InputError(f"--resume {run_dir}: the checkpoint was trained with different settings: "
-                         + ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {ours.get(k)!r} here"
-                                     for k in differ) + "; resume with the checkpoint's settings")
+                         + _first([f"--{k.replace('_', '-')} {theirs[k]!r} there, {ours[k]!r} here" for k in differ],
+                                  5) + "; resume with the checkpoint's settings")
     if state["world_size"] != dist.world_size:
         raise InputError(f"--resume {run_dir}: the checkpoint was written by {state['world_size']} process(es), this "
                          f"run has {dist.world_size}; resume with the same torchrun --nproc_per_node")
@@ -252,11 +265,26 @@ def load_checkpoint(run_dir, args, dist):
     return state, state["ranks"][dist.rank]
 
 
+def _first(items, n):
+    """The first n items joined with ", ", and how many more there are."""
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def script_of(args):
+    """The script whose settings `args` are, e.g. "train_ppo.py": the file that defines its class (run as a script,
+    imported or run by runpy alike); sys.argv[0]'s name when that cannot be told."""
+    try:
+        return os.path.basename(inspect.getfile(type(args)))
+    except (TypeError, OSError):
+        return os.path.basename(sys.argv[0])
+
+
 def save_training(out_dir, dist, *, step, args, model, heads, optimizer, shared=None, local=None):
     """A script's checkpoint in one call: step, settings, trainable weights, heads ({name: module}), optimizer, the
     `shared` extras (identical on every rank) and this rank's RNG states plus its `local` extras (data position...).
     Extras are tensors and plain Python values (numbers, strings, None, lists, dicts): see _loadable."""
-    state = {"step": step, "args": dataclasses.asdict(args), "trainable": trainable_state(model),
+    state = {"step": step, "args": dataclasses.asdict(args), "script": script_of(args),
+             "trainable": trainable_state(model),
              "heads": {name: head.state_dict() for name, head in heads.items()}, "optimizer": optimizer.state_dict(),
              **(shared or {})}
     return save_checkpoint(out_dir, state, {"rng": rng_state(), **(local or {})}, dist)

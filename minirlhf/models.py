@@ -117,8 +117,8 @@ def model_skeleton(name_or_path, flag="--model", trust_remote_code=False):
         return _skeleton(os.path.realpath(folder), os.path.getmtime(file))
     except Exception as e:  # whatever transformers raises for a config it cannot build (KeyError, ValueError, ...)
         raise InputError(f"{who(name_or_path, flag)}: transformers cannot build a causal language model from "
-                         f"{file} ({type(e).__name__}: {' '.join(str(e).split())[:300]}); expected the config.json that "
-                         "save_pretrained writes for a causal LM") from None
+                         f"{file} ({type(e).__name__}: {' '.join(str(e).split())[:300]}); expected the config.json "
+                         "that save_pretrained writes for a causal LM") from None
 
 
 @functools.lru_cache(maxsize=8)

@@ -316,6 +316,13 @@ def make_bad_files(root):
     interrupted = root / "interrupted"
     save_checkpoint(str(interrupted), {"step": 3, "args": {}}, {"rng": {}}, DistInfo())
     p["interrupted"] = str(interrupted)
+    # runs of another script: one whose checkpoint names it, one from before checkpoints did
+    from minirlhf.checkpoint import rng_state
+    save_checkpoint(str(root / "grpo_run"), {"step": 3, "args": {"group_size": 8, "beta": 0.04},
+                                             "script": "train_grpo.py"}, {"rng": rng_state()}, DistInfo())
+    save_checkpoint(str(root / "unnamed_run"), {"step": 3, "args": {f"flag_{i}": i for i in range(40)}},
+                    {"rng": rng_state()}, DistInfo())
+    p["grpo_run"], p["unnamed_run"] = str(root / "grpo_run"), str(root / "unnamed_run")
     crafted = root / "crafted" / CHECKPOINT_DIR
     crafted.mkdir(parents=True)
     torch.save({"step": 1, "evil": Marker(str(root / "pwned"))}, crafted / "trainer.pt")
@@ -363,6 +370,8 @@ FILE_CASES = [
     ("train_sft.py", ["--out", "{interrupted}"], "--overwrite"),
     ("train_dpo.py", ["--resume", "{crafted}"], "pickled"),
     ("train_reward.py", ["--resume", "{a_file}"], "--resume"),
+    ("train_ppo.py", ["--resume", "{grpo_run}"], "was written by train_grpo.py; resume it with python train_grpo.py"),
+    ("train_dpo.py", ["--resume", "{unnamed_run}"], "(and 35 more), which train_dpo.py has not"),
 ]
 if not torch.cuda.is_available():
     FILE_CASES.append(("train_ppo.py", ["--device", "cuda"], "no CUDA device"))
@@ -378,3 +387,18 @@ def test_bad_file_or_folder_is_one_line(script, argv, expected, tmp_path, monkey
     assert_one_line(code, script, expected)
     assert {k: snapshot(v) for k, v in paths.items() if os.path.isdir(v)} == before  # nothing damaged or removed
     assert not os.path.exists(paths["pwned"])  # the crafted checkpoint never ran its code
+
+
+def test_compare_out_is_checked_before_anything_loads(tmp_path, monkeypatch):
+    """compare --out names a file: a folder (or a path under a file) is refused before the model loads and the
+    policies are sampled, not after."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr("minirlhf.models.load_model", no_model)
+    (tmp_path / "a_file").write_text("x")
+    for out, expected in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "t.md", "is a file, not a folder")):
+        monkeypatch.setattr(sys, "argv", ["compare.py", "--threads", "1", "--out", str(out)])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("minirlhf.compare", run_name="__main__")
+        assert_one_line(e.value.code, "python -m minirlhf.compare", f"--out {out} ")
+        assert expected in e.value.code

@@ -376,3 +376,30 @@ def test_prepare_out_dir_is_fast_even_for_a_big_checkpoint(tmp_path):
         ck.prepare_out_dir(str(tmp_path), None, False)
     assert time.perf_counter() - start < 0.5
     assert zipfile.is_zipfile(tmp_path / "checkpoint" / "trainer.pt")
+
+
+def test_a_resume_with_many_other_settings_names_the_first_five(tmp_path):
+    Many = dataclasses.make_dataclass("Many", [(f"flag_{i}", int, 0) for i in range(12)] + [("out", str, "")])
+    saved = dataclasses.asdict(Many(**{f"flag_{i}": 1 for i in range(12)}))
+    ck.save_checkpoint(str(tmp_path), {"step": 1, "args": saved}, {"rng": ck.rng_state()}, DistInfo())
+    with pytest.raises(InputError) as e:
+        ck.load_checkpoint(str(tmp_path), Many(), DistInfo())
+    assert one_line(e) == (f"--resume {tmp_path}: the checkpoint was trained with different settings: --flag-0 1 "
+                           "there, 0 here, --flag-1 1 there, 0 here, --flag-10 1 there, 0 here, --flag-11 1 there, 0 "
+                           "here, --flag-2 1 there, 0 here (and 7 more); resume with the checkpoint's settings")
+
+
+def test_a_checkpoint_names_the_script_that_wrote_it(tmp_path):
+    save_tiny(tmp_path, step=1)
+    state = torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["script"] == "test_checkpoint.py"  # the file defining the settings' class
+    state["script"], state["args"]["lr"] = "train_other.py", 5.0
+    torch.save(state, tmp_path / "checkpoint" / "trainer.pt")
+    with pytest.raises(InputError) as e:
+        ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())
+    assert one_line(e) == (f"--resume {tmp_path} was written by train_other.py; resume it with python train_other.py "
+                           f"--resume {tmp_path} and the settings in {tmp_path / 'args.json'} (this is "
+                           "test_checkpoint.py)")
+    state["args"]["lr"] = 1e-3  # a renamed copy of a script, with the same settings, resumes
+    torch.save(state, tmp_path / "checkpoint" / "trainer.pt")
+    assert ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())[0]["step"] == 1
