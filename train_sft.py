@@ -227,6 +227,10 @@ def main(args):
                                  f"{sum(len(x) + 1 for x in ids)} tokens, not one block; lower --block-size")
             return (pack(ids, args.block_size, tokenizer.eos_token_id).to(run.device),)  # (N, L)
         examples = padded_examples(tokenizer, rows, args, f"{args.dataset} [{split}]")  # (N, T) ids, attention, loss
+        if not examples[2].any():  # the loss would be a mean over no token: 0.0, never measured
+            raise InputError(f"--block-size {args.block_size}: no response token of the {split} split's "
+                             f"{len(rows)} examples fits after its prompt; raise --block-size or lower "
+                             "--max-prompt-length")
         return tuple(t.to(run.device) for t in examples)
     train_data, eval_data = data("train"), data("test")
     n_eval_all = len(eval_data[0])

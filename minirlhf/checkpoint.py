@@ -436,7 +436,11 @@ def lock_out_dir(folder, flag="--out"):
         return
     path = os.path.join(folder, LOCK_FILE)
     while True:
-        f = open(path, "a+")
+        try:
+            f = open(path, "a+")
+        except OSError as e:  # a folder (or anything but a file) by that name
+            raise InputError(f"{flag} {folder}: its lock file {path} cannot be opened ({e.strerror}): remove what is "
+                             "there (no run of minirlhf makes it a folder)") from None
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:

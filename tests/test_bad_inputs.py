@@ -128,6 +128,12 @@ CHOICE_CASES = [
     ("train_ppo.py", ["--lora-targets", "q_proj", "v_prj"], "v_prj"),
     ("train_sft.py", ["--full-finetune", "--quantization", "4bit"], "--full-finetune"),
     ("train_reward.py", ["--full-finetune", "--quantization", "8bit"], "--full-finetune"),
+    ("train_ppo.py", ["--lora-targets", "embed_tokens"], "embed_tokens matches no linear module"),
+    # data smaller than the work asked of it, or cut to nothing: one line before the model loads
+    ("train_sft.py", ["--batch-size", "100000"], "do not fill one optimizer step"),
+    ("train_dpo.py", ["--max-train-pairs", "3"], "3 training pairs do not fill one optimizer step of 32"),
+    ("train_reward.py", ["--max-train-pairs", "3"], "3 training pairs do not fill one optimizer step of 32"),
+    ("train_sft.py", ["--no-packing", "--block-size", "2"], "no response token"),
     ("train_sft.py", ["--init-config", '{"model_type": "llama", "hidden_act": "nope"}', "--tokenizer", TINY_LLAMA],
      "--init-config"),
     ("train_sft.py", ["--init-config", '{"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}',
@@ -310,6 +316,8 @@ def make_bad_files(root):
         config.update(change)
         (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
         p[name] = str(model)
+    (root / "lock_is_folder" / ".minirlhf.lock").mkdir(parents=True)
+    p["lock_is_folder"] = str(root / "lock_is_folder")
     (root / "a_file").write_text("x")
     p["a_file"] = str(root / "a_file")
     # an interrupted run: a checkpoint and no summary; and a crafted checkpoint that would run code if unpickled
@@ -368,6 +376,7 @@ FILE_CASES = [
     ("train_reward.py", ["--out", "{a_file}"], "--out"),
     ("train_dpo.py", ["--out", "{a_file}/run"], "--out"),
     ("train_sft.py", ["--out", "{interrupted}"], "--overwrite"),
+    ("train_sft.py", ["--out", "{lock_is_folder}"], "lock file"),
     ("train_dpo.py", ["--resume", "{crafted}"], "pickled"),
     ("train_reward.py", ["--resume", "{a_file}"], "--resume"),
     ("train_ppo.py", ["--resume", "{grpo_run}"], "was written by train_grpo.py; resume it with python train_grpo.py"),
