@@ -105,12 +105,12 @@ def check_common(args, ranges, datasets="preference"):
 def check_lora_targets(args):
     """--lora-targets against the module names of --model's meta-device skeleton (models.model_skeleton: built from
     its config.json, nothing loaded): every target must match a linear module. Skipped where nothing trains a fresh
-    adapter (--full-finetune, DPO's --sft-adapter) or the config is not on this machine yet (training.make_trainable
+    adapter (--full-finetune, DPO's --sft-adapter, --eval-only) or the config is not on this machine yet (training.make_trainable
     checks the real model then)."""
     from .lora import targets_problem
     from .models import model_skeleton
     targets = list(getattr(args, "lora_targets", None) or [])
-    if not targets or getattr(args, "full_finetune", False) or getattr(args, "sft_adapter", None):
+    if not targets or any(getattr(args, name, None) for name in ("full_finetune", "sft_adapter", "eval_only")):
         return
     skeleton = model_skeleton(args.model)
     problem = skeleton is not None and targets_problem(
