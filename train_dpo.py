@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.cli import MachineArgs, run_script
-from minirlhf.data import load_preference_dataset, world
+from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.dpo import dpo_loss, ipo_loss, rpo_nll
 from minirlhf.errors import InputError
@@ -215,9 +215,21 @@ def main(args):
     average = args.loss == "ipo" or args.length_normalize
     columns = METRICS + (["nll/chosen"] if args.rpo_alpha > 0 else [])  # what each step logs
 
-    # 1. one frozen base; the policy is a LoRA adapter on it, the reference is the base itself
+    # 1. data first (the tokenizer is all it needs): tokenised pairs, held-out prompts for sampling; data that cannot
+    # fill one optimizer step is one line here, before the model loads
     tokenizer = load_tokenizer(args.model)
     pad_id = require_pad_token(tokenizer)
+    train_data = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
+    eval_pairs = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
+    eval_prompts, eval_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
+                                              args.eval_prompts, args.eval_samples, args.max_prompt_length,
+                                              args.template, args.system_prompt)
+    per_step = args.batch_size * args.grad_accum * run.dist.world_size
+    per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs",
+                                source=describe_source(args.dataset, args.split, args.data_files))
+    total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
+
+    # 2. one frozen base; the policy is a LoRA adapter on it, the reference is the base itself
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
                        tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
     if args.sft_adapter:
@@ -231,16 +243,9 @@ def main(args):
     dropout_off(model)  # no dropout in the reference, evaluation and sampling passes; the training step's policy
     # pass switches on the LoRA dropout alone (training.lora_dropout_active): --lora-dropout does what it says
     run.print(parameter_report(model))
-
-    # 2. data: tokenised pairs (+ their reference log-probs with --precompute-ref); held-out prompts for sampling
-    train_data = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
-    eval_pairs = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
     if args.precompute_ref:  # one reference pass now; training then never runs the reference
         train_data = with_reference_logps(model, train_data, pad_id, device, average, args.forward_batch_size,
                                           show=run.is_main)
-    eval_prompts, eval_ids = held_out_prompts(args.dataset, args.eval_split, args.data_files, tokenizer,
-                                              args.eval_prompts, args.eval_samples, args.max_prompt_length,
-                                              args.template, args.system_prompt)
 
     def sample_eval():
         return evaluate_policy(model, tokenizer, eval_prompts, eval_ids,
@@ -250,9 +255,6 @@ def main(args):
                                stop_strings=tuple(args.stop_strings), batch_size=args.forward_batch_size,
                                seed=args.seed, device=device)
 
-    per_step = args.batch_size * args.grad_accum * run.dist.world_size
-    per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")
-    total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
     run.print(f"data: {len(train_data)} train pairs; {total_steps} steps of {per_step} pairs (per process "
               f"{args.batch_size} x {args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr)

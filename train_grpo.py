@@ -187,6 +187,10 @@ def check_args(args):
     check_choice("--advantage-std", args.advantage_std, SCALES)
     check_choice("--loss-aggregation", args.loss_aggregation, AGGREGATIONS)
     check_choice("--kl-loss", args.kl_loss, KL_LOSSES)
+    if args.clip_high is not None and args.clip_high < args.clip_eps:
+        raise InputError(f"--clip-high {args.clip_high} is below --clip-eps {args.clip_eps}: it replaces the upper "
+                         "clip 1 + clip_eps by 1 + clip_high to widen it (DAPO's clip-higher); give --clip-high >= "
+                         "--clip-eps, or leave it out")
     if args.rollout_size % args.group_size:
         raise InputError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
                          f"got {args.group_size}")

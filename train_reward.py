@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.cli import MachineArgs, run_script
-from minirlhf.data import load_preference_dataset, world
+from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.loading import SPLITS
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.errors import InputError
@@ -182,13 +182,22 @@ def main(args):
     datasets.disable_progress_bars()  # one progress bar per loop is enough
     run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
 
-    # 1. one frozen base, a reward adapter and a head on top
     tokenizer = load_tokenizer(args.model)
     pad_id = require_pad_token(tokenizer)
-    model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
-                       tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
     if args.eval_only:
-        return evaluate_only(args, run, model, tokenizer)
+        return evaluate_only(args, run, load_base(args, tokenizer), tokenizer)
+
+    # 1. data first (the tokenizer is all it needs): tokenised pairs (prompt masked out; the reward reads the last
+    # real token); data that cannot fill one optimizer step is one line here, before the model loads
+    eval_data, eval_positions = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
+    train_data, _ = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
+    micro, per_step = args.batch_size, args.batch_size * args.grad_accum * run.dist.world_size
+    per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs",
+                                source=describe_source(args.dataset, args.split, args.data_files))
+    total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
+
+    # 2. one frozen base, a reward adapter and a head on top
+    model = load_base(args, tokenizer)
     params = make_trainable(model, "reward", full_finetune=args.full_finetune, lora_r=args.lora_r,
                             lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
     hidden = model.config.hidden_size  # a Bradley-Terry head has no bias: the loss only sees r_c - r_r (heads.py)
@@ -196,13 +205,6 @@ def main(args):
     head = head.to(run.device)
     params += list(head.parameters())
     run.print(f"{parameter_report(model)} (+ {sum(p.numel() for p in head.parameters())} head)")
-
-    # 2. data: tokenised pairs (prompt masked out; the reward reads the last real token)
-    eval_data, eval_positions = load_pairs(args, tokenizer, args.eval_split, args.max_eval_pairs)
-    train_data, _ = load_pairs(args, tokenizer, args.split, args.max_train_pairs)
-    micro, per_step = args.batch_size, args.batch_size * args.grad_accum * run.dist.world_size
-    per_epoch = steps_per_epoch(len(train_data), per_step, "training pairs")  # one line if the data cannot fill one
-    total_steps = args.max_steps if args.max_steps > 0 else per_epoch * args.epochs
     run.print(f"data: {len(train_data)} train pairs, {len(eval_data)} held-out pairs; {total_steps} steps of "
               f"{per_step} pairs (per process {micro} x {args.grad_accum} accum)")
     optimizer = make_optimizer(params, args.lr, args.weight_decay)
@@ -264,6 +266,12 @@ def main(args):
               + (f" (ceiling {ceiling:.4f}, {100 * final['eval/accuracy'] / ceiling:.1f}% of it)" if ceiling else "")
               + f"; reward model in {os.path.join(args.out, 'reward_model')}")
     return summary
+
+
+def load_base(args, tokenizer):
+    """The frozen base of --model, in --quantization and --dtype."""
+    return load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                      tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
 
 
 def load_pairs(args, tokenizer, split, max_pairs):

@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.cli import MachineArgs, run_script
-from minirlhf.data import load_preference_dataset, world
+from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad, report_cuts, resolve_lengths
@@ -37,7 +37,7 @@ from minirlhf.errors import InputError
 from minirlhf.formats import read_json_object, save_adapter
 from minirlhf.heads import response_logprobs
 from minirlhf.lora import adapter_names, merge_lora
-from minirlhf.models import load_model, load_tokenizer, parameter_report
+from minirlhf.models import load_model, load_tokenizer, parameter_report, skeleton_of
 from minirlhf.ops import masked_mean
 from minirlhf.precision import LossScaler, resolve_dtype, set_compute_dtype
 from minirlhf.run import Run
@@ -190,7 +190,12 @@ def check_args(args):
     if args.init_config is not None and args.tokenizer is None:
         raise InputError("--init-config needs --tokenizer (a fresh model has no tokenizer beside it)")
     if args.init_config is not None:
-        init_config(args.init_config)  # readable JSON, or one line saying why not
+        config = init_config(args.init_config)  # readable JSON, or one line saying why not
+        try:  # what transformers builds of it, on the meta device (no memory): a config it rejects fails now
+            skeleton_of(AutoConfig.for_model(**config))
+        except Exception as e:  # whatever transformers raises for a config it cannot build (KeyError, ValueError...)
+            raise InputError(f"--init-config: transformers cannot build a causal language model from it "
+                             f"({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
 
 
 def init_config(text_or_path):
@@ -209,19 +214,10 @@ def init_config(text_or_path):
 def main(args):
     run = Run(args, check_args)  # ---- plumbing: settings, --out / --resume, torchrun, threads, seed (run.py)
 
-    # model and tokenizer
+    # data first (the tokenizer is all it needs): packed blocks (loss on every token) or padded examples (loss on
+    # response tokens); data that cannot fill one batch is one line here, before the model loads
     tokenizer = load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
-    if args.init_config is not None:
-        model = set_compute_dtype(fresh_model(args.init_config, tokenizer).to(run.device),
-                                  resolve_dtype(args.dtype, run.device))  # trains in fp32, computes in --dtype
-    else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
-        model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
-                           tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
-        make_trainable(model, "sft", full_finetune=args.full_finetune, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
-    run.print(f"model: {parameter_report(model)} on {run.device}")
 
-    # data: packed blocks (loss on every token) or padded examples (loss on response tokens)
     def data(split):
         rows = demonstrations(args, split)
         if args.packing:
@@ -231,13 +227,29 @@ def main(args):
                                  f"{sum(len(x) + 1 for x in ids)} tokens, not one block; lower --block-size")
             return (pack(ids, args.block_size, tokenizer.eos_token_id).to(run.device),)  # (N, L)
         examples = padded_examples(tokenizer, rows, args, f"{args.dataset} [{split}]")  # (N, T) ids, attention, loss
+        if not examples[2].any():  # the loss would be a mean over no token: 0.0, never measured
+            raise InputError(f"--block-size {args.block_size}: no response token of the {split} split's "
+                             f"{len(rows)} examples fits after its prompt; raise --block-size or lower "
+                             "--max-prompt-length")
         return tuple(t.to(run.device) for t in examples)
     train_data, eval_data = data("train"), data("test")
     n_eval_all = len(eval_data[0])
     if args.max_eval_blocks > 0:
         eval_data = tuple(t[:args.max_eval_blocks] for t in eval_data)  # the first N: every evaluation the same rows
     n_train, what = len(train_data[0]), "blocks" if args.packing else "examples"
-    steps_per_epoch(n_train, args.batch_size * run.dist.world_size, f"training {what}", fix="lower --batch-size")
+    steps_per_epoch(n_train, args.batch_size * run.dist.world_size, f"training {what}", fix="lower --batch-size",
+                    source=describe_source(args.dataset, "train", args.data_files))
+
+    # model
+    if args.init_config is not None:
+        model = set_compute_dtype(fresh_model(args.init_config, tokenizer).to(run.device),
+                                  resolve_dtype(args.dtype, run.device))  # trains in fp32, computes in --dtype
+    else:  # a frozen base; then either all of it trains or a LoRA adapter "sft" does
+        model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
+                           tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
+        make_trainable(model, "sft", full_finetune=args.full_finetune, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                       lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+    run.print(f"model: {parameter_report(model)} on {run.device}")
     run.print(f"data: {n_train} train {what}, {len(eval_data[0])} of {n_eval_all} held-out {what} evaluated, "
               f"{train_data[0].shape[1]} tokens each; "
               f"{args.max_steps} steps of {args.batch_size * run.dist.world_size} (per process {args.batch_size})")
@@ -279,8 +291,9 @@ def main(args):
                            f"tok/s {metrics['perf/tokens_per_second']:6.0f}")
             recent.clear()
             tokens, tick = 0, time.time()
-    if run.is_main and "eval/loss" not in metrics:  # stopped between evaluations
-        metrics = {"train/loss": sum(recent) / max(1, len(recent)), **metrics,
+    if run.is_main and "eval/loss" not in metrics:  # stopped between evaluations, or resumed with no step left
+        logged = next((row["train/loss"] for row in reversed(run.log_file.history) if "train/loss" in row), None)
+        metrics = {"train/loss": sum(recent) / len(recent) if recent else logged, **metrics,
                    "eval/loss": eval_loss(model, eval_data, eval_rows)}
 
     # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged

@@ -9,14 +9,23 @@ everything saved here is first turned into tensors and plain Python values (`_lo
 """
 import collections
 import dataclasses
+import errno
+import inspect
 import json
 import os
 import pickle
 import random
+import socket
+import sys
 import tempfile
 
 import numpy as np
 import torch
+
+try:
+    import fcntl  # POSIX: the --out folder's lock (lock_out_dir)
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 from .atomic import atomic_directory, atomic_torch_save, remove
 from .errors import InputError
@@ -85,6 +94,7 @@ def set_rng_state(state):
 #   DIR/checkpoint/trainer.pt = {
 #       "step": optimizer steps done (PPO: iterations),  "world_size": processes that wrote it,
 #       "args": the run's settings (a resume must use the same ones, RESUME_MAY_DIFFER aside),
+#       "script": the script that wrote it (script_of: "train_ppo.py"), named when another one is asked to resume it,
 #       "trainable": {parameter name: tensor} of every trainable model weight (LoRA A/B, or all of them),
 #       "heads": {head name: state_dict},  "optimizer": AdamW's state_dict (moments and step counts),
 #       "ranks": [one dict per rank: RNG states (python, numpy, torch), data position, per-rank extras],
@@ -233,11 +243,21 @@ def load_checkpoint(run_dir, args, dist):
                          "--overwrite instead of --resume") from None
     ours = {k: v for k, v in dataclasses.asdict(args).items() if k not in RESUME_MAY_DIFFER}
     theirs = {k: v for k, v in state["args"].items() if k not in RESUME_MAY_DIFFER}
-    differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+    script, writer = script_of(args), state.get("script")
+    if isinstance(writer, str) and writer != script and ours != theirs:  # (a renamed copy of the script may resume)
+        raise InputError(f"--resume {run_dir} was written by {writer}; resume it with python {writer} --resume "
+                         f"{run_dir} and the settings in {os.path.join(run_dir, 'args.json')} (this is {script})")
+    if set(ours) != set(theirs):  # another script's settings (a checkpoint that does not name its script)
+        only = sorted(set(theirs) - set(ours))
+        raise InputError(f"--resume {run_dir} was written by another script than {script}: its settings have "
+                         + (_first(["--" + k.replace("_", "-") for k in only], 5) + f", which {script} has not"
+                            if only else f"fewer flags than {script}'s")
+                         + "; resume it with the script that wrote it")
+    differ = [k for k in sorted(ours) if ours[k] != theirs[k]]
     if differ:
         raise InputError(f"--resume {run_dir}: the checkpoint was trained with different settings: "
-                         + ", ".join(f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {ours.get(k)!r} here"
-                                     for k in differ) + "; resume with the checkpoint's settings")
+                         + _first([f"--{k.replace('_', '-')} {theirs[k]!r} there, {ours[k]!r} here" for k in differ],
+                                  5) + "; resume with the checkpoint's settings")
     if state["world_size"] != dist.world_size:
         raise InputError(f"--resume {run_dir}: the checkpoint was written by {state['world_size']} process(es), this "
                          f"run has {dist.world_size}; resume with the same torchrun --nproc_per_node")
@@ -245,11 +265,26 @@ def load_checkpoint(run_dir, args, dist):
     return state, state["ranks"][dist.rank]
 
 
+def _first(items, n):
+    """The first n items joined with ", ", and how many more there are."""
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def script_of(args):
+    """The script whose settings `args` are, e.g. "train_ppo.py": the file that defines its class (run as a script,
+    imported or run by runpy alike); sys.argv[0]'s name when that cannot be told."""
+    try:
+        return os.path.basename(inspect.getfile(type(args)))
+    except (TypeError, OSError):
+        return os.path.basename(sys.argv[0])
+
+
 def save_training(out_dir, dist, *, step, args, model, heads, optimizer, shared=None, local=None):
     """A script's checkpoint in one call: step, settings, trainable weights, heads ({name: module}), optimizer, the
     `shared` extras (identical on every rank) and this rank's RNG states plus its `local` extras (data position...).
     Extras are tensors and plain Python values (numbers, strings, None, lists, dicts): see _loadable."""
-    state = {"step": step, "args": dataclasses.asdict(args), "trainable": trainable_state(model),
+    state = {"step": step, "args": dataclasses.asdict(args), "script": script_of(args),
+             "trainable": trainable_state(model),
              "heads": {name: head.state_dict() for name, head in heads.items()}, "optimizer": optimizer.state_dict(),
              **(shared or {})}
     return save_checkpoint(out_dir, state, {"rng": rng_state(), **(local or {})}, dist)
@@ -305,7 +340,10 @@ def prepare_out_dir(out, resume, overwrite):
     - A finished run's folder, or an empty or new one, is used as it is (a command that then fails on another
       setting leaves a finished run untouched); the new run's first checkpoint replaces the old one, and its RunLog
       drops the old summary.json (whose "train/finished" must not vouch for the new run's checkpoint).
-    Every rank may call it. It reads at most the checkpoint's step (memory-mapped), so it takes milliseconds."""
+    - The folder is locked for the life of the run (lock_out_dir): a second run started into it, by --out or
+      --resume, while the first one lives, is refused with one line naming the folder and the owner's pid.
+    Every rank may call it (only rank 0 takes the lock). It reads at most the checkpoint's step (memory-mapped), so
+    it takes milliseconds."""
     if resume and overwrite:
         raise InputError("--overwrite starts the run in --out over and --resume continues it: pass one of them")
     flag, folder = ("--resume", resume) if resume else ("--out", out)
@@ -315,6 +353,8 @@ def prepare_out_dir(out, resume, overwrite):
     if resume and not os.path.exists(folder):
         return
     _check_writable(folder, flag)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: the ranks of one run share rank 0's lock
+        lock_out_dir(folder, flag)
     if resume:
         return
     file = _checkpoint_file(folder)
@@ -373,3 +413,102 @@ def _finished(folder):
             return json.load(f).get("train/finished") is True
     except (OSError, ValueError, AttributeError):
         return False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One run per folder: two runs writing into one --out would interleave their metrics.jsonl rows and overwrite each
+# other's checkpoints. The lock is flock(2) on DIR/.minirlhf.lock, which holds the owner's pid and host for the
+# message. The kernel drops a flock when its process ends, however it ends (exit, error, Ctrl-C, SIGTERM, SIGKILL,
+# a crash), so a lock file left by a dead process is stale by construction: the next run takes it over. A normal
+# exit (cli.run_script) also removes the file. Within one process the lock is re-entrant (a test or notebook that
+# runs script after script in one folder).
+# ---------------------------------------------------------------------------------------------------------------
+LOCK_FILE = ".minirlhf.lock"
+_locks = {}  # real path of a locked folder -> the open lock file (holding the flock)
+
+
+def lock_out_dir(folder, flag="--out"):
+    """Lock `folder` for this process (see above): return at once if this process holds it already; InputError
+    naming the folder and the owner's pid (and host) if another live process does. Filesystems without locks
+    (some network mounts) run unlocked, with one warning line."""
+    key = os.path.realpath(folder)
+    if key in _locks or fcntl is None:
+        return
+    path = os.path.join(folder, LOCK_FILE)
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as e:  # a folder (or anything but a file) by that name
+            raise InputError(f"{flag} {folder}: its lock file {path} cannot be opened ({e.strerror}): remove what is "
+                             "there (no run of minirlhf makes it a folder)") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = _lock_owner(f)
+            f.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise InputError(f"{flag} {folder} is in use by another run ({owner}): two runs in one folder would "
+                                 "mix their metrics and checkpoints; wait for it to end, or pass another --out") \
+                    from None
+            from .validation import warn
+            warn(f"{flag} {folder}: cannot lock the folder ({e.strerror}): nothing stops a second run from writing "
+                 "into it while this one runs")
+            return
+        try:
+            same = os.path.samestat(os.fstat(f.fileno()), os.stat(path))
+        except FileNotFoundError:  # its owner removed the file between our open and our flock
+            same = False
+        if same:
+            break
+        f.close()  # locked a file another process had just unlinked: take the new one
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on host {socket.gethostname()}\n")
+    f.flush()
+    _locks[key] = f
+
+
+def _lock_owner(f):
+    """What a lock file says of its owner ("pid 123 on host h"), or a stand-in when it is empty or unreadable."""
+    try:
+        f.seek(0)
+        return f.read().strip() or "a process that has not written its pid yet"
+    except OSError:
+        return "a process whose pid cannot be read"
+
+
+def release_out_dir(folder=None):
+    """Remove and unlock this process's lock file of `folder` (every folder it locked when None). The file is
+    removed while the lock is held, so no other process can lock it in between."""
+    keys = list(_locks) if folder is None else [os.path.realpath(folder)]
+    for key in keys:
+        f = _locks.pop(key, None)
+        if f is None:
+            continue
+        try:
+            os.remove(os.path.join(key, LOCK_FILE))
+        except OSError:
+            pass
+        f.close()
+
+
+def out_of_space(error, args):
+    """The one line for a full disk or quota (OSError ENOSPC / EDQUOT) met while a run wrote into its folder: what
+    happened, what was kept, how to continue. Every write is atomic (atomic.py), so whatever was being written is
+    simply not there and everything written before is whole; the last checkpoint on disk is read for its step."""
+    what = "no space left on the device" if error.errno == errno.ENOSPC else "the disk quota is exceeded"
+    if error.filename:
+        what += f" while writing {error.filename}"
+    out = getattr(args, "out", None)
+    if not hasattr(args, "resume") or not out or not os.path.isdir(out):  # not a run folder (compare's --out file)
+        return f"{what}; nothing of it was kept: free space, then run the command again"
+    file = _checkpoint_file(out)
+    try:
+        step = read_checkpoint_file(file, mmap=True)["step"] if file else None
+    except InputError:
+        step = None
+    if step is None:
+        return (f"{what}; {out} holds no whole checkpoint, so the run cannot be resumed: free space, then start it "
+                f"again (with --overwrite if a checkpoint was left unreadable)")
+    return (f"{what}; kept: the last whole checkpoint, step {step}, in {os.path.dirname(file)} (everything written "
+            f"before is whole): free space, then continue with --resume {out}")

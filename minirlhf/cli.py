@@ -8,6 +8,7 @@ Every script keeps its settings as a `@dataclass Args` at the top (cleanrl style
 import argparse
 import ast
 import dataclasses
+import errno
 import inspect
 import os
 import sys
@@ -103,13 +104,25 @@ def run_script(main, args_cls, prog=None):
     Bad input (errors.InputError) and a diverged run (errors.Diverged) end in one line, `script.py: error: ...`,
     exit status 1; a Ctrl-C outside the training loop (while loading, evaluating before training) or a second Ctrl-C
     inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: run.GracefulStop).
-    Any other exception is a bug in minirlhf and keeps its traceback."""
+    A full disk or quota (OSError ENOSPC / EDQUOT, wherever a checkpoint, adapter, summary or log was being written)
+    is one line too, saying what was kept and how to continue (checkpoint.out_of_space). Any other exception is a
+    bug in minirlhf and keeps its traceback. However it ends, the --out folder's lock (checkpoint.lock_out_dir) is
+    released."""
+    from .checkpoint import out_of_space, release_out_dir
     prog = prog or os.path.basename(sys.argv[0])
+    args = None
     try:
-        return main(parse_args(args_cls))
+        args = parse_args(args_cls)
+        return main(args)
     except (InputError, Diverged) as e:
         raise SystemExit(f"{prog}: error: {e}") from None
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SystemExit(f"{prog}: error: {out_of_space(e, args)}") from None
     except KeyboardInterrupt:
         print(f"\n{prog}: interrupted; nothing more was written (a checkpoint saved earlier is intact)",
               file=sys.stderr)
         raise SystemExit(130) from None
+    finally:
+        release_out_dir()

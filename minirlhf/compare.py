@@ -92,6 +92,21 @@ def resolve(path, inner, marker):
     raise InputError(f"{path!r} has no {marker} (nor {inner}/{marker}): not a {inner.replace('_', ' ')} folder")
 
 
+def check_out_file(path):
+    """--out names the markdown file the table is written to: refused up front (not after all the sampling) when it
+    is a folder, or lies under a file or a folder that cannot be written."""
+    if os.path.isdir(path):
+        raise InputError(f"--out {path} is a folder; expected the file to write the table to, e.g. "
+                         f"{os.path.join(path, 'compare.md')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # missing folders are created when the table is written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"--out {path} cannot be written: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {path} cannot be written: {parent} is not writable")
+
+
 def markdown_table(header, rows):
     """A GitHub markdown table: header (list of str), rows (lists of str)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -114,6 +129,8 @@ def main(args):
     rms = [resolve(r, "reward_model", "head_config.json") for r in args.reward_models]
     for r in rms:
         check_reward_model_dir(r, "--reward-models")
+    if args.out is not None:
+        check_out_file(args.out)
     print(format_args(args))
     if args.threads > 0:
         torch.set_num_threads(args.threads)

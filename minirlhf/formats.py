@@ -114,8 +114,13 @@ ADAPTER_FOLDER = ("a LoRA adapter folder (adapter_config.json + adapter_model.sa
 
 
 def _atomic(path, write):
-    write(tmp := f"{path}.tmp{os.getpid()}")
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    try:
+        write(tmp := f"{path}.tmp{os.getpid()}")
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:  # a full disk, a kill: no half-written temporary file is left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_adapter(model, path, adapter="default"):

@@ -134,15 +134,32 @@ def _find_targets(model, target_modules):
             if isinstance(m, (nn.Linear, LoRALinear)) and id(m) not in inner and hit(n, m)]
 
 
+def targets_problem(model, target_modules, name="the model"):
+    """Why `target_modules` cannot be adapted in `model` (None when every entry matches a linear module): each entry
+    must match at least one, "all-linear" needs one besides the LM head. Used on the meta-device skeleton before
+    anything loads (validation.check_lora_targets) and by add_lora."""
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    missing = [t for t in names if not _find_targets(model, [t])]
+    if not missing:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    leaves = list(dict.fromkeys(n.rpartition(".")[2] for n, m in model.named_modules()
+                                if isinstance(m, nn.Linear) and m is not head and "lora_" not in n))
+    have = (f"its linear modules end in {', '.join(leaves)} (or pass all-linear)" if leaves
+            else "it has no linear module besides its LM head")
+    return f"{' '.join(missing)} match{'es' if len(missing) == 1 else ''} no linear module of {name}: {have}"
+
+
 def add_lora(model, target_modules, r, alpha, dropout=0.0, adapter="default"):
     """Add adapter `adapter` to the targeted linears (wrapping them in LoRALinear if needed); freeze all but LoRA."""
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"LoRA rank r must be a positive integer, got {r!r}")
     if adapter in adapter_names(model):
         raise ValueError(f"adapter {adapter!r} already exists; pick another name")
+    problem = targets_problem(model, target_modules)
+    if problem:
+        raise ValueError(f"target_modules {problem}")
     targets = _find_targets(model, target_modules)
-    if not targets:
-        raise ValueError(f"no linear module matches target_modules={target_modules!r}")
     active = active_adapter(model) if adapter_names(model) else adapter  # the first adapter becomes active
     for name, m in targets:
         if not isinstance(m, LoRALinear):

@@ -11,6 +11,7 @@ trunk in memory (the multi-adapter PPO setup):
 """
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
@@ -70,6 +71,7 @@ def check_model_source(name_or_path, flag="--model", what="model", trust_remote_
     if os.path.isdir(name_or_path):
         if what == "model":
             check_model_dir(name_or_path, flag, trust_remote_code)
+            model_skeleton(name_or_path, flag, trust_remote_code)  # a config transformers rejects: one line now
             return
         if os.path.isfile(os.path.join(name_or_path, "config.json")):
             check_model_config(name_or_path, flag, trust_remote_code)
@@ -85,6 +87,51 @@ def check_model_source(name_or_path, flag="--model", what="model", trust_remote_
     except HFValidationError:
         raise InputError(f"{name} is neither an existing local directory nor a valid Hub id (org/name); expected "
                          f"{MODEL_FOLDER}") from None
+
+
+def model_skeleton(name_or_path, flag="--model", trust_remote_code=False):
+    """The model --model names, built on the meta device from its config.json alone (no weight read, no memory
+    taken): what transformers will build, so a config it rejects (an unknown activation or RoPE type, a hidden size
+    the heads do not divide, a field of the wrong type, a model that is not a causal LM) is one InputError line before
+    anything loads, and the names of its modules can be checked (--lora-targets). None where the config is not on
+    this machine yet (a Hub id not in the cache; smollm2 or a .gguf file before their conversion), brings its own
+    code, or describes a model quantized already. Built once per config file."""
+    name_or_path = os.fspath(name_or_path)
+    folder = name_or_path if os.path.isdir(name_or_path) else None
+    if folder is None and name_or_path != smollm2.NAME and not smollm2.is_gguf_path(name_or_path):
+        try:
+            folder = _cached_snapshot(name_or_path)
+        except Exception:  # not shaped like a Hub id: check_model_source says so
+            folder = None
+    file = os.path.join(folder, "config.json") if folder else None
+    if file is None or not os.path.isfile(file):
+        return None
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return None  # check_model_config names the problem
+    if not isinstance(raw, dict) or "auto_map" in raw or raw.get("quantization_config"):
+        return None
+    try:
+        return _skeleton(os.path.realpath(folder), os.path.getmtime(file))
+    except Exception as e:  # whatever transformers raises for a config it cannot build (KeyError, ValueError, ...)
+        raise InputError(f"{who(name_or_path, flag)}: transformers cannot build a causal language model from "
+                         f"{file} ({type(e).__name__}: {' '.join(str(e).split())[:300]}); expected the config.json "
+                         "that save_pretrained writes for a causal LM") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _skeleton(folder, mtime):
+    """The meta-device model of the config.json in `folder` (`mtime`: a rewritten file is read again)."""
+    from transformers import AutoConfig
+    return skeleton_of(AutoConfig.from_pretrained(folder))
+
+
+def skeleton_of(config):
+    """AutoModelForCausalLM.from_config(config) on the meta device: the modules and shapes, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
 
 
 def resolve_model_source(name_or_path, flag="--model"):

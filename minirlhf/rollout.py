@@ -34,12 +34,14 @@ import time
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 from tqdm import tqdm
 
 from . import distributed
-from .data import load_prompt_dataset, world
+from .atomic import atomic_write_bytes
+from .data import describe_source, load_prompt_dataset, world
 from .data.tokenize import require_pad_token, tokenize_prompt_dataset
+from .errors import InputError
 from .evaluation import (evaluate_policy, generate, gold_summary, held_out_prompts, save_samples,
                          show_samples)
 from .formats import save_adapter
@@ -52,6 +54,7 @@ from .reward_losses import expected_rating, rating_entropy
 from .sampling import as_settings
 from .token_rewards import missing_eos_penalty
 from .training import EpochOrder, make_trainable
+from .validation import warn
 
 
 def load_policy(args):
@@ -79,14 +82,25 @@ def roles(model, reward, args, world_size):
 class TrainPrompts:
     """The training prompts of --split and this process's position in them (training.EpochOrder: sharded over
     processes, reshuffled every epoch; state_dict() for checkpoints). take(k, repeat) -> (messages, token ids) of
-    the next k prompts, each `repeat` times in a row (GRPO's groups)."""
+    the next k prompts, each `repeat` times in a row (GRPO's groups). Fewer prompts than a rollout takes: the rollout
+    cycles through them (every prompt once before any twice), with one warning line; a rollout is always whole, so
+    the samples counted in summary.json are the samples drawn. Fewer prompts than processes is one InputError line."""
 
     def __init__(self, args, tokenizer, dist):
+        self.source = describe_source(args.dataset, args.split, args.data_files)
         data = tokenize_prompt_dataset(load_prompt_dataset(args.dataset, split=args.split, data_files=args.data_files),
                                        tokenizer, args.max_prompt_length, args.template,
                                        system_prompt=args.system_prompt, name=f"{args.dataset} [{args.split}]")
         self.messages, self.ids = data["prompt"], data["prompt_ids"]
+        if len(self.ids) < dist.world_size:
+            raise InputError(f"{self.source}: {len(self.ids)} prompt(s) for {dist.world_size} processes, which shard "
+                             "the prompts: each needs at least one; give more prompts or run fewer processes")
         self.order = EpochOrder(len(self.ids), args.seed, dist.rank, dist.world_size)
+        per_rollout = args.rollout_size // (getattr(args, "group_size", None) or getattr(args, "samples_per_prompt", 1))
+        if per_rollout > self.order.epoch_length():
+            warn(f"{self.source}: {len(self.ids)} prompt(s), fewer than the {per_rollout} a rollout takes"
+                 + (" per process" if dist.world_size > 1 else "")
+                 + ": every rollout cycles through them (each prompt once before any twice)")
 
     def take(self, k, repeat=1):
         idx = [i for i in self.order.take(k) for _ in range(repeat)]
@@ -333,8 +347,9 @@ def log_line(iteration, metrics, seconds):
 
 def save_last_rollout(out, tensors):
     """out/last_rollout.safetensors: the tensors the last update saw, to inspect by hand (and for the tests)."""
-    save_file({k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
-               for k, v in tensors.items()}, os.path.join(out, "last_rollout.safetensors"))
+    atomic_write_bytes(os.path.join(out, "last_rollout.safetensors"), save_safetensors(
+        {k: v.detach().float().cpu().contiguous() if v.is_floating_point() else v.cpu().contiguous()
+         for k, v in tensors.items()}))
 
 
 def finish(run, model, held_out, before, last):

@@ -52,8 +52,12 @@ class RunLog:
         row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
         self.history.append(row)
         if self.enabled:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            try:
+                with open(self.metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")  # a line torn by a full disk is dropped on --resume
+            except OSError as e:
+                e.filename = e.filename or self.metrics_path  # a failed write names no file (cli.run_script's line)
+                raise
         if self.tensorboard is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -120,5 +124,12 @@ def plot_curves(history, path):
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
     tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    except BaseException as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, OSError):
+            e.filename = e.filename or path
+        raise

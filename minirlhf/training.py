@@ -8,7 +8,7 @@ import math
 import torch
 
 from . import distributed, lora
-from .errors import Diverged
+from .errors import Diverged, InputError
 
 
 def make_trainable(model, adapter, *, full_finetune=False, lora_r=16, lora_alpha=32, lora_dropout=0.0,
@@ -27,6 +27,9 @@ def make_trainable(model, adapter, *, full_finetune=False, lora_r=16, lora_alpha
         model.requires_grad_(True)
         return [p for p in model.parameters() if p.requires_grad]
     targets = "all-linear" if list(lora_targets) == ["all-linear"] else list(lora_targets)
+    problem = lora.targets_problem(model, targets)  # checked on the skeleton already where its config was at hand
+    if problem:
+        raise InputError(f"--lora-targets {problem}")
     lora.add_lora(model, targets, r=lora_r, alpha=lora_alpha, dropout=lora_dropout, adapter=adapter)
     lora.set_active_adapter(model, adapter)
     return lora.lora_parameters(model, adapter)
@@ -102,17 +105,28 @@ class EpochOrder:
     """One process's position in the data: the next example indices, a fresh shared permutation every epoch.
 
     take(k) returns the next k indices; when fewer than k are left in the epoch, the rest are dropped and the next
-    epoch's order starts (epoch_order: the same on every machine, rank r taking every world_size-th index).
+    epoch's order starts (epoch_order: the same on every machine, rank r taking every world_size-th index). When one
+    epoch holds fewer than k indices (an RL rollout larger than its prompt file), epochs are chained: take(k) always
+    returns k indices, cycling through the data, every index once before any twice.
     state_dict() / load_state_dict() let a checkpoint continue exactly here."""
 
     def __init__(self, n, seed, rank=0, world_size=1):
         self.n, self.seed, self.rank, self.world_size = n, seed, rank, world_size
         self.epoch, self.order = 0, []
+        if self.epoch_length() < 1:
+            raise ValueError(f"{n} examples for {world_size} processes: rank {rank} would have none")
+
+    def epoch_length(self):
+        """Indices this rank sees per epoch."""
+        return len(range(self.rank, self.n, self.world_size))
 
     def take(self, k):
         if len(self.order) < k:
-            self.order = epoch_order(self.n, self.epoch, self.seed, self.rank, self.world_size)
-            self.epoch += 1
+            if self.epoch_length() >= k:
+                self.order = []  # the rest of this epoch is dropped
+            while len(self.order) < k:
+                self.order = self.order + epoch_order(self.n, self.epoch, self.seed, self.rank, self.world_size)
+                self.epoch += 1
         idx, self.order = self.order[:k], self.order[k:]
         return idx
 
@@ -131,10 +145,11 @@ def epoch_order(n, epoch, seed, rank=0, world_size=1):
     return order[rank::world_size]
 
 
-@torch.no_grad()
-def steps_per_epoch(n, per_step, what, fix="lower --batch-size or --grad-accum"):
+def steps_per_epoch(n, per_step, what, fix="lower --batch-size or --grad-accum", source=None):
     """Optimizer steps in one pass over n rows (`what`, e.g. "training pairs"), the last partial step dropped; one
-    clear error when the data cannot fill a single step."""
+    InputError line, naming the data (`source`, e.g. "--data-files pairs.jsonl [train]"), when the data cannot fill a
+    single step."""
     if n < per_step:
-        raise ValueError(f"{n} {what} do not fill one optimizer step of {per_step}; {fix}")
+        raise InputError(f"{source + ': ' if source else ''}{n} {what} do not fill one optimizer step of {per_step}; "
+                         f"{fix}, or give more data")
     return n // per_step

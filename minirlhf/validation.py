@@ -24,7 +24,7 @@ COMMON_RANGES = {
     "batch_size": ">= 1", "grad_accum": ">= 1", "epochs": ">= 1", "max_steps": "-1 or >= 1",
     "max_length": "none or >= 2", "max_prompt_length": "none or >= 1", "max_train_pairs": ">= 0",
     "max_new_tokens": ">= 1", "temperature": "> 0", "eval_prompts": ">= 1", "eval_samples": ">= 1",
-    "log_every": ">= 1", "save_every": ">= 0", "seed": ">= 0", "threads": ">= 0",
+    "log_every": ">= 1", "save_every": ">= 0", "seed": "[0, 4294967295]", "threads": ">= 0",
     "forward_batch_size": ">= 1", "cost_per_hour": "none or >= 0",
 }
 
@@ -92,10 +92,31 @@ def check_common(args, ranges, datasets="preference"):
         check_choice("--template", args.template, tuple(TEMPLATES))
     if getattr(args, "dataset", None) == "builtin" and getattr(args, "data_files", None):
         raise InputError("--data-files: the builtin data set is generated in code and reads no files")
+    if getattr(args, "full_finetune", False) and getattr(args, "quantization", "none") != "none":
+        raise InputError(f"--full-finetune trains every weight in float32, which a --quantization {args.quantization} "
+                         "base cannot: pass --quantization none, or leave --full-finetune out to train a LoRA adapter")
     if hasattr(args, "device"):
         get_device(args.device)  # InputError for an unknown device or CUDA asked for where there is none
     if getattr(args, "model", None) and not getattr(args, "init_config", None):
         check_model_source(args.model)  # a local folder with config.json + weights, or a Hub id (no network here)
+        check_lora_targets(args)
+
+
+def check_lora_targets(args):
+    """--lora-targets against the module names of --model's meta-device skeleton (models.model_skeleton: built from
+    its config.json, nothing loaded): every target must match a linear module. Skipped where nothing trains a fresh
+    adapter (--full-finetune, DPO's --sft-adapter, --eval-only) or the config is not on this machine yet (training.make_trainable
+    checks the real model then)."""
+    from .lora import targets_problem
+    from .models import model_skeleton
+    targets = list(getattr(args, "lora_targets", None) or [])
+    if not targets or any(getattr(args, name, None) for name in ("full_finetune", "sft_adapter", "eval_only")):
+        return
+    skeleton = model_skeleton(args.model)
+    problem = skeleton is not None and targets_problem(
+        skeleton, "all-linear" if targets == ["all-linear"] else targets, f"--model {args.model}")
+    if problem:
+        raise InputError(f"--lora-targets {problem}")
 
 
 SAMPLING_RANGES = {"top_k": ">= 0", "top_p": "(0, 1]", "min_new_tokens": ">= 0"}

@@ -83,6 +83,9 @@ RANGE_CASES = [
     ("train_ppo.py", ["--missing-eos-penalty", "nan"], "--missing-eos-penalty"),
     ("train_ppo.py", ["--entropy-coef", "inf"], "--entropy-coef"),
     ("train_ppo.py", ["--rollout-size", "0"], "--rollout-size"),
+    # the range the code accepts, narrower than a plain bound: numpy's seeds stop at 2^32 - 1
+    *[(s, ["--seed", "4294967296"], "--seed") for s in SCRIPTS],
+    ("train_grpo.py", ["--clip-high", "0.1"], "--clip-high"),  # below --clip-eps 0.2: a narrower upper clip
 ]
 # ---- choices and flag combinations
 CHOICE_CASES = [
@@ -120,6 +123,21 @@ CHOICE_CASES = [
     ("train_sft.py", ["--init-config", "{not json", "--tokenizer", TINY_LLAMA], "--init-config"),
     ("train_reward.py", ["--dataset", "builtin", "--data-files", "x.jsonl"], "--data-files"),
     ("train_reward.py", ["--reward-model", TINY_LLAMA], "--eval-only"),
+    # checked against the model's skeleton (its config.json on the meta device) before anything loads
+    *[(s, ["--lora-targets", "q_prj"], "--lora-targets") for s in SCRIPTS],
+    ("train_ppo.py", ["--lora-targets", "q_proj", "v_prj"], "v_prj"),
+    ("train_sft.py", ["--full-finetune", "--quantization", "4bit"], "--full-finetune"),
+    ("train_reward.py", ["--full-finetune", "--quantization", "8bit"], "--full-finetune"),
+    ("train_ppo.py", ["--lora-targets", "embed_tokens"], "embed_tokens matches no linear module"),
+    # data smaller than the work asked of it, or cut to nothing: one line before the model loads
+    ("train_sft.py", ["--batch-size", "100000"], "do not fill one optimizer step"),
+    ("train_dpo.py", ["--max-train-pairs", "3"], "3 training pairs do not fill one optimizer step of 32"),
+    ("train_reward.py", ["--max-train-pairs", "3"], "3 training pairs do not fill one optimizer step of 32"),
+    ("train_sft.py", ["--no-packing", "--block-size", "2"], "no response token"),
+    ("train_sft.py", ["--init-config", '{"model_type": "llama", "hidden_act": "nope"}', "--tokenizer", TINY_LLAMA],
+     "--init-config"),
+    ("train_sft.py", ["--init-config", '{"model_type": "llama", "hidden_size": 30, "num_attention_heads": 4}',
+                      "--tokenizer", TINY_LLAMA], "--init-config"),
 ]
 CASES = RANGE_CASES + CHOICE_CASES
 
@@ -288,12 +306,31 @@ def make_bad_files(root):
     shutil.copytree(TINY_LLAMA, model)
     (model / "config.json").write_text("{not json")
     p["model_bad_config"] = str(model)
+    for name, change in (("model_bad_activation", {"hidden_act": "nope"}),
+                         ("model_bad_heads", {"num_attention_heads": 5, "head_dim": None}),
+                         ("model_bad_rope", {"rope_parameters": {"rope_type": "bogus", "rope_theta": 10000.0}}),
+                         ("model_no_layers", {"num_hidden_layers": 0})):
+        model = root / name
+        shutil.copytree(TINY_LLAMA, model)
+        config = json.loads((model / "config.json").read_text())
+        config.update(change)
+        (model / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+        p[name] = str(model)
+    (root / "lock_is_folder" / ".minirlhf.lock").mkdir(parents=True)
+    p["lock_is_folder"] = str(root / "lock_is_folder")
     (root / "a_file").write_text("x")
     p["a_file"] = str(root / "a_file")
     # an interrupted run: a checkpoint and no summary; and a crafted checkpoint that would run code if unpickled
     interrupted = root / "interrupted"
     save_checkpoint(str(interrupted), {"step": 3, "args": {}}, {"rng": {}}, DistInfo())
     p["interrupted"] = str(interrupted)
+    # runs of another script: one whose checkpoint names it, one from before checkpoints did
+    from minirlhf.checkpoint import rng_state
+    save_checkpoint(str(root / "grpo_run"), {"step": 3, "args": {"group_size": 8, "beta": 0.04},
+                                             "script": "train_grpo.py"}, {"rng": rng_state()}, DistInfo())
+    save_checkpoint(str(root / "unnamed_run"), {"step": 3, "args": {f"flag_{i}": i for i in range(40)}},
+                    {"rng": rng_state()}, DistInfo())
+    p["grpo_run"], p["unnamed_run"] = str(root / "grpo_run"), str(root / "unnamed_run")
     crafted = root / "crafted" / CHECKPOINT_DIR
     crafted.mkdir(parents=True)
     torch.save({"step": 1, "evil": Marker(str(root / "pwned"))}, crafted / "trainer.pt")
@@ -330,13 +367,20 @@ FILE_CASES = [
     ("train_reward.py", ["--model", "{model_no_weights}"], "no model weights"),
     ("train_dpo.py", ["--model", "{model_bad_config}"], "config.json"),
     ("train_sft.py", ["--model", "/nonexistent"], "--model"),
+    ("train_sft.py", ["--model", "{model_bad_activation}"], "'nope'"),
+    ("train_ppo.py", ["--model", "{model_bad_heads}"], "not a multiple of the number of attention heads"),
+    ("train_dpo.py", ["--model", "{model_bad_rope}"], "'bogus'"),
+    ("train_reward.py", ["--model", "{model_no_layers}"], "--lora-targets"),
     ("train_ppo.py", ["--model", "nobody/no-such-model"], "--model"),
     ("train_sft.py", ["--device", "foo"], "--device"),
     ("train_reward.py", ["--out", "{a_file}"], "--out"),
     ("train_dpo.py", ["--out", "{a_file}/run"], "--out"),
     ("train_sft.py", ["--out", "{interrupted}"], "--overwrite"),
+    ("train_sft.py", ["--out", "{lock_is_folder}"], "lock file"),
     ("train_dpo.py", ["--resume", "{crafted}"], "pickled"),
     ("train_reward.py", ["--resume", "{a_file}"], "--resume"),
+    ("train_ppo.py", ["--resume", "{grpo_run}"], "was written by train_grpo.py; resume it with python train_grpo.py"),
+    ("train_dpo.py", ["--resume", "{unnamed_run}"], "(and 35 more), which train_dpo.py has not"),
 ]
 if not torch.cuda.is_available():
     FILE_CASES.append(("train_ppo.py", ["--device", "cuda"], "no CUDA device"))
@@ -352,3 +396,18 @@ def test_bad_file_or_folder_is_one_line(script, argv, expected, tmp_path, monkey
     assert_one_line(code, script, expected)
     assert {k: snapshot(v) for k, v in paths.items() if os.path.isdir(v)} == before  # nothing damaged or removed
     assert not os.path.exists(paths["pwned"])  # the crafted checkpoint never ran its code
+
+
+def test_compare_out_is_checked_before_anything_loads(tmp_path, monkeypatch):
+    """compare --out names a file: a folder (or a path under a file) is refused before the model loads and the
+    policies are sampled, not after."""
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr("minirlhf.models.load_model", no_model)
+    (tmp_path / "a_file").write_text("x")
+    for out, expected in ((tmp_path, "is a folder"), (tmp_path / "a_file" / "t.md", "is a file, not a folder")):
+        monkeypatch.setattr(sys, "argv", ["compare.py", "--threads", "1", "--out", str(out)])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_module("minirlhf.compare", run_name="__main__")
+        assert_one_line(e.value.code, "python -m minirlhf.compare", f"--out {out} ")
+        assert expected in e.value.code

@@ -21,6 +21,13 @@ from minirlhf.errors import InputError
 from minirlhf.tracking import RunLog
 
 
+@pytest.fixture(autouse=True)
+def release_locks():
+    """prepare_out_dir locks the folders it prepares (for the life of the process): release them after each test."""
+    yield
+    ck.release_out_dir()
+
+
 @dataclasses.dataclass
 class Args:
     out: str = "runs/x"
@@ -257,8 +264,11 @@ def test_a_kill_between_the_two_renames_keeps_the_old_version_until_the_new_one_
 
 def test_a_new_or_empty_out_is_created_and_accepted(tmp_path):
     ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)
-    assert os.path.isdir(tmp_path / "new" / "run") and os.listdir(tmp_path / "new" / "run") == []  # no probe left
-    ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)
+    assert os.path.isdir(tmp_path / "new" / "run")
+    assert os.listdir(tmp_path / "new" / "run") == [ck.LOCK_FILE]  # the run's lock; no probe left
+    ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)  # the lock is this process's own
+    ck.release_out_dir(str(tmp_path / "new" / "run"))
+    assert os.listdir(tmp_path / "new" / "run") == []
 
 
 def test_an_unusable_out_is_one_clear_line(tmp_path, monkeypatch):
@@ -311,7 +321,7 @@ def test_an_interrupted_run_is_not_overwritten_without_overwrite(tmp_path):
     assert os.path.isdir(out / "checkpoint.old")
 
     ck.prepare_out_dir(str(out), None, True)  # --overwrite: the old checkpoint goes, the rest is the run's to replace
-    assert sorted(os.listdir(out)) == ["metrics.jsonl", "summary.json"]
+    assert sorted(os.listdir(out)) == sorted([ck.LOCK_FILE, "metrics.jsonl", "summary.json"])
     ck.prepare_out_dir(str(out), None, False)
 
 
@@ -331,7 +341,8 @@ def test_a_finished_run_folder_is_reused_as_it_is(tmp_path):
     write_file(tmp_path / "summary.json", json.dumps({"train/finished": True}).encode())
     before = sorted(os.listdir(tmp_path))
     ck.prepare_out_dir(str(tmp_path), None, False)
-    assert sorted(os.listdir(tmp_path)) == before  # untouched (no probe file left either)
+    ck.release_out_dir(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == before  # untouched (no probe file left, the lock released)
     # the new run's log drops the old summary: its "finished" must not vouch for the new run's checkpoints
     RunLog(str(tmp_path), Args(out=str(tmp_path)))
     assert not (tmp_path / "summary.json").exists()
@@ -365,3 +376,30 @@ def test_prepare_out_dir_is_fast_even_for_a_big_checkpoint(tmp_path):
         ck.prepare_out_dir(str(tmp_path), None, False)
     assert time.perf_counter() - start < 0.5
     assert zipfile.is_zipfile(tmp_path / "checkpoint" / "trainer.pt")
+
+
+def test_a_resume_with_many_other_settings_names_the_first_five(tmp_path):
+    Many = dataclasses.make_dataclass("Many", [(f"flag_{i}", int, 0) for i in range(12)] + [("out", str, "")])
+    saved = dataclasses.asdict(Many(**{f"flag_{i}": 1 for i in range(12)}))
+    ck.save_checkpoint(str(tmp_path), {"step": 1, "args": saved}, {"rng": ck.rng_state()}, DistInfo())
+    with pytest.raises(InputError) as e:
+        ck.load_checkpoint(str(tmp_path), Many(), DistInfo())
+    assert one_line(e) == (f"--resume {tmp_path}: the checkpoint was trained with different settings: --flag-0 1 "
+                           "there, 0 here, --flag-1 1 there, 0 here, --flag-10 1 there, 0 here, --flag-11 1 there, 0 "
+                           "here, --flag-2 1 there, 0 here (and 7 more); resume with the checkpoint's settings")
+
+
+def test_a_checkpoint_names_the_script_that_wrote_it(tmp_path):
+    save_tiny(tmp_path, step=1)
+    state = torch.load(tmp_path / "checkpoint" / "trainer.pt", weights_only=True)
+    assert state["script"] == "test_checkpoint.py"  # the file defining the settings' class
+    state["script"], state["args"]["lr"] = "train_other.py", 5.0
+    torch.save(state, tmp_path / "checkpoint" / "trainer.pt")
+    with pytest.raises(InputError) as e:
+        ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())
+    assert one_line(e) == (f"--resume {tmp_path} was written by train_other.py; resume it with python train_other.py "
+                           f"--resume {tmp_path} and the settings in {tmp_path / 'args.json'} (this is "
+                           "test_checkpoint.py)")
+    state["args"]["lr"] = 1e-3  # a renamed copy of a script, with the same settings, resumes
+    torch.save(state, tmp_path / "checkpoint" / "trainer.pt")
+    assert ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())[0]["step"] == 1

@@ -286,7 +286,8 @@ def test_clear_errors():
     for r in [0, -2, 2.5]:
         with pytest.raises(ValueError, match="rank r must be a positive integer"):
             lora.add_lora(model, "all-linear", r=r, alpha=8)
-    with pytest.raises(ValueError, match="no linear module matches target_modules=\\['qproj'\\]"):
+    with pytest.raises(ValueError, match="target_modules qproj matches no linear module of the model: its linear "
+                                         "modules end in q_proj, k_proj, v_proj, o_proj"):
         lora.add_lora(model, ["qproj"], r=2, alpha=2)
     assert lora.adapter_names(model) == []
     lora.add_lora(model, ["q_proj"], r=2, alpha=2, adapter="a")

@@ -2,7 +2,8 @@
 sources.py), prompt formats (templates.py), tokenisation and collation (tokenize.py), packing for SFT (packing.py),
 the built-in world (world.py).
 """
-from .loading import (KNOWN_PREFERENCE_DATASETS, KNOWN_PROMPT_DATASETS, load_preference_dataset,
+from .loading import (KNOWN_PREFERENCE_DATASETS, KNOWN_PROMPT_DATASETS, describe_source, load_preference_dataset,
                       load_prompt_dataset)
 
-__all__ = ["KNOWN_PREFERENCE_DATASETS", "KNOWN_PROMPT_DATASETS", "load_preference_dataset", "load_prompt_dataset"]
+__all__ = ["KNOWN_PREFERENCE_DATASETS", "KNOWN_PROMPT_DATASETS", "describe_source", "load_preference_dataset",
+           "load_prompt_dataset"]

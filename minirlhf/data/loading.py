@@ -101,6 +101,11 @@ def load_prompt_dataset(name, split="train", data_files=None):
     return prompts.select(first)
 
 
+def describe_source(name, split, data_files=None):
+    """How a message names the rows of one split: "--data-files pairs.jsonl [train]", "--dataset builtin [test]"."""
+    return (f"--data-files {data_files}" if data_files else f"--dataset {name}") + f" [{split}]"
+
+
 def _check(name, split, data_files, known, kind):
     """The canonical split ("train" / "test"), after one-line errors for an unknown name or split."""
     if name not in known:
