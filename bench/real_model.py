@@ -104,7 +104,9 @@ def best_of_n_rows(log):
 def report(out, threads, names):
     cpu, cores = machine()
     rows, notes = [], []
-    for name in names:
+    others = sorted(f[:-len(".timing.json")] for f in os.listdir(out) if f.endswith(".timing.json")
+                    and f[:-len(".timing.json")] not in names)  # runs kept from other settings (renamed by hand)
+    for name in names + others:
         s, t, log = read(out, name)
         if not t:
             continue
@@ -113,7 +115,7 @@ def report(out, threads, names):
         kl = f"{s['eval/kl']:.2f}" if "eval/kl" in s else ""
         acc = (f"{s['eval/accuracy']:.3f} / {s['eval/accuracy_ceiling']:.3f} = {s['eval/accuracy_vs_ceiling']:.2f}"
                if "eval/accuracy_vs_ceiling" in s else "")
-        rows.append(f"| {name} | {gold} | {head} | {kl} | {acc} | {per_iteration(s)} | "
+        rows.append(f"| {name + (' (other setting)' if name in others else '')} | {gold} | {head} | {kl} | {acc} | {per_iteration(s)} | "
                     f"{t['peak_rss_bytes'] / 2**30:.2f} | {t['wall_s'] / 60:.1f} | {'ok' if t['rc'] == 0 else 'exit ' + str(t['rc'])} |")
         if samples(out, name):
             notes.append(f"**{name}**, held-out samples before -> after (gold):\n\n"

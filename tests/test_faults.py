@@ -8,8 +8,6 @@ model, a few steps each; a second process only where two processes are the point
 import errno
 import json
 import os
-import runpy
-import signal
 import subprocess
 import sys
 
@@ -18,22 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 from minirlhf import atomic, checkpoint
+from test_bad_inputs import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SFT = ["--threads", "1", "--max-steps", "2", "--batch-size", "2", "--block-size", "32", "--eval-every", "1",
        "--max-eval-blocks", "2", "--log-every", "1"]
-
-
-def run_in_process(script, argv, monkeypatch):
-    """Run script's __main__ with argv; returns the SystemExit code (a str: the one line) or None if it returned."""
-    monkeypatch.setattr(sys, "argv", [script, *argv])
-    try:
-        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
-    except SystemExit as e:
-        return e.code
-    return None
 
 
 def assert_one_line(code, script, *expected):
