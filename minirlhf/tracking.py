@@ -1,4 +1,4 @@
-"""The output contract every script honours (DESIGN.md): args.json, metrics.jsonl, summary.json, curves.png.
+"""The output contract every script honours: args.json, metrics.jsonl, summary.json, curves.png.
 
 `RunLog(out_dir, args)` writes args.json at once; `.log(step, metrics)` appends one JSON object per logging step
 (namespaced keys such as "train/loss"); `.summary(final)` writes summary.json atomically and draws curves.png when

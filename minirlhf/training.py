@@ -1,6 +1,6 @@
 """The few pieces every training script shares: what to train, the optimizer, the learning-rate schedule, batch order.
 
-Kept deliberately thin (STYLE.md: the loop itself lives in each script and reads top to bottom).
+Kept deliberately thin: the loop itself lives in each script and reads top to bottom.
 """
 import contextlib
 import math

@@ -1,6 +1,6 @@
 """Smoke runs of train_reward.py and train_dpo.py on the embedded default (a few steps each, via subprocess).
 
-Each run must honour the output contract (DESIGN.md), train its adapter (LoRA B starts at 0, so B != 0 means it
+Each run must honour the output contract (minirlhf/tracking.py), train its adapter (LoRA B starts at 0, so B != 0 means it
 changed), keep the frozen base bit-identical (the scripts' own params/frozen_unchanged fingerprint), and save an
 adapter that reloads to the same outputs. Bad input must end in one line on stderr, never a traceback.
 """
