@@ -1,7 +1,7 @@
 """The laptop recipe on a real model, end to end: every command of examples/smollm2_cpu.sh (SmolLM2-135M-Instruct on
 the built-in world, CPU), timed, and the results written into docs/real_model.md.
 
-    python bench/real_model.py                          # every stage, 2 threads (~2 h on 2 idle cores)
+    python bench/real_model.py                          # every stage, 2 threads (3-35 min a stage: docs/real_model.md)
     python bench/real_model.py --threads 1 --only grpo_gold dpo   # some stages (by their --out folder's name)
     python bench/real_model.py --report-only            # rewrite the doc from the runs already in --out
 
