@@ -233,7 +233,9 @@ def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_dpo.py"), "--threads", "1", "--eval-prompts",
                              "120", "--eval-samples", "8", "--out", str(tmp_path)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**ENV, "PYTHONUNBUFFERED": "1"})  # else the line below arrives only at exit
+                            env={**ENV, "PYTHONUNBUFFERED": "1"},  # else the line below arrives only at exit
+                            # a shell's background job ignores SIGINT and its children inherit that: restore it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stdout:  # the parameter report comes right before the evaluation before training
         if line.startswith("trainable params"):
             break
