@@ -25,14 +25,13 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import zipfile
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_directory, atomic_write_json
 from ..errors import InputError
 from ..formats import first_line
 
@@ -201,27 +200,23 @@ def convert(gguf_path, folder, source, note=GGUF_NOTE):
           flush=True)
     t0 = time.time()
     tokenizer, gguf_model = load_gguf(gguf_path)
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
-        model = plain_copy(gguf_model)
-        model.save_pretrained(tmp)
+    checked = {}
+
+    def write(tmp):  # atomic.atomic_directory: written beside, renamed into place; a failure leaves no folder
+        plain_copy(gguf_model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         saved = AutoModelForCausalLM.from_pretrained(tmp).eval()
         diff = max_logit_difference(tokenizer, gguf_model, saved)
         if not diff <= CHECK_ATOL:  # also catches NaN
             raise InputError(f"--model {gguf_path!r}: the converted model's logits differ from the GGUF load's by "
                              f"{diff:.3g} (> {CHECK_ATOL}); the conversion is not trusted and was not kept")
-        params = sum(p.numel() for p in saved.parameters())
+        checked.update(params=sum(p.numel() for p in saved.parameters()), diff=diff)
         atomic_write_json(os.path.join(tmp, PROVENANCE), {
-            **source, "parameters": params, "max_logit_difference": diff, "note": note,
+            **source, "parameters": checked["params"], "max_logit_difference": diff, "note": note,
             "converted_with": {"transformers": _version("transformers"), "gguf": _version("gguf")}})
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_directory(folder, write)
+    params, diff = checked["params"], checked["diff"]
     print(f"converted in {time.time() - t0:.0f} s: {folder} ({params / 1e6:.1f} M parameters; logits equal to the "
           f"GGUF load's within {diff:.1g}). Note: {note}.", flush=True)
     return folder
