@@ -28,7 +28,7 @@ D head dim, V vocab.
 import torch
 import torch.nn.functional as F
 
-from .lora import LoRALinear, _bits
+from .lora import LoRALinear, quantized_bits
 from .unpad import has_sliding_window
 
 SUPPORTED = ("llama", "mistral", "qwen2")  # the model_types sharing LlamaDecoderLayer's structure
@@ -73,7 +73,7 @@ def merged_lora_weights(model):
     exceed MERGE_LIMIT_BYTES or some layer cannot be merged. Made at every sample() call: the policy changes between
     rollouts. The same function as calling the layer, up to float rounding."""
     layers = [m for m in model.modules() if isinstance(m, LoRALinear) and m.active in m.lora_A]
-    if not layers or any(_bits(m.base_layer) for m in layers) or \
+    if not layers or any(quantized_bits(m.base_layer) for m in layers) or \
             sum(m.base_layer.weight.nbytes for m in layers) > MERGE_LIMIT_BYTES:
         return {}
     return {m: m.merged_weight(m.active) for m in layers}

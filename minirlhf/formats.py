@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save, save_file
 from .atomic import atomic_write_bytes, atomic_write_json
 from .errors import InputError
 from .heads import RatingHead, ScalarHead
-from .lora import _check, _find_targets, _layers, adapter_names, add_lora
+from .lora import check_adapter, find_targets, lora_layers, adapter_names, add_lora
 
 
 # ---------------------------------------------------------------- reading what the user points us at
@@ -125,11 +125,11 @@ def _atomic(path, write):
 
 def save_adapter(model, path, adapter="default"):
     """Write `adapter` as PEFT does: path/adapter_config.json + path/adapter_model.safetensors."""
-    _check(model, adapter)
-    layers = _layers(model, adapter)
+    check_adapter(model, adapter)
+    layers = lora_layers(model, adapter)
     m, names = layers[0][1], {n for n, _ in layers}
     short = sorted({n.rpartition(".")[2] for n in names})  # ["q_proj", "v_proj"] when that picks exactly these
-    targets = short if {n for n, _ in _find_targets(model, short)} == names else sorted(names)
+    targets = short if {n for n, _ in find_targets(model, short)} == names else sorted(names)
     config = dict(peft_type="LORA", task_type="CAUSAL_LM", r=m.r[adapter], lora_alpha=m.lora_alpha[adapter],
                   lora_dropout=getattr(m.lora_dropout[adapter], "p", 0.0), target_modules=targets, bias="none",
                   fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True,
@@ -185,7 +185,7 @@ def load_adapter(model, path, adapter="default", trainable=False, flag=None):
     state = read_safetensors(Path(path, ADAPTER_WEIGHTS), name, f"the adapter weights written with {ADAPTER_CONFIG}")
     r, alpha = cfg["r"], cfg["lora_alpha"]
     want = {}  # tensor name -> the shape this model needs: A (r, in), B (out, r) on every targeted module
-    for n, m in _find_targets(model, cfg["target_modules"]):
+    for n, m in find_targets(model, cfg["target_modules"]):
         want[f"{PREFIX}{n}.lora_A.weight"], want[f"{PREFIX}{n}.lora_B.weight"] = (r, m.in_features), (m.out_features, r)
     got = {k: tuple(v.shape) for k, v in state.items()}
     if got != want:  # one check covers unknown modules, missing modules, a wrong r and wrong layer sizes
@@ -196,9 +196,9 @@ def load_adapter(model, path, adapter="default", trainable=False, flag=None):
     names = sorted(k[len(PREFIX):].rsplit(".", 2)[0] for k in state if k.endswith("lora_A.weight"))
     if adapter not in adapter_names(model):
         add_lora(model, names, r, alpha, cfg.get("lora_dropout", 0.0), adapter)
-    elif sorted((n, m.r[adapter]) for n, m in _layers(model, adapter)) != [(n, r) for n in names]:
+    elif sorted((n, m.r[adapter]) for n, m in lora_layers(model, adapter)) != [(n, r) for n in names]:
         raise ValueError(f"{path}: adapter {adapter!r} exists with other modules or rank; load it under a new name")
-    for n, m in _layers(model, adapter):
+    for n, m in lora_layers(model, adapter):
         m.lora_alpha[adapter], m.scaling[adapter] = alpha, alpha / r
         for ab in ("lora_A", "lora_B"):
             w = getattr(m, ab)[adapter].weight

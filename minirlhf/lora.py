@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 
-def _bits(layer):
+def quantized_bits(layer):
     """4 or 8 for a bitsandbytes Linear4bit / Linear8bitLt (both subclass nn.Linear), else None. bitsandbytes is only
     imported when something else already loaded it (a k-bit model did): no quantized layer can exist otherwise, and
     importing it costs seconds at every start."""
@@ -71,30 +71,31 @@ class LoRALinear(nn.Module):
         return y + B(A(x) * self.scaling[self.active]).to(y.dtype)  # (..., in) -> (..., r) -> (..., out)
 
 
-def _layers(model, adapter=None):
+def lora_layers(model, adapter=None):
     """(name, LoRALinear) pairs, only those holding `adapter` when it is given."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, LoRALinear) and (adapter is None or adapter in m.lora_A)]
 
 
 def adapter_names(model):
-    return sorted({a for _, m in _layers(model) for a in m.lora_A})
+    return sorted({a for _, m in lora_layers(model) for a in m.lora_A})
 
 
-def _check(model, adapter):
+def check_adapter(model, adapter):
+    """ValueError naming the adapters the model has, unless it has `adapter`."""
     if adapter not in adapter_names(model):
         raise ValueError(f"unknown adapter {adapter!r}; the model has {adapter_names(model)}")
 
 
 def active_adapter(model):
-    return next((m.active for _, m in _layers(model)), None)
+    return next((m.active for _, m in lora_layers(model)), None)
 
 
 def set_active_adapter(model, name):
     """Make `name` the active adapter of every LoRA layer; None disables them all (the base model)."""
     if name is not None:
-        _check(model, name)
-    for _, m in _layers(model):
+        check_adapter(model, name)
+    for _, m in lora_layers(model):
         m.active = name
 
 
@@ -116,15 +117,15 @@ def adapters_disabled(model):
 
 def lora_parameters(model, adapter):
     """A and B of one adapter across the model, e.g. torch.optim.AdamW(lora_parameters(model, "policy"))."""
-    _check(model, adapter)
-    return [d[adapter].weight for _, m in _layers(model, adapter) for d in (m.lora_A, m.lora_B)]
+    check_adapter(model, adapter)
+    return [d[adapter].weight for _, m in lora_layers(model, adapter) for d in (m.lora_A, m.lora_B)]
 
 
-def _find_targets(model, target_modules):
+def find_targets(model, target_modules):
     """Linears named t or ending in '.t' for t in target_modules, or "all-linear": every linear but the LM head."""
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    inner = {id(c) for _, m in _layers(model) for c in m.modules() if c is not m}  # base_layer, lora_A/B themselves
+    inner = {id(c) for _, m in lora_layers(model) for c in m.modules() if c is not m}  # base_layer, lora_A/B themselves
 
     def hit(n, m):
         if names == ["all-linear"]:
@@ -139,7 +140,7 @@ def targets_problem(model, target_modules, name="the model"):
     must match at least one, "all-linear" needs one besides the LM head. Used on the meta-device skeleton before
     anything loads (validation.check_lora_targets) and by add_lora."""
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    missing = [t for t in names if not _find_targets(model, [t])]
+    missing = [t for t in names if not find_targets(model, [t])]
     if not missing:
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -159,7 +160,7 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, adapter="default"):
     problem = targets_problem(model, target_modules)
     if problem:
         raise ValueError(f"target_modules {problem}")
-    targets = _find_targets(model, target_modules)
+    targets = find_targets(model, target_modules)
     active = active_adapter(model) if adapter_names(model) else adapter  # the first adapter becomes active
     for name, m in targets:
         if not isinstance(m, LoRALinear):
@@ -167,7 +168,7 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, adapter="default"):
             m = LoRALinear(m)
             setattr(model.get_submodule(parent), leaf, m)
         m.add_adapter(adapter, r, alpha, dropout)  # new A, B: requires_grad=True
-    lora = {id(p) for _, m in _layers(model) for p in [*m.lora_A.parameters(), *m.lora_B.parameters()]}
+    lora = {id(p) for _, m in lora_layers(model) for p in [*m.lora_A.parameters(), *m.lora_B.parameters()]}
     for p in model.parameters():
         if id(p) not in lora:
             p.requires_grad_(False)  # the base, and anything else that is not LoRA
@@ -177,10 +178,10 @@ def add_lora(model, target_modules, r, alpha, dropout=0.0, adapter="default"):
 
 def copy_adapter(model, src, dst, trainable=False):
     """Add adapter `dst` equal to `src` (same r, alpha, weights); frozen unless `trainable` (the PPO reference)."""
-    _check(model, src)
+    check_adapter(model, src)
     if dst in adapter_names(model):
         raise ValueError(f"adapter {dst!r} already exists; pick another name")
-    for _, m in _layers(model, src):
+    for _, m in lora_layers(model, src):
         m.add_adapter(dst, m.r[src], m.lora_alpha[src], getattr(m.lora_dropout[src], "p", 0.0))
         for d in (m.lora_A, m.lora_B):
             d[dst].weight.data.copy_(d[src].weight.data)
@@ -190,11 +191,11 @@ def copy_adapter(model, src, dst, trainable=False):
 
 def merge_lora(model, adapter):
     """W <- W + (alpha/r) B A in each layer holding `adapter`; the LoRALinear becomes its plain merged Linear."""
-    _check(model, adapter)
-    layers = _layers(model, adapter)
+    check_adapter(model, adapter)
+    layers = lora_layers(model, adapter)
     for name, m in layers:  # refuse before touching anything
-        if _bits(m.base_layer):
-            raise ValueError(f"cannot merge into a {_bits(m.base_layer)}-bit base ({name}); "
+        if quantized_bits(m.base_layer):
+            raise ValueError(f"cannot merge into a {quantized_bits(m.base_layer)}-bit base ({name}); "
                              "load the base in float32/bfloat16 to merge")
     for name, m in layers:
         base = m.base_layer

@@ -21,7 +21,7 @@ def make_trainable(model, adapter, *, full_finetune=False, lora_r=16, lora_alpha
     4 bytes, gradients 4, AdamW's two moments 8, 16 bytes per parameter (vs 2 for a frozen bf16 base); a pure-bf16
     AdamW would lose every update smaller than 2^-8 of its weight."""
     if full_finetune:
-        if any(lora._bits(m) for m in model.modules()):
+        if any(lora.quantized_bits(m) for m in model.modules()):
             raise ValueError("--full-finetune needs a float base; a 4-bit/8-bit base trains through LoRA only")
         model.float()  # fp32 master weights (a no-op for an fp32 base); the compute dtype stays (autocast)
         model.requires_grad_(True)

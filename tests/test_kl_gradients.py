@@ -489,7 +489,7 @@ def test_sequence_kl_against_every_response_of_a_tiny_model():
     lora.add_lora(model, "all-linear", r=2, alpha=4, adapter="policy")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for _, m in lora._layers(model, "policy"):  # fresh adapters have B = 0: make the policy differ
+        for _, m in lora.lora_layers(model, "policy"):  # fresh adapters have B = 0: make the policy differ
             m.lora_B["policy"].weight.copy_(0.5 * torch.randn(m.lora_B["policy"].weight.shape, generator=g, dtype=D))
     eos, pad, longest = 2, 0, 3
     prompts = [[1], [1, 0, 1]]

@@ -46,13 +46,13 @@ def randomize_B(model, adapter, seed=0, std=0.1):
     """Fresh adapters have B = 0; give them a nonzero B so that they change the output."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for _, m in lora._layers(model, adapter):
+        for _, m in lora.lora_layers(model, adapter):
             B = m.lora_B[adapter].weight
             B.copy_(torch.randn(B.shape, generator=g, dtype=torch.float64) * std)
 
 
 def lora_names(model, adapter):
-    return {n for n, _ in lora._layers(model, adapter)}
+    return {n for n, _ in lora.lora_layers(model, adapter)}
 
 
 # ---- one layer against the closed form -------------------------------------------------------------------------------

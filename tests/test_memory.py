@@ -54,7 +54,7 @@ def asset_model():
     model = load_model(TINY_LLAMA, dtype="float32", device="cpu", tokenizer=tokenizer)
     torch.manual_seed(0)
     lora.add_lora(model, "all-linear", r=4, alpha=8, adapter="policy")
-    for _, m in lora._layers(model, "policy"):
+    for _, m in lora.lora_layers(model, "policy"):
         torch.nn.init.normal_(m.lora_B["policy"].weight, std=0.05)
     lora.set_active_adapter(model, "policy")
     return model.eval(), tokenizer

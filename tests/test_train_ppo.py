@@ -59,7 +59,7 @@ def make_reward_model(path, kind):
     torch.manual_seed(1 if kind == "scalar" else 2)
     model = load_model(TINY_LLAMA, tokenizer=load_tokenizer(TINY_LLAMA))
     lora.add_lora(model, "all-linear", r=4, alpha=8, adapter="reward")
-    for _, m in lora._layers(model, "reward"):
+    for _, m in lora.lora_layers(model, "reward"):
         torch.nn.init.normal_(m.lora_B["reward"].weight, std=0.05)
     save_adapter(model, path, "reward")
     hidden = model.config.hidden_size
