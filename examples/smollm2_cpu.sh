@@ -45,9 +45,9 @@ python train_ppo.py --model smollm2 --quantization 4bit --reward-model "$OUT/rew
     --iterations 20 --rollout-size 16 --minibatch-size 8 --max-new-tokens 24 --temperature 0.7 --eval-every 10 \
     $EVAL --threads "$THREADS" --out "$OUT/ppo_4bit"
 
-# 5. the seed setup's REINFORCE: moving-average baseline, reward = E[rating] - c·H[rating] of the distributional model
+# 5. the seed setup's REINFORCE: running-mean baseline, reward = E[rating] - c·H[rating] of the distributional model
 python train_reinforce.py --model smollm2 --reward-model "$OUT/reward_distributional/reward_model" \
-    --reward-transform expected-minus-entropy --entropy-coef 0.1 --lr 2e-4 --iterations 40 --rollout-size 16 \
+    --reward-transform expected-minus-entropy --reward-entropy-coef 0.1 --lr 2e-4 --iterations 40 --rollout-size 16 \
     --minibatch-size 8 --kl-coef 0.1 --max-new-tokens 24 --temperature 0.7 --eval-every 20 $EVAL \
     --threads "$THREADS" --out "$OUT/reinforce_distributional"
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The SmolLM2 + HelpSteer2 setup, part 2: REINFORCE with a moving-average baseline (train_reinforce.py) from
+# The SmolLM2 + HelpSteer2 setup, part 2: REINFORCE with a running-mean baseline (train_reinforce.py) from
 # HuggingFaceTB/SmolLM2-135M-Instruct on HelpSteer2 prompts, against a distributional (10-class) reward model.
 #
 # Two deliberate differences from the original setup, both forced by minirlhf's one-base design (every RL role is an

@@ -2,8 +2,9 @@
 
 Legend: B batch (one reward per sampled response), G group size (responses sampled per prompt).
 
-- REINFORCE with a moving-average baseline (the SmolLM2 + HelpSteer2 setup): A_i = r_i - b_i, where b_i is the
-  mean of EVERY reward seen so far, including r_i itself. Since r_n - b_n = (1 - 1/n) (r_n - b_{n-1}), this is the
+- REINFORCE with a running-mean baseline (the SmolLM2 + HelpSteer2 setup): A_i = r_i - b_i, where b_i is the
+  mean of EVERY reward seen so far in the run, including r_i itself (a plain mean with equal weights, not an
+  exponential moving average: old rewards never fade). Since r_n - b_n = (1 - 1/n) (r_n - b_{n-1}), this is the
   textbook baseline b_{n-1} (independent of the n-th action, so the gradient stays unbiased) with the advantage scaled
   by (1 - 1/n) -> 1; the very first reward gets advantage 0.
 - RLOO, REINFORCE Leave-One-Out (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization
@@ -20,8 +21,8 @@ Legend: B batch (one reward per sampled response), G group size (responses sampl
 import torch
 
 
-class MovingAverageBaseline:
-    """Running mean over every reward ever seen, updated one reward at a time (b_n = b_{n-1} + (r_n - b_{n-1}) / n)."""
+class RunningMeanBaseline:
+    """The mean of every reward seen so far, updated one reward at a time (b_n = b_{n-1} + (r_n - b_{n-1}) / n)."""
 
     def __init__(self):
         self.mean, self.count = 0.0, 0
@@ -29,7 +30,7 @@ class MovingAverageBaseline:
     def advantages(self, rewards):
         """Update with each reward in batch order; its advantage uses the mean AFTER its own update. (B,) -> (B,)."""
         if rewards.dim() != 1:
-            raise ValueError(f"MovingAverageBaseline.advantages: rewards must be 1-D (B,), got {tuple(rewards.shape)}")
+            raise ValueError(f"RunningMeanBaseline.advantages: rewards must be 1-D (B,), got {tuple(rewards.shape)}")
         advantages = []
         for r in rewards.detach().double().tolist():  # the running mean is kept in float64
             self.count += 1

@@ -159,7 +159,7 @@ def main(args):
     reward = Reward(model, types.SimpleNamespace(  # the RL scripts' reward, with the settings it reads
         reward="gold" if args.reward_model == "gold" else "model", reward_model=args.reward_model,
         reward_transform="expected",
-        entropy_coef=0.0, forward_batch_size=args.forward_batch_size, dataset="builtin"))
+        reward_entropy_coef=0.0, forward_batch_size=args.forward_batch_size, dataset="builtin"))
     prompts, ids = held_out_prompts("builtin", "test", None, tokenizer, args.prompts, 1, args.max_prompt_length,
                                     args.template, system_prompt=args.system_prompt)
     rows = best_of_n_evaluation(model, tokenizer, prompts, ids, reward_fn=reward.score, gold_fn=world.gold_score,

@@ -1,6 +1,7 @@
 """Turn a settings dataclass into a command line: one flag per field, its comment as the help text.
 
-Every script keeps its settings as a `@dataclass Args` at the top (cleanrl style); `parse_args(Args)` gives `--help`,
+Every script keeps its settings as a `@dataclass Args` at the top (cleanrl style), made of the shared groups of
+settings.py plus its own algorithm's knobs; `parse_args(Args)` gives `--help` (one group per class),
 `--field-name VALUE` flags (underscores become dashes), and booleans as `--flag` / `--no-flag`. Field help comes from
 `field(metadata={"help": ...})` or, more readably, from the docstring-style string literal under each field, which
 `_field_docs` reads from the source.
@@ -38,8 +39,9 @@ def _field_docs(cls):
 
 @dataclasses.dataclass
 class MachineArgs:
-    """The flags of every script that are about the machine and the run around the algorithm, not the algorithm:
-    each script's `Args(MachineArgs)` inherits them (they come first in --help)."""
+    """the machine: precision, memory, determinism, cost, logging
+
+    The flags of every script about the machine the run is on, not the algorithm (settings.RunArgs builds on it)."""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU) | float32 | bfloat16 |
     float16 (with loss scaling). Trainable weights stay float32 (minirlhf/precision.py)"""
@@ -52,31 +54,54 @@ class MachineArgs:
     """price of the machine in $ per hour: summary.json then reports the cost per training sample"""
     report_to: str = "none"
     """none | tensorboard: also write the logged metrics as TensorBoard events in DIR/tensorboard"""
-    system_prompt: typing.Optional[str] = None
-    """a system message put before every prompt (chat templates and --template llama3 render it)"""
 
 
 def parse_args(cls, argv=None, description=None):
-    """Parse argv into an instance of the dataclass `cls`; print the settings is the caller's job."""
+    """Parse argv into an instance of the dataclass `cls`; print the settings is the caller's job.
+
+    --help lists the flags in groups: first the fields `cls` declares itself (the script's own algorithm), then one
+    group per dataclass it is made of (settings.py), titled by that class's docstring. A flag renamed in a class's
+    RENAMED table ({"--old-flag": "--new-flag"}) is refused with one line naming its new name."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     docs = _field_docs(cls)
-    parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
+    own_doc = cls.__doc__ if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""  # not dataclass's
+    parser = argparse.ArgumentParser(description=description or own_doc.strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    renamed = {old: new for klass in reversed(cls.__mro__) for old, new in getattr(klass, "RENAMED", {}).items()}
+    for arg in argv:
+        if arg.split("=")[0] in renamed:
+            raise InputError(f"{arg.split('=')[0]} is now {renamed[arg.split('=')[0]]} (same meaning); give that")
+    groups = _groups(cls, parser)
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         flag, help_ = "--" + f.name.replace("_", "-"), docs.get(f.name, f.metadata.get("help", " "))
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        typ = hints[f.name]
+        typ, group = hints[f.name], groups[f.name]
         if typ is bool:
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
+            group.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_)
             continue
         base = _unwrap_optional(typ)
         if typing.get_origin(base) in (list, tuple):
             item = typing.get_args(base)[0] if typing.get_args(base) else str
-            parser.add_argument(flag, default=default, type=item, nargs="+", help=help_)
+            group.add_argument(flag, default=default, type=item, nargs="+", help=help_)
         else:
-            parser.add_argument(flag, default=default, type=_none_or(base) if base is not typ else base,
-                                help=help_)
+            group.add_argument(flag, default=default, type=_none_or(base) if base is not typ else base, help=help_)
     return cls(**vars(parser.parse_args(argv)))
+
+
+def _groups(cls, parser):
+    """field name -> the argparse group of the class that declares it first (its most basic class: a script that
+    only changes a shared default keeps the flag in its shared group); the script's own group is created first."""
+    owner = {}
+    for klass in reversed(cls.__mro__):
+        for name in klass.__dict__.get("__annotations__", {}):
+            owner.setdefault(name, klass)
+    titles = {cls: "settings of this script"}
+    for klass in cls.__mro__[1:]:
+        if dataclasses.is_dataclass(klass):
+            titles[klass] = (klass.__doc__ or klass.__name__).strip().splitlines()[0]
+    made = {klass: parser.add_argument_group(title) for klass, title in titles.items()}
+    return {f.name: made[owner[f.name]] for f in dataclasses.fields(cls)}
 
 
 def _unwrap_optional(typ):
@@ -112,7 +137,8 @@ def run_script(main, args_cls, prog=None):
     prog = prog or os.path.basename(sys.argv[0])
     args = None
     try:
-        args = parse_args(args_cls)
+        doc = sys.modules[main.__module__].__doc__ or ""  # the script's docstring: its first paragraph heads --help
+        args = parse_args(args_cls, description=doc.strip().split("\n\n")[0])
         return main(args)
     except (InputError, Diverged) as e:
         raise SystemExit(f"{prog}: error: {e}") from None

@@ -70,3 +70,49 @@ def rpo_nll(chosen_logps, chosen_lengths):
     if not (chosen_lengths >= 1).all():
         raise ValueError("rpo_nll: every chosen response needs at least one token (chosen_lengths >= 1)")
     return -chosen_logps / chosen_lengths  # (B,)
+
+
+LOSSES = ("sigmoid", "ipo", "cdpo")
+
+
+def preference_loss(policy_logps, ref_logps, lengths, loss="sigmoid", beta=0.1, label_smoothing=None, rpo_alpha=0.0,
+                    average=False):
+    """DPO's whole per-pair loss, from the sequence log-probs of a batch of pairs to what each pair costs and logs.
+
+    Legend: B pairs, rows 2B with the B chosen responses first, then the B rejected ones, in the same pair order.
+    policy_logps (2B,): log pi(y|p) SUMMED over each response's tokens (with grad); ref_logps (2B,): the reference's,
+    already averaged over tokens when `average`; lengths (2B,): |y| (>= 1).
+
+      1. the log-probs compared: the sums, or with `average` the per-token means log pi(y|p) / |y| (IPO always,
+         SimPO's length normalisation inside DPO with --length-normalize)
+      2. the preference loss of the margin x = (log-ratio of the chosen) - (log-ratio of the rejected):
+         loss "sigmoid"  DPO, Rafailov et al. 2023, Eq. 7            -log sigmoid(beta x)           (dpo_loss)
+              "cdpo"     conservative DPO, Mitchell 2023             label_smoothing eps, default 0.1 (dpo_loss)
+              "ipo"      IPO, Azar et al. 2023, Eq. 17               (x - 1/(2 beta))^2              (ipo_loss)
+      3. + rpo_alpha x the chosen response's NLL per token (RPO, Pang et al. 2024, Eq. 1; rpo_nll)
+
+    Returns (losses (B,), stats): stats maps the logged names to detached (B,) tensors: rewards/chosen,
+    rewards/rejected (beta x log-ratio), rewards/accuracies (chosen > rejected), rewards/margins, logps/chosen,
+    logps/rejected (the compared log-probs), and nll/chosen with rpo_alpha > 0. The caller reduces (mean over pairs).
+    label_smoothing: None means 0.1 under "cdpo" and 0 otherwise; only "cdpo" takes one above 0."""
+    if loss not in LOSSES:
+        raise ValueError(f"preference_loss: loss must be one of {LOSSES}, got {loss!r}")
+    eps = (0.1 if loss == "cdpo" else 0.0) if label_smoothing is None else label_smoothing
+    if eps and loss != "cdpo":
+        raise ValueError(f"preference_loss: label_smoothing is cdpo's epsilon, got {eps} with loss {loss!r}")
+    if not policy_logps.shape == ref_logps.shape == lengths.shape or policy_logps.dim() != 1 \
+            or len(policy_logps) % 2:
+        raise ValueError(f"preference_loss: policy_logps, ref_logps and lengths must be (2B,) each, got "
+                         f"{[tuple(t.shape) for t in (policy_logps, ref_logps, lengths)]}")
+    b = len(policy_logps) // 2
+    policy = policy_logps / lengths if average else policy_logps  # (2B,)  1.
+    args = (policy[:b], policy[b:], ref_logps[:b], ref_logps[b:])  # chosen, rejected; their references
+    losses, r_c, r_r = ipo_loss(*args, beta=beta) if loss == "ipo" else \
+        dpo_loss(*args, beta=beta, label_smoothing=eps)  # (B,) each  2.
+    stats = {"rewards/chosen": r_c, "rewards/rejected": r_r, "rewards/accuracies": (r_c > r_r).to(r_c.dtype),
+             "rewards/margins": r_c - r_r, "logps/chosen": policy[:b].detach(), "logps/rejected": policy[b:].detach()}
+    if rpo_alpha > 0:  # 3.
+        nll = rpo_nll(policy_logps[:b], lengths[:b])  # (B,): the chosen rows come first
+        losses = losses + rpo_alpha * nll
+        stats["nll/chosen"] = nll.detach()
+    return losses, stats

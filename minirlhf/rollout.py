@@ -116,11 +116,11 @@ class TrainPrompts:
 class Reward:
     """The reward of a prompt + response: the reward model of --reward-model (its LoRA adapter "reward" and head on
     the shared base, frozen; read at the last real token; a rating head gives E[rating], optionally minus
-    entropy_coef x its entropy) or, with --reward gold, the built-in world's gold score (a verifiable reward)."""
+    reward_entropy_coef x its entropy) or, with --reward gold, the built-in world's gold score (a verifiable reward)."""
 
     def __init__(self, model, args):
         self.model, self.gold_only = model, args.reward == "gold"
-        self.transform, self.entropy_coef = args.reward_transform, args.entropy_coef
+        self.transform, self.entropy_coef = args.reward_transform, args.reward_entropy_coef
         self.forward_batch_size = args.forward_batch_size  # rows per reward-model pass
         self.missing_eos_penalty = getattr(args, "missing_eos_penalty", None)
         self.gold = world.gold_score if args.dataset == "builtin" else None

@@ -29,7 +29,7 @@ What it takes care of (checkpoint.py holds the file format, distributed.py the c
   the metrics time/<phase> and time/<phase>_seconds in the summary.
 - GPU settings: each torchrun process on its own GPU (distributed.setup); --deterministic (use_deterministic).
 `state` objects: anything with state_dict() / load_state_dict() (training.EpochOrder, kl.AdaptiveKLController,
-baselines.MovingAverageBaseline), a torch.Generator, or a list (metrics gathered since the last log line). Each is
+baselines.RunningMeanBaseline), a torch.Generator, or a list (metrics gathered since the last log line). Each is
 saved per process (every rank has its own data position and samplers).
 """
 import importlib.util

@@ -1,6 +1,7 @@
 """Every numeric setting has a stated range, checked before anything is loaded, with one line naming the flag.
 
-A script lists its fields' ranges in a small table, read like the math:
+Each settings group declares its fields' ranges beside them (settings.py's RANGES), and a script its own in a small
+table, read like the math:
 
     RANGES = {"lr": "> 0", "lora_dropout": "[0, 1)", "max_steps": "-1 or >= 1", "target_kl": "none or > 0"}
     check_ranges(args, RANGES)   # InputError: "--lora-dropout must lie in [0, 1), got -1.0"
@@ -9,7 +10,7 @@ A spec is one of  "> a", ">= a", "< b", "<= b", "[a, b]", "[a, b)", "(a, b]", "(
 "V or " for values allowed besides the range ("-1 or >= 1": -1 is a sentinel; "none or > 0": the flag may be none).
 Every float must also be finite: NaN and inf are refused whatever the range (NaN compares False with everything, so
 a check written `if args.grad_clip <= 0: error` lets `--grad-clip nan` through, and inf passes every lower bound).
-COMMON_RANGES holds the settings that mean the same in every script; each script adds its own.
+COMMON_RANGES holds the few that no settings group declares.
 """
 import math
 import os
@@ -18,15 +19,8 @@ import sys
 
 from .errors import InputError
 
-COMMON_RANGES = {
-    "lr": "> 0", "grad_clip": "> 0", "weight_decay": ">= 0", "warmup_steps": ">= 0",
-    "lora_r": ">= 1", "lora_alpha": "> 0", "lora_dropout": "[0, 1)",
-    "batch_size": ">= 1", "grad_accum": ">= 1", "epochs": ">= 1", "max_steps": "-1 or >= 1",
-    "max_length": "none or >= 2", "max_prompt_length": "none or >= 1", "max_train_pairs": ">= 0",
-    "max_new_tokens": ">= 1", "temperature": "> 0", "eval_prompts": ">= 1", "eval_samples": ">= 1",
-    "log_every": ">= 1", "save_every": ">= 0", "seed": "[0, 4294967295]", "threads": ">= 0",
-    "forward_batch_size": ">= 1", "cost_per_hour": "none or >= 0",
-}
+COMMON_RANGES = {"weight_decay": ">= 0", "warmup_steps": ">= 0", "log_every": ">= 1", "forward_batch_size": ">= 1",
+                 "cost_per_hour": "none or >= 0"}  # the rest is declared with its flag (settings.py's RANGES)
 
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 _BOUND = re.compile(r"^(>=|<=|>|<)\s*(\S+)$")
@@ -58,8 +52,12 @@ def check_value(flag, value, spec):
 
 
 def check_ranges(args, ranges):
-    """Check every field of `args` named in `ranges` (COMMON_RANGES first, then the script's own, which win)."""
-    table = {**COMMON_RANGES, **ranges}
+    """Check every field of `args` named in a range table: COMMON_RANGES, then the RANGES of each settings class
+    `args` is made of (settings.py), then the script's own `ranges`; a later table wins."""
+    table = dict(COMMON_RANGES)
+    for klass in reversed(type(args).__mro__):
+        table.update(klass.__dict__.get("RANGES", {}))
+    table.update(ranges)
     for name, spec in table.items():
         if hasattr(args, name):
             check_value("--" + name.replace("_", "-"), getattr(args, name), spec)

@@ -81,7 +81,9 @@ RANGE_CASES = [
     ("train_ppo.py", ["--clip-eps", "0"], "--clip-eps"),
     ("train_ppo.py", ["--target-kl", "-1"], "--target-kl"),
     ("train_ppo.py", ["--missing-eos-penalty", "nan"], "--missing-eos-penalty"),
-    ("train_ppo.py", ["--entropy-coef", "inf"], "--entropy-coef"),
+    ("train_ppo.py", ["--reward-entropy-coef", "inf"], "--reward-entropy-coef"),
+    ("train_ppo.py", ["--entropy-coef", "0.1"], "--entropy-coef is now --reward-entropy-coef"),
+    ("train_reinforce.py", ["--baseline", "moving-average"], "--baseline running-mean"),
     ("train_ppo.py", ["--rollout-size", "0"], "--rollout-size"),
     # the range the code accepts, narrower than a plain bound: numpy's seeds stop at 2^32 - 1
     *[(s, ["--seed", "4294967296"], "--seed") for s in SCRIPTS],

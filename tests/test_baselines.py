@@ -6,11 +6,11 @@ import statistics
 import pytest
 import torch
 
-from minirlhf.baselines import MovingAverageBaseline, group_advantages, leave_one_out_advantages
+from minirlhf.baselines import RunningMeanBaseline, group_advantages, leave_one_out_advantages
 
 
-def test_moving_average_hand_checked_across_calls():
-    baseline = MovingAverageBaseline()
+def test_running_mean_hand_checked_across_calls():
+    baseline = RunningMeanBaseline()
     # rewards 1, 3 | 2: running means 1, 2 | 2, advantages taken after each own update: 0, 1 | 0
     assert baseline.advantages(torch.tensor([1.0, 3.0])).tolist() == [0.0, 1.0]
     assert baseline.advantages(torch.tensor([2.0])).tolist() == [0.0]
@@ -20,22 +20,22 @@ def test_moving_average_hand_checked_across_calls():
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_moving_average_matches_brute_force_and_ignores_batching(seed):
+def test_running_mean_matches_brute_force_and_ignores_batching(seed):
     g = torch.Generator().manual_seed(seed)
     rewards = torch.randn(37, generator=g, dtype=torch.float64)
     seen = rewards.tolist()
     expected = [seen[i] - statistics.fmean(seen[: i + 1]) for i in range(len(seen))]
-    one_call = MovingAverageBaseline().advantages(rewards)
+    one_call = RunningMeanBaseline().advantages(rewards)
     torch.testing.assert_close(one_call, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
-    chunked = MovingAverageBaseline()
+    chunked = RunningMeanBaseline()
     pieces = [chunked.advantages(chunk) for chunk in rewards.split([5, 1, 13, 18])]
     torch.testing.assert_close(torch.cat(pieces), one_call, rtol=0, atol=0)
 
 
-def test_moving_average_state_round_trip_and_dtype():
-    a = MovingAverageBaseline()
+def test_running_mean_state_round_trip_and_dtype():
+    a = RunningMeanBaseline()
     a.advantages(torch.tensor([0.5, 2.5, -1.0]))
-    b = MovingAverageBaseline()
+    b = RunningMeanBaseline()
     b.load_state_dict(a.state_dict())
     nxt = torch.tensor([4.0, 0.25], dtype=torch.float32)
     out = a.advantages(nxt)

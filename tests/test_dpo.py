@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minirlhf.dpo import dpo_loss, ipo_loss, rpo_nll
+from minirlhf.dpo import dpo_loss, ipo_loss, preference_loss, rpo_nll
 
 
 def _logps(seed, B=13):
@@ -166,3 +166,48 @@ def test_rpo_bad_input_raises():
         rpo_nll(c, _lengths(0)[:-1])
     with pytest.raises(ValueError, match="at least one token"):
         rpo_nll(c, torch.zeros_like(c))
+
+
+def reference_pair_loss(pol, ref, length, loss, beta, eps, alpha, average):
+    """One pair by hand in Python floats: pol, ref, length are (chosen, rejected) pairs of numbers."""
+    comp = [p / n for p, n in zip(pol, length)] if average else list(pol)
+    x = (comp[0] - ref[0]) - (comp[1] - ref[1])
+    logsig = lambda z: -math.log1p(math.exp(-z)) if z > 0 else z - math.log1p(math.exp(z))  # noqa: E731
+    value = (x - 1 / (2 * beta)) ** 2 if loss == "ipo" else -(1 - eps) * logsig(beta * x) - eps * logsig(-beta * x)
+    return value + alpha * (-pol[0] / length[0]), beta * (comp[0] - ref[0]), beta * (comp[1] - ref[1])
+
+
+@pytest.mark.parametrize("loss,eps", [("sigmoid", None), ("cdpo", None), ("cdpo", 0.25), ("ipo", None)])
+@pytest.mark.parametrize("alpha,average", [(0.0, False), (0.5, False), (0.0, True), (1.0, True)])
+def test_preference_loss_matches_the_loss_written_by_hand(loss, eps, alpha, average):
+    """dpo.preference_loss, the script's whole per-pair loss (chosen rows first, lengths, averaging, the cdpo default
+    ε = 0.1, RPO's term), against each pair computed by hand in float64."""
+    g = torch.Generator().manual_seed(3)
+    B, beta = 5, 0.3
+    pol = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
+    lengths = torch.randint(1, 9, (2 * B,), generator=g).double()
+    ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
+    ref = ref / lengths if average else ref
+    losses, stats = preference_loss(pol, ref, lengths, loss, beta, eps, alpha, average)
+    e = (0.1 if loss == "cdpo" else 0.0) if eps is None else eps
+    for i in range(B):
+        want, r_c, r_r = reference_pair_loss((pol[i].item(), pol[B + i].item()), (ref[i].item(), ref[B + i].item()),
+                                             (lengths[i].item(), lengths[B + i].item()), loss, beta, e, alpha,
+                                             average)
+        assert losses[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+        assert stats["rewards/chosen"][i].item() == pytest.approx(r_c, rel=1e-12, abs=1e-12)
+        assert stats["rewards/margins"][i].item() == pytest.approx(r_c - r_r, rel=1e-12, abs=1e-12)
+        assert stats["rewards/accuracies"][i].item() == float(r_c > r_r)
+    assert ("nll/chosen" in stats) == (alpha > 0)
+    assert list(stats)[:6] == ["rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                               "logps/chosen", "logps/rejected"]
+
+
+def test_preference_loss_refuses_what_it_cannot_mean():
+    x = torch.zeros(4)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        preference_loss(x, x, x + 1, "sigmoid", label_smoothing=0.1)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        preference_loss(x, x, x + 1, "kto")
+    with pytest.raises(ValueError, match=r"\(2B,\)"):
+        preference_loss(torch.zeros(3), torch.zeros(3), torch.ones(3))

@@ -53,7 +53,7 @@ def test_each_algorithm_is_what_its_name_says(tmp_path):
     run = {a: frontier.make_run(ALG[a], ALG[a].settings[0], 1, str(tmp_path), False) for a in ALG}
     rloo, dr, ipo = script_args(run["rloo"]), script_args(run["dr-grpo"]), script_args(run["ipo"])
     assert (rloo.baseline, rloo.samples_per_prompt) == ("leave-one-out", 4)
-    assert script_args(run["reinforce"]).baseline == "moving-average"
+    assert script_args(run["reinforce"]).baseline == "running-mean"
     assert (dr.loss_aggregation, dr.advantage_std) == ("constant", "none")
     grpo = script_args(run["grpo"])
     assert (grpo.loss_aggregation, grpo.advantage_std) == ("token", "group")  # GRPO's defaults

@@ -28,7 +28,7 @@ RUNS = {
     "sft": ("train_sft.py", ["--max-steps", "8", "--batch-size", "4", "--log-every", "3", "--eval-every", "6",
                              "--block-size", "64"], 8),
     "ppo": ("train_ppo.py", PPO, 6),  # value head, GAE, adaptive KL controller
-    "reinforce": ("train_reinforce.py", PPO, 6),  # + the moving-average baseline
+    "reinforce": ("train_reinforce.py", PPO, 6),  # + the running-mean baseline
     "grpo": ("train_grpo.py", PPO[:-2] + ["--group-size", "4", "--reward", "gold"], 6),  # groups, KL in the loss
 }
 NOISY = ("perf/", "time/")  # wall-clock metrics differ between any two runs

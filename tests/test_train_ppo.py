@@ -182,7 +182,7 @@ def peft_scores(path, rollout_tensors, kind):
         return out[:, 0]
     p = out.softmax(-1)
     expected = p @ torch.arange(1.0, 11.0)
-    return expected - 0.1 * -(p * p.log()).sum(-1)  # expected-minus-entropy, entropy_coef 0.1
+    return expected - 0.1 * -(p * p.log()).sum(-1)  # expected-minus-entropy, reward_entropy_coef 0.1
 
 
 @pytest.mark.parametrize("algo,kind", [("ppo", "scalar"), ("reinforce", "rating")])
