@@ -17,7 +17,6 @@ except the LoRA adapter's own --lora-dropout in the training step's policy pass 
 On the built-in world the policy is sampled on held-out prompts before and after training and scored by the gold
 reward: eval/gold_before, eval/gold_after, eval/kl, eval/win_rate (gold after > gold before on the same prompt).
 """
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,13 +29,13 @@ from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.dpo import LOSSES, preference_loss
 from minirlhf.errors import InputError
-from minirlhf.evaluation import (before_training, evaluate_policy, gold_summary, held_out_prompts, save_samples,
-                                 show_samples)
+from minirlhf.evaluation import before_training, evaluate_policy, held_out_prompts
 from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
 from minirlhf.heads import in_row_chunks, response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
 from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference
 from minirlhf.precision import LossScaler
+from minirlhf.report import final_summary
 from minirlhf.run import Run
 from minirlhf.settings import DataArgs, EvalArgs, ModelArgs, OptimArgs, PairArgs, RunArgs, SamplingArgs
 from minirlhf.training import (EpochOrder, lora_dropout_active, lr_at, make_optimizer, make_trainable, optimizer_step,
@@ -251,26 +250,13 @@ def pair_eval(model, batches, args, device, average):
 
 
 def report(run, model, sample_eval, before, eval_batches, args, average):
-    """After training (rank 0): the held-out pair loss and accuracy, the sampling evaluation before and after (and the
-    gold verdict on the built-in world) into summary.json; the samples and one line with the result."""
-    final = {}
-    if run.is_main:
-        (before, before_samples), (after, after_samples) = before, sample_eval()
-        final = {**pair_eval(model, eval_batches, args, run.device, average),
-                 **{k + "_before": v for k, v in before.items()},
-                 **{k + "_after": v for k, v in after.items()}, "eval/kl": after["eval/kl"]}
-        if "eval/gold" in after:
-            final.update(gold_summary(before, after, before_samples, after_samples, world.GOLD_MAX))
-    summary = run.finish(final)
-    if run.is_main:
-        save_samples(args.out, before_samples, after_samples)
-        show_samples(after_samples, "\nsamples after training:")
-        print(f"done in {summary['time/total_seconds']:.0f}s: "
-              + (f"gold {summary['eval/gold_before']:.3f} -> {summary['eval/gold_after']:.3f} of "
-                 f"{summary['eval/gold_max']:.1f} (headroom closed {summary['eval/headroom_closed']:.2f}, win rate "
-                 f"{summary['eval/win_rate']:.2f}), " if "eval/gold" in after else "")
-              + f"KL {summary['eval/kl']:.2f} nats; policy adapter in {os.path.join(args.out, 'policy')}")
-    return summary
+    """After training (rank 0): the held-out pair loss and accuracy and the sampling evaluation after training, into
+    summary.json with the one before (and the gold verdict on the built-in world): report.final_summary."""
+    if not run.is_main:
+        return run.finish({})
+    after = sample_eval()
+    pairs_eval = pair_eval(model, eval_batches, args, run.device, average)
+    return final_summary(run, model, before, after, "eval/gold" in after[0], pairs_eval)
 
 
 if __name__ == "__main__":

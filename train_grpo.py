@@ -4,7 +4,7 @@ same prompt (Shao et al. 2024, "DeepSeekMath", Sec. 4.1). Every role is served b
     python train_grpo.py --reward gold         # against the built-in world's gold score (~20 seconds on a 2-core CPU)
     python train_grpo.py                       # against the shipped reward model
 
-The roles on the one base (minirlhf/rollout.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the
+The roles on the one base (minirlhf/roles.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the
 reward model a frozen adapter "reward" + head (or the gold score), the reference the base with adapters disabled.
 One iteration reads top to bottom:
   1. rollout     rollout_size / G prompts, each sampled G times (the group of a prompt is contiguous)
@@ -44,9 +44,10 @@ from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, aggregation_count, grpo_loss
 from minirlhf.mismatch import mismatch_stats
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
-from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, old_logprobs_and_corrections, policy_logprobs,
-                              reference_logprobs, roles, sample_rollout)
+from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
+from minirlhf.roles import Reward, load_policy, roles
+from minirlhf.rollout import (TrainPrompts, add_up, minibatches, old_logprobs_and_corrections, policy_logprobs,
+                              reference_logprobs, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings

@@ -3,7 +3,7 @@
     python train_ppo.py                                # against the shipped reward model (~30 seconds on a 2-core CPU)
     python train_ppo.py --reward gold                  # against the built-in world's gold score
 
-The roles on the one base (minirlhf/rollout.py), all in memory once:
+The roles on the one base (minirlhf/roles.py), all in memory once:
   policy     LoRA adapter "policy" (trainable, B = 0 at the start, so the policy starts AS the base)
   value      ScalarHead on the policy's hidden states (zero-initialised: V = 0 at the start)
   reward     LoRA adapter "reward" + its head, loaded frozen from --reward-model (a train_reward.py folder)
@@ -45,9 +45,10 @@ from minirlhf.kl import AdaptiveKLController
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.ppo import policy_loss, value_loss
-from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, old_logprobs_and_corrections, policy_logprobs,
-                              reference_logprobs, roles, rollout_logprobs, sample_rollout)
+from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
+from minirlhf.roles import Reward, load_policy, roles
+from minirlhf.rollout import (TrainPrompts, add_up, minibatches, old_logprobs_and_corrections, policy_logprobs,
+                              reference_logprobs, rollout_logprobs, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings

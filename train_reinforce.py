@@ -6,7 +6,7 @@ same prompt (Ahmadian et al. 2024). ONE frozen base serves every role through Lo
     python train_reinforce.py --reward gold    # against the built-in world's gold score
     python train_reinforce.py --baseline leave-one-out --samples-per-prompt 4    # RLOO, k = 4
 
-The roles on the one base (minirlhf/rollout.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the
+The roles on the one base (minirlhf/roles.py): the policy is a LoRA adapter "policy" (B = 0 at the start), the
 reward model a frozen adapter "reward" + head (or the gold score), the reference the base with adapters disabled.
 One iteration reads top to bottom:
   1. rollout     rollout_size / k prompts, each sampled k times (--samples-per-prompt, default 1; contiguous)
@@ -36,9 +36,10 @@ from minirlhf.mismatch import mismatch_stats
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.reinforce import reinforce_loss
-from minirlhf.rollout import (HeldOut, Reward, TrainPrompts, add_up, finish, iteration_metrics, load_policy,
-                              log_iteration, minibatches, old_logprobs_and_corrections, policy_logprobs,
-                              reference_logprobs, roles, sample_rollout)
+from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
+from minirlhf.roles import Reward, load_policy, roles
+from minirlhf.rollout import (TrainPrompts, add_up, minibatches, old_logprobs_and_corrections, policy_logprobs,
+                              reference_logprobs, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings

@@ -118,7 +118,7 @@ def reward(job, tokenizer):
 
 
 def gold_reward(prompts, completions, **kwargs):
-    """The built-in world's gold score of each (prompt messages, completion text), as minirlhf's rollout.Reward
+    """The built-in world's gold score of each (prompt messages, completion text), as minirlhf's roles.Reward
     calls it; TRL decodes completions with skip_special_tokens=True, as minirlhf's evaluation.generate does."""
     return [world.gold_score(p, c[0]["content"]) for p, c in zip(prompts, completions)]
 

@@ -299,7 +299,7 @@ def measure_grpo(quick, threads, tmp, seed=None):
 
 
 def child_score(job):
-    """Child process: minirlhf's held-out evaluation as train_grpo.py runs it after training (rollout.HeldOut:
+    """Child process: minirlhf's held-out evaluation as train_grpo.py runs it after training (report.HeldOut:
     evaluation.evaluate_policy on the first --eval-prompts test prompts x --eval-samples, train_grpo.py's sampling
     settings and seed, the gold score) of the base and of each PEFT-format adapter in job["adapters"]."""
     from minirlhf.data import world

@@ -56,7 +56,7 @@ def best_of_n_evaluation(model, tokenizer, prompts, prompt_ids, *, reward_fn, go
 
     prompts: B message lists, prompt_ids: their token ids (evaluation.held_out_prompts with samples=1).
     reward_fn(batch) -> (b,) proxy scores of an evaluation.generate batch that also holds "prompts" (its messages: so
-    rollout.Reward's score works as is); gold_fn(messages, text) -> float, or None off the built-in world.
+    roles.Reward's score works as is); gold_fn(messages, text) -> float, or None off the built-in world.
 
     The estimator: N = max(ns) responses per prompt are sampled ONCE, and best-of-n selects among the first n of them.
     Each prefix is n independent samples of π, so every n's estimate is unbiased, as with a fresh draw per n; but one
@@ -143,7 +143,7 @@ def main(args):
     from .evaluation import held_out_prompts
     from .formats import check_reward_model_dir
     from .models import get_device, load_model, load_tokenizer
-    from .rollout import Reward
+    from .roles import Reward
     from .validation import check_common
     check_common(args, {"prompts": ">= 1"})  # ranges, --quantization, --dtype, --template, --device, --model
     if min(args.n) < 1:

@@ -28,7 +28,8 @@ from minirlhf.models import load_model, load_tokenizer
 from minirlhf.ops import masked_sum
 from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.reinforce import reinforce_loss
-from minirlhf.rollout import Reward, add_up, merge_generated, policy_logprobs, reference_logprobs, rollout_logprobs
+from minirlhf.roles import Reward
+from minirlhf.rollout import add_up, merge_generated, policy_logprobs, reference_logprobs, rollout_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS, CHUNK = 2, 16  # --forward-batch-size and heads.LOGITS_CHUNK in the spy runs
@@ -93,7 +94,7 @@ def test_no_model_call_sees_more_rows_than_the_flag(script, tmp_path, monkeypatc
             model.get_output_embeddings().register_forward_pre_hook(head_hook)
             return model
         return load_model
-    owner = sys.modules["minirlhf.rollout"] if script in ("train_ppo", "train_grpo", "train_reinforce") else module
+    owner = sys.modules["minirlhf.roles"] if script in ("train_ppo", "train_grpo", "train_reinforce") else module
     monkeypatch.setattr(owner, "load_model", spied(owner.load_model))
     args = parse_args(module.Args, SCRIPTS[script] + ["--forward-batch-size", str(ROWS), "--threads", "1",
                                                       "--out", str(tmp_path / "out")])
