@@ -157,32 +157,14 @@ def main(args):
         # 3e. epochs of shuffled minibatches: clipped ratio x A (x the TIS weight) + beta x the KL term (--kl-loss)
         # per token, --loss-aggregation (grpo.py); b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
-        stats, trainer_first = [], []  # trainer_first: the first minibatch's log-probs, before any optimizer step
+        stats = []
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                n_tokens, parts = b_loss_mask[mb].sum().clamp(min=1), []  # its real tokens: the entropy mean / them
-                n = aggregation_count(b_loss_mask[mb], args.loss_aggregation)  # and the loss by this: tokens or rows
-                # micro-batches of <= --forward-batch-size rows, a backward each: as each loss is a sum over its
-                # tokens (or responses) / n, their gradients and statistics add up to the minibatch's exactly
-                for mu in mb.split(args.forward_batch_size):
-                    mu_mask = b_loss_mask[mu]  # (b, R)
-                    newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
-                    if mismatch is None:  # the first minibatch: the trainer's log-probs at the sampler's weights
-                        trainer_first.append(newlogprobs.detach())
-                    loss, loss_stats = grpo_loss(newlogprobs, b_old_logprobs[mu], b_ref_logprobs[mu],
-                                                 b_advantages[mu], mu_mask, args.clip_eps, args.beta, n,
-                                                 args.loss_aggregation, args.max_new_tokens, args.clip_high,
-                                                 args.kl_loss, args.kl_off_policy_weight,
-                                                 None if b_tis is None else b_tis[mu])
-                    scaler.backward(loss)
-                    parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
-                                  "policy/clipfrac": loss_stats["clipfrac"],
-                                  "policy/approx_kl": loss_stats["approx_kl"], "loss/kl": loss_stats["kl"],
-                                  "loss/policy": loss_stats["pg_loss"], "loss/total": loss.detach()})
-                if mismatch is None:  # sampler vs trainer, measured for free on this minibatch (mismatch.py)
-                    mismatch = mismatch_stats(b_logprobs[mb], torch.cat(trainer_first), b_mask[mb])
-                mb_stats = add_up(parts)  # the minibatch's
+                mb_stats, mb_logprobs = minibatch_gradient(model, batch, sampling, mb, b_old_logprobs, b_ref_logprobs,
+                                                           b_advantages, b_loss_mask, b_tis, args, scaler)  # below
+                if mismatch is None:  # sampler vs trainer, measured for free on the first minibatch, whose log-probs
+                    mismatch = mismatch_stats(b_logprobs[mb], mb_logprobs, b_mask[mb])  # are before any step
                 grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(),
                                            grad_clip=args.grad_clip, step=iteration - 1,
                                            world_size=run.dist.world_size, scaler=scaler)  # + NaN guard
@@ -198,6 +180,35 @@ def main(args):
 
     # 4. the policy adapter, the last rollout and the evaluation after training
     return finish(run, model, held_out, before, last)
+
+
+def minibatch_gradient(model, batch, sampling, mb, old_logprobs, ref_logprobs, advantages, loss_mask, tis, args,
+                       scaler):
+    """Step 3e's loss on one minibatch, backward: clipped ratio x A (x the TIS weight) + beta x the KL term
+    (--kl-loss) per token, reduced by --loss-aggregation (grpo.grpo_loss); the gradient accumulates in the
+    parameters' .grad (the caller zeroes it before and steps after). Returns the minibatch's statistics, {name: scalar
+    tensor}, and the policy's log-probs of its rows, (len(mb), R), detached (on the first minibatch: the trainer's at
+    the sampler's weights, for the mismatch metrics).
+
+    mb: the minibatch's rows of the rollout (an index tensor); old_logprobs, ref_logprobs, advantages, loss_mask (the
+    update's mask) and tis (TIS weights, or None) hold the whole rollout, (B, R) each. Micro-batches of
+    <= --forward-batch-size rows, a backward each: as each loss is a sum over its tokens (or responses) / n, their
+    gradients and statistics add up to the minibatch's exactly (tests/test_memory.py)."""
+    n_tokens, parts, logprobs = loss_mask[mb].sum().clamp(min=1), [], []  # its real tokens: the entropy mean / them
+    n = aggregation_count(loss_mask[mb], args.loss_aggregation)  # and the loss by this: tokens or rows
+    for mu in mb.split(args.forward_batch_size):
+        mu_mask = loss_mask[mu]  # (b, R)
+        newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
+        logprobs.append(newlogprobs.detach())
+        loss, loss_stats = grpo_loss(newlogprobs, old_logprobs[mu], ref_logprobs[mu], advantages[mu], mu_mask,
+                                     args.clip_eps, args.beta, n, args.loss_aggregation, args.max_new_tokens,
+                                     args.clip_high, args.kl_loss, args.kl_off_policy_weight,
+                                     None if tis is None else tis[mu])
+        scaler.backward(loss)
+        parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
+                      "policy/clipfrac": loss_stats["clipfrac"], "policy/approx_kl": loss_stats["approx_kl"],
+                      "loss/kl": loss_stats["kl"], "loss/policy": loss_stats["pg_loss"], "loss/total": loss.detach()})
+    return add_up(parts), torch.cat(logprobs)  # the minibatch's
 
 
 if __name__ == "__main__":

@@ -157,23 +157,8 @@ def main(args):
         for _ in range(args.ppo_epochs):
             for mb in minibatches(len(b_scores), args.minibatch_size):
                 optimizer.zero_grad(set_to_none=True)
-                n_tokens, parts = b_loss_mask[mb].sum().clamp(min=1), []  # the minibatch's real tokens: means / them
-                # micro-batches of <= --forward-batch-size rows, a backward each: as each loss is a sum over its
-                # tokens / n_tokens, their gradients and statistics add up to the minibatch's means exactly
-                for mu in mb.split(args.forward_batch_size):
-                    mu_mask = b_loss_mask[mu]  # (b, R)
-                    newlogprobs, entropy, vpred = policy_logprobs(model, batch, sampling, mu, value_head)
-                    pg_loss, pg_stats = policy_loss(newlogprobs, b_logprobs[mu], b_advantages[mu], mu_mask,
-                                                    args.clip_eps, n_tokens, None if b_tis is None else b_tis[mu])
-                    v_loss, v_stats = value_loss(vpred, b_values[mu], b_returns[mu], mu_mask, args.vf_clip, n_tokens)
-                    loss = pg_loss + args.vf_coef * v_loss
-                    scaler.backward(loss)
-                    parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
-                                  **{f"policy/{k}": v for k, v in pg_stats.items()}, "loss/value": v_loss.detach(),
-                                  "val/clipfrac": v_stats["clipfrac"],
-                                  "val/vpred": masked_sum(vpred.detach(), mu_mask) / n_tokens,
-                                  "loss/policy": pg_loss.detach(), "loss/total": loss.detach()})
-                mb_stats = add_up(parts)  # the minibatch's
+                mb_stats = minibatch_gradient(model, value_head, batch, sampling, mb, b_logprobs, b_values,
+                                              b_advantages, b_returns, b_loss_mask, b_tis, args, scaler)  # below
                 grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(),
                                            grad_clip=args.grad_clip, step=iteration - 1,
                                            world_size=run.dist.world_size, scaler=scaler)  # + NaN guard
@@ -194,6 +179,32 @@ def main(args):
     # 4. save the value head; the policy adapter, the last rollout and the evaluation after training: finish
     run.save("value_head", lambda folder: save_head(value_head, folder))
     return finish(run, model, held_out, before, last)
+
+
+def minibatch_gradient(model, value_head, batch, sampling, mb, old_logprobs, old_values, advantages, returns,
+                       loss_mask, tis, args, scaler):
+    """Step 3e's loss on one minibatch, backward: clipped policy loss (x the TIS weight) + vf_coef x clipped value
+    loss, means over the minibatch's real tokens; the gradient accumulates in the parameters' .grad (the caller
+    zeroes it before and steps after). Returns the minibatch's statistics, {name: scalar tensor}.
+
+    mb: the minibatch's rows of the rollout (an index tensor); old_logprobs, old_values, advantages, returns,
+    loss_mask (the update's mask) and tis (TIS weights, or None) hold the whole rollout, (B, R) each. Micro-batches
+    of <= --forward-batch-size rows, a backward each: as each loss is a sum over its tokens / n_tokens, their
+    gradients and statistics add up to the minibatch's means exactly (tests/test_memory.py)."""
+    n_tokens, parts = loss_mask[mb].sum().clamp(min=1), []  # the minibatch's real tokens: means / them
+    for mu in mb.split(args.forward_batch_size):
+        mu_mask = loss_mask[mu]  # (b, R)
+        newlogprobs, entropy, vpred = policy_logprobs(model, batch, sampling, mu, value_head)  # (b, R) each
+        pg_loss, pg_stats = policy_loss(newlogprobs, old_logprobs[mu], advantages[mu], mu_mask, args.clip_eps,
+                                        n_tokens, None if tis is None else tis[mu])
+        v_loss, v_stats = value_loss(vpred, old_values[mu], returns[mu], mu_mask, args.vf_clip, n_tokens)
+        loss = pg_loss + args.vf_coef * v_loss
+        scaler.backward(loss)
+        parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
+                      **{f"policy/{k}": v for k, v in pg_stats.items()}, "loss/value": v_loss.detach(),
+                      "val/clipfrac": v_stats["clipfrac"], "val/vpred": masked_sum(vpred.detach(), mu_mask) / n_tokens,
+                      "loss/policy": pg_loss.detach(), "loss/total": loss.detach()})
+    return add_up(parts)  # the minibatch's
 
 
 if __name__ == "__main__":

@@ -138,26 +138,13 @@ def main(args):
         # 3d. one on-policy pass of shuffled minibatches: -log π(y|x) · A (Williams 1992; reinforce.py), each token's
         # log π times its TIS weight with --tis-cap; b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
-        stats, trainer_first = [], []  # trainer_first: the first minibatch's log-probs, before any optimizer step
+        stats = []
         for mb in minibatches(len(b_scores), args.minibatch_size):
             optimizer.zero_grad(set_to_none=True)
-            n_tokens, parts = b_loss_mask[mb].sum().clamp(min=1), []  # the minibatch's real tokens: means / them
-            # micro-batches of <= --forward-batch-size rows, a backward each: the loss is a mean over the minibatch's
-            # rows (sum / len(mb)) and each statistic a mean over its tokens, so the micro-batches add up exactly
-            for mu in mb.split(args.forward_batch_size):
-                mu_mask = b_loss_mask[mu]  # (b, R)
-                newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
-                if mismatch is None:  # the first minibatch: the trainer's log-probs at the sampler's weights
-                    trainer_first.append(newlogprobs.detach())
-                loss = reinforce_loss(newlogprobs, b_advantages[mu], b_mask[mu],
-                                      None if b_tis is None else b_tis[mu]).sum() / len(mb)
-                scaler.backward(loss)
-                parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
-                              "policy/approx_kl": masked_sum(k3(b_old_logprobs[mu], newlogprobs.detach()), mu_mask)
-                              / n_tokens, "loss/policy": loss.detach(), "loss/total": loss.detach()})
-            if mismatch is None:  # sampler vs trainer, measured for free on this minibatch (mismatch.py)
-                mismatch = mismatch_stats(b_logprobs[mb], torch.cat(trainer_first), b_mask[mb])
-            mb_stats = add_up(parts)  # the minibatch's
+            mb_stats, mb_logprobs = minibatch_gradient(model, batch, sampling, mb, b_old_logprobs, b_advantages,
+                                                       b_loss_mask, b_tis, args, scaler)  # below
+            if mismatch is None:  # sampler vs trainer, measured for free on the first minibatch, whose log-probs are
+                mismatch = mismatch_stats(b_logprobs[mb], mb_logprobs, b_mask[mb])  # before any step (mismatch.py)
             grad_norm = optimizer_step(optimizer, params, loss=mb_stats["loss/total"].item(), grad_clip=args.grad_clip,
                                        step=iteration - 1, world_size=run.dist.world_size,
                                        scaler=scaler)  # + NaN guard
@@ -177,6 +164,32 @@ def main(args):
 
     # 4. the policy adapter, the last rollout and the evaluation after training
     return finish(run, model, held_out, before, last)
+
+
+def minibatch_gradient(model, batch, sampling, mb, old_logprobs, advantages, loss_mask, tis, args, scaler):
+    """Step 3d's loss on one minibatch, backward: -log pi(y|x) * A per response, each token's log pi times its TIS
+    weight with --tis-cap (reinforce.reinforce_loss), the mean over the minibatch's responses; the gradient
+    accumulates in the parameters' .grad (the caller zeroes it before and steps after). Returns the minibatch's
+    statistics, {name: scalar tensor}, and the policy's log-probs of its rows, (len(mb), R), detached (on the first
+    minibatch: the trainer's at the sampler's weights, for the mismatch metrics).
+
+    mb: the minibatch's rows of the rollout (an index tensor); advantages (B,) one per response; old_logprobs (for
+    approx_kl), loss_mask (the update's mask: the statistics' tokens) and tis (TIS weights, or None) hold the whole
+    rollout, (B, R) each. Micro-batches of <= --forward-batch-size rows, a backward each: the loss is a mean over the
+    minibatch's rows (sum / len(mb)) and each statistic a mean over its tokens, so the micro-batches add up exactly
+    (tests/test_memory.py)."""
+    n_tokens, parts, logprobs = loss_mask[mb].sum().clamp(min=1), [], []  # the minibatch's real tokens: means / them
+    for mu in mb.split(args.forward_batch_size):
+        mu_mask = loss_mask[mu]  # (b, R)
+        newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
+        logprobs.append(newlogprobs.detach())
+        loss = reinforce_loss(newlogprobs, advantages[mu], batch["mask"][mu],
+                              None if tis is None else tis[mu]).sum() / len(mb)
+        scaler.backward(loss)
+        parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
+                      "policy/approx_kl": masked_sum(k3(old_logprobs[mu], newlogprobs.detach()), mu_mask) / n_tokens,
+                      "loss/policy": loss.detach(), "loss/total": loss.detach()})
+    return add_up(parts), torch.cat(logprobs)  # the minibatch's
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Eq. 3 (objective) and Eq. 4 (the KL estimate), as a loss per token:
     loss_t  = max(-A * ratio_t, -A * clip(ratio_t, 1 - clip_eps, 1 + clip_eps_high))  +  beta * k3_t
     k3_t    = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1          (>= 0, kl.k3; its gradient: below)
 
+The first term is PPO's clipped surrogate, ppo.clipped_surrogate, with an upper bound of its own (clip_eps_high).
 A is one number per response (baselines.group_advantages), copied to every token. Unlike PPO in RLHF, the KL to the
 reference is not subtracted from the reward: it is a term of the loss, differentiated directly. k3's VALUE is an
 unbiased estimate of KL(pi || pi_ref), but its expected GRADIENT on tokens sampled from pi is grad KL(pi_ref || pi), the
@@ -51,7 +52,7 @@ import torch
 
 from minirlhf.kl import k2, k3
 from minirlhf.ops import masked_sum
-from minirlhf.ppo import token_mean
+from minirlhf.ppo import clipped_surrogate, token_mean
 
 AGGREGATIONS = ("token", "sequence", "constant")
 KL_LOSSES = ("k3", "k2", "k3+")
@@ -117,13 +118,8 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
     if not (clip_eps > 0 and clip_eps_high > 0):
         raise ValueError(f"grpo_loss: clip_eps and clip_eps_high must be > 0, got {clip_eps}, {clip_eps_high}")
     mask = mask.bool()
-    logratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T); padding: ratio 1
-    ratio = torch.exp(logratio)  # (B, T)
-    pg_losses = -advantages * ratio  # (B, T)
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)  # (B, T)
-    pg_per_token = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
-    if tis_weights is not None:
-        pg_per_token = tis_weights.detach() * pg_per_token
+    pg_per_token, clipped, ratio = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps,
+                                                     clip_eps_high, tis_weights)  # (B, T) each: PPO's (ppo.py)
     pg_loss = aggregate(pg_per_token, mask, aggregation, n, max_len)  # scalar
     per_token_kl = kl_term(logprobs, ref_logprobs, kl_loss)  # (B, T); its gradient flows to pi
     if off_policy_weight:
@@ -131,7 +127,7 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0
     kl = aggregate(per_token_kl, mask, aggregation, n, max_len)  # scalar
     with torch.no_grad():
         stats = {
-            "clipfrac": aggregate((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask, aggregation, n, max_len),
+            "clipfrac": aggregate(clipped.to(logprobs.dtype), mask, aggregation, n, max_len),
             "approx_kl": aggregate(k3(old_logprobs, logprobs.detach()), mask, aggregation, n, max_len),
             "kl": kl.detach(), "pg_loss": pg_loss.detach(),
         }

@@ -10,6 +10,7 @@ Schulman et al. 2017, "Proximal Policy Optimization Algorithms", Eq. 7, written 
 The max (of negatives = min of the objectives) makes the clip one-sided: once the ratio has moved past 1 +- clip_eps
 in the direction the advantage asks for, that token's gradient is exactly zero, so the policy cannot be pushed far
 from the one that collected the data. The value loss clips the same way around the old value predictions.
+clipped_surrogate is that per-token term, the one GRPO's loss (grpo.py) uses too.
 """
 import torch
 
@@ -32,6 +33,30 @@ def token_mean(x, mask, n_tokens=None):
     return masked_mean(x, mask) if n_tokens is None else masked_sum(x, mask) / n_tokens
 
 
+def clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps, clip_eps_high=None, weights=None):
+    """The clipped surrogate per token, Schulman et al. 2017 Eq. 7 as a loss (the module's docstring):
+
+        ratio = exp(logprobs - old_logprobs)                                          (B, T); 1 on padding
+        loss  = max(-A * ratio, -A * clip(ratio, 1 - clip_eps, 1 + clip_eps_high))   (B, T)
+
+    Returns (loss, clipped, ratio), each (B, T): loss the per-token term (times `weights` if given), not reduced;
+    clipped (bool) where the clipped term is the larger one, the tokens whose gradient the clip zeroes; ratio with
+    its gradient. clip_eps_high: the upper bound's eps (grpo.py: DAPO's clip-higher); None: clip_eps, symmetric.
+    weights: (B, T) per-token weights of the term, detached (mismatch.tis_weights); None: none (not a multiplication
+    by 1). Padding (mask 0) gets ratio 1 and a finite loss there, for the caller's masked reduction to drop. The
+    callers (policy_loss, grpo.grpo_loss) check the shapes and the clip range."""
+    mask = mask.bool()
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    logratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T); padding: ratio 1
+    ratio = torch.exp(logratio)  # (B, T)
+    unclipped = -advantages * ratio  # (B, T)
+    clipped_term = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)  # (B, T)
+    loss = torch.max(unclipped, clipped_term)  # (B, T)
+    if weights is not None:
+        loss = weights.detach() * loss
+    return loss, clipped_term > unclipped, ratio
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, n_tokens=None, weights=None):
     """PPO-clip policy loss, a scalar masked mean over real tokens, and detached scalar stats:
 
@@ -44,17 +69,12 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, clip_eps=0.2, n_tokens
     """
     _check("policy_loss", mask, clip_eps, logprobs, old_logprobs, advantages)
     mask = mask.bool()
-    logratio = torch.where(mask, logprobs - old_logprobs, torch.zeros_like(logprobs))  # (B, T); padding: ratio 1
-    ratio = torch.exp(logratio)  # (B, T)
-    pg_losses = -advantages * ratio
-    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    per_token = torch.max(pg_losses, pg_losses_clipped)  # (B, T)
-    if weights is not None:
-        per_token = weights.detach() * per_token
+    per_token, clipped, _ = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps,
+                                              weights=weights)  # (B, T) each
     loss = token_mean(per_token, mask, n_tokens)
     with torch.no_grad():
         stats = {
-            "clipfrac": token_mean((pg_losses_clipped > pg_losses).to(logprobs.dtype), mask, n_tokens),
+            "clipfrac": token_mean(clipped.to(logprobs.dtype), mask, n_tokens),
             "approx_kl": token_mean(k3(old_logprobs.detach(), logprobs.detach()), mask, n_tokens),
         }
     return loss, stats

@@ -6,8 +6,8 @@ micro-batches) does not change what it computes.
   LOGITS_CHUNK 16: no call sees more rows (or positions) than that, and the calls did happen;
 - chunked log-probs, entropies, their gradients and the exact KL against the same computed in one piece; a chunked
   backward keeps no (positions, V) tensor;
-- an RL minibatch's loss computed in micro-batches (the scripts' loops: PPO policy + value, GRPO, REINFORCE) against
-  the unchunked loss: same gradient, same statistics;
+- an RL minibatch's loss computed in micro-batches by each RL script's own update step (minibatch_gradient: PPO policy
+  + value, GRPO, REINFORCE) against the whole minibatch in one piece: same gradient, same statistics;
 - the rollout's no-grad passes (sampling merged from chunks, old and reference log-probs, values, reward scores) in
   chunks of 2 rows against one pass.
 """
@@ -22,14 +22,11 @@ from minirlhf import heads, lora
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.cli import parse_args
 from minirlhf.evaluation import generate, sequence_kl
-from minirlhf.grpo import grpo_loss
 from minirlhf.heads import ScalarHead, in_row_chunks, response_logprobs
 from minirlhf.models import load_model, load_tokenizer
-from minirlhf.ops import masked_sum
-from minirlhf.ppo import policy_loss, value_loss
-from minirlhf.reinforce import reinforce_loss
+from minirlhf.precision import LossScaler
 from minirlhf.roles import Reward
-from minirlhf.rollout import add_up, merge_generated, policy_logprobs, reference_logprobs, rollout_logprobs
+from minirlhf.rollout import merge_generated, reference_logprobs, rollout_logprobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS, CHUNK = 2, 16  # --forward-batch-size and heads.LOGITS_CHUNK in the spy runs
@@ -179,64 +176,72 @@ def test_in_row_chunks():
 
 # --------------------------------------------------------------- (c) micro-batches == the whole minibatch
 def rl_setup(asset_model):
-    """The asset model with its policy adapter trainable, a value head, and a rollout with random advantages."""
+    """The asset model with its policy adapter trainable, a value head, and a rollout with random old log-probs,
+    advantages, values, returns and TIS weights; the update's mask drops one response (--mismatch-mask-threshold)."""
     model, tokenizer = asset_model
     batch = rollout_batch(model, tokenizer, n=6)
     g = torch.Generator().manual_seed(3)
     B, R = batch["mask"].shape
+    loss_mask = batch["mask"].clone()
+    loss_mask[3] = False
     data = {"old": rollout_logprobs(model, batch, 1.0, 64)[0] + 0.1 * torch.randn(B, R, generator=g),
             "ref": reference_logprobs(model, batch, 1.0, 64), "adv": torch.randn(B, R, generator=g),
             "adv_seq": torch.randn(B, generator=g), "old_values": torch.randn(B, R, generator=g),
-            "returns": torch.randn(B, R, generator=g)}
+            "returns": torch.randn(B, R, generator=g), "tis": 0.5 + torch.rand(B, R, generator=g),
+            "loss_mask": loss_mask}
     torch.manual_seed(4)
     value_head = ScalarHead(model.config.hidden_size, init_std=0.1)
     params = lora.lora_parameters(model, "policy") + list(value_head.parameters())
     return model, batch, value_head, params, data
 
 
-def minibatch_grads(algo, model, batch, value_head, params, d, mb, micro):
-    """The gradient and statistics of one minibatch `mb` computed as the RL scripts do, in micro-batches of `micro`
-    rows (each its own backward); micro = None: the losses as written before micro-batches (plain masked means)."""
+def minibatch_grads(script, model, batch, value_head, params, d, mb, rows):
+    """The gradient and statistics of one minibatch `mb` by the script's own update step (its minibatch_gradient),
+    with --forward-batch-size `rows`: micro-batches of that many rows, a backward each."""
     for p in params:
         p.grad = None
-    mask = batch["mask"]
-    n_tokens, parts = mask[mb].sum(), []
-    for mu in (mb.split(micro) if micro else [mb]):
-        n = n_tokens if micro else None  # None: each loss's own masked mean
-        logprobs, entropy, values = policy_logprobs(model, batch, 1.0, mu, value_head if algo == "ppo" else None)
-        if algo == "ppo":
-            pg, stats = policy_loss(logprobs, d["old"][mu], d["adv"][mu], mask[mu], 0.2, n)
-            vf, v_stats = value_loss(values, d["old_values"][mu], d["returns"][mu], mask[mu], 0.2, n)
-            loss, stats = pg + 0.1 * vf, {**stats, "value_clipfrac": v_stats["clipfrac"]}
-        elif algo == "grpo":
-            loss, stats = grpo_loss(logprobs, d["old"][mu], d["ref"][mu], d["adv"][mu], mask[mu], 0.2, 0.04, n)
-        else:
-            losses = reinforce_loss(logprobs, d["adv_seq"][mu], mask[mu])
-            loss, stats = (losses.sum() / len(mb) if micro else losses.mean()), {}
-        loss.backward()
-        parts.append({**stats, "loss": loss.detach(), "entropy": masked_sum(entropy.detach(), mask[mu]) / n_tokens})
-    return [p.grad.clone() for p in params if p.grad is not None], add_up(parts)
+    args = parse_args(script.Args, ["--forward-batch-size", str(rows)])  # the script's defaults otherwise
+    scaler = LossScaler(model)
+    if script.__name__ == "train_ppo":
+        stats = script.minibatch_gradient(model, value_head, batch, 1.0, mb, d["old"], d["old_values"], d["adv"],
+                                          d["returns"], d["loss_mask"], d["tis"], args, scaler)
+    elif script.__name__ == "train_grpo":
+        stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d["ref"], d["adv"],
+                                                    d["loss_mask"], d["tis"], args, scaler)
+        stats = {**stats, "logprobs": logprobs}
+    else:
+        stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d["adv_seq"], d["loss_mask"],
+                                                    d["tis"], args, scaler)
+        stats = {**stats, "logprobs": logprobs}
+    return [p.grad.clone() for p in params if p.grad is not None], stats
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo", "reinforce"])
-def test_micro_batches_give_the_minibatch_gradient(asset_model, algo):
+@pytest.mark.parametrize("script", ["train_ppo", "train_grpo", "train_reinforce"])
+def test_micro_batches_give_the_minibatch_gradient(asset_model, script, monkeypatch):
+    monkeypatch.syspath_prepend(REPO)
+    module = __import__(script)
     model, batch, value_head, params, data = rl_setup(asset_model)
     for p in params:
         p.requires_grad_(True)
     try:
-        mb = torch.tensor([4, 0, 5, 2, 1])  # a shuffled minibatch of 5 of the 6 rows
-        whole, whole_stats = minibatch_grads(algo, model, batch, value_head, params, data, mb, None)
-        micro, micro_stats = minibatch_grads(algo, model, batch, value_head, params, data, mb, 2)  # 2 + 2 + 1 rows
+        mb = torch.tensor([4, 0, 5, 3, 2, 1])  # a shuffled minibatch of the 6 rows
+        whole, whole_stats = minibatch_grads(module, model, batch, value_head, params, data, mb, len(mb))
+        micro, micro_stats = minibatch_grads(module, model, batch, value_head, params, data, mb, 2)  # 2 + 2 + 2 rows
+        odd, odd_stats = minibatch_grads(module, model, batch, value_head, params, data, mb[:5], 5)
+        odd_micro, odd_micro_stats = minibatch_grads(module, model, batch, value_head, params, data, mb[:5], 2)
     finally:
         for p in params:
             p.requires_grad_(False)
-    assert len(whole) == len(micro) == len(params) - (0 if algo == "ppo" else 2)  # value head: PPO only
+    assert len(whole) == len(micro) == len(params) - (0 if script == "train_ppo" else 2)  # value head: PPO only
     assert sum(g.abs().sum() for g in whole) > 1e-3
-    for a, b in zip(whole, micro):
-        torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
-    assert whole_stats.keys() == micro_stats.keys()
-    for k in whole_stats:
-        torch.testing.assert_close(micro_stats[k], whole_stats[k], rtol=0, atol=1e-6)
+    for (a, a_stats), (b, b_stats) in [((whole, whole_stats), (micro, micro_stats)),
+                                       ((odd, odd_stats), (odd_micro, odd_micro_stats))]:  # 2 + 2 + 1 rows
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=0, atol=1e-6)
+        assert a_stats.keys() == b_stats.keys()
+        for k in a_stats:
+            torch.testing.assert_close(b_stats[k], a_stats[k], rtol=0, atol=1e-6)
+    assert whole_stats["loss/total"] != 0 and whole_stats["policy/entropy"] > 0
 
 
 # -------------------------------------------------------- (d) the rollout's passes in chunks == one pass

@@ -1,10 +1,11 @@
-"""ppo.py: closed forms, the clip's gradient pattern, and an element-by-element float64 reference (tolerance 1e-12)."""
+"""ppo.py: closed forms, the clip's gradient pattern, and an element-by-element float64 reference (tolerance 1e-12),
+for the losses and for the per-token clipped surrogate they (and grpo.py's loss) reduce."""
 import math
 
 import pytest
 import torch
 
-from minirlhf.ppo import policy_loss, value_loss
+from minirlhf.ppo import clipped_surrogate, policy_loss, token_mean, value_loss
 
 TOL = dict(rtol=1e-12, atol=1e-12)
 
@@ -28,6 +29,36 @@ def reference_policy_loss(logprobs, old_logprobs, advantages, mask, eps):
             r = math.exp(lp - olp)
             terms.append(-min(r * a, min(max(r, 1 - eps), 1 + eps) * a))
     return sum(terms) / len(terms)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("eps_high", [None, 0.28])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_clipped_surrogate_matches_a_loop_over_tokens(seed, eps_high, weighted):
+    logprobs, old_logprobs, advantages, mask = _batch(seed)
+    weights = torch.rand(mask.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    eps = 0.2
+    loss, clipped, ratio = clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps, eps_high,
+                                             weights if weighted else None)
+    assert loss.shape == clipped.shape == ratio.shape == mask.shape and clipped.dtype == torch.bool
+    high = eps if eps_high is None else eps_high
+    for i, j in zip(*torch.where(mask)):  # Eq. 7 per real token, Python floats
+        lp, olp, a, w = (t[i, j].item() for t in (logprobs, old_logprobs, advantages, weights))
+        r = math.exp(lp - olp)
+        unclipped, clipped_term = -a * r, -a * min(max(r, 1 - eps), 1 + high)
+        assert abs(ratio[i, j].item() - r) < 1e-12
+        assert abs(loss[i, j].item() - (w if weighted else 1) * max(unclipped, clipped_term)) < 1e-12
+        assert clipped[i, j].item() == (clipped_term > unclipped)
+    assert (ratio[~mask] == 1).all()  # padding: ratio 1
+    assert clipped[mask].any() and not clipped[mask].all()  # both branches exercised
+
+
+def test_policy_loss_is_the_token_mean_of_the_clipped_surrogate():
+    logprobs, old_logprobs, advantages, mask = _batch(5)
+    per_token, clipped, _ = clipped_surrogate(logprobs, old_logprobs, advantages, mask, 0.2)
+    loss, stats = policy_loss(logprobs, old_logprobs, advantages, mask, 0.2)
+    assert loss.item() == token_mean(per_token, mask).item()  # bit for bit
+    assert stats["clipfrac"].item() == token_mean(clipped.double(), mask).item()
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
