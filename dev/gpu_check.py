@@ -249,7 +249,7 @@ def part_135m(checker, device, has_4bit, quick):
     data = real_shapes.write_data(checker.work, AutoTokenizer.from_pretrained(model), lengths, rows=16)
     data = data["juyoungml/HelpSteer2-binarized"]
     label = f"{'2-layer' if quick else 'SmolLM2-135M'}-shaped ({n_params / 1e6:.0f} M)"
-    common = ["--model", model, "--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", data,
+    data_flags = ["--model", model, "--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", data,
               "--device", device, "--max-prompt-length", str(prompt)]
 
     def report(name, result, tokens_per_step, setting):
@@ -273,7 +273,7 @@ def part_135m(checker, device, has_4bit, quick):
                     if bad]
         checker.add("2 135M", name, setting, value, not problems, "; ".join(problems))
 
-    reward = checker.run("135m-reward", ["train_reward.py", *common, "--dtype", "auto", "--batch-size", "8",
+    reward = checker.run("135m-reward", ["train_reward.py", *data_flags, "--dtype", "auto", "--batch-size", "8",
                                          "--max-length", str(max_length), "--max-steps", "6", "--eval-every", "1",
                                          "--max-eval-pairs", "1"], poll=0.02)
     report("train_reward.py", reward, 16 * max_length,
@@ -299,7 +299,7 @@ def part_135m(checker, device, has_4bit, quick):
         checker.add("2 135M", "train_ppo.py", label, "-", False, "not run: the reward model's run failed")
         return
     rollout = 4 if quick else 16
-    ppo = checker.run("135m-ppo", ["train_ppo.py", *common, "--dtype", "auto", "--reward-model",
+    ppo = checker.run("135m-ppo", ["train_ppo.py", *data_flags, "--dtype", "auto", "--reward-model",
                                    os.path.join(reward["out"], "reward_model"),
                                    "--iterations", "4", "--rollout-size", str(rollout), "--minibatch-size",
                                    str(rollout // 2), "--ppo-epochs", "1", "--max-new-tokens", str(new_tokens),
