@@ -45,16 +45,13 @@ import argparse
 import importlib.metadata
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from docblock import replace_block
+from common import REPO, Child, load_average, machine, write_doc
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK_BEGIN, MARK_END = "<!-- bench/frontier.py: begin (generated) -->", "<!-- bench/frontier.py: end -->"
 KL_LIMIT = 5.0  # nats per sequence: the issue's budget for "best setting"
 SEEDS = (0, 1)
@@ -195,23 +192,11 @@ def finish(run, seconds, cpu_seconds, load):
 
 
 def start(run, threads):
-    """Start `python ARGV` in the repository root, its output to run.out + ".log", with a fresh run.out."""
+    """Start `python ARGV` (a common.Child) with a fresh run.out, its output to run.out + ".log"."""
     if os.path.isdir(run.out):
         shutil.rmtree(run.out)  # an unfinished run (or another command's result): start it over
     os.makedirs(run.out)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with open(run.out + ".log", "w") as log:
-        return subprocess.Popen([sys.executable, *run.argv], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-def reap(proc):
-    """None while proc runs; once it has exited, its CPU seconds (user + system), its returncode set. os.wait4 is
-    Popen.poll plus the child's resource usage: CPU time well below wall time means the run waited for a core."""
-    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-    if pid == 0:
-        return None
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return usage.ru_utime + usage.ru_stime
+    return Child(run.argv, run.out + ".log", threads)
 
 
 def run_all(runs, jobs, threads=1, say=print, poll=0.5):
@@ -223,30 +208,29 @@ def run_all(runs, jobs, threads=1, say=print, poll=0.5):
         while todo or running:
             while todo and len(running) < jobs:
                 run = todo.pop(0)
-                running.append((run, start(run, threads), time.time(), load_average()))
+                running.append((run, start(run, threads), load_average()))
             time.sleep(poll)
             for item in list(running):
-                run, proc, began, load = item
-                cpu = reap(proc)
-                if cpu is None:
+                run, child, load = item
+                if not child.poll():
                     continue
                 running.remove(item)
-                ok = proc.returncode == 0
+                ok, cpu = child.returncode == 0, child.cpu_seconds
                 if ok:
                     try:
-                        finish(run, time.time() - began, cpu, load)
+                        finish(run, child.wall_seconds, cpu, load)
                         ok = is_done(run)
                     except (OSError, ValueError) as e:
                         say(f"  {run.command}: {e}")
                         ok = False
                 if not ok:
                     failed.append(run)
-                why = "" if ok else f"  (exit {proc.returncode}; see {shown(run.out)}.log)"
-                say(f"[{(time.time() - t0) / 60:5.1f} min] {'done  ' if ok else 'FAILED'} {time.time() - began:6.1f} s "
+                why = "" if ok else f"  (exit {child.returncode}; see {shown(run.out)}.log)"
+                say(f"[{(time.time() - t0) / 60:5.1f} min] {'done  ' if ok else 'FAILED'} {child.wall_seconds:6.1f} s "
                     f"(CPU {cpu:5.1f} s) {run.command}{why}")
     except KeyboardInterrupt:
-        for _, proc, _, _ in running:  # they got the Ctrl-C too: the training scripts save a checkpoint and exit
-            proc.wait()
+        for _, child, _ in running:  # they got the Ctrl-C too: the training scripts save a checkpoint and exit
+            child.proc.wait()
         raise SystemExit("bench/frontier.py: interrupted; the finished runs are kept: run the same command again "
                          "to continue") from None
     return failed
@@ -373,21 +357,6 @@ def plot(rows, sft, gold_max, path):
     plt.close(fig)
 
 
-def write_block(path, block, title="# The reward–KL frontier"):
-    """Replace the generated block of `path` (between MARK_BEGIN and MARK_END), keeping the text around it."""
-    replace_block(path, block, MARK_BEGIN, MARK_END, new_file=f"{title}\n")
-
-
-def load_average():
-    return open("/proc/loadavg").read().split()[0]
-
-
-def machine():
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
@@ -429,7 +398,8 @@ def main(argv=None):
     png = os.path.splitext(doc)[0] + ".png"
     plot(rows, sft_gold(results), GOLD_MAX, png)
     firsts = [pts[0] for _, pts in results]  # one per run (best-of-N's points share its run's times)
-    header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {machine()}; torch {importlib.metadata.version('torch')}"
+    cpu, cores = machine()
+    header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpu}, {cores} cores; torch {importlib.metadata.version('torch')}"
               f"; {args.jobs} run(s) at a time, {args.threads} thread(s) each; seeds {', '.join(map(str, seeds))}. "
               f"This call ran {todo - len(failed)} of the {len(results)} runs in {(time.time() - began) / 60:.1f} min"
               f" (load average {load_start} at its start, {load_average()} at its end); the runs took "
@@ -452,7 +422,7 @@ def main(argv=None):
         json.dump([{"algorithm": run.algorithm.name, "seed": run.seed, "command": run.command, **p}
                    for run, pts in results for p in pts], f, indent=1)
     os.makedirs(os.path.dirname(doc), exist_ok=True)
-    write_block(doc, block)
+    write_doc(doc, block, MARK_BEGIN, MARK_END, new_file="# The reward–KL frontier\n")
     print(block)
     print(f"wrote {shown(doc)} and {shown(png)}", file=sys.stderr)
     if failed:

@@ -19,8 +19,8 @@ import argparse
 import os
 import sys
 
-from docblock import replace_block
-from frontier import EVAL, REPO, Algorithm, make_run, points, run_all, shown
+from common import REPO, write_doc
+from frontier import EVAL, Algorithm, make_run, points, run_all, shown
 
 BEGIN, END = "<!-- bench/kl_loss_choice.py: begin (generated) -->", "<!-- bench/kl_loss_choice.py: end -->"
 SEEDS = (0, 1)
@@ -90,7 +90,7 @@ def main(argv=None):
     commands = "\n".join(f"    {r.template}" for r in runs if r.seed == SEEDS[0])
     block = (f"{table(results)}\n\nEach row's command (S = the seed; every flag after `--seed` is "
              f"bench/frontier.py's evaluation, `{' '.join(EVAL)}`):\n\n{commands}\n")
-    replace_block(args.doc, block, BEGIN, END)
+    write_doc(args.doc, block, BEGIN, END)
     print(block)
     print(f"wrote {shown(args.doc)}", file=sys.stderr)
     if failed:

@@ -16,21 +16,18 @@ docs/overoptimization.md (a table), and keeps every run under --runs-dir. A benc
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import REPO, Child
 
 
 def run(kl_coef, args):
-    """Start train_ppo.py for one KL coefficient; returns (Popen, out_dir)."""
+    """Start train_ppo.py for one KL coefficient; returns (common.Child, out_dir)."""
     out = os.path.join(args.runs_dir, f"kl{kl_coef:g}")
-    cmd = [sys.executable, os.path.join(REPO, "train_ppo.py"), "--kl-coef", str(kl_coef),
+    cmd = ["train_ppo.py", "--kl-coef", str(kl_coef),
            "--iterations", str(args.iterations), "--eval-every", str(args.eval_every), "--threads", str(args.threads),
            "--seed", str(args.seed), "--out", out, *args.extra]
-    log = open(out + ".log", "w")
-    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT), out
+    return Child(cmd, out + ".log"), out
 
 
 def curve(out):
@@ -103,7 +100,7 @@ def main(argv=None):
             running.append((kl_coef, *run(kl_coef, args)))
             print(f"started β = {kl_coef:g}")
         time.sleep(2)
-        for item in [r for r in running if r[1].poll() is not None]:
+        for item in [r for r in running if r[1].poll()]:
             running.remove(item)
             if item[1].returncode != 0:
                 raise SystemExit(f"overoptimization.py: error: the β = {item[0]:g} run failed; see {item[2]}.log")

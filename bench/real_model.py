@@ -5,9 +5,9 @@ the built-in world, CPU), timed, and the results written into docs/real_model.md
     python bench/real_model.py --threads 1 --only grpo_gold dpo   # some stages (by their --out folder's name)
     python bench/real_model.py --report-only            # rewrite the doc from the runs already in --out
 
-The commands come from the recipe itself (bench/real_shapes.recipe_commands runs it under bash with `python`
+The commands come from the recipe itself (bench/common.recipe_commands runs it under bash with `python`
 recording its arguments), with OUT and THREADS set: the recipe is the one source of truth. Each stage runs as its own
-process; the harness records its wall time and its peak resident memory (os.wait4's ru_maxrss of that child alone)
+process; the harness records its wall time and its peak resident memory (the VmHWM of that child alone: common.Child)
 and keeps its output in OUT/<stage>.log. One more process, not in the recipe, is the yardstick for the 4-bit PPO
 stage's memory: the same PPO command on the float32 base for 3 iterations (`ppo_fp32_memory`): its peak RSS is what
 the 4-bit run must not exceed (the peak comes from loading and the first iteration; later iterations repeat it).
@@ -16,14 +16,9 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 
-from docblock import load_average, machine, replace_block
-from real_shapes import flag_value, recipe_commands, set_flag
+from common import REPO, flag_value, load_average, machine, recipe_commands, run_script, set_flag, write_doc
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPE = os.path.join(REPO, "examples", "smollm2_cpu.sh")
 DOC = os.path.join(REPO, "docs", "real_model.md")
 BEGIN, END = "<!-- real_model.py: begin -->", "<!-- real_model.py: end -->"
@@ -51,12 +46,8 @@ def run_stage(name, argv, out):
     """Run one stage; {"wall_s", "peak_rss_bytes", "rc"} (also written to OUT/<name>.timing.json)."""
     log = os.path.join(out, f"{name}.log")
     print(f"[{name}] python {' '.join(argv)}  (log: {log})", flush=True)
-    t0 = time.time()
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    timing = {"wall_s": time.time() - t0, "peak_rss_bytes": usage.ru_maxrss * 1024,
-              "rc": os.waitstatus_to_exitcode(status)}
+    child = run_script(argv, log)
+    timing = {"wall_s": child.wall_seconds, "peak_rss_bytes": child.peak_rss_bytes, "rc": child.returncode}
     with open(os.path.join(out, f"{name}.timing.json"), "w") as f:
         json.dump(timing, f)
     print(f"[{name}] exit {timing['rc']} in {timing['wall_s'] / 60:.1f} min, peak RSS "
@@ -130,7 +121,7 @@ def report(out, threads, names):
              "| stage | gold before → after | headroom closed | KL (nats) | RM accuracy / ceiling | s per iteration "
              "by phase | peak RSS (GiB) | wall (min) | |\n|---|---|---|---|---|---|---|---|---|\n"
              + "\n".join(rows) + "\n\n" + "\n\n".join(notes))
-    replace_block(DOC, block, BEGIN, END, new_file="# SmolLM2-135M-Instruct on a laptop\n")
+    write_doc(DOC, block, BEGIN, END, new_file="# SmolLM2-135M-Instruct on a laptop\n")
     print(f"wrote {DOC}")
 
 

@@ -4,7 +4,7 @@
 # 8 pairs per step for 8 steps (64 pairs), beta 0.1, 1024 tokens. The reference is the same 4-bit base with the
 # adapter switched off.
 #
-# GPU memory: the 4-bit base is ~0.1 GB (0.52 bytes per quantized weight; bench/run.py measures it); rank-1 adapters
+# GPU memory: the 4-bit base is ~0.1 GB (0.52 bytes per quantized weight; dev/run.py measures it); rank-1 adapters
 # are ~0.1 M parameters. The rest is activations: 16 rows of up to 1024 tokens, policy and reference passes.
 # Needs a CUDA GPU (bitsandbytes) and the Hugging Face Hub. Run: bash examples/qlora_dpo_r1.sh   (OUT=dir)
 set -euo pipefail

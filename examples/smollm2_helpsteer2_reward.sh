@@ -8,7 +8,7 @@
 #
 # GPU memory: full fine-tuning keeps float32 weights, gradients and AdamW's two moments, 16 bytes per parameter:
 # about 2.2 GB for 135 M parameters; activations come on top (8 pairs = 16 rows of up to 1024 tokens per step;
-# add --gradient-checkpointing or lower --batch-size with --grad-accum if they do not fit). bench/gpu_check.py
+# add --gradient-checkpointing or lower --batch-size with --grad-accum if they do not fit). dev/gpu_check.py
 # measures a 135M-shaped reward step.
 # Needs a CUDA GPU and the Hugging Face Hub (model and data are downloaded on first use).
 # Run from anywhere: bash examples/smollm2_helpsteer2_reward.sh   (OUT=dir to choose where the runs go)

@@ -61,7 +61,7 @@ def unsupported_reason(model):
 
 
 # merged_lora_weights' budget for the merged copies. Merging pays where a step is many small operations (the tiny
-# model: bench/sampler.py's GRPO rollout 242 -> 172 ms); a large model's LoRA branch costs r / d of its matmuls, and
+# model: dev/sampler.py's GRPO rollout 242 -> 172 ms); a large model's LoRA branch costs r / d of its matmuls, and
 # a copy of every adapted weight would cost gigabytes: such a model keeps calling its LoRA layers.
 MERGE_LIMIT_BYTES = 64 * 2**20
 

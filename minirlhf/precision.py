@@ -68,7 +68,7 @@ class LossScaler:
     smaller than fp16's 6e-8 survive; optimizer_step divides them by S again before clipping. A step whose
     gradients overflowed (inf / NaN) is skipped and S halves; S doubles after 2000 good steps. S starts at
     INIT_LOSS_SCALE = 2^10, not torch's 2^16: at 2^16 the first three steps of 1024-token QLoRA rows overflowed and
-    were skipped (bench/real_shapes.py, CPU fp16), and a recipe of 8 steps cannot spend three finding its scale;
+    were skipped (dev/real_shapes.py, CPU fp16), and a recipe of 8 steps cannot spend three finding its scale;
     LoRA gradients (~1e-6 and up) still clear fp16's underflow by far at 2^10. Below MIN_LOSS_SCALE
     the gradients overflow at any scale: errors.Diverged. Disabled (a plain backward) unless the model computes in
     float16. state_dict() / load_state_dict() for checkpoints (the scale is part of an exact resume)."""

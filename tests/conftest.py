@@ -16,7 +16,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_bench(name):
-    """bench/<name>.py as a module, with what it imports from its own folder (docblock) and the repository's root
+    """bench/<name>.py as a module, with what it imports from its own folder (common) and the repository's root
     (the train_*.py scripts, imported for their Args) on sys.path, as when it runs as a script."""
     for folder in (REPO, os.path.join(REPO, "bench")):
         if folder not in sys.path:

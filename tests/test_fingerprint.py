@@ -130,7 +130,7 @@ def test_the_fingerprint_of_a_135m_model_needs_under_10_mb_of_host_memory():
 def test_an_8bit_base_is_unchanged_through_its_first_forward_and_a_changed_scale_is_seen():
     """bitsandbytes moves an 8-bit layer's row scales (SCB) from the weight to the layer's state at its first forward:
     the fingerprint must read them where they are, or an untouched 8-bit base looks changed (it did: the StackLLaMA
-    recipe's frozen_unchanged was false in bench/real_shapes.py)."""
+    recipe's frozen_unchanged was false in dev/real_shapes.py)."""
     import bitsandbytes as bnb
 
     from minirlhf.assets import TINY_LLAMA

@@ -13,6 +13,7 @@ from conftest import load_bench
 from minirlhf.cli import parse_args
 
 frontier = load_bench("frontier")
+common = load_bench("common")
 
 ALG = {a.key: a for a in frontier.ALGORITHMS}
 KNOB_FIELD = {"--kl-coef": "kl_coef", "--beta": "beta"}
@@ -169,15 +170,20 @@ def test_plot_draws_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_write_block_replaces_only_between_the_markers(tmp_path):
-    path = str(tmp_path / "frontier.md")
-    frontier.write_block(path, "first")
-    assert open(path).read() == f"# The reward–KL frontier\n\n{frontier.MARK_BEGIN}\nfirst\n{frontier.MARK_END}\n"
+def test_write_doc_replaces_only_between_the_markers(tmp_path):
+    """bench/common.write_doc, the one writer of every generated block: a new file, a file without the markers (a
+    section appended), and a re-run that keeps the hand-written text around the block."""
+    begin, end, path = frontier.MARK_BEGIN, frontier.MARK_END, str(tmp_path / "frontier.md")
+    common.write_doc(path, "first", begin, end, new_file="# The frontier\n")
+    assert open(path).read() == f"# The frontier\n\n{begin}\nfirst\n{end}\n"
     with open(path, "w") as f:
-        f.write(f"# Title\n\nintro\n\n{frontier.MARK_BEGIN}\nold table\n{frontier.MARK_END}\n\n## by hand\nkept\n")
-    frontier.write_block(path, "new table")
-    assert open(path).read() == (f"# Title\n\nintro\n\n{frontier.MARK_BEGIN}\nnew table\n{frontier.MARK_END}\n\n"
-                                 "## by hand\nkept\n")
+        f.write(f"# Title\n\nintro\n\n{begin}\nold table\n{end}\n\n## by hand\nkept\n")
+    common.write_doc(path, "new table", begin, end)
+    assert open(path).read() == f"# Title\n\nintro\n\n{begin}\nnew table\n{end}\n\n## by hand\nkept\n"
+    with open(path, "w") as f:
+        f.write("# Title\n\nanalysis\n")
+    common.write_doc(path, "table", begin, end, new_section="## Section")
+    assert open(path).read() == f"# Title\n\nanalysis\n\n## Section\n\n{begin}\ntable\n{end}\n"
 
 
 def test_run_all_skips_finished_runs_and_reruns_failed_ones(tmp_path):

@@ -1,9 +1,9 @@
 """The GPU check: every script on CUDA in bf16, fp16 and 4-bit, 135M-shaped steps with tokens/s and peak CUDA memory,
 and the first steps' losses on CUDA against the CPU's. One table; exit status 1 if any check fails.
 
-    python bench/gpu_check.py                       # one CUDA GPU: estimated 3-5 minutes on an H200 (not yet run)
-    python bench/gpu_check.py --device cpu --quick  # the same logic on the CPU, small: a smoke test (12 minutes on
-                                                    # 2 shared cores; CPU fp16 matmuls are slow)
+    python dev/gpu_check.py                       # on a machine with one CUDA GPU
+    python dev/gpu_check.py --device cpu --quick  # the same logic on the CPU, small: a smoke test (12 minutes on
+                                                  # 2 shared cores; CPU fp16 matmuls are slow)
 
 The three parts (every run is a real `python train_*.py` subprocess, through this file's --child wrapper, which
 records the process's torch.cuda.max_memory_allocated at exit):
@@ -11,9 +11,9 @@ records the process's torch.cuda.max_memory_allocated at exit):
    settings but a few steps (TINY_RUN), in --dtype bfloat16, --dtype float16 and --quantization 4bit. Checks: it
    exits 0, finishes, its frozen base is bit-identical (params/frozen_unchanged), its last loss is finite, it moved
    (supervised: the last logged loss differs from the first; RL: eval/kl after training > 0, the policy left the
-   reference), and on CUDA its summary.json reports CUDA memory (a memory/cuda* key: issue 14, item 5).
-2. 135M-shaped steps (bench/run.py's SMOL_135M, random weights, built locally; the tiny tokenizer), raw-schema rows
-   of exactly 512 prompt + 512 response tokens (bench/real_shapes.write_data): a reward step (LoRA, --dtype auto,
+   reference), and on CUDA its summary.json reports CUDA memory (a memory/cuda* key).
+2. 135M-shaped steps (dev/run.py's SMOL_135M, random weights, built locally; the tiny tokenizer), raw-schema rows
+   of exactly 512 prompt + 512 response tokens (dev/real_shapes.write_data): a reward step (LoRA, --dtype auto,
    8 pairs of 1024 tokens), the QLoRA DPO recipe exactly as examples/qlora_dpo_r1.sh writes it (4-bit, fp16, r=1,
    8 pairs of 1024 tokens, 8 steps: how many steps fp16's loss scaling skips is in the row), and a PPO iteration
    (16 responses of 512 prompt + 256 new tokens, on that reward model). Reported: seconds per step (the median
@@ -35,20 +35,9 @@ records the process's torch.cuda.max_memory_allocated at exit):
                      fp16 loss scaler skipped (its gradients overflowed) are not compared: the CPU run did update.
    (in --device cpu mode both sides run on the CPU: this checks the logic, not CUDA.)
 
-Carrying what the GPU machine lacks (it has torch, transformers, peft, accelerate, tensorboard, but not bitsandbytes
-or datasets; /work/.library/device/README.md): here, in the repository root,
-    echo /.whl/ >> .git/info/exclude
-    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \\
-        -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 bitsandbytes==0.50.2
-(the versions of constraints.txt). The bitsandbytes wheel holds kernels for every CUDA version and with the rest
-can pass the 64 MiB a call carries: then unzip it into .whl/site, delete every libbitsandbytes_*.so but the
-cuda130 one (the machine's torch is built for CUDA 13.0) and the .whl file, and add .whl/site to PYTHONPATH
-instead. The device command then starts with
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \\
-        .whl/*.whl && export PYTHONPATH=/tmp/site:.whl/site || exit; PYTHONUNBUFFERED=1 python3 bench/gpu_check.py
-with `carry: [".whl"]`. Without bitsandbytes the 4-bit rows are skipped with a line saying so (and the DPO recipe
-runs on a bf16 base); without datasets nothing can load data, and the check stops at once saying so.
+Needs the packages `pip install -e .` installs; without bitsandbytes the 4-bit rows are skipped with a line saying so
+(and the DPO recipe runs on a bf16 base); without datasets nothing can load data, and the check stops at once saying
+so.
 """
 import argparse
 import concurrent.futures
@@ -64,8 +53,8 @@ import sys
 import tempfile
 import time
 
-BENCH = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(BENCH)
+DEV = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(DEV)
 SCRIPTS = ("train_sft.py", "train_reward.py", "train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py")
 SUPERVISED = ("train_sft.py", "train_reward.py", "train_dpo.py")
 # Part 1 and 3: the defaults, but a few steps with a row per step and small evaluations.
@@ -81,7 +70,7 @@ TINY_RUN = {
 VARIANTS = {"bf16": ["--dtype", "bfloat16"], "fp16": ["--dtype", "float16"], "4bit": ["--quantization", "4bit"]}
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}  # part 3: see the module docstring
 QLORA_RECIPE = os.path.join(REPO, "examples", "qlora_dpo_r1.sh")
-real_shapes = None  # bench/real_shapes.py, imported by main() (the --child runs need none of it)
+real_shapes = common = None  # dev/real_shapes.py and bench/common.py, imported by main() (--child needs neither)
 
 
 def child(result_path, script, argv):
@@ -106,7 +95,7 @@ def child(result_path, script, argv):
 
 
 class Checker:
-    """Runs the scripts (bench/real_shapes.run_command through the --child wrapper) and gathers the table's rows."""
+    """Runs the scripts (dev/real_shapes.run_command through the --child wrapper) and gathers the table's rows."""
 
     def __init__(self, device, work, threads):
         self.device, self.work, self.threads, self.rows = device, work, threads, []
@@ -260,7 +249,7 @@ def part_135m(checker, device, has_4bit, quick):
     data = real_shapes.write_data(checker.work, AutoTokenizer.from_pretrained(model), lengths, rows=16)
     data = data["juyoungml/HelpSteer2-binarized"]
     label = f"{'2-layer' if quick else 'SmolLM2-135M'}-shaped ({n_params / 1e6:.0f} M)"
-    common = ["--model", model, "--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", data,
+    data_flags = ["--model", model, "--dataset", "juyoungml/HelpSteer2-binarized", "--data-files", data,
               "--device", device, "--max-prompt-length", str(prompt)]
 
     def report(name, result, tokens_per_step, setting):
@@ -284,33 +273,33 @@ def part_135m(checker, device, has_4bit, quick):
                     if bad]
         checker.add("2 135M", name, setting, value, not problems, "; ".join(problems))
 
-    reward = checker.run("135m-reward", ["train_reward.py", *common, "--dtype", "auto", "--batch-size", "8",
+    reward = checker.run("135m-reward", ["train_reward.py", *data_flags, "--dtype", "auto", "--batch-size", "8",
                                          "--max-length", str(max_length), "--max-steps", "6", "--eval-every", "1",
                                          "--max-eval-pairs", "1"], poll=0.02)
     report("train_reward.py", reward, 16 * max_length,
            f"{label}, LoRA r=16, --dtype auto, 8 pairs x {max_length} tokens")
     # the QLoRA DPO workshop recipe as written, with local model and data and a minimal sampling evaluation
-    recipe, = real_shapes.recipe_commands(QLORA_RECIPE, {"MODEL": model, "OUT": "unused"})
-    recipe = real_shapes.with_flags(recipe, data_files=data, device=device, log_every=1, eval_prompts=1,
+    recipe, = common.recipe_commands(QLORA_RECIPE, {"MODEL": model, "OUT": "unused"})
+    recipe = common.with_flags(recipe, data_files=data, device=device, log_every=1, eval_prompts=1,
                                     eval_samples=1, max_new_tokens=32, max_eval_pairs=8)
     out_at = recipe.index("--out")
     del recipe[out_at:out_at + 2]  # checker.run sets --out
     setting = "examples/qlora_dpo_r1.sh: 4-bit, fp16, r=1 q/v, 8 pairs x 1024 tokens, 8 steps"
     if not has_4bit:
-        recipe = real_shapes.with_flags(recipe, quantization="none")
+        recipe = common.with_flags(recipe, quantization="none")
         setting += " (bitsandbytes missing: a 16-bit base, not 4-bit)"
     if quick:
-        recipe = real_shapes.with_flags(recipe, max_length=max_length, max_prompt_length=prompt, max_steps=3,
+        recipe = common.with_flags(recipe, max_length=max_length, max_prompt_length=prompt, max_steps=3,
                                         batch_size=4)
         setting += f" (--quick: {max_length} tokens, 3 steps of 4 pairs)"
     dpo = checker.run("135m-dpo-qlora", recipe, poll=0.02)
-    report("train_dpo.py", dpo, 2 * int(real_shapes.flag_value(recipe, "--batch-size"))
-           * int(real_shapes.flag_value(recipe, "--max-length")), label + ", " + setting)
+    report("train_dpo.py", dpo, 2 * int(common.flag_value(recipe, "--batch-size"))
+           * int(common.flag_value(recipe, "--max-length")), label + ", " + setting)
     if failure(reward):
         checker.add("2 135M", "train_ppo.py", label, "-", False, "not run: the reward model's run failed")
         return
     rollout = 4 if quick else 16
-    ppo = checker.run("135m-ppo", ["train_ppo.py", *common, "--dtype", "auto", "--reward-model",
+    ppo = checker.run("135m-ppo", ["train_ppo.py", *data_flags, "--dtype", "auto", "--reward-model",
                                    os.path.join(reward["out"], "reward_model"),
                                    "--iterations", "4", "--rollout-size", str(rollout), "--minibatch-size",
                                    str(rollout // 2), "--ppo-epochs", "1", "--max-new-tokens", str(new_tokens),
@@ -333,20 +322,20 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args.child[0], args.child[1], args.child[2:])
-    global real_shapes
-    sys.path[:0] = [REPO, BENCH]
-    real_shapes = importlib.import_module("real_shapes")
+    global real_shapes, common
+    sys.path[:0] = [REPO, DEV, os.path.join(REPO, "bench")]
+    real_shapes, common = importlib.import_module("real_shapes"), importlib.import_module("common")
     import torch
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench/gpu_check.py: error: no CUDA device; on a CPU run `--device cpu --quick` (a smoke test "
+        raise SystemExit("dev/gpu_check.py: error: no CUDA device; on a CPU run `--device cpu --quick` (a smoke test "
                          "of this script's logic)")
     if importlib.util.find_spec("datasets") is None:
-        raise SystemExit("bench/gpu_check.py: error: the datasets package is missing: every script loads its data "
-                         "with it; carry its wheels (this file's docstring says how)")
+        raise SystemExit("dev/gpu_check.py: error: the datasets package is missing: every script loads its data "
+                         "with it (pip install -e . installs it)")
     has_4bit = importlib.util.find_spec("bitsandbytes") is not None
     if not has_4bit:
-        print("bitsandbytes is not installed: the 4-bit rows are skipped (this file's docstring says how to carry "
-              "it)", file=sys.stderr)
+        print("bitsandbytes is not installed: the 4-bit rows are skipped (pip install -e . installs it)",
+              file=sys.stderr)
     start = time.time()
     work = tempfile.mkdtemp(prefix="minirlhf-gpu-check-")
     checker = Checker(args.device, work, threads=args.threads)
@@ -365,7 +354,7 @@ def main():
         else:
             shutil.rmtree(work, ignore_errors=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    print(f"bench/gpu_check.py on {name}: torch {torch.__version__}; {time.time() - start:.0f} s\n")
+    print(f"dev/gpu_check.py on {name}: torch {torch.__version__}; {time.time() - start:.0f} s\n")
     print(checker.table())
     failed = [r for r in checker.rows if r["ok"] is False]
     print(f"\n{len(failed)} check(s) failed" if failed else "\nevery check passed")

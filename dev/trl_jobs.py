@@ -1,8 +1,8 @@
-"""TRL's side of bench/vs_trl.py: one job per run of this file, in its own process, timed whole by the parent.
+"""TRL's side of dev/vs_trl.py: one job per run of this file, in its own process, timed whole by the parent.
 
-    python bench/trl_jobs.py '{"job": "dpo", "threads": 1, "steps": 10, "out": "/tmp/x", ...}'
+    python dev/trl_jobs.py '{"job": "dpo", "threads": 1, "steps": 10, "out": "/tmp/x", ...}'
 
-The job's settings come from bench/vs_trl.py as JSON (the same numbers it gives minirlhf's script); each function
+The job's settings come from dev/vs_trl.py as JSON (the same numbers it gives minirlhf's script); each function
 below writes every TRL setting that matters out in full, with a comment where TRL's default differs from minirlhf's.
 Prints one JSON line at the end: what the parent reports next to the wall time (tokens per row, train_runtime, ...).
 TRL is imported here only, never by minirlhf/, the train_*.py scripts or the tests (pip install -e ".[bench]").
@@ -14,7 +14,7 @@ import time
 
 STARTED = time.time()
 if len(sys.argv) != 2:
-    raise SystemExit("usage: python bench/trl_jobs.py JOB_JSON (bench/vs_trl.py runs it; see its docstring)")
+    raise SystemExit("usage: python dev/trl_jobs.py JOB_JSON (dev/vs_trl.py runs it; see its docstring)")
 JOB = json.loads(sys.argv[1])
 
 import torch  # noqa: E402

@@ -1,14 +1,14 @@
 """minirlhf side by side with TRL: a DPO step, a reward-model step and GRPO end to end, same settings, whole processes.
 
-    python bench/vs_trl.py                         # all three, 1 thread, ~7 minutes; writes docs/benchmarks.md
-    python bench/vs_trl.py --jobs dpo,reward       # a subset (also: dpo-precompute, both sides precomputing the
+    python dev/vs_trl.py                         # all three, 1 thread, ~7 minutes; writes docs/benchmarks.md
+    python dev/vs_trl.py --jobs dpo,reward       # a subset (also: dpo-precompute, both sides precomputing the
                                                    # reference log-probs before training)
-    python bench/vs_trl.py --quick --no-write      # a smoke run (~3 minutes): 2 and 4 steps, 3 GRPO iterations
+    python dev/vs_trl.py --quick --no-write      # a smoke run (~3 minutes): 2 and 4 steps, 3 GRPO iterations
 
 Needs TRL (an optional extra, never imported by minirlhf/, the train_*.py scripts or the tests):
-    pip install -e ".[bench]" -c constraints.txt   # TRL 1.16.0; its side is bench/trl_jobs.py
+    pip install -e ".[bench]" -c constraints.txt   # TRL 1.16.0; its side is dev/trl_jobs.py
 
-Every measurement is a whole process (python train_*.py ... or python bench/trl_jobs.py ...) timed from start to
+Every measurement is a whole process (python train_*.py ... or python dev/trl_jobs.py ...) timed from start to
 exit by this script: imports, loading, data, training, saving. Both run with the same --threads
 (torch.set_num_threads and OMP_NUM_THREADS), on the embedded tiny Llama (minirlhf.assets.TINY_LLAMA), in float32 on
 the CPU, on the built-in world's data (minirlhf.data, `--dataset builtin`). Run it on an otherwise idle machine: the
@@ -27,7 +27,7 @@ numbers are wall-clock times, and the header records the load average at the sta
   TRL gets the same pairs as text, each prompt rendered by the chat template; the tokens it trains on are compared
   with minirlhf's, row by row (the table of the data each side trained on).
 - GRPO: `train_grpo.py --reward gold --eval-every 0` with its defaults against GRPOTrainer configured to do the same
-  work (bench/trl_jobs.py: groups of G, the rollout size as generation batch, the minibatch as train batch, the
+  work (dev/trl_jobs.py: groups of G, the rollout size as generation batch, the minibatch as train batch, the
   epochs as num_iterations, the same clip, beta, k3 KL, token-mean loss, schedule, LoRA and sampling), the gold
   score as reward function. minirlhf's process also samples and scores 240 held-out responses before and after
   training (TRL's evaluates nothing): its summary.json's time/train_seconds (the training loop) is reported next to
@@ -41,16 +41,16 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from importlib.metadata import version
 
-from docblock import load_average, machine, replace_block  # (bench/ is on sys.path: this file's folder)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the train_*.py scripts, for their Args (the settings both sides are given)
+# the train_*.py scripts, for their Args (the settings both sides are given); bench/common.py
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
+
+from common import OFFLINE, load_average, machine, run_script, write_doc  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -66,8 +66,8 @@ TARGETS = {"dpo": 2.5, "dpo-precompute": None, "reward": 2.0, "grpo": 2.0}  # TR
 PAIRS_PER_STEP = 16
 QUICK_STEPS, QUICK_ITERATIONS = (2, 4), 3
 NO_TRL = 'vs_trl.py: error: TRL is not installed: pip install -e ".[bench]" -c constraints.txt'
-MARK_BEGIN, MARK_END = "<!-- bench/vs_trl.py: begin (generated) -->", "<!-- bench/vs_trl.py: end -->"
-SECTION = ("## minirlhf vs TRL (bench/vs_trl.py)\n\n`python bench/vs_trl.py` writes the block below: the same jobs "
+MARK_BEGIN, MARK_END = "<!-- dev/vs_trl.py: begin (generated) -->", "<!-- dev/vs_trl.py: end -->"
+SECTION = ("## minirlhf vs TRL (dev/vs_trl.py)\n\n`python dev/vs_trl.py` writes the block below: the same jobs "
            "run by minirlhf's scripts and by TRL's\ntrainers, each a whole process, on identical settings; the notes "
            "after it are written by hand.")
 
@@ -120,7 +120,7 @@ def ours_command(job, s, threads, out, steps=None):
 
 
 def trl_spec(job, s, threads, out, steps=None):
-    """TRL's side: the JSON bench/trl_jobs.py reads (the same numbers)."""
+    """TRL's side: the JSON dev/trl_jobs.py reads (the same numbers)."""
     return dict(s, job="dpo" if job.startswith("dpo") else job, threads=threads, out=out, model=TINY_LLAMA,
                 **({"steps": steps} if steps is not None else {}))
 
@@ -165,7 +165,7 @@ def ours_tokens(job, s):
 
 
 def trl_tokens(job, out):
-    """The same rows as TRL tokenised them (bench/trl_jobs.py's tokens.json)."""
+    """The same rows as TRL tokenised them (dev/trl_jobs.py's tokens.json)."""
     with open(os.path.join(out, "tokens.json")) as f:
         t = json.load(f)
     if job == "grpo":
@@ -177,30 +177,19 @@ def trl_tokens(job, out):
 
 
 # ------------------------------------------------------------------------------------------------- processes
-def env_for(threads):
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", HF_DATASETS_OFFLINE="1")
-
-
 def run_process(argv, threads, log, label):
-    """Run one whole process (python argv...) from the repo root; returns (wall seconds, its last stdout line).
+    """Run one whole process (python argv...) from the repo root; returns (wall seconds, the JSON line it printed last).
     Its output goes to `log`; on failure one line names the job and the log's tail is shown."""
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, *argv], stdout=subprocess.PIPE, stderr=f, text=True,
-                              env=env_for(threads), cwd=REPO)
-        f.write(proc.stdout)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.stderr.write("".join(open(log).readlines()[-30:]))
-        raise SystemExit(f"vs_trl.py: error: {label} failed (exit {proc.returncode}); its output is in {log}")
-    print(f"  {label:<40} {seconds:7.1f} s", file=sys.stderr, flush=True)
-    lines = proc.stdout.strip().splitlines()
-    return seconds, lines[-1] if lines else ""
+    child = run_script(argv, log, threads, OFFLINE)
+    if child.returncode != 0:
+        sys.stderr.write(child.tail())
+        raise SystemExit(f"vs_trl.py: error: {label} failed (exit {child.returncode}); its output is in {log}")
+    print(f"  {label:<40} {child.wall_seconds:7.1f} s", file=sys.stderr, flush=True)
+    return child.wall_seconds, child.result_line()
 
 
 def trl_command(spec):
-    return [os.path.join("bench", "trl_jobs.py"), json.dumps(spec)]
+    return [os.path.join("dev", "trl_jobs.py"), json.dumps(spec)]
 
 
 # ------------------------------------------------------------------------------------------------------ jobs
@@ -362,11 +351,6 @@ def gold_table(gold):
             f"minirlhf {ours_len:.1f}, TRL {trl_len:.1f} tokens.")
 
 
-def write_doc(path, block):
-    """The block between this script's markers in `path`; the first run appends the section at the file's end."""
-    replace_block(path, block, MARK_BEGIN, MARK_END, new_section=SECTION)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="vs_trl.py", description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads of every process, both sides")
@@ -414,7 +398,7 @@ def main():
         print(NO_TRL, file=sys.stderr)
         raise SystemExit(2)
     start, load_start = time.time(), load_average()
-    command = " ".join(["python", "bench/vs_trl.py", *sys.argv[1:]])
+    command = " ".join(["python", "dev/vs_trl.py", *sys.argv[1:]])
     print(f"vs_trl.py: {args.threads} thread(s), jobs {','.join(args.jobs)}"
           + (" (quick)" if args.quick else ""), file=sys.stderr)
     rows, checks, gold = [], [], None
@@ -439,7 +423,7 @@ def main():
                                       "processes:\n\n" + gold_table(gold) if gold else ""))
     print(block)
     if not args.no_write:
-        write_doc(args.out, block)
+        write_doc(args.out, block, MARK_BEGIN, MARK_END, new_section=SECTION)
         print(f"wrote {os.path.relpath(args.out, REPO)}", file=sys.stderr)
 
 

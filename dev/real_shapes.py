@@ -1,17 +1,17 @@
 """The real-model recipes (examples/*.sh) at real shapes on the CPU: every command of every recipe, 2-3 optimizer
 steps each, on a SmolLM2-135M-shaped model built locally, fed raw-schema rows of the recipes' lengths.
 
-    python bench/real_shapes.py                 # full run, 2 threads; writes the table into docs/real_models.md
-    python bench/real_shapes.py --threads 1     # when other processes share the cores
-    python bench/real_shapes.py --quick         # 2 layers, ~30-60-token texts: a smoke run of the plumbing (prints)
-    python bench/real_shapes.py --only qlora_dpo_r1 stackllama_8bit   # some recipes
+    python dev/real_shapes.py                 # full run, 2 threads; writes the table into docs/real_models.md
+    python dev/real_shapes.py --threads 1     # when other processes share the cores
+    python dev/real_shapes.py --quick         # 2 layers, ~30-60-token texts: a smoke run of the plumbing (prints)
+    python dev/real_shapes.py --only qlora_dpo_r1 stackllama_8bit   # some recipes
 
 What a GPU user runs is the recipe; what this runs is the same commands with the few flags a CPU needs changed:
-- The commands come from examples/*.sh themselves (`recipe_commands` runs each script under bash with `python`
+- The commands come from examples/*.sh themselves (common.recipe_commands runs each script under bash with `python`
   replaced by a function that records its arguments), so the recipes stay the one source of truth. The recipes'
   MODEL and OUT variables point at the local model and a temporary folder, so chained stages (an SFT model, a reward
   model) are the ones this run just trained.
-- The model: a LlamaForCausalLM with SmolLM2-135M's shape (bench/run.py's SMOL_135M: hidden 576, 30 layers, 9 heads,
+- The model: a LlamaForCausalLM with SmolLM2-135M's shape (dev/run.py's SMOL_135M: hidden 576, 30 layers, 9 heads,
   3 KV heads, intermediate 1536, vocab 49152, tied embeddings), random weights, no download, with the embedded tiny
   model's tokenizer (512 tokens, a chat template; its ids lie inside the 49152-row embedding). The recipes that name
   a Llama (1B, 8B) run on this same 135M shape: an 8B does not fit a 20-minute budget on two cores.
@@ -35,7 +35,7 @@ What it records per command (a table row):
   allocations and, for DPO and RL, follows the evaluation before training. train_reward.py's rows include its
   per-step evaluation of one held-out pair (forward only). RL rows add the rollout's generation time (time/generation).
 - peak memory: the child's VmHWM (Linux's resident-set high-water mark of that process, read from /proc while it
-  runs; exec starts it afresh, so nothing of this harness is counted).
+  runs: common.Child).
 - loss first -> last: train/loss (RL: loss/total) of the first and last logged step. "moved": for the supervised
   scripts, whether the loss on the repeated pair / the blocks went down; for RL (a fresh rollout each iteration, so
   the losses are not comparable), whether the policy left the reference: eval/kl after training > 0.
@@ -51,46 +51,21 @@ import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from docblock import replace_block
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from common import (OFFLINE, REPO, flag_value, flag_values, load_average, machine, mib,  # noqa: E402
+                    recipe_commands, run_script, with_flags, write_doc)
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(REPO, "examples")
-MARK_BEGIN, MARK_END = "<!-- bench/real_shapes.py: begin (generated) -->", "<!-- bench/real_shapes.py: end -->"
+MARK_BEGIN, MARK_END = "<!-- dev/real_shapes.py: begin (generated) -->", "<!-- dev/real_shapes.py: end -->"
 DOC = os.path.join(REPO, "docs", "real_models.md")
 SECTION = "## Real-shape benchmark"
-END_OF_ARGS = "--minirlhf-end-of-command--"  # what the recording `python` function writes after each command
 
 
-# ---------------------------------------------------------------------------------------- the recipes' commands
-def recipe_commands(script, env=None):
-    """The `python ...` commands of a recipe, in order, as argument lists without "python" (e.g. ["train_dpo.py",
-    "--model", ...]), exactly as bash expands them: the script runs under bash with `python` defined as a function
-    that appends its arguments to a file. `env`: the variables the script reads (MODEL, OUT); nothing else of this
-    process's environment leaks in, so the defaults written in the script apply. Nothing is trained or downloaded."""
-    with tempfile.NamedTemporaryFile(prefix="minirlhf-dry-run-") as record:
-        recorder = f'python() {{ printf "%s\\0" "$@" {END_OF_ARGS} >> "$MINIRLHF_DRY_RUN"; }}; . "$0"'
-        clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
-                 "MINIRLHF_DRY_RUN": record.name, **(env or {})}
-        proc = subprocess.run(["bash", "-c", recorder, os.path.abspath(script)], env=clean, cwd=REPO,
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{script}: bash exited {proc.returncode}: {proc.stderr.strip()}")
-        words = open(record.name, "rb").read().decode().split("\0")[:-1]
-    commands, current = [], []
-    for word in words:
-        if word == END_OF_ARGS:
-            commands.append(current)
-            current = []
-        else:
-            current.append(word)
-    return commands
-
-
+# ---------------------------------------------------------------------------------------- the recipes
 CPU_RECIPES = ("smollm2_cpu",)  # the laptop recipe: the real model itself, run end to end by bench/real_model.py
 
 
@@ -100,52 +75,16 @@ def recipes(only=None):
              if os.path.basename(p)[:-3] not in CPU_RECIPES}
     unknown = sorted(set(only or ()) - set(found))
     if unknown:
-        raise SystemExit(f"bench/real_shapes.py: error: --only: no recipe {unknown}; known: {', '.join(found)}")
+        raise SystemExit(f"dev/real_shapes.py: error: --only: no recipe {unknown}; known: {', '.join(found)}")
     return {name: path for name, path in found.items() if not only or name in only}
-
-
-def flag_values(argv, flag):
-    """The values after the last occurrence of `flag` in argv ([] for a boolean flag, None when absent)."""
-    values = None
-    for i, word in enumerate(argv):
-        if word == flag:
-            values = []
-            for value in argv[i + 1:]:
-                if value.startswith("--"):
-                    break
-                values.append(value)
-    return values
-
-
-def flag_value(argv, flag, default=None):
-    values = flag_values(argv, flag)
-    return values[0] if values else default
-
-
-def set_flag(argv, flag, *values):
-    """argv with every occurrence of `flag` (and its values) removed and `flag values...` appended."""
-    out, skipping = [], False
-    for word in argv:
-        if word.startswith("--"):
-            skipping = word == flag
-        if not skipping:
-            out.append(word)
-    return out + [flag, *map(str, values)]
 
 
 # ------------------------------------------------------------------------------- what the CPU run changes
 # fp16 matrix products have no fast kernel on this CPU: a 4-layer 135M-wide model's forward + backward over 2 x 256
 # tokens took 50-60 s in float16 against 1.2 s in float32 and 1.0 s in bfloat16 (torch.profiler: aten::mm, 99 %).
 # A recipe's --dtype float16 runs here in bfloat16, the other 16-bit autocast; fp16 and its loss scaling are checked
-# on CUDA by bench/gpu_check.py.
+# on CUDA by dev/gpu_check.py.
 CPU_FLOAT16 = "bfloat16"
-
-
-def with_flags(argv, **flags):
-    """set_flag for each keyword: max_steps=3 sets --max-steps 3."""
-    for name, value in flags.items():
-        argv = set_flag(argv, "--" + name.replace("_", "-"), value)
-    return argv
 
 
 SUPERVISED = ("train_sft.py", "train_reward.py", "train_dpo.py")
@@ -157,7 +96,7 @@ def overrides(argv, data_files, threads, quick):
     Returns (argv, the benchmark's shape in words)."""
     script, dataset = argv[0], flag_value(argv, "--dataset")
     if dataset not in data_files:
-        raise SystemExit(f"bench/real_shapes.py: error: {script} reads --dataset {dataset!r}, for which this "
+        raise SystemExit(f"dev/real_shapes.py: error: {script} reads --dataset {dataset!r}, for which this "
                          f"benchmark writes no rows; known: {', '.join(data_files)}")
     argv = with_flags(argv, data_files=data_files[dataset], device="cpu", threads=threads)
     note = ""
@@ -191,14 +130,14 @@ def overrides(argv, data_files, threads, quick):
 
 # ------------------------------------------------------------------------------------------ model and data
 def build_model(folder, layers=None):
-    """The SmolLM2-135M-shaped model (bench/run.py's SMOL_135M; `layers` fewer for --quick), random weights, saved with
+    """The SmolLM2-135M-shaped model (dev/run.py's SMOL_135M; `layers` fewer for --quick), random weights, saved with
     the embedded tiny model's tokenizer. Returns the tokenizer."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from minirlhf.assets import TINY_LLAMA
-    bench_run = importlib.import_module("run")  # bench/run.py (bench/ is on sys.path: this file's folder)
-    shape = dict(bench_run.SMOL_135M, **({"num_hidden_layers": layers} if layers else {}))
+    dev_run = importlib.import_module("run")  # dev/run.py (dev/ is on sys.path: this file's folder)
+    shape = dict(dev_run.SMOL_135M, **({"num_hidden_layers": layers} if layers else {}))
     tokenizer = AutoTokenizer.from_pretrained(TINY_LLAMA)
     tokenizer.model_max_length = shape["max_position_embeddings"]  # the tiny model's 128 would warn on every row
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (shape["eos_token_id"], shape["pad_token_id"]), \
@@ -299,50 +238,28 @@ def first_row_file(path):
 
 
 # --------------------------------------------------------------------------------------------- one command
-def read_status_kib(pid, field):
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    return None
-
-
 def run_command(argv, log_path, threads, timeout, prefix=(), poll=0.2):
-    """Run `python [prefix...] argv...` from the repository root; every `poll` seconds read its VmHWM and the new rows
-    of its metrics.jsonl (timestamped as they appear). Returns {returncode, wall, peak_bytes, rows: [(seconds since
-    start, row)], summary}."""
+    """Run `python [prefix...] argv...` (common.run_script); at every poll read the new rows of its metrics.jsonl
+    (timestamped as they appear). Returns {returncode, wall, peak_bytes, rows: [(seconds since start, row)],
+    summary}."""
     out = flag_value(argv, "--out")
     metrics = os.path.join(out, "metrics.jsonl")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false")
-    start, peak_kib, rows, seen = time.time(), 0, [], 0
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, *prefix, *argv], cwd=REPO, env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
-        while True:
-            done = proc.poll() is not None
-            peak_kib = max(peak_kib, read_status_kib(proc.pid, "VmHWM") or 0)
-            if os.path.isfile(metrics):
-                with open(metrics) as f:
-                    lines = f.read().splitlines()
-                for line in lines[seen:]:  # a line still being written fails to parse: read it next time
-                    try:
-                        rows.append((time.time() - start, json.loads(line)))
-                        seen += 1
-                    except ValueError:
-                        break
-            if done:
-                break
-            if time.time() - start > timeout:
-                proc.kill()
-                proc.wait()
-                break
-            time.sleep(poll)
+    start, rows, seen = time.time(), [], [0]
+
+    def read_rows():
+        if os.path.isfile(metrics):
+            with open(metrics) as f:
+                lines = f.read().splitlines()
+            for line in lines[seen[0]:]:  # a line still being written fails to parse: read it next time
+                try:
+                    rows.append((time.time() - start, json.loads(line)))
+                    seen[0] += 1
+                except ValueError:
+                    break
+    child = run_script([*prefix, *argv], log_path, threads, OFFLINE, poll, timeout, read_rows)
     summary_path = os.path.join(out, "summary.json")
     summary = json.load(open(summary_path)) if os.path.isfile(summary_path) else {}
-    return dict(returncode=proc.returncode, wall=time.time() - start, peak_bytes=peak_kib * 1024, rows=rows,
+    return dict(returncode=child.returncode, wall=child.wall_seconds, peak_bytes=child.peak_rss_bytes, rows=rows,
                 summary=summary)
 
 
@@ -382,10 +299,6 @@ def measure(result, script):
 
 
 # ------------------------------------------------------------------------------------------------- report
-def mib(n):
-    return f"{n / 2**20:,.0f} MiB"
-
-
 def count(n):
     return "-" if n is None else (f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n / 1e3:.1f} k")
 
@@ -428,12 +341,6 @@ def shown(argv, placeholders):
     return text
 
 
-def write_doc(path, block):
-    """Replace the generated block of `path` between the markers (appending a "## Real-shape benchmark" section with
-    them when the file has none), keeping everything else of the file as it is."""
-    replace_block(path, block, MARK_BEGIN, MARK_END, new_file="# Real models\n", new_section=SECTION)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every run (2 = both cores: needs "
@@ -446,9 +353,9 @@ def main():
     parser.add_argument("--timeout", type=float, default=900, help="seconds one command may take")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (model, data, runs, logs)")
     args = parser.parse_args()
-    sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]  # train_*.py (their Args) and bench/run.py
+    sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]  # train_*.py (their Args) and dev/run.py
     out_doc = args.out or (None if args.quick else DOC)
-    start, load_start = time.time(), open("/proc/loadavg").read().split()[0]
+    start, load_start = time.time(), load_average()
     work = tempfile.mkdtemp(prefix="minirlhf-real-shapes-")
     results, failed = [], False
     try:
@@ -456,7 +363,7 @@ def main():
         tokenizer, n_params = build_model(model_dir, layers=2 if args.quick else None)
         data_files = write_data(work, tokenizer, quick_lengths() if args.quick else LENGTHS)
         placeholders = {model_dir: "$MODEL", runs: "$OUT", work: "$DATA"}
-        print(f"bench/real_shapes.py: {n_params / 1e6:.1f} M-parameter model in {model_dir}; "
+        print(f"dev/real_shapes.py: {n_params / 1e6:.1f} M-parameter model in {model_dir}; "
               f"{args.threads} thread(s); {'quick' if args.quick else 'full'} run", file=sys.stderr)
         commands_shown = []
         for name, path in recipes(args.only).items():
@@ -489,15 +396,14 @@ def main():
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
+    cpu, cores = machine()
     import torch
     import transformers
-    command = " ".join(["python", "bench/real_shapes.py", *sys.argv[1:]])
-    header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpu}, {os.cpu_count()} cores; torch "
+    command = " ".join(["python", "dev/real_shapes.py", *sys.argv[1:]])
+    header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpu}, {cores} cores; torch "
               f"{torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
               f"**{args.threads} thread(s)**; load average {load_start} at the start, "
-              f"{open('/proc/loadavg').read().split()[0]} at the end; wall time {time.time() - start:.0f} s. "
+              f"{load_average()} at the end; wall time {time.time() - start:.0f} s. "
               f"Model: {n_params / 1e6:.1f} M parameters ({'2 layers: --quick' if args.quick else 'SmolLM2-135M shape'}"
               f", random weights), float32 on the CPU unless the recipe says otherwise.\n\nCommand: `{command}`\n")
     block = (header + "\n" + table(results) + "\n\n<details><summary>The commands this run made of the recipes "
@@ -505,7 +411,7 @@ def main():
              "\n\n" + "\n".join(commands_shown) + "\n\n</details>")
     print(block)
     if out_doc:
-        write_doc(out_doc, block)
+        write_doc(out_doc, block, MARK_BEGIN, MARK_END, new_file="# Real models\n", new_section=SECTION)
         print(f"wrote {os.path.relpath(out_doc, REPO)}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -1,10 +1,10 @@
 """minirlhf's benchmark suite: one markdown table, every figure next to what it is compared with, as a ratio.
 
-    python bench/run.py                    # full run, 2 threads (all cores), ~12 minutes; writes the table into
+    python dev/run.py                    # full run, 2 threads (all cores), ~12 minutes; writes the table into
                                            # docs/benchmarks.md (between its markers; README.md only links to it)
-    python bench/run.py --threads 1        # one thread (when anything else runs on the machine)
-    python bench/run.py --quick            # the tiny model only, fewer repeats: a smoke run (~2 minutes)
-    python bench/run.py --profile          # also print torch.profiler's top operators of one step of each job
+    python dev/run.py --threads 1        # one thread (when anything else runs on the machine)
+    python dev/run.py --quick            # the tiny model only, fewer repeats: a smoke run (~2 minutes)
+    python dev/run.py --profile          # also print torch.profiler's top operators of one step of each job
 
 Run it by hand on an OTHERWISE IDLE machine, never in CI: the numbers are wall-clock times. On 2 shared cores, two
 OpenMP threads spin-wait on each other and a run can be many times slower; the header records the load average at
@@ -77,15 +77,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from docblock import load_average, machine, replace_block  # (bench/ is on sys.path: this file's folder)
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)  # the training scripts' loss code (train_sft.lm_loss, ...) is imported from the repo root
+# the training scripts' loss code (train_sft.lm_loss, ...) is imported from the repo root; bench/common.py from bench/
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
+
+from common import OFFLINE, Child, load_average, machine, mib, status_kib, write_doc  # noqa: E402
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
@@ -129,28 +129,20 @@ LORA_R, LORA_ALPHA = 16, 32  # SFT / reward / DPO adapters (the scripts' default
 PPO_LORA_R, PPO_LORA_ALPHA, KL_COEF, VF_COEF = 8, 16, 0.3, 0.1  # train_ppo.py's defaults
 DPO_BETA = 0.5  # train_dpo.py's default
 TARGETS = dict(mfu=0.50, sampler={"tiny": 2.0, "135m": 1.0}, ppo_memory=0.4, bytes_per_param=0.55)
-MARK_BEGIN, MARK_END = "<!-- bench/run.py: begin (generated) -->", "<!-- bench/run.py: end -->"
+MARK_BEGIN, MARK_END = "<!-- dev/run.py: begin (generated) -->", "<!-- dev/run.py: end -->"
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def status_kib(field):
-    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its high-water mark)."""
-    for line in open("/proc/self/status"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
 def reset_peak():
     """Reset VmHWM to the current RSS (Linux >= 4.0); returns the RSS in bytes, the baseline for peak_above()."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    return status_kib("VmRSS") * 1024
+    return status_kib("self", "VmRSS") * 1024
 
 
 def peak_above(baseline):
     """Bytes of RSS high-water mark above `baseline` (since reset_peak)."""
-    return status_kib("VmHWM") * 1024 - baseline
+    return status_kib("self", "VmHWM") * 1024 - baseline
 
 
 def median_time(fn, repeats):
@@ -369,7 +361,7 @@ def child_ppo(job):
     trace = []  # (where, RSS above the baseline, peak above the baseline) in MiB: printed with --profile
 
     def mark(where):
-        trace.append((where, round((status_kib("VmRSS") * 1024 - baseline) / 2**20),
+        trace.append((where, round((status_kib("self", "VmRSS") * 1024 - baseline) / 2**20),
                       round(peak_above(baseline) / 2**20)))
 
     checkpointing = job.get("checkpointing", False)  # recompute the trained trunks' blocks (--gradient-checkpointing)
@@ -491,19 +483,18 @@ CHILDREN = {"build-135m": child_build_135m, "train": child_train, "sample": chil
 # ------------------------------------------------------------------------------------------------ the parent
 def run_child(job, threads, echo=False, env=None):
     """Run one measurement in a fresh interpreter (its own peak memory), return its result dict."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_VERBOSITY="error", TOKENIZERS_PARALLELISM="false", **(env or {}))
-    start = time.time()
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(job),
-                           "--threads", str(threads)], capture_output=True, text=True, env=env, cwd=REPO)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"bench/run.py: error: measurement {job['name']} failed (exit {proc.returncode})")
-    lines = proc.stdout.rstrip().splitlines()
+    log = os.path.join(tempfile.gettempdir(), f"minirlhf-bench-{os.getpid()}.log")
+    child = Child([os.path.abspath(__file__), "--child", json.dumps(job), "--threads", str(threads)], log, threads,
+                  dict(OFFLINE, **(env or {}))).wait()
+    if child.returncode != 0:
+        sys.stderr.write(child.tail())
+        raise SystemExit(f"dev/run.py: error: measurement {job['name']} failed (exit {child.returncode})")
+    result = child.result_line()
     if echo:
-        print("\n".join(lines[:-1]))
-    print(f"  {job['name']:<24} {time.time() - start:6.1f}s", file=sys.stderr, flush=True)
-    return json.loads(lines[-1])
+        print("\n".join(line for line in open(log).read().splitlines() if line != result))
+    print(f"  {job['name']:<24} {child.wall_seconds:6.1f}s", file=sys.stderr, flush=True)
+    os.remove(log)
+    return json.loads(result)
 
 
 def row(measurement, model, setting, value, comparison="", ratio=None, peak=None, target=None, met=None):
@@ -511,10 +502,6 @@ def row(measurement, model, setting, value, comparison="", ratio=None, peak=None
                 ratio="" if ratio is None else f"{ratio:.{3 if target else 2}f}",  # 3 digits next to a target
                 peak="" if peak is None else mib(peak),
                 target=target or "", met="" if met is None else ("yes" if met else "**no**"))
-
-
-def mib(nbytes):
-    return f"{nbytes / 2**20:,.0f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**20:.2f} MiB"
 
 
 def training_rows(name, label, jobs, threads, rate):
@@ -615,12 +602,6 @@ def table(rows):
     return "\n".join(lines)
 
 
-def write_doc(path, block):
-    """Replace the generated block of `path` (between the markers), keeping whatever is written around it."""
-    replace_block(path, block, MARK_BEGIN, MARK_END, new_file=(
-        "# Benchmarks\n\n`python bench/run.py` writes the block below; the analysis after it is written by hand.\n"))
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2,
@@ -641,10 +622,10 @@ def main():
         return
 
     start, load_start = time.time(), load_average()
-    command = " ".join(["python", "bench/run.py", *sys.argv[1:]])
+    command = " ".join(["python", "dev/run.py", *sys.argv[1:]])
     if os.environ.get("OMP_NUM_THREADS"):
         command = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} {command}"
-    print(f"bench/run.py: {args.threads} thread(s), {'quick' if args.quick else 'full'} run", file=sys.stderr)
+    print(f"dev/run.py: {args.threads} thread(s), {'quick' if args.quick else 'full'} run", file=sys.stderr)
     repeats = 3 if args.quick else 5
     rate = matmul_rate(2048, 2048, 2048, repeats)
     with tempfile.TemporaryDirectory(prefix="minirlhf-bench-") as tmp:
@@ -691,7 +672,8 @@ def main():
     block = header + "\n" + table(matmul + sections["train"] + sections["sample"] + sections["ppo"]
                                   + sections["4bit"])
     print(block)
-    write_doc(args.out, block)
+    write_doc(args.out, block, MARK_BEGIN, MARK_END, new_file=(
+        "# Benchmarks\n\n`python dev/run.py` writes the block below; the analysis after it is written by hand.\n"))
     print(f"wrote {os.path.relpath(args.out, REPO)}", file=sys.stderr)
 
 

@@ -1,11 +1,11 @@
 """The sampler against transformers' generate, in the settings RL samples in: seconds per call, side by side.
 
-    python bench/sampler.py                 # ~2 minutes, 1 thread; writes its block into docs/benchmarks.md
-    python bench/sampler.py --no-write
+    python dev/sampler.py                 # ~2 minutes, 1 thread; writes its block into docs/benchmarks.md
+    python dev/sampler.py --no-write
 
 The embedded tiny Llama (the SFT model every toy run starts from), chat prompts of the built-in world (left-padded),
 24 new tokens at temperature 1, full softmax. Three settings:
-- all 24 steps: min_new_tokens = 24, so every row runs every step (the per-step cost alone; bench/run.py's setting);
+- all 24 steps: min_new_tokens = 24, so every row runs every step (the per-step cost alone; dev/run.py's setting);
 - rollout, 64 prompts: rows stop at EOS, as in train_ppo.py's rollouts (64 distinct prompts);
 - GRPO rollout, 8 prompts x 8: rows stop at EOS, each prompt sampled 8 times in a row (train_grpo.py's default), with
   a LoRA policy adapter (r 8, all linear layers, B != 0) active, as during training.
@@ -23,8 +23,9 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from docblock import load_average, replace_block  # noqa: E402  (bench/ is on sys.path: this file's folder)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO, os.path.join(REPO, "bench")]
+from common import load_average, write_doc  # noqa: E402
 
 from minirlhf.assets import TINY_LLAMA  # noqa: E402
 from minirlhf.data import load_prompt_dataset  # noqa: E402
@@ -34,8 +35,8 @@ from minirlhf.sampling import sample  # noqa: E402
 from minirlhf.training import make_trainable  # noqa: E402
 
 NEW_TOKENS, TARGET = 24, 2.0  # the target: >= 2x generate on the tiny model
-MARK_BEGIN, MARK_END = "<!-- bench/sampler.py: begin (generated) -->", "<!-- bench/sampler.py: end -->"
-SECTION = "## The sampler against generate, in RL's settings (bench/sampler.py)"
+MARK_BEGIN, MARK_END = "<!-- dev/sampler.py: begin (generated) -->", "<!-- dev/sampler.py: end -->"
+SECTION = "## The sampler against generate, in RL's settings (dev/sampler.py)"
 
 
 def prompts(tokenizer, n, repeat):
@@ -77,8 +78,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--no-write", action="store_true")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                      "docs", "benchmarks.md"))
+    parser.add_argument("--out", default=os.path.join(REPO, "docs", "benchmarks.md"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started, load = time.time(), load_average()
@@ -107,10 +107,10 @@ def main():
                      f"{'yes' if ratio_wall >= TARGET else '**no**'} |")
     block = (f"Measured {time.strftime('%Y-%m-%d %H:%M')}; torch {torch.__version__}, {args.threads} thread(s); "
              f"load average {load} at the start, {load_average()} at the end; "
-             f"{time.time() - started:.0f} s.\n\nCommand: `python bench/sampler.py`\n\n" + "\n".join(lines))
+             f"{time.time() - started:.0f} s.\n\nCommand: `python dev/sampler.py`\n\n" + "\n".join(lines))
     print(block)
     if not args.no_write:
-        replace_block(args.out, block, MARK_BEGIN, MARK_END, new_section=SECTION)
+        write_doc(args.out, block, MARK_BEGIN, MARK_END, new_section=SECTION)
 
 
 if __name__ == "__main__":
