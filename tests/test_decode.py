@@ -1,13 +1,14 @@
-"""decode.py, the sampler's hand-written Llama-family forward over a preallocated KV cache, against transformers: greedy
-tokens equal to model.generate, per-token log-probs equal to the HF-forward path and to heads.response_logprobs
-(1e-5) with a LoRA adapter on and off, step logits equal to a full recompute, no NaN under heavy padding, and the
-fallback to transformers' forward for every model it does not support."""
+"""minirlhf/fast/decode.py, the sampler's hand-written Llama-family forward over a preallocated KV cache, against
+transformers: greedy tokens equal to model.generate, per-token log-probs equal to the HF-forward path and to
+heads.response_logprobs (1e-5) with a LoRA adapter on and off, step logits equal to a full recompute, no NaN under
+heavy padding, and the fallback to transformers' forward for every model it does not support."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from minirlhf import decode, lora
+from minirlhf import lora
+from minirlhf.fast import decode
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.heads import response_logprobs
 from minirlhf.models import reference
