@@ -33,7 +33,7 @@ def random_model(model_type="llama", seed=0, **overrides):
 
 
 def both_engines(model, ids, mask, max_new_tokens, **kw):
-    """sample() with decode.py's forward and with transformers', same settings and seed."""
+    """sample() with fast/decode.py's forward and with transformers', same settings and seed."""
     assert decode.supports(model), decode.unsupported_reason(model)
     return [sample(model, ids, mask, max_new_tokens, pad_token_id=PAD, engine=engine,
                    generator=torch.Generator().manual_seed(0), **kw) for engine in ("auto", "hf")]

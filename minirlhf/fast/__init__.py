@@ -1,7 +1,7 @@
 """The speed machinery: two faster ways to compute what heads.py and sampling.py compute with transformers' own
-forward. Neither changes a number beyond float rounding (tests/test_unpad.py and tests/test_decode.py check both
-against the plain path, on a tiny Llama and at SmolLM2-135M's shape), so a learner can read heads.py and sampling.py
-as if this package did not exist.
+forward. Neither changes a number beyond float rounding (tests/test_fast.py checks both against the plain path on
+tiny Llamas and at SmolLM2-135M's shape; tests/test_unpad.py and tests/test_decode.py each in detail), so a learner
+can read heads.py and sampling.py as if this package did not exist.
 
 - unpad.py, the fast FORWARD: heads.final_hidden (every log-prob, value, reward and KL pass) packs a padded batch's
   rows end to end without their padding, a prompt shared by several rows computed once, and puts each token's state
