@@ -50,7 +50,7 @@ How each figure is made
   copy; on a GPU each copy is its own allocation. 4-bit weights are new anonymous memory either way.
 - Sampler vs generate: minirlhf.sampling.sample vs model.generate(do_sample=True, temperature=1, top_k=0, top_p=1),
   both forced to the same length (min_new_tokens = max_new_tokens), left-padded prompts of varied lengths, runs
-  alternating so they share the machine's state; the median tokens/s of the repeats. sample runs on decode.py's
+  alternating so they share the machine's state; the median tokens/s of the repeats. sample runs on fast/decode.py's
   forward (its default for Llama models); the comparison column also shows sample(engine="hf"), the same loop on
   transformers' forward.
 - PPO: one iteration composed as train_ppo.py does it (sample -> reward model score -> policy log-probs and values,

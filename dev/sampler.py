@@ -9,11 +9,11 @@ The embedded tiny Llama (the SFT model every toy run starts from), chat prompts 
 - rollout, 64 prompts: rows stop at EOS, as in train_ppo.py's rollouts (64 distinct prompts);
 - GRPO rollout, 8 prompts x 8: rows stop at EOS, each prompt sampled 8 times in a row (train_grpo.py's default), with
   a LoRA policy adapter (r 8, all linear layers, B != 0) active, as during training.
-minirlhf's `sampling.sample` (decode.py's forward: padding never computed, a repeated prompt prefilled once, stopped
-rows dropped from the batch), the same loop on transformers' forward (`engine="hf"`), and `model.generate(do_sample=
-True, top_k=0, top_p=1)` with the same prompts, length and stopping: median seconds of `--repeats` calls each, the
-three alternating so they share the machine's state. CPU time (time.process_time) as well as wall time: on a shared
-machine CPU time is the steadier of the two.
+minirlhf's `sampling.sample` (fast/decode.py's forward: padding never computed, a repeated prompt prefilled once,
+stopped rows dropped from the batch), the same loop on transformers' forward (`engine="hf"`), and
+`model.generate(do_sample=True, top_k=0, top_p=1)` with the same prompts, length and stopping: median seconds of
+`--repeats` calls each, the three alternating so they share the machine's state. CPU time (time.process_time) as
+well as wall time: on a shared machine CPU time is the steadier of the two.
 """
 import argparse
 import os

@@ -50,6 +50,12 @@ class MachineArgs:
     micro-batch of an RL minibatch: bounds memory, not the result"""
     deterministic: bool = False
     """deterministic CUDA kernels (torch.use_deterministic_algorithms), for bit-exact resume on a GPU; slower"""
+    fast_forward: bool = True
+    """log-prob, value, reward and KL passes packed: no padding, a shared prompt computed once (minirlhf/fast/unpad.py;
+    the same numbers up to float rounding). --no-fast-forward: transformers' padded forward"""
+    fast_decode: bool = True
+    """sampling on a hand-written Llama-family forward over a preallocated KV cache (minirlhf/fast/decode.py; the
+    same log-probs up to float rounding). --no-fast-decode: transformers' forward and DynamicCache"""
     cost_per_hour: typing.Optional[float] = None
     """price of the machine in $ per hour: summary.json then reports the cost per training sample"""
     report_to: str = "none"

@@ -6,6 +6,9 @@ Two padding traps live here, and both are handled by looking at the attention ma
 - a sequence's score is read at its LAST REAL token (`last_token_index`), never at a padding slot, on either side.
 And one off-by-one: the hidden state at position t - 1 predicts token t. `predicting_states` is the only place that
 shift is written; after it, log-probs, values and per-token KLs all sit at their token's own position in (B, T).
+Every one of these passes is `final_hidden`: the model's trunk on the padded batch, as transformers runs it. (By
+default a batch with much padding or a shared prompt runs packed instead: minirlhf/fast/unpad.py, the same states up
+to float rounding; fast.FAST_FORWARD, --no-fast-forward, turns it off.)
 Heads are saved and loaded by formats.py (save_head, load_head).
 """
 import torch
@@ -13,7 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from . import unpad
+from . import fast
+from .fast import unpad
 from .ops import entropy_from_logits, gather_logprobs
 from .precision import autocast
 from .sampling import as_settings, sampling_logits
@@ -40,14 +44,11 @@ def position_ids_from_mask(attention_mask):
 
 def final_hidden(model, input_ids, attention_mask):
     """(B, T) token ids -> (B, T, H) final hidden states of the trunk (after its last norm), computed under autocast
-    in the model's compute dtype (precision.py), so 16-bit for a 16-bit run. A batch with much padding or with rows
-    that share a prompt runs packed: without its padding, each shared prefix computed once (unpad.py: the same states
-    up to float rounding; zeros at padding slots)."""
+    in the model's compute dtype (precision.py), so 16-bit for a 16-bit run. Position ids come from the mask, so the
+    padding may be on either side; a padding slot's state means nothing (the fast path leaves zeros there)."""
     with autocast(model):
-        if input_ids.shape[0] > 1 and unpad.supports(model):
-            packing = unpad.plan(input_ids, attention_mask)
-            if unpad.worth_packing(attention_mask, packing):
-                return unpad.packed_forward(trunk(model), input_ids, attention_mask, packing)
+        if fast.FAST_FORWARD and (packing := unpad.packing_for(model, input_ids, attention_mask)) is not None:
+            return unpad.packed_forward(trunk(model), input_ids, attention_mask, packing)  # the fast path (fast/)
         out = trunk(model)(input_ids=input_ids, attention_mask=attention_mask,
                            position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     return out.last_hidden_state

@@ -53,7 +53,8 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self, name):
         """(out, in): W + (alpha/r) B A of adapter `name`, in the base weight's dtype: the one weight that computes what
-        the layer computes with that adapter (merge_lora writes it into the layer; the sampler, decode.py, uses it)."""
+        the layer computes with that adapter (merge_lora writes it into the layer; the sampler's fast/decode.py
+        uses it)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in), (out, r)
         W = self.base_layer.weight
         return W + (self.scaling[name] * (B @ A)).to(W.dtype)  # (out, r) @ (r, in) -> (out, in)

@@ -2,7 +2,7 @@
 recomputes, measured, and corrected by truncated importance sampling.
 
 Legend: B responses, R response columns; every input is (B, R), `mask` True on real response tokens.
-The RL scripts compute a token's log-prob twice under the same weights: the sampler (sampling.py with decode.py's
+The RL scripts compute a token's log-prob twice under the same weights: the sampler (sampling.py with fast/decode.py's
 forward: a KV cache, each LoRA adapter merged into its base weight, one row per real token) when it draws the token,
 π_s, and the trainer (heads.py: the whole sequence in one pass, the LoRA branch unmerged) when it scores it, π_t.
 They are the same function, computed in a different order, so they differ by float rounding: ~1e-5 in float32, more

@@ -28,6 +28,7 @@ What it takes care of (checkpoint.py holds the file format, distributed.py the c
 - time per phase of an RL iteration: run.phase("generation") charges what follows to that phase (phases.py):
   the metrics time/<phase> and time/<phase>_seconds in the summary.
 - GPU settings: each torchrun process on its own GPU (distributed.setup); --deterministic (use_deterministic).
+- the fast paths' switches, --fast-forward and --fast-decode (minirlhf/fast/).
 `state` objects: anything with state_dict() / load_state_dict() (training.EpochOrder, kl.AdaptiveKLController,
 baselines.RunningMeanBaseline), a torch.Generator, or a list (metrics gathered since the last log line). Each is
 saved per process (every rank has its own data position and samplers).
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import distributed
+from . import distributed, fast
 from .atomic import atomic_directory
 from .checkpoint import (CHECKPOINT_DIR, load_checkpoint, prepare_out_dir, restore_training, save_training,
                          set_rng_state)
@@ -189,8 +190,8 @@ class Run:
         else happens) and check_run_settings(args), --deterministic (use_deterministic, before any CUDA work), check
         --out (writable; a folder holding an interrupted run needs --resume or --overwrite), join
         the torchrun process group (if any), read the checkpoint to resume and check its settings BEFORE anything is
-        loaded (a resumed run continues in its own folder), print the settings (rank 0), set torch's threads, seed
-        everything."""
+        loaded (a resumed run continues in its own folder), print the settings (rank 0), set torch's threads and
+        the fast paths' switches (--fast-forward, --fast-decode: minirlhf/fast/), seed everything."""
         if check is not None:
             check(args)
         check_run_settings(args)
@@ -212,6 +213,7 @@ class Run:
         self.print(format_args(args))
         if args.threads > 0:
             torch.set_num_threads(args.threads)
+        fast.enable(forward=getattr(args, "fast_forward", None), decode=getattr(args, "fast_decode", None))
         seed_everything(args.seed)
         reset_truncation_summary()  # this run's data cuts: summary.json's data/* (tokenize.report_cuts)
         self.step, self.total, self.log_file, self.saved_once = 0, None, None, {}

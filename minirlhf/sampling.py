@@ -10,11 +10,12 @@ it and heads.py scores tokens under it (`SamplingSettings`), so the ratio, the K
 that was actually sampled from, not the unfiltered softmax (the StackLLaMA write-up's negative-KL warning;
 docs/negative_kl.md measures it). A row stops at EOS, at a stop token or when its text contains a stop string.
 Prompts are LEFT-padded, so every row's next token goes in the same column; position ids come from the mask.
-Two engines compute the next-token logits, the same up to float rounding (log-probs within ~1e-6): decode.py's
-hand-written Llama-family forward over a preallocated KV cache, which also stops computing rows that have stopped
-(engine="auto" picks it when decode.supports(model); on the embedded tiny model, one CPU thread, 1.2-1.5x generate's
-speed at batch 64 and 2.3x in a GRPO rollout: docs/benchmarks.md), and transformers' own forward with its DynamicCache
-(engine="hf", and every other model).
+The next-token logits come from transformers' own forward with its DynamicCache (`HFForward`: prefill the prompts,
+then one forward per new token, the cache holding everything before it). By default a faster engine computes the
+same logits up to float rounding (log-probs within ~1e-6) where it supports the model: minirlhf/fast/decode.py, a
+hand-written Llama-family forward over a preallocated KV cache that also stops computing rows that have stopped
+(on the embedded tiny model, one CPU thread, 1.2-1.5x generate's speed at batch 64 and 2.3x in a GRPO rollout:
+docs/benchmarks.md); fast.FAST_DECODE, --no-fast-decode, turns it off.
 """
 import contextlib
 import inspect
@@ -23,7 +24,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import decode
+from . import fast
+from .fast import decode
 from .errors import Diverged
 from .precision import autocast
 
@@ -148,8 +150,9 @@ def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pa
     Samples.ended marks the rows that stopped by any of these, rather than at max_new_tokens.
     temperature = 0 is greedy; its logprobs are then the model's own log-probs (temperature 1, unfiltered), since the
     distribution it "samples" from is a point mass.
-    engine: "auto" computes the logits with decode.py's forward when decode.supports(model) (Llama / Mistral / Qwen2
-    without sliding windows), else with transformers' forward; "hf" always uses transformers' forward (to compare)."""
+    engine: "hf" always computes the logits with transformers' forward (HFForward); "auto" does too unless the switch
+    fast.FAST_DECODE is on and decode.supports(model) (Llama / Mistral / Qwen2 without sliding windows): then with
+    fast/decode.py's forward."""
     if pad_token_id == eos_token_id:
         raise ValueError(f"pad_token_id == eos_token_id == {eos_token_id}: padding would hide the real EOS; "
                          "use a distinct pad token (models.load_tokenizer adds one)")
@@ -165,56 +168,16 @@ def sample(model, input_ids, attention_mask, max_new_tokens, *, eos_token_id, pa
         raise ValueError("prompts must be left-padded: the last column of attention_mask must be all 1")
     with eval_mode(model), autocast(model):  # the compute dtype of training's passes (precision.py)
         settings = SamplingSettings(temperature, top_k, top_p, min_new_tokens, (eos_token_id, *stop_token_ids))
-        use_decode = engine == "auto" and decode.supports(model)
-        forward = (decode.Decoder(model, attention_mask, max_new_tokens) if use_decode
-                   else HFForward(model, attention_mask))
+        forward = HFForward(model, attention_mask)  # transformers' forward, one new token at a time
+        if engine == "auto" and fast.FAST_DECODE and decode.supports(model):
+            forward = decode.Decoder(model, attention_mask, max_new_tokens)  # the fast path (fast/decode.py)
         return _sample(forward, input_ids, attention_mask, max_new_tokens, pad_token_id, settings, stop_strings,
                        generator)
 
 
-@contextlib.contextmanager
-def eval_mode(model):
-    """Run `model` in eval mode, then put EVERY module back in the mode it was in (not `model.train(was_training)`,
-    which would switch back on a dropout that models.dropout_off had turned off inside a training-mode model)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
-class HFForward:
-    """The next-token logits from transformers' own forward and its DynamicCache, with decode.Decoder's interface:
-    prefill(input_ids (B, P)) -> (B, V), then step(tokens (B,)) -> (B, V) once per new token."""
-
-    def __init__(self, model, attention_mask):
-        self.model, self.attention_mask, self.cache = model, attention_mask, None
-        # Ask for the last position's logits only, when the model allows it: a prompt never builds (B, P, V).
-        keep = "logits_to_keep" in inspect.signature(model.forward).parameters
-        self.last_only = {"logits_to_keep": 1} if keep else {}
-
-    def prefill(self, input_ids):
-        position_ids = (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) 0.. over real tokens
-        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
-                         use_cache=True, **self.last_only)
-        self.cache, self.next_position = out.past_key_values, position_ids[:, -1:] + 1  # (B, 1) the next position
-        return out.logits[:, -1, :]
-
-    def step(self, tokens, running=None):
-        # Feed the new token; the cache holds keys/values of everything before it. (Every row is computed, running
-        # or not: a DynamicCache is not cut down here.)
-        mask = self.attention_mask
-        self.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, n + 1)
-        out = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
-                         position_ids=self.next_position, past_key_values=self.cache, use_cache=True)
-        self.cache, self.next_position = out.past_key_values, self.next_position + 1
-        return out.logits[:, -1, :]
-
-
 def _sample(forward, input_ids, attention_mask, max_new_tokens, pad_token_id, settings, stop_strings, generator):
-    """The sampling loop over `forward` (a decode.Decoder or an HFForward): the module docstring's chain per step."""
+    """The sampling loop over `forward` (an HFForward, or fast/decode.py's Decoder): the module docstring's chain per
+    step."""
     device = input_ids.device
     stop_ids = torch.tensor(settings.stop_token_ids, device=device)  # EOS and the stop tokens
     next_logits = forward.prefill(input_ids)  # (B, V)
@@ -244,3 +207,45 @@ def _sample(forward, input_ids, attention_mask, max_new_tokens, pad_token_id, se
         next_logits = forward.step(tokens[-1], running=~done)  # (B, V); rows that stopped may be skipped
     return Samples(torch.stack(tokens, 1), torch.stack(masks, 1).to(attention_mask.dtype), torch.stack(logprobs, 1),
                    done)
+
+
+class HFForward:
+    """The next-token logits from transformers' own forward and its DynamicCache: prefill(input_ids (B, P)) -> (B, V),
+    then step(tokens (B,)) -> (B, V) once per new token (the interface _sample calls; fast/decode.py's Decoder has
+    it too)."""
+
+    def __init__(self, model, attention_mask):
+        self.model, self.attention_mask, self.cache = model, attention_mask, None
+        # Ask for the last position's logits only, when the model allows it: a prompt never builds (B, P, V).
+        keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.last_only = {"logits_to_keep": 1} if keep else {}
+
+    def prefill(self, input_ids):
+        position_ids = (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, P) 0.. over real tokens
+        out = self.model(input_ids=input_ids, attention_mask=self.attention_mask, position_ids=position_ids,
+                         use_cache=True, **self.last_only)
+        self.cache, self.next_position = out.past_key_values, position_ids[:, -1:] + 1  # (B, 1) the next position
+        return out.logits[:, -1, :]
+
+    def step(self, tokens, running=None):
+        # Feed the new token; the cache holds keys/values of everything before it. (Every row is computed, running
+        # or not: a DynamicCache is not cut down here.)
+        mask = self.attention_mask
+        self.attention_mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (B, n + 1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self.attention_mask,
+                         position_ids=self.next_position, past_key_values=self.cache, use_cache=True)
+        self.cache, self.next_position = out.past_key_values, self.next_position + 1
+        return out.logits[:, -1, :]
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run `model` in eval mode, then put EVERY module back in the mode it was in (not `model.train(was_training)`,
+    which would switch back on a dropout that models.dropout_off had turned off inside a training-mode model)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -50,6 +50,16 @@ def make_tiny_gpt2(seed=0, initializer_range=0.2, dtype=torch.float32):
     return GPT2LMHeadModel(config).to(dtype).eval()
 
 
+@pytest.fixture(autouse=True)
+def fast_switches_on():
+    """Every test starts and ends with minirlhf.fast's switches on, their default (a script run in-process with
+    --no-fast-forward or --no-fast-decode turns one off for the whole process)."""
+    from minirlhf import fast
+    fast.enable(forward=True, decode=True)
+    yield
+    fast.enable(forward=True, decode=True)
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama()

@@ -1,13 +1,14 @@
-"""decode.py, the sampler's hand-written Llama-family forward over a preallocated KV cache, against transformers: greedy
-tokens equal to model.generate, per-token log-probs equal to the HF-forward path and to heads.response_logprobs
-(1e-5) with a LoRA adapter on and off, step logits equal to a full recompute, no NaN under heavy padding, and the
-fallback to transformers' forward for every model it does not support."""
+"""minirlhf/fast/decode.py, the sampler's hand-written Llama-family forward over a preallocated KV cache, against
+transformers: greedy tokens equal to model.generate, per-token log-probs equal to the HF-forward path and to
+heads.response_logprobs (1e-5) with a LoRA adapter on and off, step logits equal to a full recompute, no NaN under
+heavy padding, and the fallback to transformers' forward for every model it does not support."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_gpt2, make_tiny_llama
-from minirlhf import decode, lora
+from minirlhf import lora
+from minirlhf.fast import decode
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.heads import response_logprobs
 from minirlhf.models import reference
@@ -32,7 +33,7 @@ def random_model(model_type="llama", seed=0, **overrides):
 
 
 def both_engines(model, ids, mask, max_new_tokens, **kw):
-    """sample() with decode.py's forward and with transformers', same settings and seed."""
+    """sample() with fast/decode.py's forward and with transformers', same settings and seed."""
     assert decode.supports(model), decode.unsupported_reason(model)
     return [sample(model, ids, mask, max_new_tokens, pad_token_id=PAD, engine=engine,
                    generator=torch.Generator().manual_seed(0), **kw) for engine in ("auto", "hf")]

@@ -7,7 +7,7 @@ The two runs cannot be bit-identical: a gradient summed over 2b rows in one matm
 round differently (~1e-7 relative). AdamW's first steps divide each gradient by its own magnitude, so where a
 gradient is near zero that rounding becomes a visible fraction of an lr-sized step: at the scripts' default
 learning rates (1e-3, 2e-3) four steps differ by up to ~3e-6 - 8e-6 (measured), at lr 1e-4 by ~5e-7. Since forward
-passes run packed (unpad.py: rows share a prompt's positions with the other rows of their batch, so a row's sums
+passes run packed (fast/unpad.py: rows share a prompt's positions with the other rows of their batch, so a row's sums
 depend on its companions, in the last bits), a batch of b and one of 2b also round differently in the forward pass:
 at lr 1e-4, 1.1e-6 (DPO) and 2.0e-6 (reward) after four steps (measured). The test uses lr 1e-4, a 4e-6 tolerance,
 and checks that the weights moved by more than 25x that.

@@ -262,7 +262,7 @@ def test_rollout_passes_in_chunks_equal_one_pass(asset_model):
     for whole, chunked in [(rollout_logprobs(model, batch, 0.8, 64, value_head),
                             rollout_logprobs(model, batch, 0.8, 2, value_head)),
                            ((reference_logprobs(model, batch, 0.8, 64),), (reference_logprobs(model, batch, 0.8, 2),))]:
-        for a, b in zip(whole, chunked):  # packed rows differ with the chunk (unpad.py): fp32 rounding, ~2e-6 here
+        for a, b in zip(whole, chunked):  # packed rows differ with the chunk (fast/unpad.py): fp32 rounding, ~2e-6 here
             assert a.shape == batch["mask"].shape
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 

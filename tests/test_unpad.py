@@ -1,8 +1,9 @@
-"""unpad.py: a padded batch run packed (padding dropped, shared prefixes computed once) gives every real token the
-hidden state, and every LoRA weight the gradient, it has when each row runs alone."""
+"""minirlhf/fast/unpad.py: a padded batch run packed (padding dropped, shared prefixes computed once) gives every real
+token the hidden state, and every LoRA weight the gradient, it has when each row runs alone."""
 import torch
 
-from minirlhf import heads, unpad
+from minirlhf import heads
+from minirlhf.fast import unpad
 from minirlhf.heads import final_hidden, trunk
 from minirlhf.training import make_trainable
 

@@ -24,11 +24,13 @@ clamped at 0), as sampling.py and heads.py compute them.
 Legend: B batch, P prompt length, L cache length, N tokens computed in a pass (the real prompt tokens at prefill, B at
 a decode step), E hidden size, H attention heads, K key/value heads (GQA: each serves G = H / K query heads),
 D head dim, V vocab.
+Used by sampling.sample when the switch fast.FAST_DECODE is on and `supports(model)`; otherwise the sampler runs
+transformers' forward (sampling.HFForward), which computes the same logits up to float rounding.
 """
 import torch
 import torch.nn.functional as F
 
-from .lora import LoRALinear, quantized_bits
+from ..lora import LoRALinear, quantized_bits
 from .unpad import has_sliding_window
 
 SUPPORTED = ("llama", "mistral", "qwen2")  # the model_types sharing LlamaDecoderLayer's structure

@@ -25,10 +25,11 @@ packing of documents (data/packing.py) with the attention kept apart, as in Krel
 Packing without Cross-contamination"), plus prefix sharing, as tree attention does for speculative decoding
 (Miao et al. 2024, "SpecInfer": tree-based parallel decoding).
 
-Used by heads.final_hidden when it saves work (`worth_packing`) and the model runs SDPA attention without sliding
-windows (`supports`): SDPA takes the boolean 4-D mask as given (transformers passes a 4-D mask through unchanged; an
-eager attention would add it, so it is left alone, as is flash attention, which has a variable-length kernel of its
-own; a sliding window would be lost in the explicit mask).
+Used by heads.final_hidden (`packing_for`) when the switch fast.FAST_FORWARD is on, packing saves work
+(`worth_packing`) and the model runs SDPA attention without sliding windows (`supports`): SDPA takes the boolean 4-D
+mask as given (transformers passes a 4-D mask through unchanged; an eager attention would add it, so it is left
+alone, as is flash attention, which has a variable-length kernel of its own; a sliding window would be lost in the
+explicit mask).
 """
 from typing import NamedTuple
 
@@ -123,6 +124,15 @@ def worth_packing(attention_mask, packing):
         return False
     S, L = packing.position_ids.shape
     return S * L <= MAX_PACKED_SHARE * attention_mask.numel()
+
+
+def packing_for(model, input_ids, attention_mask):
+    """The Packing heads.final_hidden runs a (B, T) batch with, or None when it runs padded: one row, a model this
+    file does not support, a batch it cannot pack, or one where packing does not save enough."""
+    if input_ids.shape[0] < 2 or not supports(model):
+        return None
+    packing = plan(input_ids, attention_mask)
+    return packing if worth_packing(attention_mask, packing) else None
 
 
 def pack(input_ids, packing):
