@@ -37,31 +37,6 @@ def _field_docs(cls):
     return docs
 
 
-@dataclasses.dataclass
-class MachineArgs:
-    """the machine: precision, memory, determinism, cost, logging
-
-    The flags of every script about the machine the run is on, not the algorithm (settings.RunArgs builds on it)."""
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU) | float32 | bfloat16 |
-    float16 (with loss scaling). Trainable weights stay float32 (minirlhf/precision.py)"""
-    forward_batch_size: int = 64
-    """rows per forward pass without gradient (scoring a rollout, the reference, evaluation, held-out pairs) and per
-    micro-batch of an RL minibatch: bounds memory, not the result"""
-    deterministic: bool = False
-    """deterministic CUDA kernels (torch.use_deterministic_algorithms), for bit-exact resume on a GPU; slower"""
-    fast_forward: bool = True
-    """log-prob, value, reward and KL passes packed: no padding, a shared prompt computed once (minirlhf/fast/unpad.py;
-    the same numbers up to float rounding). --no-fast-forward: transformers' padded forward"""
-    fast_decode: bool = True
-    """sampling on a hand-written Llama-family forward over a preallocated KV cache (minirlhf/fast/decode.py; the
-    same log-probs up to float rounding). --no-fast-decode: transformers' forward and DynamicCache"""
-    cost_per_hour: typing.Optional[float] = None
-    """price of the machine in $ per hour: summary.json then reports the cost per training sample"""
-    report_to: str = "none"
-    """none | tensorboard: also write the logged metrics as TensorBoard events in DIR/tensorboard"""
-
-
 def parse_args(cls, argv=None, description=None):
     """Parse argv into an instance of the dataclass `cls`; print the settings is the caller's job.
 

@@ -56,7 +56,8 @@ from .fingerprint import frozen_fingerprint
 from .models import count_parameters, get_device
 from .phases import PhaseClock
 from .tracking import RunLog
-from .validation import COMMON_RANGES, check_value
+from .settings import MachineArgs
+from .validation import check_value
 
 
 class GracefulStop:
@@ -112,14 +113,14 @@ def seed_everything(seed):
 def check_run_settings(args):
     """The settings Run itself acts on, checked before anything loads (one InputError line naming the flag): the
     --report-to choice and its package here (scripts' check_common does not repeat it), --cost-per-hour with the range
-    validation.COMMON_RANGES states for it. Missing fields take their defaults, so scripts without them run as
+    settings.MachineArgs states for it. Missing fields take their defaults, so scripts without them run as
     before."""
     report_to = getattr(args, "report_to", "none")
     if report_to not in ("none", "tensorboard"):
         raise InputError(f"--report-to: expected none or tensorboard, got {report_to!r}")
     if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise InputError("--report-to tensorboard: the tensorboard package is not installed; pip install tensorboard")
-    check_value("--cost-per-hour", getattr(args, "cost_per_hour", None), COMMON_RANGES["cost_per_hour"])
+    check_value("--cost-per-hour", getattr(args, "cost_per_hour", None), MachineArgs.RANGES["cost_per_hour"])
 
 
 def use_deterministic():

@@ -14,7 +14,8 @@ here. The groups:
     ModelArgs     the base model and the LoRA adapter trained on it                 every script
     DataArgs      which data set, which splits, how prompts are formatted            every script
     OptimArgs     AdamW's learning rate and gradient clipping                       every script
-    RunArgs       seed, device, threads, output folder, checkpoints, resume (+ cli.MachineArgs)   every script
+    MachineArgs   precision, memory, determinism, the fast paths, cost, logging     every script
+    RunArgs       seed, device, threads, output folder, checkpoints, resume         every script
     PairArgs      batches of preference pairs: lengths, counts, steps                train_reward.py, train_dpo.py
     SamplingArgs  how responses are sampled                                          the RL scripts, DPO's evaluation
     EvalArgs      the held-out sampling evaluation                                   the RL scripts, train_dpo.py
@@ -29,7 +30,32 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 from .assets import ASSETS_DIR, TINY_LLAMA
-from .cli import MachineArgs
+
+
+@dataclass
+class MachineArgs:
+    """the machine: precision, memory, determinism, the fast paths, cost, logging
+
+    The flags of every script about the machine the run is on, not the algorithm (RunArgs builds on it)."""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU) | float32 | bfloat16 |
+    float16 (with loss scaling). Trainable weights stay float32 (minirlhf/precision.py)"""
+    forward_batch_size: int = 64
+    """rows per forward pass without gradient (scoring a rollout, the reference, evaluation, held-out pairs) and per
+    micro-batch of an RL minibatch: bounds memory, not the result"""
+    deterministic: bool = False
+    """deterministic CUDA kernels (torch.use_deterministic_algorithms), for bit-exact resume on a GPU; slower"""
+    fast_forward: bool = True
+    """log-prob, value, reward and KL passes packed: no padding, a shared prompt computed once (minirlhf/fast/unpad.py;
+    the same numbers up to float rounding). --no-fast-forward: transformers' padded forward"""
+    fast_decode: bool = True
+    """sampling on a hand-written Llama-family forward over a preallocated KV cache (minirlhf/fast/decode.py; the
+    same log-probs up to float rounding). --no-fast-decode: transformers' forward and DynamicCache"""
+    cost_per_hour: Optional[float] = None
+    """price of the machine in $ per hour: summary.json then reports the cost per training sample"""
+    report_to: str = "none"
+    """none | tensorboard: also write the logged metrics as TensorBoard events in DIR/tensorboard"""
+    RANGES: ClassVar[dict] = {"forward_batch_size": ">= 1", "cost_per_hour": "none or >= 0"}
 
 
 @dataclass

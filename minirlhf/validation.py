@@ -19,8 +19,7 @@ import sys
 
 from .errors import InputError
 
-COMMON_RANGES = {"weight_decay": ">= 0", "warmup_steps": ">= 0", "log_every": ">= 1", "forward_batch_size": ">= 1",
-                 "cost_per_hour": "none or >= 0"}  # the rest is declared with its flag (settings.py's RANGES)
+COMMON_RANGES = {"weight_decay": ">= 0", "warmup_steps": ">= 0", "log_every": ">= 1"}  # the rest is declared with its flag (settings.py's RANGES)
 
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 _BOUND = re.compile(r"^(>=|<=|>|<)\s*(\S+)$")

@@ -119,7 +119,7 @@ def test_fast_decode_switch_gives_the_plain_decoders_samples(name, monkeypatch):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_the_command_line_flags_reach_the_switches(script, tmp_path):
-    """Every script's --no-fast-forward / --no-fast-decode (cli.MachineArgs) turn its switch off in Run(args); the
+    """Every script's --no-fast-forward / --no-fast-decode (settings.MachineArgs) turn its switch off in Run(args); the
     defaults turn both on again."""
     Args = importlib.import_module(script).Args
     for i, (flags, want) in enumerate([(["--no-fast-forward"], (False, True)), (["--no-fast-decode"], (True, False)),

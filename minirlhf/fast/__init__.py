@@ -10,7 +10,7 @@ can read heads.py and sampling.py as if this package did not exist.
   preallocated KV cache, rows that have stopped dropped from the batch.
 
 One switch each, process-wide, read at every call; both on by default. Every script has them as --fast-forward /
---no-fast-forward and --fast-decode / --no-fast-decode (cli.MachineArgs; run.Run sets them). A model the fast path
+--no-fast-forward and --fast-decode / --no-fast-decode (settings.MachineArgs; run.Run sets them). A model the fast path
 does not support (unpad.supports, decode.supports) takes the plain path whatever the switch says.
 """
 
