@@ -1,7 +1,10 @@
 """minirlhf: RLHF written by hand so every equation is visible.
 
-Math lives in small pure-tensor modules (ops, gae, ppo, kl, dpo, reward_losses, baselines, lora);
-model plumbing in models.py / heads.py / sampling.py; what is read and written on disk (adapters, heads, folder checks)
-in formats.py; data in minirlhf.data; the training loops in the top-level scripts.
+The math: small pure-tensor modules, one idea each (gae, ppo, grpo, reinforce, kl, dpo, reward_losses, baselines,
+token_rewards, mismatch, ops, best_of_n, lora). The model plumbing: models, heads (log-probs, values, scores),
+sampling (the sampler), precision, padding; the speed machinery, behind a switch each, in minirlhf.fast. An RL
+iteration's shared steps: roles (policy, reward, reference on one base), rollout (prompts, sampling, log-prob passes,
+minibatches), report (evaluation, logging, the summary). The settings the scripts share: settings; the flags: cli.
+Data: minirlhf.data; the embedded model and SmolLM2: minirlhf.assets. The training loops: the top-level scripts.
 """
 __version__ = "0.1.0"
