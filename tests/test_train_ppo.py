@@ -32,7 +32,7 @@ RUNS = {  # algo -> extra flags; {scalar} / {rating} are the reward model folder
     "ppo": ["--reward-model", "{scalar}", "--missing-eos-penalty", "1.0", "--target-kl", "0.5", "--kl-horizon", "50",
             "--ppo-epochs", "2", "--forward-batch-size", "3"],
     "reinforce": ["--reward-model", "{rating}", "--reward-transform", "expected-minus-entropy",
-                  "--entropy-coef", "0.1", "--kl-estimator", "k3", "--forward-batch-size", "5"],
+                  "--reward-entropy-coef", "0.1", "--kl-estimator", "k3", "--forward-batch-size", "5"],
     "grpo": ["--reward", "gold", "--gradient-checkpointing", "--group-size", "4", "--ppo-epochs", "2"],
 }
 STEP_KEYS = ["objective/kl", "objective/scores", "objective/rlhf_reward", "policy/approx_kl", "policy/entropy",
