@@ -3,7 +3,7 @@
 Every script keeps its settings as a `@dataclass Args` at the top (cleanrl style); `parse_args(Args)` gives `--help`,
 `--field-name VALUE` flags (underscores become dashes), and booleans as `--flag` / `--no-flag`. Field help comes from
 `field(metadata={"help": ...})` or, more readably, from the docstring-style string literal under each field, which
-`_field_docs` reads from the source.
+`field_docs` reads from the source.
 """
 import argparse
 import ast
@@ -18,7 +18,7 @@ import typing
 from .errors import Diverged, InputError
 
 
-def _field_docs(cls):
+def field_docs(cls):
     """Map field name -> the string literal written on the line after it (cleanrl's field docstrings), from `cls`
     and the dataclasses it inherits from (a subclass's own text wins)."""
     docs = {}
@@ -58,7 +58,7 @@ class MachineArgs:
 
 def parse_args(cls, argv=None, description=None):
     """Parse argv into an instance of the dataclass `cls`; print the settings is the caller's job."""
-    docs = _field_docs(cls)
+    docs = field_docs(cls)
     parser = argparse.ArgumentParser(description=description or (cls.__doc__ or "").strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     hints = typing.get_type_hints(cls)
@@ -103,12 +103,12 @@ def run_script(main, args_cls, prog=None):
 
     Bad input (errors.InputError) and a diverged run (errors.Diverged) end in one line, `script.py: error: ...`,
     exit status 1; a Ctrl-C outside the training loop (while loading, evaluating before training) or a second Ctrl-C
-    inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: run.GracefulStop).
-    A full disk or quota (OSError ENOSPC / EDQUOT, wherever a checkpoint, adapter, summary or log was being written)
-    is one line too, saying what was kept and how to continue (checkpoint.out_of_space). Any other exception is a
-    bug in minirlhf and keeps its traceback. However it ends, the --out folder's lock (checkpoint.lock_out_dir) is
-    released."""
-    from .checkpoint import out_of_space, release_out_dir
+    inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0:
+    stopping.GracefulStop). A full disk or quota (OSError ENOSPC / EDQUOT, wherever a checkpoint, adapter, summary or
+    log was being written) is one line too, saying what was kept and how to continue (outdir.out_of_space). Any other
+    exception is a bug in minirlhf and keeps its traceback. However it ends, the --out folder's lock
+    (outdir.lock_out_dir) is released."""
+    from .outdir import out_of_space, release_out_dir
     prog = prog or os.path.basename(sys.argv[0])
     args = None
     try:
