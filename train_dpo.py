@@ -33,7 +33,8 @@ from minirlhf.dpo import dpo_loss, ipo_loss, rpo_nll
 from minirlhf.errors import InputError
 from minirlhf.evaluation import (before_training, evaluate_policy, gold_summary, held_out_prompts, save_samples,
                                  show_samples)
-from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
+from minirlhf.folders import check_adapter_dir
+from minirlhf.formats import load_adapter, save_adapter
 from minirlhf.heads import in_row_chunks, response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
 from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference

@@ -48,9 +48,10 @@ from .checkpoint import load_checkpoint, restore_training, save_training
 from .cli import format_args
 from .data.tokenize import reset_truncation_summary, truncation_summary
 from .determinism import seed_everything, set_rng_state, use_deterministic
+from .devices import get_device
 from .errors import InputError
 from .fingerprint import FrozenCheck
-from .models import count_parameters, get_device
+from .models import count_parameters
 from .outdir import prepare_out_dir, resume_folder
 from .phases import PhaseClock
 from .stopping import GracefulStop, end_of_step
