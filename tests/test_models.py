@@ -320,7 +320,7 @@ def test_quantized_load_reads_tensor_by_tensor_to_the_same_model(quantization, f
     """load_model's quantized path (each tensor read on its own, not through a memory map) builds the model that
     from_pretrained builds from the folder: the same quantized bytes and float weights, the same name."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from minirlhf import quantization
+    from minirlhf import quantization as kbit
     path = request.getfixturevalue(folder)
     if quantization == "8bit":
         import bitsandbytes as bnb
@@ -333,12 +333,12 @@ def test_quantized_load_reads_tensor_by_tensor_to_the_same_model(quantization, f
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.float32)
     reads = []
-    read = quantization._ReadOnDemand.__getitem__
-    quantization._ReadOnDemand.__getitem__ = lambda self, index: reads.append(1) or read(self, index)
+    read = kbit._ReadOnDemand.__getitem__
+    kbit._ReadOnDemand.__getitem__ = lambda self, index: reads.append(1) or read(self, index)
     try:
         model = load_model(path, quantization=quantization, device="cpu")
     finally:
-        quantization._ReadOnDemand.__getitem__ = read
+        kbit._ReadOnDemand.__getitem__ = read
     expected = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": "cpu"},
                                                     dtype=torch.float32)
     from safetensors import safe_open
@@ -350,7 +350,7 @@ def test_quantized_load_reads_tensor_by_tensor_to_the_same_model(quantization, f
         assert torch.equal(got[key], want[key]), key
     assert model.name_or_path == expected.name_or_path == path
     if quantization == "4bit":
-        quantization.keep_4bit_layout_on_cpu(expected)  # as load_model does (no repacking at the first eval forward)
+        kbit.keep_4bit_layout_on_cpu(expected)  # as load_model does (no repacking at the first eval forward)
     ids, attn, _ = BATCH
     with torch.no_grad():
         assert torch.equal(model(ids, attention_mask=attn).logits, expected(ids, attention_mask=attn).logits)
