@@ -3,7 +3,7 @@
 The cheap checks run first, with no network request (check_model_source: the scripts' validation may call it;
 model_skeleton builds what transformers would build from config.json alone, on the meta device). A Hub id is then
 looked for in the local Hugging Face cache, and only if it is not there is the Hub asked, once, with a short timeout
-(from_pretrained): a missing model fails within a second offline rather than after transformers' retries, and "no
+(load_cache_first): a missing model fails within a second offline rather than after transformers' retries, and "no
 such model" is told from "no network". Every problem is one InputError line naming the flag.
 """
 import functools
@@ -18,7 +18,7 @@ from .errors import InputError
 from .folders import MODEL_FOLDER, check_model_config, check_model_dir, first_line, who
 
 
-HUB_TIMEOUT_S = 5.0  # the one question asked to the Hub before a download (see from_pretrained)
+HUB_TIMEOUT_S = 5.0  # the one question asked to the Hub before a download (see load_cache_first)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
                    "spiece.model")
 
@@ -27,7 +27,7 @@ def check_model_source(name_or_path, flag="--model", what="model", trust_remote_
     """Cheap checks of --model before anything loads, with no network request (the scripts' validation may call it):
     a local folder (checked in full for a model: check_model_dir; for a tokenizer its config.json, if any, and its
     tokenizer files), `smollm2`, a .gguf file (resolve_model_source), or something shaped like a Hub id
-    ("org/name"), which from_pretrained then looks for in the cache and on the Hub. `what`: "model" or "tokenizer"."""
+    ("org/name"), which load_cache_first then looks for in the cache and on the Hub. `what`: "model" or "tokenizer"."""
     name_or_path = os.fspath(name_or_path)
     name = who(name_or_path, flag)
     if name_or_path == smollm2.NAME:
@@ -144,7 +144,7 @@ def cached_snapshot(repo_id):
     return os.path.dirname(config) if isinstance(config, str) else None
 
 
-def from_pretrained(load, name_or_path, flag, what, offline_kwargs=None, **kwargs):
+def load_cache_first(load, name_or_path, flag, what, offline_kwargs=None, **kwargs):
     """load(name_or_path, **kwargs) (a from_pretrained), with every failure an InputError naming `flag`.
 
     A local folder loads directly. A Hub id is looked for in the local Hugging Face cache first: if the cache holds

@@ -22,7 +22,7 @@ from .devices import get_device
 from .errors import InputError
 from .folders import check_reward_model_dir, read_head_config, who
 from .formats import load_adapter, load_head
-from .hub import check_model_source, from_pretrained, resolve_model_source
+from .hub import check_model_source, load_cache_first, resolve_model_source
 from .padding import PAD_TOKEN, VOCAB_MULTIPLE, ensure_pad_token, resize_for_tokenizer
 from .precision import DTYPES, compute_dtype, resolve_dtype, set_compute_dtype
 from .quantization import (QUANTIZATIONS, keep_4bit_layout_on_cpu, prepare_for_kbit_training,
@@ -31,8 +31,8 @@ from .quantization import (QUANTIZATIONS, keep_4bit_layout_on_cpu, prepare_for_k
 
 def load_tokenizer(name_or_path, trust_remote_code=False, flag="--model"):
     """AutoTokenizer with a pad token distinct from EOS. Every problem with `name_or_path` is an InputError naming
-    `flag` (the scripts load the tokenizer first, so this is the first check of --model; see from_pretrained for how
-    a Hub id is found).
+    `flag` (the scripts load the tokenizer first, so this is the first check of --model; see hub.load_cache_first for
+    how a Hub id is found).
 
     If pad == EOS, masking padding also masks the real EOS that ends every response, so the model never learns to stop
     and a reward read "at the last real token" can land on padding. padding.ensure_pad_token then reuses an unused
@@ -40,7 +40,7 @@ def load_tokenizer(name_or_path, trust_remote_code=False, flag="--model"):
     (the caller must resize the embeddings: `load_model(..., tokenizer=tok)` does, to a multiple of 64)."""
     check_model_source(name_or_path, flag, "tokenizer", trust_remote_code)
     name_or_path = resolve_model_source(name_or_path, flag)
-    tok = from_pretrained(AutoTokenizer.from_pretrained, name_or_path, flag, "a tokenizer",
+    tok = load_cache_first(AutoTokenizer.from_pretrained, name_or_path, flag, "a tokenizer",
                            trust_remote_code=trust_remote_code)
     outcome = ensure_pad_token(tok)
     if outcome == "reused":
@@ -80,7 +80,7 @@ def load_model(name_or_path, quantization="none", dtype="auto", device="auto", t
     if quantization != "none":
         kwargs["device_map"] = {"": device}  # bitsandbytes quantizes while placing the weights on their device
     load = AutoModelForCausalLM.from_pretrained if quantization == "none" else quantize_tensor_by_tensor
-    model, info = from_pretrained(load, name_or_path, flag, "a model",
+    model, info = load_cache_first(load, name_or_path, flag, "a model",
                                    offline_kwargs=dict(adapter_kwargs={"local_files_only": True}),
                                    output_loading_info=True, **kwargs)
     if info.get("missing_keys"):  # transformers initialised these at random, with only a warning

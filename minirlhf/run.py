@@ -11,9 +11,9 @@
     run.save("policy", lambda folder: save_adapter(model, folder, "policy"))   # atomically, rank 0
     summary = run.finish({...final numbers...})            # summary.json, curves.png, params/*, frozen check
 
-What it takes care of, in this order through a run; each piece lives in the module named for it (outdir.py the
---out folder, checkpoint.py the checkpoint's file, determinism.py seeds and random states, stopping.py Ctrl-C,
-usage.py memory, throughput and cost, fingerprint.py the frozen-weight check, distributed.py the collectives):
+What it takes care of; each piece lives in the module named for it (outdir.py the --out folder, checkpoint.py the
+checkpoint's file, determinism.py seeds and random states, stopping.py Ctrl-C, usage.py memory, throughput and cost,
+fingerprint.py the frozen-weight check, distributed.py the collectives):
 - torchrun: joins the process group; only rank 0 prints, logs and writes (`run.is_main`).
 - resume: the checkpoint is read and its settings checked in Run(args), before anything is loaded; run.start puts
   back the trainable weights, heads, optimizer and every object in `state`, and the RNG states right before the
