@@ -30,7 +30,8 @@ from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_pr
 from minirlhf.dpo import LOSSES, preference_loss
 from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training, evaluate_policy, held_out_prompts
-from minirlhf.formats import check_adapter_dir, load_adapter, save_adapter
+from minirlhf.folders import check_adapter_dir
+from minirlhf.formats import load_adapter, save_adapter
 from minirlhf.heads import in_row_chunks, response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
 from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference

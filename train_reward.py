@@ -27,7 +27,8 @@ from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.loading import SPLITS
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
 from minirlhf.errors import InputError
-from minirlhf.formats import check_reward_model_dir, save_adapter, save_head
+from minirlhf.folders import check_reward_model_dir
+from minirlhf.formats import save_adapter, save_head
 from minirlhf.heads import RatingHead, ScalarHead, in_row_chunks, sequence_scores
 from minirlhf.lora import set_active_adapter
 from minirlhf.models import (base_precision, count_parameters, load_model, load_reward_model, load_tokenizer,

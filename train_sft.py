@@ -33,10 +33,12 @@ from minirlhf.data.packing import pack
 from minirlhf.data.templates import format_prompt
 from minirlhf.data.tokenize import pad, report_cuts, resolve_lengths
 from minirlhf.errors import InputError
-from minirlhf.formats import read_json_object, save_adapter
+from minirlhf.folders import read_json_object
+from minirlhf.formats import save_adapter
 from minirlhf.heads import response_logprobs
+from minirlhf.hub import skeleton_of
 from minirlhf.lora import adapter_names, merge_lora
-from minirlhf.models import load_model, load_tokenizer, parameter_report, skeleton_of
+from minirlhf.models import load_model, load_tokenizer, parameter_report
 from minirlhf.ops import masked_mean
 from minirlhf.precision import LossScaler, resolve_dtype, set_compute_dtype
 from minirlhf.run import Run

@@ -139,10 +139,11 @@ class Args:
 def main(args):
     """The table on the built-in world's held-out prompts: base = --model, proxy = --reward-model."""
     from .data import world
+    from .devices import get_device
     from .errors import InputError
     from .evaluation import held_out_prompts
-    from .formats import check_reward_model_dir
-    from .models import get_device, load_model, load_tokenizer
+    from .folders import check_reward_model_dir
+    from .models import load_model, load_tokenizer
     from .roles import Reward
     from .validation import check_common
     check_common(args, {"prompts": ">= 1"})  # ranges, --quantization, --dtype, --template, --device, --model

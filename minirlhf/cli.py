@@ -4,7 +4,7 @@ Every script keeps its settings as a `@dataclass Args` at the top (cleanrl style
 settings.py plus its own algorithm's knobs; `parse_args(Args)` gives `--help` (one group per class),
 `--field-name VALUE` flags (underscores become dashes), and booleans as `--flag` / `--no-flag`. Field help comes from
 `field(metadata={"help": ...})` or, more readably, from the docstring-style string literal under each field, which
-`_field_docs` reads from the source.
+`field_docs` reads from the source.
 """
 import argparse
 import ast
@@ -19,7 +19,7 @@ import typing
 from .errors import Diverged, InputError
 
 
-def _field_docs(cls):
+def field_docs(cls):
     """Map field name -> the string literal written on the line after it (cleanrl's field docstrings), from `cls`
     and the dataclasses it inherits from (a subclass's own text wins)."""
     docs = {}
@@ -44,7 +44,7 @@ def parse_args(cls, argv=None, description=None):
     group per dataclass it is made of (settings.py), titled by that class's docstring. A flag renamed in a class's
     RENAMED table ({"--old-flag": "--new-flag"}) is refused with one line naming its new name."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    docs = _field_docs(cls)
+    docs = field_docs(cls)
     own_doc = cls.__doc__ if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""  # not dataclass's
     parser = argparse.ArgumentParser(description=description or own_doc.strip(),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -109,12 +109,12 @@ def run_script(main, args_cls, prog=None):
 
     Bad input (errors.InputError) and a diverged run (errors.Diverged) end in one line, `script.py: error: ...`,
     exit status 1; a Ctrl-C outside the training loop (while loading, evaluating before training) or a second Ctrl-C
-    inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0: run.GracefulStop).
-    A full disk or quota (OSError ENOSPC / EDQUOT, wherever a checkpoint, adapter, summary or log was being written)
-    is one line too, saying what was kept and how to continue (checkpoint.out_of_space). Any other exception is a
-    bug in minirlhf and keeps its traceback. However it ends, the --out folder's lock (checkpoint.lock_out_dir) is
-    released."""
-    from .checkpoint import out_of_space, release_out_dir
+    inside it ends in one line, status 130 (the first Ctrl-C inside the loop saves and exits 0:
+    stopping.GracefulStop). A full disk or quota (OSError ENOSPC / EDQUOT, wherever a checkpoint, adapter, summary or
+    log was being written) is one line too, saying what was kept and how to continue (outdir.out_of_space). Any other
+    exception is a bug in minirlhf and keeps its traceback. However it ends, the --out folder's lock
+    (outdir.lock_out_dir) is released."""
+    from .outdir import out_of_space, release_out_dir
     prog = prog or os.path.basename(sys.argv[0])
     args = None
     try:

@@ -26,11 +26,13 @@ from minirlhf.atomic import atomic_write_bytes
 from minirlhf.cli import format_args, run_script
 from minirlhf.data import load_prompt_dataset
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
+from minirlhf.devices import get_device
 from minirlhf.evaluation import evaluate_policy
 from minirlhf.errors import InputError
-from minirlhf.formats import check_adapter_dir, check_reward_model_dir, load_adapter
+from minirlhf.folders import check_adapter_dir, check_reward_model_dir
+from minirlhf.formats import load_adapter
 from minirlhf.heads import RatingHead, sequence_scores
-from minirlhf.models import get_device, load_model, load_reward_model, load_tokenizer
+from minirlhf.models import load_model, load_reward_model, load_tokenizer
 from minirlhf.reward_losses import expected_rating
 from minirlhf.validation import check_common
 

@@ -1,7 +1,7 @@
 """A checksum of every frozen value of a model, cheap enough for an 8B base: `params/frozen_unchanged` in summary.json.
 
-run.Run computes `frozen_fingerprint(model)` at run.start and again at run.finish; equal lists mean the frozen base
-(and the frozen modules) still hold exactly the values they held before training.
+FrozenCheck(model, *modules) computes it at run.start and `.unchanged()` again at run.finish; equal lists mean the
+frozen base (and the frozen modules) still hold exactly the values they held before training.
 
 What is summed: every parameter with requires_grad=False and, for bitsandbytes weights, the state that gives the
 stored bytes their meaning. A 4-bit weight's value is its packed NF4 codes AND its block scales: the packed bytes, the
@@ -69,6 +69,22 @@ def frozen_fingerprint(model):
         _accumulate(t, 0, acc, *work[t.device])
         pairs.append(acc)
     return _to_host(pairs)
+
+
+class FrozenCheck:
+    """The frozen-weight check of a run: the frozen values of `model` and `modules` (e.g. a reward head) recorded now;
+    `.unchanged()` is True while they hold exactly those values, bit for bit."""
+
+    def __init__(self, model, *modules):
+        self.modules = (model, *modules)
+        self.before = self.fingerprint()
+
+    def fingerprint(self):
+        """frozen_fingerprint of every module, concatenated in order."""
+        return [x for m in self.modules for x in frozen_fingerprint(m)]
+
+    def unchanged(self):
+        return self.fingerprint() == self.before
 
 
 def _accumulate(t, start, acc, index, buffer):

@@ -129,7 +129,7 @@ def final_summary(run, model, before, after, gold, extra=None, every=1):
     show_samples(after_samples, "\nsamples after training:", every=every)
     print(f"memory: model {summary['memory/model_bytes'] / 2**20:.1f} MiB resident, process peak RSS "
           f"{summary['memory/peak_rss_bytes'] / 2**20:.0f} MiB" + (
-              f", CUDA peak {summary['memory/cuda_peak_bytes'] / 2**20:.0f} MiB (run.PhaseMemory: per phase in "
+              f", CUDA peak {summary['memory/cuda_peak_bytes'] / 2**20:.0f} MiB (usage.PhaseMemory: per phase in "
               "summary.json)" if "memory/cuda_peak_bytes" in summary else ""))
     if format_totals(summary):
         print(f"time: {format_totals(summary)} (of {summary['time/total_seconds']:.0f} s; the rest: loading, "

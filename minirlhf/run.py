@@ -11,7 +11,9 @@
     run.save("policy", lambda folder: save_adapter(model, folder, "policy"))   # atomically, rank 0
     summary = run.finish({...final numbers...})            # summary.json, curves.png, params/*, frozen check
 
-What it takes care of (checkpoint.py holds the file format, distributed.py the collectives):
+What it takes care of; each piece lives in the module named for it (outdir.py the --out folder, checkpoint.py the
+checkpoint's file, determinism.py seeds and random states, stopping.py Ctrl-C, usage.py memory, throughput and cost,
+fingerprint.py the frozen-weight check, distributed.py the collectives):
 - torchrun: joins the process group; only rank 0 prints, logs and writes (`run.is_main`).
 - resume: the checkpoint is read and its settings checked in Run(args), before anything is loaded; run.start puts
   back the trainable weights, heads, optimizer and every object in `state`, and the RNG states right before the
@@ -20,14 +22,15 @@ What it takes care of (checkpoint.py holds the file format, distributed.py the c
   Ctrl-C aborts.
 - the output contract (tracking.RunLog): args.json, metrics.jsonl, summary.json with time/total_seconds,
   params/trainable, params/total and params/frozen_unchanged (the frozen base and frozen heads, bit for bit:
-  fingerprint.frozen_fingerprint), data/prompts_truncated (+ data/responses_truncated, data/pairs_skipped for pairs:
+  fingerprint.FrozenCheck), data/prompts_truncated (+ data/responses_truncated, data/pairs_skipped for pairs:
   what the data's length limits cut, tokenize.report_cuts); --report-to tensorboard: the same rows in
   out/tensorboard/ too.
-- memory and cost in summary.json: the peak memory of each phase (PhaseMemory), the samples trained and their
-  rate, and with --cost-per-hour what they cost (Run.finish).
+- memory and cost in summary.json: the peak memory of each phase (usage.PhaseMemory), the samples trained and their
+  rate, and with --cost-per-hour what they cost (usage.throughput).
 - time per phase of an RL iteration: run.phase("generation") charges what follows to that phase (phases.py):
   the metrics time/<phase> and time/<phase>_seconds in the summary.
-- GPU settings: each torchrun process on its own GPU (distributed.setup); --deterministic (use_deterministic).
+- GPU settings: each torchrun process on its own GPU (distributed.setup); --deterministic
+  (determinism.use_deterministic).
 - the fast paths' switches, --fast-forward and --fast-decode (minirlhf/fast/).
 `state` objects: anything with state_dict() / load_state_dict() (training.EpochOrder, kl.AdaptiveKLController,
 baselines.RunningMeanBaseline), a torch.Generator, or a list (metrics gathered since the last log line). Each is
@@ -35,79 +38,28 @@ saved per process (every rank has its own data position and samplers).
 """
 import importlib.util
 import os
-import random
-import resource
-import signal
-import sys
 import time
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from . import distributed, fast
 from .atomic import atomic_directory
-from .checkpoint import (CHECKPOINT_DIR, load_checkpoint, prepare_out_dir, restore_training, save_training,
-                         set_rng_state)
+from .checkpoint import load_checkpoint, restore_training, save_training
 from .cli import format_args
 from .data.tokenize import reset_truncation_summary, truncation_summary
+from .determinism import seed_everything, set_rng_state, use_deterministic
+from .devices import get_device
 from .errors import InputError
-from .fingerprint import frozen_fingerprint
-from .models import count_parameters, get_device
+from .fingerprint import FrozenCheck
+from .models import count_parameters
+from .outdir import prepare_out_dir, resume_folder
 from .phases import PhaseClock
+from .stopping import GracefulStop, end_of_step
 from .tracking import RunLog
 from .settings import MachineArgs
+from .usage import PhaseMemory, throughput
 from .validation import check_value
-
-
-class GracefulStop:
-    """`with GracefulStop() as stop:` — the first Ctrl-C (SIGINT) or SIGTERM only sets `stop.requested`; the loop
-    finishes its step, saves a checkpoint and exits cleanly. A second Ctrl-C aborts at once (KeyboardInterrupt).
-    Outside the main thread (where signals cannot be caught) it does nothing."""
-
-    def __enter__(self):
-        self.requested, self._old = False, {}
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread
-            pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", flush=True)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def end_of_step(stop, dist, step, total, save_every, save, out_dir, unit="step"):
-    """The last lines of every training step: all ranks learn whether a Ctrl-C arrived anywhere (GracefulStop);
-    `save()` writes a checkpoint then, at the last step and every save_every steps. True: the loop must stop."""
-    stopping = distributed.any_rank(stop.requested, dist.world_size)
-    if stopping or step == total or (save_every and step % save_every == 0):
-        save()
-    if stopping and dist.is_main:
-        print(f"stopped at {unit} {step}: checkpoint in {os.path.join(out_dir, CHECKPOINT_DIR)}; continue with "
-              f"--resume {out_dir}")
-    return stopping
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The output folder, checked before anything is loaded: a bad --out fails in a second rather than after training,
-# and a new run never silently writes over an interrupted one (whose checkpoint is the only way to continue it).
-# ---------------------------------------------------------------------------------------------------------------
-def seed_everything(seed):
-    """One seed for python's, numpy's and torch's global generators."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def check_run_settings(args):
@@ -121,68 +73,6 @@ def check_run_settings(args):
     if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         raise InputError("--report-to tensorboard: the tensorboard package is not installed; pip install tensorboard")
     check_value("--cost-per-hour", getattr(args, "cost_per_hour", None), MachineArgs.RANGES["cost_per_hour"])
-
-
-def use_deterministic():
-    """--deterministic: the same seed gives the same numbers on CUDA too, so a resumed run continues bit for bit
-    there as it does on the CPU (checkpoint.py restores the RNG states; this removes the kernels' own
-    nondeterminism). Must run before the first cuBLAS call (Run() is the first line of every script):
-    - torch.use_deterministic_algorithms(True): deterministic kernels everywhere; an op that has none raises a
-      RuntimeError naming it instead of silently varying.
-    - CUBLAS_WORKSPACE_CONFIG=:4096:8 (unless set): cuBLAS reduces in a fixed order only with a fixed workspace
-      (CUDA >= 10.2); read when cuBLAS first initialises, hence before any matmul.
-    - cudnn.benchmark off: no per-shape autotuning that can pick different kernels from run to run.
-    Cost: on CUDA, slower backward of scatter / index_add / gather-style ops (embedding backward, cumsum) that
-    otherwise use atomic adds, and 8 cuBLAS workspaces of 4 MiB per stream (~32 MiB of GPU memory); the step-time
-    cost on a GPU is not measured here yet (no GPU was available). On the CPU, where these kernels are deterministic
-    already, nothing measurable: `train_dpo.py --max-steps 5 --threads 1` trained 5.04 s without, 5.03 s with, to
-    bit-identical weights."""
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = False
-
-
-def peak_rss_bytes():
-    """The process's peak resident set so far, in bytes (getrusage: KiB on Linux, bytes on macOS)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-class PhaseMemory:
-    """Peak memory per phase of a run, for summary.json. The phases follow the scripts' Run calls:
-
-        setup    Run() .. the end of run.start    load the model, data and optimizer; restore a checkpoint
-        before   .. the first step                 the evaluation before training (run.once("before", ...))
-        train    the steps of run.steps()
-        after    the end of the loop .. finish     save, evaluate after training
-
-    On CUDA torch's peak-allocation counter is read and reset at each boundary (mark): memory/cuda_peak_bytes/<phase>
-    is the most memory PyTorch's tensors held on the GPU during that phase (what the caching allocator handed out,
-    not the cache it reserved, nor other processes), memory/cuda_peak_bytes the largest of them. On every device:
-    memory/peak_rss_bytes, the process's peak host memory (its whole life: getrusage cannot be reset).
-    `cuda` is torch.cuda or a stand-in with max_memory_allocated(device) and reset_peak_memory_stats(device)."""
-
-    def __init__(self, device, cuda=torch.cuda):
-        self.device, self.phase, self.peaks = device, "setup", {}  # peaks: phase -> bytes
-        self.cuda = cuda if device.type == "cuda" else None
-        if self.cuda is not None:
-            self.cuda.reset_peak_memory_stats(device)
-
-    def mark(self, phase):
-        """End the current phase (its CUDA peak read, the counter reset) and start `phase`."""
-        if self.cuda is not None:
-            peak = self.cuda.max_memory_allocated(self.device)
-            self.peaks[self.phase] = max(peak, self.peaks.get(self.phase, 0))
-            self.cuda.reset_peak_memory_stats(self.device)
-        self.phase = phase
-
-    def summary(self):
-        """The summary keys (the phase still running is read too)."""
-        self.mark(self.phase)
-        out = {"memory/peak_rss_bytes": peak_rss_bytes()}
-        if self.peaks:
-            out.update({f"memory/cuda_peak_bytes/{phase}": peak for phase, peak in self.peaks.items()})
-            out["memory/cuda_peak_bytes"] = max(self.peaks.values())
-        return out
 
 
 class Run:
@@ -200,8 +90,7 @@ class Run:
             use_deterministic()
         self.started = time.time()  # --cost-per-hour: the instance is paid from here
         if args.resume:  # the run folder (also when given its checkpoint/ folder itself)
-            resume = os.path.normpath(args.resume)
-            args.resume = args.out = os.path.dirname(resume) if os.path.basename(resume) == CHECKPOINT_DIR else resume
+            args.resume = args.out = resume_folder(args.resume)
         prepare_out_dir(args.out, args.resume, args.overwrite)
         self.args = args
         self.dist = distributed.setup(get_device(args.device).type)
@@ -239,7 +128,7 @@ class Run:
         self.params = {"params/trainable": trainable + sum(p.numel() for m in modules for p in m.parameters()
                                                           if p.requires_grad),
                        "params/total": total_params + sum(p.numel() for m in modules for p in m.parameters())}
-        self.fingerprint = self._frozen_fingerprint()
+        self.frozen_check = FrozenCheck(model, *self.frozen)
         if self.checkpoint:
             restore_training(self.checkpoint, model=model, heads=self.heads, optimizer=optimizer)
             saved, local = self.checkpoint
@@ -320,34 +209,15 @@ class Run:
         return summary
 
     def throughput(self):
-        """What this process's training did and cost (a resumed run counts only the steps it ran itself):
-        time/train_seconds   wall time inside run.steps() (steps, logging, checkpoints, evaluations between steps)
-        train/samples        steps run x samples_per_step (run.start), all processes
-        perf/samples_per_second   train/samples / time/train_seconds
-        cost/usd_total       --cost-per-hour x this process's wall time from Run() to now / 3600: the instance's
-                             price for the whole run (loading and evaluations included), as the multi-adapter PPO
-                             setup reports it
-        cost/usd_per_sample  cost/usd_total / train/samples
-        The train/ and perf/ keys need samples_per_step, the cost/ keys --cost-per-hour (usd_per_sample both)."""
-        out = {"time/train_seconds": round(self.train_seconds, 2)}
-        samples = None
-        if self.samples_per_step is not None:
-            samples = out["train/samples"] = self.steps_run * self.samples_per_step
-            if self.train_seconds > 0:
-                out["perf/samples_per_second"] = samples / self.train_seconds
-        price = getattr(self.args, "cost_per_hour", None)
-        if price is not None:
-            out["cost/usd_total"] = price * (time.time() - self.started) / 3600
-            if samples:
-                out["cost/usd_per_sample"] = out["cost/usd_total"] / samples
-        return out
+        """What this process's training did and cost, a resumed run counting only the steps it ran itself
+        (usage.throughput): time/train_seconds, train/samples, perf/samples_per_second, cost/usd_total (the wall time
+        from Run() to now at --cost-per-hour), cost/usd_per_sample."""
+        return throughput(self.steps_run, self.samples_per_step, self.train_seconds,
+                          getattr(self.args, "cost_per_hour", None), time.time() - self.started)
 
     def frozen_unchanged(self):
         """True if the frozen base (and the frozen modules) hold exactly the values they held at run.start."""
-        return self._frozen_fingerprint() == self.fingerprint
-
-    def _frozen_fingerprint(self):
-        return frozen_fingerprint(self.model) + [x for m in self.frozen for x in frozen_fingerprint(m)]
+        return self.frozen_check.unchanged()
 
 
 def _state(obj):

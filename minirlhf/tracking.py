@@ -27,7 +27,7 @@ class RunLog:
 
         A new run (resume_step None) starts metrics.jsonl afresh and removes the summary.json of the run that was in
         the folder before: its "train/finished": true would otherwise vouch for this run's checkpoints, and
-        checkpoint.prepare_out_dir would let a later run start over an interrupted one without --overwrite.
+        outdir.prepare_out_dir would let a later run start over an interrupted one without --overwrite.
 
         report_to "tensorboard": the rows also go to out/tensorboard/ (enabled, i.e. rank 0, only), by the same
         rules: a new run removes the old event files, a resumed one hides the events after resume_step (the

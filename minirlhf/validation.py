@@ -74,7 +74,10 @@ def check_common(args, ranges, datasets="preference"):
     before any model or data is loaded. `datasets`: "preference" or "prompt", the kind of --dataset the script reads."""
     from .data.loading import KNOWN_PREFERENCE_DATASETS, KNOWN_PROMPT_DATASETS, SPLITS
     from .data.templates import TEMPLATES
-    from .models import DTYPES, QUANTIZATIONS, check_model_source, get_device
+    from .devices import get_device
+    from .hub import check_model_source
+    from .precision import DTYPES
+    from .quantization import QUANTIZATIONS
     check_ranges(args, ranges)
     known = KNOWN_PREFERENCE_DATASETS if datasets == "preference" else KNOWN_PROMPT_DATASETS
     if hasattr(args, "dataset") and args.dataset not in known:
@@ -100,12 +103,12 @@ def check_common(args, ranges, datasets="preference"):
 
 
 def check_lora_targets(args):
-    """--lora-targets against the module names of --model's meta-device skeleton (models.model_skeleton: built from
+    """--lora-targets against the module names of --model's meta-device skeleton (hub.model_skeleton: built from
     its config.json, nothing loaded): every target must match a linear module. Skipped where nothing trains a fresh
     adapter (--full-finetune, DPO's --sft-adapter, --eval-only) or the config is not on this machine yet (training.make_trainable
     checks the real model then)."""
     from .lora import targets_problem
-    from .models import model_skeleton
+    from .hub import model_skeleton
     targets = list(getattr(args, "lora_targets", None) or [])
     if not targets or any(getattr(args, name, None) for name in ("full_finetune", "sft_adapter", "eval_only")):
         return
@@ -182,7 +185,7 @@ def check_rl_args(args, ranges, kl_estimators=None):
     reward-model folder, file by file, whose head fits --reward-transform; or the gold score of the built-in world),
     the KL estimator (k2 or k3 in the reward: one warning line, kl_estimator_warning), minibatch <= rollout, a
     --target-kl with a starting --kl-coef, the sampling flags, --tis-cap and --mismatch-mask-threshold."""
-    from .formats import check_reward_model_dir, read_head_config
+    from .folders import check_reward_model_dir, read_head_config
     check_common(args, {**MISMATCH_RANGES, **ranges}, datasets="prompt")
     check_sampling(args)
     check_choice("--reward", args.reward, ("model", "gold"))

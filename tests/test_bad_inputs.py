@@ -330,7 +330,7 @@ def make_bad_files(root):
     save_checkpoint(str(interrupted), {"step": 3, "args": {}}, {"rng": {}}, DistInfo())
     p["interrupted"] = str(interrupted)
     # runs of another script: one whose checkpoint names it, one from before checkpoints did
-    from minirlhf.checkpoint import rng_state
+    from minirlhf.determinism import rng_state
     save_checkpoint(str(root / "grpo_run"), {"step": 3, "args": {"group_size": 8, "beta": 0.04},
                                              "script": "train_grpo.py"}, {"rng": rng_state()}, DistInfo())
     save_checkpoint(str(root / "unnamed_run"), {"step": 3, "args": {f"flag_{i}": i for i in range(40)}},

@@ -1,6 +1,7 @@
-"""minirlhf/checkpoint.py without a model: checkpoints load with weights_only=True (a crafted file runs no code), a
-damaged checkpoint is one clear line, a leftover checkpoint.old never breaks a save, and prepare_out_dir guards the
-output folder (unusable --out, an interrupted run in the way, --overwrite). Tiny tensors only: the file runs in seconds.
+"""minirlhf/checkpoint.py and outdir.py without a model: checkpoints load with weights_only=True (a crafted file runs
+no code), a damaged checkpoint is one clear line, a leftover checkpoint.old never breaks a save, and
+outdir.prepare_out_dir guards the output folder (unusable --out, an interrupted run in the way, --overwrite). Tiny
+tensors only: the file runs in seconds.
 """
 import dataclasses
 import io
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from minirlhf import checkpoint as ck
+from minirlhf import determinism, outdir
 from minirlhf.atomic import atomic_directory
 from minirlhf.distributed import DistInfo
 from minirlhf.errors import InputError
@@ -25,7 +27,7 @@ from minirlhf.tracking import RunLog
 def release_locks():
     """prepare_out_dir locks the folders it prepares (for the life of the process): release them after each test."""
     yield
-    ck.release_out_dir()
+    outdir.release_out_dir()
 
 
 @dataclasses.dataclass
@@ -116,11 +118,11 @@ def test_rng_state_survives_weights_only_and_continues_every_stream_exactly(tmp_
     random.seed(3), np.random.seed(3), torch.manual_seed(3)
     random.gauss(0, 1), np.random.standard_normal()  # a cached gaussian in both, the subtle part of their states
     file = tmp_path / "rng.pt"
-    torch.save(ck.rng_state(), file)
+    torch.save(determinism.rng_state(), file)
     expected = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), np.random.randint(0, 2**31, 4),
                 torch.rand(3))
     random.seed(99), np.random.seed(99), torch.manual_seed(99)
-    ck.set_rng_state(torch.load(file, weights_only=True))
+    determinism.set_rng_state(torch.load(file, weights_only=True))
     again = (random.random(), random.gauss(0, 1), np.random.standard_normal(3), np.random.randint(0, 2**31, 4),
              torch.rand(3))
     assert expected[:2] == again[:2]
@@ -263,28 +265,28 @@ def test_a_kill_between_the_two_renames_keeps_the_old_version_until_the_new_one_
 # --- 4. prepare_out_dir ------------------------------------------------------------------------------------------
 
 def test_a_new_or_empty_out_is_created_and_accepted(tmp_path):
-    ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)
+    outdir.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)
     assert os.path.isdir(tmp_path / "new" / "run")
-    assert os.listdir(tmp_path / "new" / "run") == [ck.LOCK_FILE]  # the run's lock; no probe left
-    ck.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)  # the lock is this process's own
-    ck.release_out_dir(str(tmp_path / "new" / "run"))
+    assert os.listdir(tmp_path / "new" / "run") == [outdir.LOCK_FILE]  # the run's lock; no probe left
+    outdir.prepare_out_dir(str(tmp_path / "new" / "run"), None, False)  # the lock is this process's own
+    outdir.release_out_dir(str(tmp_path / "new" / "run"))
     assert os.listdir(tmp_path / "new" / "run") == []
 
 
 def test_an_unusable_out_is_one_clear_line(tmp_path, monkeypatch):
     write_file(tmp_path / "a-file", b"x")
     with pytest.raises(InputError, match=f"--out {tmp_path / 'a-file'} is a file, not a directory") as e:
-        ck.prepare_out_dir(str(tmp_path / "a-file"), None, False)
+        outdir.prepare_out_dir(str(tmp_path / "a-file"), None, False)
     one_line(e)
     with pytest.raises(InputError, match=f"cannot be created: {tmp_path / 'a-file'} is a file") as e:
-        ck.prepare_out_dir(str(tmp_path / "a-file" / "run"), None, False)
+        outdir.prepare_out_dir(str(tmp_path / "a-file" / "run"), None, False)
     assert str(e.value).startswith(f"--out {tmp_path / 'a-file' / 'run'} ")
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(ck.tempfile, "mkstemp", refuse)  # what a read-only folder does (root ignores chmod)
+    monkeypatch.setattr(outdir.tempfile, "mkstemp", refuse)  # what a read-only folder does (root ignores chmod)
     with pytest.raises(InputError, match=f"--out {tmp_path} is not writable \\(Permission denied\\)") as e:
-        ck.prepare_out_dir(str(tmp_path), None, False)
+        outdir.prepare_out_dir(str(tmp_path), None, False)
     one_line(e)
 
 
@@ -294,9 +296,9 @@ def test_a_read_only_out_is_refused(tmp_path):
     os.chmod(tmp_path / "ro", 0o500)
     try:
         with pytest.raises(InputError, match="is not writable"):
-            ck.prepare_out_dir(str(tmp_path / "ro"), None, False)
+            outdir.prepare_out_dir(str(tmp_path / "ro"), None, False)
         with pytest.raises(InputError, match="cannot be created"):
-            ck.prepare_out_dir(str(tmp_path / "ro" / "run"), None, False)
+            outdir.prepare_out_dir(str(tmp_path / "ro" / "run"), None, False)
     finally:
         os.chmod(tmp_path / "ro", 0o700)
 
@@ -306,33 +308,33 @@ def test_an_interrupted_run_is_not_overwritten_without_overwrite(tmp_path):
     save_tiny(out, step=6)
     write_file(out / "metrics.jsonl", b'{"step": 1}\n')
     with pytest.raises(InputError) as e:
-        ck.prepare_out_dir(str(out), None, False)
+        outdir.prepare_out_dir(str(out), None, False)
     assert one_line(e) == (f"--out {out} holds an interrupted run (checkpoint at step 6): continue it with "
                            f"--resume {out}, or pass --overwrite to start over")
     # a Ctrl-C'd run writes a summary that says it did not finish: still interrupted
     write_file(out / "summary.json", json.dumps({"train/finished": False}).encode())
     with pytest.raises(InputError, match="interrupted run"):
-        ck.prepare_out_dir(str(out), None, False)
+        outdir.prepare_out_dir(str(out), None, False)
     # killed between the two renames: checkpoint.old is the run's checkpoint
     os.replace(out / "checkpoint", out / "checkpoint.old")
     with pytest.raises(InputError, match="checkpoint at step 6"):
-        ck.prepare_out_dir(str(out), None, False)
-    ck.prepare_out_dir(str(out), str(out), False)  # --resume is what it is for
+        outdir.prepare_out_dir(str(out), None, False)
+    outdir.prepare_out_dir(str(out), str(out), False)  # --resume is what it is for
     assert os.path.isdir(out / "checkpoint.old")
 
-    ck.prepare_out_dir(str(out), None, True)  # --overwrite: the old checkpoint goes, the rest is the run's to replace
-    assert sorted(os.listdir(out)) == sorted([ck.LOCK_FILE, "metrics.jsonl", "summary.json"])
-    ck.prepare_out_dir(str(out), None, False)
+    outdir.prepare_out_dir(str(out), None, True)  # --overwrite: the old checkpoint goes, the rest is the run's
+    assert sorted(os.listdir(out)) == sorted([outdir.LOCK_FILE, "metrics.jsonl", "summary.json"])
+    outdir.prepare_out_dir(str(out), None, False)
 
 
 def test_an_unreadable_interrupted_checkpoint_is_named(tmp_path):
     write_file(tmp_path / "checkpoint" / "trainer.pt", b"\x00" * 10)
     with pytest.raises(InputError) as e:
-        ck.prepare_out_dir(str(tmp_path), None, False)
+        outdir.prepare_out_dir(str(tmp_path), None, False)
     assert one_line(e) == (f"--out {tmp_path} holds an interrupted run (its checkpoint "
                            f"{tmp_path / 'checkpoint' / 'trainer.pt'} is unreadable, so it cannot be resumed): pass "
                            "--overwrite to start over")
-    ck.prepare_out_dir(str(tmp_path), None, True)
+    outdir.prepare_out_dir(str(tmp_path), None, True)
     assert not (tmp_path / "checkpoint").exists()
 
 
@@ -340,15 +342,15 @@ def test_a_finished_run_folder_is_reused_as_it_is(tmp_path):
     save_tiny(tmp_path, step=8)
     write_file(tmp_path / "summary.json", json.dumps({"train/finished": True}).encode())
     before = sorted(os.listdir(tmp_path))
-    ck.prepare_out_dir(str(tmp_path), None, False)
-    ck.release_out_dir(str(tmp_path))
+    outdir.prepare_out_dir(str(tmp_path), None, False)
+    outdir.release_out_dir(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == before  # untouched (no probe file left, the lock released)
     # the new run's log drops the old summary: its "finished" must not vouch for the new run's checkpoints
     RunLog(str(tmp_path), Args(out=str(tmp_path)))
     assert not (tmp_path / "summary.json").exists()
     save_tiny(tmp_path, step=2)  # the new run is then killed after a checkpoint
     with pytest.raises(InputError, match="checkpoint at step 2"):
-        ck.prepare_out_dir(str(tmp_path), None, False)
+        outdir.prepare_out_dir(str(tmp_path), None, False)
 
 
 def test_a_resumed_run_keeps_its_summary(tmp_path):
@@ -359,13 +361,13 @@ def test_a_resumed_run_keeps_its_summary(tmp_path):
 
 
 def test_resume_checks_the_folder_but_creates_nothing(tmp_path):
-    ck.prepare_out_dir(str(tmp_path / "missing"), str(tmp_path / "missing"), False)
+    outdir.prepare_out_dir(str(tmp_path / "missing"), str(tmp_path / "missing"), False)
     assert not (tmp_path / "missing").exists()  # load_checkpoint then says "no checkpoint there"
     write_file(tmp_path / "a-file", b"x")
     with pytest.raises(InputError, match="--resume .* is a file, not a directory"):
-        ck.prepare_out_dir(str(tmp_path / "a-file"), str(tmp_path / "a-file"), False)
+        outdir.prepare_out_dir(str(tmp_path / "a-file"), str(tmp_path / "a-file"), False)
     with pytest.raises(InputError, match="pass one of them"):
-        ck.prepare_out_dir(str(tmp_path), str(tmp_path), True)
+        outdir.prepare_out_dir(str(tmp_path), str(tmp_path), True)
 
 
 def test_prepare_out_dir_is_fast_even_for_a_big_checkpoint(tmp_path):
@@ -373,7 +375,7 @@ def test_prepare_out_dir_is_fast_even_for_a_big_checkpoint(tmp_path):
     ck.save_checkpoint(str(tmp_path), {"step": 5, "args": {}, "big": torch.zeros(16_000_000)}, {}, DistInfo())
     start = time.perf_counter()
     with pytest.raises(InputError, match="step 5"):
-        ck.prepare_out_dir(str(tmp_path), None, False)
+        outdir.prepare_out_dir(str(tmp_path), None, False)
     assert time.perf_counter() - start < 0.5
     assert zipfile.is_zipfile(tmp_path / "checkpoint" / "trainer.pt")
 
@@ -381,7 +383,7 @@ def test_prepare_out_dir_is_fast_even_for_a_big_checkpoint(tmp_path):
 def test_a_resume_with_many_other_settings_names_the_first_five(tmp_path):
     Many = dataclasses.make_dataclass("Many", [(f"flag_{i}", int, 0) for i in range(12)] + [("out", str, "")])
     saved = dataclasses.asdict(Many(**{f"flag_{i}": 1 for i in range(12)}))
-    ck.save_checkpoint(str(tmp_path), {"step": 1, "args": saved}, {"rng": ck.rng_state()}, DistInfo())
+    ck.save_checkpoint(str(tmp_path), {"step": 1, "args": saved}, {"rng": determinism.rng_state()}, DistInfo())
     with pytest.raises(InputError) as e:
         ck.load_checkpoint(str(tmp_path), Many(), DistInfo())
     assert one_line(e) == (f"--resume {tmp_path}: the checkpoint was trained with different settings: --flag-0 1 "

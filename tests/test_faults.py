@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minirlhf import atomic, checkpoint
+from minirlhf import atomic, outdir
 from test_bad_inputs import run_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def files_in(folder):
 
 
 # ---- one run per folder ------------------------------------------------------------------------------------------
-HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from minirlhf.checkpoint import lock_out_dir; "
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); from minirlhf.outdir import lock_out_dir; "
         "lock_out_dir({out!r}); print('locked', flush=True); time.sleep(120)")
 
 
@@ -57,23 +57,23 @@ def test_a_second_run_into_a_live_runs_folder_is_refused(tmp_path, monkeypatch):
         holder.kill()
         holder.wait()
     # the holder died without a word: its lock file stays, naming a dead pid; the next run takes it over
-    assert files_in(out) == [checkpoint.LOCK_FILE]
+    assert files_in(out) == [outdir.LOCK_FILE]
     assert run_in_process("train_sft.py", [*SFT, "--out", str(out)], monkeypatch) is None
-    assert os.path.isfile(out / "summary.json") and not os.path.exists(out / checkpoint.LOCK_FILE)  # released
+    assert os.path.isfile(out / "summary.json") and not os.path.exists(out / outdir.LOCK_FILE)  # released
 
 
 def test_a_stale_lock_file_is_taken_over_and_a_live_one_refuses_a_command_line(tmp_path, monkeypatch):
     out = tmp_path / "run"
     out.mkdir()
-    (out / checkpoint.LOCK_FILE).write_text("pid 999999999 on host elsewhere\n")  # no process holds it
+    (out / outdir.LOCK_FILE).write_text("pid 999999999 on host elsewhere\n")  # no process holds it
     assert run_in_process("train_sft.py", [*SFT, "--out", str(out)], monkeypatch) is None
-    assert not os.path.exists(out / checkpoint.LOCK_FILE)
-    checkpoint.lock_out_dir(str(out))  # this process holds it now: a command line in another process is refused
+    assert not os.path.exists(out / outdir.LOCK_FILE)
+    outdir.lock_out_dir(str(out))  # this process holds it now: a command line in another process is refused
     try:
         proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_sft.py"), *SFT, "--resume", str(out)],
                               capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
     finally:
-        checkpoint.release_out_dir(str(out))
+        outdir.release_out_dir(str(out))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     line, = proc.stderr.strip().splitlines()
     assert line.startswith(f"train_sft.py: error: --resume {out} is in use by another run (pid {os.getpid()} "), line

@@ -121,7 +121,7 @@ def test_head_records_the_base_precision_it_was_trained_on(tmp_path):
     """save_head(base=...) writes the base's precision into head_config.json; a head saved without one has none (and
     loads); a malformed record is one InputError line."""
     from minirlhf.errors import InputError
-    from minirlhf.formats import read_head_config
+    from minirlhf.folders import read_head_config
     save_head(ScalarHead(16), tmp_path / "q", base={"quantization": "4bit", "dtype": "bfloat16"})
     assert read_head_config(tmp_path / "q")["base"] == {"quantization": "4bit", "dtype": "bfloat16"}
     save_head(ScalarHead(16), tmp_path / "plain")

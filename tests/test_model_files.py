@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny_llama
 from minirlhf import lora, models
+from minirlhf.devices import get_device
 from minirlhf.errors import InputError
-from minirlhf.formats import (check_adapter_dir, check_model_dir, check_reward_model_dir, load_adapter, load_head,
-                              save_adapter, save_head)
+from minirlhf.folders import check_adapter_dir, check_model_dir, check_reward_model_dir
+from minirlhf.formats import load_adapter, load_head, save_adapter, save_head
 from minirlhf.heads import ScalarHead
-from minirlhf.models import get_device, load_model, load_reward_model, load_tokenizer
+from minirlhf.models import load_model, load_reward_model, load_tokenizer
 
 ASSET = os.path.join(os.path.dirname(models.__file__), "assets", "tiny-llama")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -197,7 +198,7 @@ def test_hub_id_with_no_network_a_silent_one_or_offline_mode(hub, monkeypatch):
     silent.bind(("127.0.0.1", 0))
     silent.listen(1)
     hub(f"http://127.0.0.1:{silent.getsockname()[1]}")
-    monkeypatch.setattr(models, "HUB_TIMEOUT_S", 0.5)
+    monkeypatch.setattr("minirlhf.hub.HUB_TIMEOUT_S", 0.5)
     start = time.perf_counter()
     with pytest.raises(InputError, match=r"could not be downloaded: .*timed out.*offline\?"):
         load_model("nobody/no-such-model")

@@ -9,9 +9,9 @@ from conftest import make_tiny_gpt2, make_tiny_llama
 from minirlhf import lora
 from minirlhf.heads import (RatingHead, ScalarHead, final_hidden, last_token_index, predicting_states,
                             response_logprobs, sequence_scores, trunk)
-from minirlhf.models import (count_parameters, load_model, load_tokenizer, parameter_report, prepare_for_kbit_training,
-                             reference, resident_bytes)
+from minirlhf.models import count_parameters, load_model, load_tokenizer, parameter_report, reference, resident_bytes
 from minirlhf.ops import masked_mean
+from minirlhf.quantization import prepare_for_kbit_training
 
 PAD = 0
 
@@ -181,7 +181,7 @@ def nf4_bytes(n):
     return math.ceil(n / 2) + blocks + 16 * 4 + math.ceil(blocks / 256) * 4 + 256 * 4 + 4
 
 
-WIDE = dict(hidden_size=64, intermediate_size=128)  # rows a multiple of the 64-value NF4 block (models.NF4_BLOCK)
+WIDE = dict(hidden_size=64, intermediate_size=128)  # rows a multiple of the 64-value NF4 block (quantization.NF4_BLOCK)
 
 
 @pytest.fixture(scope="module")
@@ -237,7 +237,7 @@ def test_qlora_4bit_loads_trains_and_base_stays_fixed(tiny_llama64_dir):
 
 def test_4bit_bytes_stay_put_through_eval_forwards(tiny_llama64_dir):
     """bitsandbytes repacks a Linear4bit's bytes at its first eval/no-grad forward on AVX-512 BF16 CPUs
-    (models.keep_4bit_layout_on_cpu switches that off): sampling and training must compute with the same bytes."""
+    (quantization.keep_4bit_layout_on_cpu switches that off): sampling and training must compute with the same bytes."""
     model = load_model(tiny_llama64_dir, quantization="4bit")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ids, attn, _ = BATCH
@@ -320,7 +320,7 @@ def test_quantized_load_reads_tensor_by_tensor_to_the_same_model(quantization, f
     """load_model's quantized path (each tensor read on its own, not through a memory map) builds the model that
     from_pretrained builds from the folder: the same quantized bytes and float weights, the same name."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-    from minirlhf import models
+    from minirlhf import quantization as kbit
     path = request.getfixturevalue(folder)
     if quantization == "8bit":
         import bitsandbytes as bnb
@@ -333,12 +333,12 @@ def test_quantized_load_reads_tensor_by_tensor_to_the_same_model(quantization, f
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                     bnb_4bit_compute_dtype=torch.float32)
     reads = []
-    read = models._ReadOnDemand.__getitem__
-    models._ReadOnDemand.__getitem__ = lambda self, index: reads.append(1) or read(self, index)
+    read = kbit._ReadOnDemand.__getitem__
+    kbit._ReadOnDemand.__getitem__ = lambda self, index: reads.append(1) or read(self, index)
     try:
         model = load_model(path, quantization=quantization, device="cpu")
     finally:
-        models._ReadOnDemand.__getitem__ = read
+        kbit._ReadOnDemand.__getitem__ = read
     expected = AutoModelForCausalLM.from_pretrained(path, quantization_config=config, device_map={"": "cpu"},
                                                     dtype=torch.float32)
     from safetensors import safe_open
@@ -350,7 +350,7 @@ def test_quantized_load_reads_tensor_by_tensor_to_the_same_model(quantization, f
         assert torch.equal(got[key], want[key]), key
     assert model.name_or_path == expected.name_or_path == path
     if quantization == "4bit":
-        models.keep_4bit_layout_on_cpu(expected)  # as load_model does (no repacking at the first eval forward)
+        kbit.keep_4bit_layout_on_cpu(expected)  # as load_model does (no repacking at the first eval forward)
     ids, attn, _ = BATCH
     with torch.no_grad():
         assert torch.equal(model(ids, attention_mask=attn).logits, expected(ids, attention_mask=attn).logits)
@@ -552,7 +552,7 @@ def test_reward_model_on_a_base_of_another_precision_says_so_once(reward_folder,
     assert capsys.readouterr().err == ""
     try:
         kbit_base = load_model(TINY_LLAMA, quantization="4bit", device="cpu", tokenizer=tok)
-    except ValueError as e:  # models.keep_4bit_layout_on_cpu: this CPU cannot run that model's 4-bit rows
+    except ValueError as e:  # quantization.keep_4bit_layout_on_cpu: this CPU cannot run that model's 4-bit rows
         pytest.skip(str(e))
     assert base_precision(kbit_base) == {"quantization": "4bit", "dtype": "float32"}
     capsys.readouterr()

@@ -190,7 +190,7 @@ def test_a_torn_checkpoint_directory_is_never_read(tmp_path):
 
 
 def test_graceful_stop_first_signal_requests_second_ctrl_c_aborts():
-    from minirlhf.run import GracefulStop
+    from minirlhf.stopping import GracefulStop
     before = signal.getsignal(signal.SIGINT)
     with GracefulStop() as stop:
         assert not stop.requested

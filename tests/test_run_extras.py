@@ -11,8 +11,9 @@ import torch
 
 from minirlhf import run as runmod
 from minirlhf.errors import InputError
-from minirlhf.run import PhaseMemory, Run
+from minirlhf.run import Run
 from minirlhf.tracking import RunLog
+from minirlhf.usage import PhaseMemory
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from minirlhf import settings
-from minirlhf.cli import _field_docs, parse_args
+from minirlhf.cli import field_docs, parse_args
 from minirlhf.errors import InputError
 from minirlhf.validation import check_ranges
 
@@ -45,7 +45,7 @@ def own_fields(cls):
 def test_every_flag_has_one_help_text_across_scripts(scripts):
     helps = {}
     for name, module in scripts.items():
-        for field, text in _field_docs(module.Args).items():
+        for field, text in field_docs(module.Args).items():
             if (name, field) not in OWN_MEANING and field not in SAME_NAME_OTHER_KNOB:
                 helps.setdefault(field, {}).setdefault(" ".join(text.split()), []).append(name)
     drift = {field: texts for field, texts in helps.items() if len(texts) > 1}

@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from gguf_fixture import write_gguf
 from minirlhf.assets import TINY_LLAMA, smollm2
 from minirlhf.errors import InputError
-from minirlhf.models import check_model_source, load_model, load_tokenizer
+from minirlhf.hub import check_model_source
+from minirlhf.models import load_model, load_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPT = [{"role": "user", "content": "What is 13 plus 4? Say the word cookie."}]

