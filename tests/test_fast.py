@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from conftest import make_tiny_llama
 from minirlhf import fast
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.checkpoint import release_out_dir
+from minirlhf.outdir import release_out_dir
 from minirlhf.cli import parse_args
 from minirlhf.fast import decode, unpad
 from minirlhf.heads import ScalarHead, response_logprobs, sequence_scores
