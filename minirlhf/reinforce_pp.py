@@ -15,8 +15,8 @@ mean, divided by its group's std). A token is charged only for the KL of the tok
 it (that is the return to go; REINFORCE charges every token the whole response's KL).
 
 REINFORCE++-baseline (group_size G >= 2, the paper's variant for several samples per prompt): each score minus the
-mean score of its group first, then the same per-token rewards, returns and global normalisation. (Later versions of
-the paper put this variant's KL in the loss, a k2 term; here both keep it in the reward.)
+mean score of its group first, then the same per-token rewards, returns and global normalisation. (Some
+implementations move this variant's KL out of the reward into the loss, as a k2 term; here both keep it in the reward.)
 
 The std is the Bessel-corrected one, as PPO's advantage whitening (token_rewards.whiten_advantages).
 """
