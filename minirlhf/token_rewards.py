@@ -57,10 +57,16 @@ def token_rewards(scores, logprobs, ref_logprobs, response_mask, kl_coef, estima
     if scores.dim() != 1 or scores.shape[0] != logprobs.shape[0]:
         raise ValueError(f"scores must be (B,) with B = {logprobs.shape[0]}, got shape {tuple(scores.shape)}")
     kl = per_token_kl(logprobs, ref_logprobs, response_mask, estimator)  # (B, R)
+    return rewards_from_kl(scores, kl, response_mask, kl_coef), kl
+
+
+def rewards_from_kl(scores, kl, response_mask, kl_coef):
+    """Per-token rewards (B, R) from a per-token KL estimate kl (B, R), 0 on padding: -kl_coef * kl on every real
+    token, plus scores (B,) at the last real token (token_rewards' rewards; reinforce_pp.py's too)."""
     rewards = -kl_coef * kl  # (B, R), 0 on padding
     rows = torch.arange(rewards.shape[0], device=rewards.device)
     rewards[rows, last_real_index(response_mask)] += scores.to(rewards.dtype)  # the score lands on the last token
-    return rewards, kl
+    return rewards
 
 
 def missing_eos_penalty(scores, ended, penalty):

@@ -103,6 +103,7 @@ CHOICE_CASES = [
     *[(s, ["--top-k", "-1"], "--top-k") for s in ("train_ppo.py", "train_grpo.py", "train_reinforce.py")],
     ("train_ppo.py", ["--min-new-tokens", "25"], "--min-new-tokens"),
     ("train_reinforce.py", ["--baseline", "leave-one-out"], "--samples-per-prompt"),
+    ("train_reinforce.py", ["--baseline", "reinforce++-baseline"], "--samples-per-prompt"),
     ("train_reinforce.py", ["--samples-per-prompt", "5"], "--samples-per-prompt"),
     ("train_grpo.py", ["--loss-aggregation", "mean"], "--loss-aggregation"),
     ("train_grpo.py", ["--advantage-std", "rollout"], "--advantage-std"),

@@ -7,7 +7,8 @@ micro-batches) does not change what it computes.
 - chunked log-probs, entropies, their gradients and the exact KL against the same computed in one piece; a chunked
   backward keeps no (positions, V) tensor;
 - an RL minibatch's loss computed in micro-batches by each RL script's own update step (minibatch_gradient: PPO policy
-  + value, GRPO, REINFORCE) against the whole minibatch in one piece: same gradient, same statistics;
+  + value, GRPO, REINFORCE with one advantage per response and, REINFORCE++, one per token) against the whole
+  minibatch in one piece: same gradient, same statistics;
 - the rollout's no-grad passes (sampling merged from chunks, old and reference log-probs, values, reward scores) in
   chunks of 2 rows against one pass.
 """
@@ -25,8 +26,10 @@ from minirlhf.evaluation import generate, sequence_kl
 from minirlhf.heads import ScalarHead, in_row_chunks, response_logprobs
 from minirlhf.models import load_model, load_tokenizer
 from minirlhf.precision import LossScaler
+from minirlhf.reinforce_pp import reinforce_pp_advantages
 from minirlhf.roles import Reward
 from minirlhf.rollout import merge_generated, reference_logprobs, rollout_logprobs
+from minirlhf.token_rewards import per_token_kl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS, CHUNK = 2, 16  # --forward-batch-size and heads.LOGITS_CHUNK in the spy runs
@@ -177,7 +180,8 @@ def test_in_row_chunks():
 # --------------------------------------------------------------- (c) micro-batches == the whole minibatch
 def rl_setup(asset_model):
     """The asset model with its policy adapter trainable, a value head, and a rollout with random old log-probs,
-    advantages, values, returns and TIS weights; the update's mask drops one response (--mismatch-mask-threshold)."""
+    advantages, values, returns and TIS weights, and REINFORCE++'s per-token advantages of random scores; the update's
+    mask drops one response (--mismatch-mask-threshold)."""
     model, tokenizer = asset_model
     batch = rollout_batch(model, tokenizer, n=6)
     g = torch.Generator().manual_seed(3)
@@ -189,15 +193,18 @@ def rl_setup(asset_model):
             "adv_seq": torch.randn(B, generator=g), "old_values": torch.randn(B, R, generator=g),
             "returns": torch.randn(B, R, generator=g), "tis": 0.5 + torch.rand(B, R, generator=g),
             "loss_mask": loss_mask}
+    kl = per_token_kl(data["old"], data["ref"], batch["mask"])  # (B, R), k1
+    data["adv_pp"] = reinforce_pp_advantages(torch.randn(B, generator=g), kl, batch["mask"], 0.3)[0]  # (B, R)
     torch.manual_seed(4)
     value_head = ScalarHead(model.config.hidden_size, init_std=0.1)
     params = lora.lora_parameters(model, "policy") + list(value_head.parameters())
     return model, batch, value_head, params, data
 
 
-def minibatch_grads(script, model, batch, value_head, params, d, mb, rows):
+def minibatch_grads(script, model, batch, value_head, params, d, mb, rows, advantages="adv_seq"):
     """The gradient and statistics of one minibatch `mb` by the script's own update step (its minibatch_gradient),
-    with --forward-batch-size `rows`: micro-batches of that many rows, a backward each."""
+    with --forward-batch-size `rows`: micro-batches of that many rows, a backward each. advantages: REINFORCE's,
+    "adv_seq" (B,) or "adv_pp" (B, R)."""
     for p in params:
         p.grad = None
     args = parse_args(script.Args, ["--forward-batch-size", str(rows)])  # the script's defaults otherwise
@@ -210,25 +217,28 @@ def minibatch_grads(script, model, batch, value_head, params, d, mb, rows):
                                                     d["loss_mask"], d["tis"], args, scaler)
         stats = {**stats, "logprobs": logprobs}
     else:
-        stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d["adv_seq"], d["loss_mask"],
+        stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d[advantages], d["loss_mask"],
                                                     d["tis"], args, scaler)
         stats = {**stats, "logprobs": logprobs}
     return [p.grad.clone() for p in params if p.grad is not None], stats
 
 
-@pytest.mark.parametrize("script", ["train_ppo", "train_grpo", "train_reinforce"])
+@pytest.mark.parametrize("script", ["train_ppo", "train_grpo", "train_reinforce", "train_reinforce/reinforce++"])
 def test_micro_batches_give_the_minibatch_gradient(asset_model, script, monkeypatch):
     monkeypatch.syspath_prepend(REPO)
+    script, advantages = (script.split("/")[0], "adv_pp") if "/" in script else (script, "adv_seq")
     module = __import__(script)
     model, batch, value_head, params, data = rl_setup(asset_model)
     for p in params:
         p.requires_grad_(True)
     try:
         mb = torch.tensor([4, 0, 5, 3, 2, 1])  # a shuffled minibatch of the 6 rows
-        whole, whole_stats = minibatch_grads(module, model, batch, value_head, params, data, mb, len(mb))
-        micro, micro_stats = minibatch_grads(module, model, batch, value_head, params, data, mb, 2)  # 2 + 2 + 2 rows
-        odd, odd_stats = minibatch_grads(module, model, batch, value_head, params, data, mb[:5], 5)
-        odd_micro, odd_micro_stats = minibatch_grads(module, model, batch, value_head, params, data, mb[:5], 2)
+        def grads(rows, n):
+            return minibatch_grads(module, model, batch, value_head, params, data, rows, n, advantages)
+        whole, whole_stats = grads(mb, len(mb))
+        micro, micro_stats = grads(mb, 2)  # 2 + 2 + 2 rows
+        odd, odd_stats = grads(mb[:5], 5)
+        odd_micro, odd_micro_stats = grads(mb[:5], 2)
     finally:
         for p in params:
             p.requires_grad_(False)

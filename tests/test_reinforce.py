@@ -38,4 +38,4 @@ def test_advantages_are_constants_and_padding_values_never_leak():
 
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="advantages"):
-        reinforce_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.ones(2, 3))
+        reinforce_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3))  # (B,) or (B, T) only

@@ -260,6 +260,7 @@ def test_bad_flags_give_one_line_errors(runs, tmp_path, monkeypatch):
 # ------------------------------------------------------------------ RLOO and the GRPO family's options
 VARIANTS = {  # name -> (script, extra flags); every new flag value runs once, all on the gold score (no reward model)
     "rloo": ("reinforce", ["--baseline", "leave-one-out", "--samples-per-prompt", "4", "--forward-batch-size", "3"]),
+    "rpp_baseline": ("reinforce", ["--baseline", "reinforce++-baseline", "--samples-per-prompt", "4"]),
     "grpo_sequence": ("grpo", ["--group-size", "4", "--loss-aggregation", "sequence", "--advantage-std", "batch",
                                "--clip-high", "0.28", "--forward-batch-size", "3"]),
     "grpo_constant": ("grpo", ["--group-size", "4", "--loss-aggregation", "constant", "--advantage-std", "none"]),
@@ -316,6 +317,29 @@ def test_rloo_advantages_are_leave_one_out_of_the_rewards(variant_runs):
     assert not torch.allclose(advantages, torch.zeros_like(advantages))
 
 
+def test_reinforce_pp_baseline_advantages_are_normalised_returns_to_go(variant_runs):
+    """From the saved rollout alone: k1 per token, scores less their prompt's mean, returns to go with β = 0.3 (the
+    default), then (G - mean) / std over every real token of the rollout, by loops."""
+    import statistics
+    r = load_file(str(variant_runs / "rpp_baseline" / "last_rollout.safetensors"))
+    grouped_prompts(r, 4)
+    P = r["input_ids"].shape[1] - r["ref_logprobs"].shape[1]
+    lengths = r["response_mask"][:, P:].sum(-1).tolist()
+    scores, kl = r["scores"].tolist(), (r["logprobs"] - r["ref_logprobs"]).tolist()  # k1 = log π_old - log π_ref
+    returns = []
+    for b, n in enumerate(lengths):
+        rewards = [-0.3 * kl[b][t] for t in range(n)]
+        rewards[-1] += scores[b] - statistics.fmean(scores[b // 4 * 4:b // 4 * 4 + 4])
+        returns.append([sum(rewards[t:]) for t in range(n)])
+    flat = [g for row in returns for g in row]
+    mean, std = statistics.fmean(flat), statistics.stdev(flat)
+    for b, n in enumerate(lengths):
+        assert torch.allclose(r["returns"][b, :n], torch.tensor(returns[b]), atol=1e-5)
+        assert torch.allclose(r["advantages"][b, :n], (torch.tensor(returns[b]) - mean) / std, atol=1e-4)
+        assert (r["advantages"][b, n:] == 0).all()
+    assert len(set(r["advantages"][0, :lengths[0]].tolist())) > 1  # one advantage per token, not per response
+
+
 @pytest.mark.parametrize("name,scale", [("grpo_sequence", "batch"), ("grpo_constant", "none")])
 def test_grpo_advantage_std_options(variant_runs, name, scale):
     import statistics
@@ -337,6 +361,7 @@ def test_bad_option_values_give_one_line_errors():
         (train_reinforce, ["--samples-per-prompt", "3"], "--samples-per-prompt 3 must divide --rollout-size 64"),
         (train_reinforce, ["--samples-per-prompt", "0"], "--samples-per-prompt"),
         (train_reinforce, ["--baseline", "rloo"], "--baseline must be one of"),
+        (train_reinforce, ["--baseline", "reinforce++-baseline"], r"--baseline reinforce\+\+-baseline needs"),
         (train_grpo, ["--loss-aggregation", "mean"], "--loss-aggregation must be one of"),
         (train_grpo, ["--advantage-std", "global"], "--advantage-std must be one of"),
         (train_grpo, ["--clip-high", "0"], "--clip-high"),
@@ -346,3 +371,4 @@ def test_bad_option_values_give_one_line_errors():
             script.check_args(parse_args(script.Args, ["--reward", "gold"] + argv))
     for script in (train_reinforce, train_grpo):  # and the defaults pass
         script.check_args(parse_args(script.Args, ["--reward", "gold"]))
+    train_reinforce.check_args(parse_args(train_reinforce.Args, ["--reward", "gold", "--baseline", "reinforce++"]))
