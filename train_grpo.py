@@ -18,6 +18,7 @@ One iteration reads top to bottom:
                  reference, a term of the loss rather than of the reward (DeepSeekMath Eq. 3-4: grpo.py);
                  --loss-aggregation token | sequence | constant: how its token losses become one number (DAPO,
                  DeepSeekMath, Dr. GRPO), --clip-high: an upper clip 1 + clip_high above 1 + clip_eps (DAPO);
+                 --policy-loss ppo | gspo | cispo: what the clip acts on (GSPO, CISPO: policy_losses.py);
                  --kl-loss k3 | k2 | k3+: the KL term, whose gradient is ∇KL(π_ref‖π) (k3) or ∇KL(π‖π_ref) (k2,
                  k3+), --kl-off-policy-weight: the term times sg(π/π_old), so that it keeps that gradient in the
                  epochs after the first (grpo.py; docs/kl.md)
@@ -40,7 +41,7 @@ from minirlhf.baselines import SCALES, group_advantages
 from minirlhf.cli import run_script
 from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
-from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, aggregation_count, grpo_loss
+from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, POLICY_LOSSES, aggregation_count, grpo_loss
 from minirlhf.mismatch import mismatch_stats
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
@@ -67,6 +68,11 @@ class Args(RLArgs):  # + the model, data, sampling, evaluation, run and rollout 
     clip_high: Optional[float] = None
     """upper clip 1 + clip_high instead of 1 + clip_eps (DAPO's clip-higher, e.g. 0.28: unlikely tokens can grow, the
     entropy does not collapse); none: symmetric"""
+    policy_loss: str = "ppo"
+    """the clipped policy term: ppo (each token's ratio clipped, PPO / DeepSeekMath) | gspo (one length-normalised
+    ratio per response, clipped: GSPO, whose paper clips far tighter, --clip-eps 3e-4 --clip-high 4e-4) | cispo (each
+    token's clipped ratio, detached, weights its log-prob: no token loses its gradient; MiniMax-M1 sets no lower
+    bound and an upper one only, --clip-eps 1 --clip-high 0.28, which cispo alone allows); policy_losses.py"""
     advantage_std: str = "group"
     """what (score - its group's mean) is divided by: group (its group's std, DeepSeekMath) | batch (the whole
     rollout's std) | none (Dr. GRPO: too easy or too hard prompts, with a small std, are not up-weighted)"""
@@ -96,7 +102,9 @@ def check_args(args):
     check_choice("--advantage-std", args.advantage_std, SCALES)
     check_choice("--loss-aggregation", args.loss_aggregation, AGGREGATIONS)
     check_choice("--kl-loss", args.kl_loss, KL_LOSSES)
-    if args.clip_high is not None and args.clip_high < args.clip_eps:
+    check_choice("--policy-loss", args.policy_loss, POLICY_LOSSES)
+    # cispo's two bounds are independent: MiniMax-M1's "no lower bound, an upper one" is --clip-eps 1 --clip-high 0.28
+    if args.clip_high is not None and args.clip_high < args.clip_eps and args.policy_loss != "cispo":
         raise InputError(f"--clip-high {args.clip_high} is below --clip-eps {args.clip_eps}: it replaces the upper "
                          "clip 1 + clip_eps by 1 + clip_high to widen it (DAPO's clip-higher); give --clip-high >= "
                          "--clip-eps, or leave it out")
@@ -184,8 +192,8 @@ def main(args):
 
 def minibatch_gradient(model, batch, sampling, mb, old_logprobs, ref_logprobs, advantages, loss_mask, tis, args,
                        scaler):
-    """Step 3e's loss on one minibatch, backward: clipped ratio x A (x the TIS weight) + beta x the KL term
-    (--kl-loss) per token, reduced by --loss-aggregation (grpo.grpo_loss); the gradient accumulates in the
+    """Step 3e's loss on one minibatch, backward: clipped ratio x A (x the TIS weight; --policy-loss) + beta x the KL
+    term (--kl-loss) per token, reduced by --loss-aggregation (grpo.grpo_loss); the gradient accumulates in the
     parameters' .grad (the caller zeroes it before and steps after). Returns the minibatch's statistics, {name: scalar
     tensor}, and the policy's log-probs of its rows, (len(mb), R), detached (on the first minibatch: the trainer's at
     the sampler's weights, for the mismatch metrics).
@@ -203,7 +211,7 @@ def minibatch_gradient(model, batch, sampling, mb, old_logprobs, ref_logprobs, a
         loss, loss_stats = grpo_loss(newlogprobs, old_logprobs[mu], ref_logprobs[mu], advantages[mu], mu_mask,
                                      args.clip_eps, args.beta, n, args.loss_aggregation, args.max_new_tokens,
                                      args.clip_high, args.kl_loss, args.kl_off_policy_weight,
-                                     None if tis is None else tis[mu])
+                                     None if tis is None else tis[mu], args.policy_loss)
         scaler.backward(loss)
         parts.append({"policy/entropy": masked_sum(entropy.detach(), mu_mask) / n_tokens,
                       "policy/clipfrac": loss_stats["clipfrac"], "policy/approx_kl": loss_stats["approx_kl"],

@@ -9,6 +9,8 @@ Eq. 3 (objective) and Eq. 4 (the KL estimate), as a loss per token:
     k3_t    = pi_ref(o_t) / pi(o_t) - log(pi_ref(o_t) / pi(o_t)) - 1          (>= 0, kl.k3; its gradient: below)
 
 The first term is PPO's clipped surrogate, ppo.clipped_surrogate, with an upper bound of its own (clip_eps_high).
+policy_loss replaces it (policy_losses.py): "gspo" clips one length-normalised ratio per response (GSPO), "cispo"
+clips each token's ratio as a detached weight of its log-prob (CISPO); "ppo", the default, is the term above.
 A is one number per response (baselines.group_advantages), copied to every token. Unlike PPO in RLHF, the KL to the
 reference is not subtracted from the reward: it is a term of the loss, differentiated directly. k3's VALUE is an
 unbiased estimate of KL(pi || pi_ref), but its expected GRADIENT on tokens sampled from pi is grad KL(pi_ref || pi), the
@@ -52,10 +54,13 @@ import torch
 
 from minirlhf.kl import k2, k3
 from minirlhf.ops import masked_sum
+from minirlhf.policy_losses import cispo_surrogate, gspo_surrogate
 from minirlhf.ppo import clipped_surrogate, token_mean
 
 AGGREGATIONS = ("token", "sequence", "constant")
 KL_LOSSES = ("k3", "k2", "k3+")
+SURROGATES = {"ppo": clipped_surrogate, "gspo": gspo_surrogate, "cispo": cispo_surrogate}  # (B, T) -> per-token
+POLICY_LOSSES = tuple(SURROGATES)  # loss, clipped, ratio: ppo.py, policy_losses.py
 
 
 def kl_term(logprobs, ref_logprobs, kl_loss="k3"):
@@ -100,26 +105,30 @@ def aggregate(x, mask, aggregation="token", n=None, max_len=None):
 
 def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_eps=0.2, beta=0.04, n=None,
               aggregation="token", max_len=None, clip_eps_high=None, kl_loss="k3", off_policy_weight=False,
-              tis_weights=None):
+              tis_weights=None, policy_loss="ppo"):
     """Scalar GRPO loss = clipped policy loss + beta * the KL term to the reference, each reduced by `aggregation`;
     and detached stats, reduced the same way: pg_loss, kl (the KL term's value), clipfrac (where the clip binds: zero
-    gradient there; under "token" the share of the tokens) and approx_kl (k3 between pi_old and pi, as
-    ppo.policy_loss's).
+    gradient there; under "token" the share of the tokens; for gspo / cispo: policy_losses.py) and approx_kl (k3
+    between pi_old and pi, as ppo.policy_loss's).
 
     n: the minibatch's aggregation_count when these tensors are one micro-batch of it (aggregate). max_len: L of
     "constant". clip_eps_high: the upper clip 1 + clip_eps_high (DAPO clip-higher); None: clip_eps, symmetric.
     kl_loss: k3 | k2 | k3+ (kl_term). off_policy_weight: the KL term times sg(pi / pi_old) (module docstring).
     tis_weights: (B, T) detached weights of each token's clipped term, not of the KL term (mismatch.tis_weights:
-    truncated importance sampling of the sampler's tokens, with old_logprobs the trainer's); None: none."""
+    truncated importance sampling of the sampler's tokens, with old_logprobs the trainer's); None: none.
+    policy_loss: the clipped term, ppo | gspo | cispo (POLICY_LOSSES: ppo.clipped_surrogate, or policy_losses.py's
+    gspo_surrogate / cispo_surrogate, with the same clip bounds)."""
     if any(t.shape != mask.shape for t in (logprobs, old_logprobs, ref_logprobs, advantages)):
         raise ValueError(f"grpo_loss: all inputs must share the mask's shape {tuple(mask.shape)}, got "
                          f"{[tuple(t.shape) for t in (logprobs, old_logprobs, ref_logprobs, advantages)]}")
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if not (clip_eps > 0 and clip_eps_high > 0):
         raise ValueError(f"grpo_loss: clip_eps and clip_eps_high must be > 0, got {clip_eps}, {clip_eps_high}")
+    if policy_loss not in SURROGATES:
+        raise ValueError(f"grpo_loss: policy_loss must be one of {POLICY_LOSSES}, got {policy_loss!r}")
     mask = mask.bool()
-    pg_per_token, clipped, ratio = clipped_surrogate(logprobs, old_logprobs, advantages, mask, clip_eps,
-                                                     clip_eps_high, tis_weights)  # (B, T) each: PPO's (ppo.py)
+    pg_per_token, clipped, ratio = SURROGATES[policy_loss](logprobs, old_logprobs, advantages, mask, clip_eps,
+                                                           clip_eps_high, tis_weights)  # (B, T) each
     pg_loss = aggregate(pg_per_token, mask, aggregation, n, max_len)  # scalar
     per_token_kl = kl_term(logprobs, ref_logprobs, kl_loss)  # (B, T); its gradient flows to pi
     if off_policy_weight:

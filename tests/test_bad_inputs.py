@@ -107,6 +107,7 @@ CHOICE_CASES = [
     ("train_reinforce.py", ["--samples-per-prompt", "5"], "--samples-per-prompt"),
     ("train_grpo.py", ["--loss-aggregation", "mean"], "--loss-aggregation"),
     ("train_grpo.py", ["--advantage-std", "rollout"], "--advantage-std"),
+    ("train_grpo.py", ["--policy-loss", "dapo"], "--policy-loss"),
     ("train_grpo.py", ["--clip-high", "0"], "--clip-high"),
     ("train_dpo.py", ["--rpo-alpha", "-1"], "--rpo-alpha"),
     ("train_sft.py", ["--block-size", "100000"], "--block-size"),  # after loading: the data cannot fill one block

@@ -7,8 +7,8 @@ micro-batches) does not change what it computes.
 - chunked log-probs, entropies, their gradients and the exact KL against the same computed in one piece; a chunked
   backward keeps no (positions, V) tensor;
 - an RL minibatch's loss computed in micro-batches by each RL script's own update step (minibatch_gradient: PPO policy
-  + value, GRPO, REINFORCE with one advantage per response and, REINFORCE++, one per token) against the whole
-  minibatch in one piece: same gradient, same statistics;
+  + value, GRPO with each --policy-loss, REINFORCE with one advantage per response and, REINFORCE++, one per token)
+  against the whole minibatch in one piece: same gradient, same statistics;
 - the rollout's no-grad passes (sampling merged from chunks, old and reference log-probs, values, reward scores) in
   chunks of 2 rows against one pass.
 """
@@ -201,13 +201,13 @@ def rl_setup(asset_model):
     return model, batch, value_head, params, data
 
 
-def minibatch_grads(script, model, batch, value_head, params, d, mb, rows, advantages="adv_seq"):
+def minibatch_grads(script, model, batch, value_head, params, d, mb, rows, flags=(), advantages="adv_seq"):
     """The gradient and statistics of one minibatch `mb` by the script's own update step (its minibatch_gradient),
-    with --forward-batch-size `rows`: micro-batches of that many rows, a backward each. advantages: REINFORCE's,
-    "adv_seq" (B,) or "adv_pp" (B, R)."""
+    with --forward-batch-size `rows`: micro-batches of that many rows, a backward each; `flags` added. advantages:
+    REINFORCE's, "adv_seq" (B,) or "adv_pp" (B, R)."""
     for p in params:
         p.grad = None
-    args = parse_args(script.Args, ["--forward-batch-size", str(rows)])  # the script's defaults otherwise
+    args = parse_args(script.Args, ["--forward-batch-size", str(rows), *flags])  # the script's defaults otherwise
     scaler = LossScaler(model)
     if script.__name__ == "train_ppo":
         stats = script.minibatch_gradient(model, value_head, batch, 1.0, mb, d["old"], d["old_values"], d["adv"],
@@ -223,8 +223,14 @@ def minibatch_grads(script, model, batch, value_head, params, d, mb, rows, advan
     return [p.grad.clone() for p in params if p.grad is not None], stats
 
 
-@pytest.mark.parametrize("script", ["train_ppo", "train_grpo", "train_reinforce", "train_reinforce/reinforce++"])
-def test_micro_batches_give_the_minibatch_gradient(asset_model, script, monkeypatch):
+GSPO = ["--policy-loss", "gspo", "--clip-eps", "0.01", "--clip-high", "0.02"]  # a clip that binds on some responses
+
+
+@pytest.mark.parametrize("script,flags", [("train_ppo", []), ("train_grpo", []), ("train_grpo", GSPO),
+                                          ("train_grpo", GSPO + ["--loss-aggregation", "sequence"]),
+                                          ("train_grpo", ["--policy-loss", "cispo", "--clip-high", "0.28"]),
+                                          ("train_reinforce", []), ("train_reinforce/reinforce++", [])])
+def test_micro_batches_give_the_minibatch_gradient(asset_model, script, flags, monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     script, advantages = (script.split("/")[0], "adv_pp") if "/" in script else (script, "adv_seq")
     module = __import__(script)
@@ -234,7 +240,7 @@ def test_micro_batches_give_the_minibatch_gradient(asset_model, script, monkeypa
     try:
         mb = torch.tensor([4, 0, 5, 3, 2, 1])  # a shuffled minibatch of the 6 rows
         def grads(rows, n):
-            return minibatch_grads(module, model, batch, value_head, params, data, rows, n, advantages)
+            return minibatch_grads(module, model, batch, value_head, params, data, rows, n, flags, advantages)
         whole, whole_stats = grads(mb, len(mb))
         micro, micro_stats = grads(mb, 2)  # 2 + 2 + 2 rows
         odd, odd_stats = grads(mb[:5], 5)
@@ -252,6 +258,8 @@ def test_micro_batches_give_the_minibatch_gradient(asset_model, script, monkeypa
         for k in a_stats:
             torch.testing.assert_close(b_stats[k], a_stats[k], rtol=0, atol=1e-6)
     assert whole_stats["loss/total"] != 0 and whole_stats["policy/entropy"] > 0
+    if "gspo" in flags:  # the clip binds on some responses, not all
+        assert 0 < whole_stats["policy/clipfrac"] < 1, whole_stats["policy/clipfrac"]
 
 
 # -------------------------------------------------------- (d) the rollout's passes in chunks == one pass
