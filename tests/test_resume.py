@@ -30,6 +30,8 @@ RUNS = {
     "ppo": ("train_ppo.py", PPO, 6),  # value head, GAE, adaptive KL controller
     "reinforce": ("train_reinforce.py", PPO, 6),  # + the running-mean baseline
     "grpo": ("train_grpo.py", PPO[:-2] + ["--group-size", "4", "--reward", "gold"], 6),  # groups, KL in the loss
+    "grpo_dapo": ("train_grpo.py", PPO[:-2] + ["--group-size", "4", "--reward", "gold", "--dynamic-sampling",
+                                               "--overlong-buffer", "4"], 6),  # a varying number of prompts taken
 }
 NOISY = ("perf/", "time/")  # wall-clock metrics differ between any two runs
 
