@@ -29,8 +29,9 @@ perf/tokens_per_second, mismatch/kl, mismatch/k1, mismatch/max_ratio (the sample
 trainer's: on the update's first minibatch, before any step; on the whole rollout with either flag, and then
 mismatch/tis_capped, mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iterations the eval/
 metrics of evaluation.py; with --dynamic-sampling rollout/kept_groups, rollout/sampling_rounds and
-rollout/dropped_groups (the other rollout/ and objective/ metrics are then of the kept groups; objective/scores
-includes the overlong penalty). objective/kl, loss/kl
+rollout/dropped_groups (the other rollout/ and objective/ metrics are then of the kept groups, and summary.json's
+train/samples counts rollout_size per iteration, not the rollout/sampling_rounds x rollout_size sampled;
+objective/scores includes the overlong penalty). objective/kl, loss/kl
 and policy/approx_kl are of the sampling distribution (--top-k / --top-p / --min-new-tokens filtered, when set);
 eval/kl is the exact KL of the unfiltered π.
 """
