@@ -8,7 +8,8 @@ The roles on the one base (minirlhf/roles.py): the policy is a LoRA adapter "pol
 reward model a frozen adapter "reward" + head (or the gold score), the reference the base with adapters disabled.
 One iteration reads top to bottom:
   1. rollout     rollout_size / G prompts, each sampled G times (the group of a prompt is contiguous)
-  2. reward      one score per response
+  2. reward      one score per response (--overlong-buffer: + DAPO's soft overlong punishment, dapo.py);
+                 --dynamic-sampling: only the groups whose scores are not all equal, refilled from more prompts (DAPO)
   3. log-probs   the old policy's log-probs of the sampled tokens (the sampler's own: no second pass) and the
                  reference's, at the sampling temperature; with --tis-cap / --mismatch-mask-threshold the trainer's
                  own, recomputed, and per-token TIS weights / responses dropped (mismatch.py)
@@ -28,7 +29,10 @@ loss/policy, loss/kl (the loss's KL term per token: k3's value for k3 and k3+, k
 perf/tokens_per_second, mismatch/kl, mismatch/k1, mismatch/max_ratio (the sampler's log-probs against the
 trainer's: on the update's first minibatch, before any step; on the whole rollout with either flag, and then
 mismatch/tis_capped, mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iterations the eval/
-metrics of evaluation.py. objective/kl, loss/kl
+metrics of evaluation.py; with --dynamic-sampling rollout/kept_groups, rollout/sampling_rounds and
+rollout/dropped_groups (the other rollout/ and objective/ metrics are then of the kept groups, and summary.json's
+train/samples counts rollout_size per iteration, not the rollout/sampling_rounds x rollout_size sampled;
+objective/scores includes the overlong penalty). objective/kl, loss/kl
 and policy/approx_kl are of the sampling distribution (--top-k / --top-p / --min-new-tokens filtered, when set);
 eval/kl is the exact KL of the unfiltered π.
 """
@@ -39,6 +43,7 @@ import torch
 
 from minirlhf.baselines import SCALES, group_advantages
 from minirlhf.cli import run_script
+from minirlhf.dapo import informative_groups, overlong_penalty
 from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
 from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, POLICY_LOSSES, aggregation_count, grpo_loss
@@ -47,8 +52,8 @@ from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import (TrainPrompts, add_up, minibatches, old_logprobs_and_corrections, policy_logprobs,
-                              reference_logprobs, sample_rollout)
+from minirlhf.rollout import (TrainPrompts, add_up, join_rollouts, minibatches, old_logprobs_and_corrections,
+                              policy_logprobs, reference_logprobs, rollout_rows, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -88,12 +93,24 @@ class Args(RLArgs):  # + the model, data, sampling, evaluation, run and rollout 
     kl_off_policy_weight: bool = False
     """multiply the KL term by sg(π/π_old): with --ppo-epochs > 1 every --kl-loss then keeps its gradient after the
     first epoch (where the weight is exactly 1); off: DeepSeekMath's loss"""
+    dynamic_sampling: bool = False
+    """DAPO's dynamic sampling: drop the groups whose scores are all equal (all-zero advantages, no gradient) and
+    sample more groups from the next prompts until the rollout holds rollout_size / G of the others"""
+    dynamic_sampling_max_rounds: int = 4
+    """--dynamic-sampling: rollouts sampled per iteration at most; still short then, the update trains on the
+    groups kept (rollout/kept_groups)"""
+    overlong_buffer: Optional[int] = None
+    """DAPO's soft overlong punishment over the last N of the --max-new-tokens tokens: a response reaching into them
+    loses up to --overlong-penalty of its score, linearly in its length (a cut response: all of it); none: off"""
+    overlong_penalty: float = 1.0
+    """--overlong-buffer: the penalty's scale (the score of a response of --max-new-tokens tokens drops by this)"""
     out: str = "runs/grpo"  # a shared setting, this script's default
 
 
 
 RANGES = {"group_size": ">= 2", "ppo_epochs": ">= 1", "beta": ">= 0", "clip_eps": "> 0",
-          "clip_high": "none or > 0"}  # this script's own flags; the shared ones are declared in settings.py
+          "clip_high": "none or > 0", "dynamic_sampling_max_rounds": ">= 1", "overlong_buffer": "none or >= 1",
+          "overlong_penalty": ">= 0"}  # this script's own flags; the shared ones are declared in settings.py
 
 
 def check_args(args):
@@ -108,6 +125,10 @@ def check_args(args):
         raise InputError(f"--clip-high {args.clip_high} is below --clip-eps {args.clip_eps}: it replaces the upper "
                          "clip 1 + clip_eps by 1 + clip_high to widen it (DAPO's clip-higher); give --clip-high >= "
                          "--clip-eps, or leave it out")
+    if args.overlong_buffer is not None and args.overlong_buffer > args.max_new_tokens:
+        raise InputError(f"--overlong-buffer {args.overlong_buffer} is above --max-new-tokens {args.max_new_tokens}: "
+                         "the penalty grows over the last --overlong-buffer of the --max-new-tokens tokens; give "
+                         "--overlong-buffer <= --max-new-tokens")
     if args.rollout_size % args.group_size:
         raise InputError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
                          f"got {args.group_size}")
@@ -142,11 +163,16 @@ def main(args):
         set_lr(optimizer, lr_at(iteration - 1, args.lr, args.iterations, args.warmup_iterations))
 
         # 3a. rollout: rollout_size / G prompts, each sampled G times (group-contiguous); 3b. one score each
-        run.phase("generation")  # ---- time per phase: metrics time/*, summary time/*_seconds
-        batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size // G, repeat=G), args, generator)
+        # (--dynamic-sampling: rounds of these, keeping only the groups whose scores differ: below)
+        if args.dynamic_sampling:
+            batch, b_scores, sampled = dynamic_sampling(model, tokenizer, train_prompts, reward, args, generator, run)
+        else:
+            run.phase("generation")  # ---- time per phase: metrics time/*, summary time/*_seconds
+            batch = sample_rollout(model, tokenizer, train_prompts.take(args.rollout_size // G, repeat=G), args,
+                                   generator)
+            run.phase("scoring")
+            b_scores, sampled = score(batch, reward, args), {}  # (B,)
         b_mask = batch["mask"]  # (B, R): right-padded responses
-        run.phase("scoring")
-        b_scores = reward(batch)  # (B,)
 
         run.phase("logprobs")
         # 3c. log-probs of the sampled tokens under the policy that sampled them: the sampler's own (the same numbers a
@@ -167,7 +193,7 @@ def main(args):
         run.phase("update")
         stats = []
         for _ in range(args.ppo_epochs):
-            for mb in minibatches(len(b_scores), args.minibatch_size):
+            for mb in minibatches(len(b_scores), min(args.minibatch_size, len(b_scores))):  # fewer: dynamic sampling
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats, mb_logprobs = minibatch_gradient(model, batch, sampling, mb, b_old_logprobs, b_ref_logprobs,
                                                            b_advantages, b_loss_mask, b_tis, args, scaler)  # below
@@ -183,11 +209,56 @@ def main(args):
 
         # 3f. logging (and every --eval-every iterations the held-out evaluation)
         metrics = iteration_metrics(batch, b_scores, b_kl, b_scores - args.beta * b_kl.sum(-1), run.dist.world_size)
-        metrics.update({"objective/kl_coef": args.beta, "train/lr": optimizer.param_groups[0]["lr"], **mismatch})
+        metrics.update({"objective/kl_coef": args.beta, "train/lr": optimizer.param_groups[0]["lr"], **mismatch,
+                        **sampled})
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the policy adapter, the last rollout and the evaluation after training
     return finish(run, model, held_out, before, last)
+
+
+def score(batch, reward, args):
+    """Step 3b: (B,) scores: the reward (with --missing-eos-penalty), plus --overlong-penalty x DAPO's soft overlong
+    punishment of each response's length with --overlong-buffer (dapo.overlong_penalty: 0 up to max_new_tokens -
+    buffer tokens, down to -1 at max_new_tokens). A cut response is at max_new_tokens: it loses the whole
+    --overlong-penalty, and --missing-eos-penalty as well when both are given (they add up)."""
+    scores = reward(batch)  # (B,)
+    if args.overlong_buffer is not None:
+        lengths = batch["mask"].sum(-1)  # (B,) response tokens, the EOS included
+        scores = scores + args.overlong_penalty * overlong_penalty(lengths, args.max_new_tokens, args.overlong_buffer)
+    return scores
+
+
+def dynamic_sampling(model, tokenizer, train_prompts, reward, args, generator, run):
+    """Steps 3a-3b with DAPO's dynamic sampling (Yu et al. 2025, Sec. 3.2): rounds of the ordinary rollout (the next
+    rollout_size / G prompts, G samples each, scored); of each round only the groups whose scores are not all equal
+    are kept (dapo.informative_groups: the others' advantages are all 0), until rollout_size / G are kept (the last
+    round's surplus is dropped: DAPO over-samples and trims to the batch size) or --dynamic-sampling-max-rounds rounds
+    have run. Still short, the update trains on the fewer groups kept (not topped up with uninformative ones, whose
+    tokens would only dilute the token mean); none kept at all, on the last round's groups (the KL term alone moves
+    the policy, as it would in plain GRPO). Returns (batch, scores (B,), metrics): B = G x the groups kept;
+    rollout/dropped_groups counts the groups of all rounds whose scores were all equal."""
+    G, wanted = args.group_size, args.rollout_size // args.group_size
+    parts, scores, kept, dropped = [], [], 0, 0
+    for rounds in range(1, args.dynamic_sampling_max_rounds + 1):
+        run.phase("generation")
+        batch = sample_rollout(model, tokenizer, train_prompts.take(wanted, repeat=G), args, generator)
+        run.phase("scoring")
+        b_scores = score(batch, reward, args)  # (wanted x G,)
+        informative = informative_groups(b_scores, G)  # (wanted,)
+        dropped += int((~informative).sum())
+        groups = informative.nonzero().squeeze(-1)[:wanted - kept]  # (k,) the groups this round adds
+        if len(groups):
+            rows = (groups[:, None] * G + torch.arange(G, device=groups.device)).reshape(-1)  # (k x G,) their rows
+            parts.append(rollout_rows(batch, rows))
+            scores.append(b_scores[rows])
+            kept += len(groups)
+        if kept == wanted:
+            break
+    if not parts:
+        parts, scores = [batch], [b_scores]
+    metrics = {"rollout/kept_groups": kept, "rollout/sampling_rounds": rounds, "rollout/dropped_groups": dropped}
+    return join_rollouts(parts, tokenizer.pad_token_id), torch.cat(scores), metrics
 
 
 def minibatch_gradient(model, batch, sampling, mb, old_logprobs, ref_logprobs, advantages, loss_mask, tis, args,

@@ -117,6 +117,25 @@ def merge_generated(parts, pad_token_id):
             "texts": [text for part in parts for text in part["texts"]]}
 
 
+def rollout_rows(batch, rows):
+    """The rows `rows` (a 1-D index tensor) of a sample_rollout batch, as a sample_rollout batch of its own; its
+    columns are kept as they are (a column may then be padding in every row)."""
+    picked = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return {**batch, **picked, **{k: [batch[k][i] for i in rows.tolist()] for k in ("texts", "prompts")}}
+
+
+def join_rollouts(parts, pad_token_id):
+    """One sample_rollout batch from several, their rows in order, re-padded to the widest prompt and the longest
+    response (merge_generated); "P" and "mask" recomputed for the joined columns."""
+    batch = merge_generated([{k: part[k] for k in GENERATED} for part in parts], pad_token_id)
+    P = batch["input_ids"].shape[1] - batch["response_ids"].shape[1]
+    return {**batch, "prompts": [m for part in parts for m in part["prompts"]], "P": P,
+            "mask": batch["response_mask"][:, P:].bool()}
+
+
+GENERATED = ("input_ids", "attention_mask", "response_mask", "logprobs", "response_ids", "ended", "texts")  # generate's
+
+
 def policy_logprobs(model, batch, sampling, rows=slice(None), value_head=None):
     """The policy's log-probs of the sampled tokens and their entropies, (b, R) each, for the rows `rows` of a
     rollout (all by default), and with a value head the values V(s_t) of the states that predict them, (b, R) (None

@@ -30,6 +30,9 @@ RUNS = {
     "ppo": ("train_ppo.py", PPO, 6),  # value head, GAE, adaptive KL controller
     "reinforce": ("train_reinforce.py", PPO, 6),  # + the running-mean baseline
     "grpo": ("train_grpo.py", PPO[:-2] + ["--group-size", "4", "--reward", "gold"], 6),  # groups, KL in the loss
+    # dynamic sampling: 1 to 4 rollouts an iteration, so a varying number of prompts taken from the data order
+    "grpo_dapo": ("train_grpo.py", PPO[:-2] + ["--group-size", "2", "--reward", "gold", "--max-new-tokens", "3",
+                                               "--dynamic-sampling", "--overlong-buffer", "2"], 6),
 }
 NOISY = ("perf/", "time/")  # wall-clock metrics differ between any two runs
 

@@ -68,7 +68,7 @@ def test_a_script_redeclares_a_shared_flag_only_to_change_its_default(scripts):
 
 def test_each_script_shows_only_its_algorithms_knobs(scripts):
     counts = {name: len(own_fields(module.Args)) for name, module in scripts.items()}
-    assert counts["train_grpo"] <= 10 and counts["train_ppo"] <= 12 and counts["train_reinforce"] <= 3, counts
+    assert counts["train_grpo"] <= 14 and counts["train_ppo"] <= 12 and counts["train_reinforce"] <= 3, counts
     total = {name: len(dataclasses.fields(module.Args)) for name, module in scripts.items()}
     assert all(total[n] > 2 * counts[n] for n in SCRIPTS), (counts, total)  # most flags come from the groups
 
