@@ -303,8 +303,9 @@ def test_preference_loss_kto_is_the_mean_of_a_desirable_and_an_undesirable_examp
     pol = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
     ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
     lengths = torch.randint(1, 9, (2 * B,), generator=g).double()
-    losses, stats = preference_loss(pol, ref, lengths, "kto", beta, rpo_alpha=alpha, z0=torch.tensor(z0, dtype=torch.float64),
-                                    desirable_weight=lambda_d, undesirable_weight=lambda_u)
+    losses, stats = preference_loss(pol, ref, lengths, "kto", beta, rpo_alpha=alpha,
+                                    z0=torch.tensor(z0, dtype=torch.float64), desirable_weight=lambda_d,
+                                    undesirable_weight=lambda_u)
     for i in range(B):
         chosen = kto_by_hand(pol[i].item(), ref[i].item(), True, z0, beta, lambda_d, lambda_u)
         rejected = kto_by_hand(pol[B + i].item(), ref[B + i].item(), False, z0, beta, lambda_d, lambda_u)
