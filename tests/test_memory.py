@@ -2,7 +2,7 @@
 heads.LOGITS_CHUNK the response positions whose logits exist at once, and splitting a pass (or an RL minibatch into
 micro-batches) does not change what it computes.
 
-- a spy on the trunk and the LM head of each of the six scripts, run in this process with --forward-batch-size 2 and
+- a spy on the trunk and the LM head of each of the seven scripts, run in this process with --forward-batch-size 2 and
   LOGITS_CHUNK 16: no call sees more rows (or positions) than that, and the calls did happen;
 - chunked log-probs, entropies, their gradients and the exact KL against the same computed in one piece; a chunked
   backward keeps no (positions, V) tensor;

@@ -30,6 +30,7 @@ RUNS = {
     "ppo": ("train_ppo.py", PPO, 6),  # value head, GAE, adaptive KL controller
     "reinforce": ("train_reinforce.py", PPO, 6),  # + the running-mean baseline
     "grpo": ("train_grpo.py", PPO[:-2] + ["--group-size", "4", "--reward", "gold"], 6),  # groups, KL in the loss
+    "online_dpo": ("train_online_dpo.py", PPO[:-2] + ["--reward", "gold"], 6),  # pairs of the policy's own samples
 }
 NOISY = ("perf/", "time/")  # wall-clock metrics differ between any two runs
 
