@@ -2,11 +2,19 @@
 
     python train_dpo.py                        # DPO on the built-in world (about 25 seconds on a 2-core CPU)
     python train_dpo.py --loss ipo --beta 0.5  # IPO;  --loss cdpo --label-smoothing 0.1 for conservative DPO
+    python train_dpo.py --loss kto             # KTO: each response labelled alone, not compared with its partner
 
 With x = (log π(y_c|p) - log π_ref(y_c|p)) - (log π(y_r|p) - log π_ref(y_r|p))   (minirlhf/dpo.py):
   sigmoid  -log σ(βx)                                  DPO, Rafailov et al. 2023, Eq. 7
   cdpo     -(1-ε) log σ(βx) - ε log σ(-βx)             conservative DPO (labels flipped with probability ε)
   ipo      (x - 1/(2β))²  with length-averaged log-probs  IPO, Azar et al. 2023, Eq. 17
+  kto      no margin: with r = log π(y|p) - log π_ref(y|p) and a reference point z0,     KTO, Ethayarajh et al. 2024,
+           a desirable y costs λ_D (1 - σ(β(r - z0))), an undesirable one λ_U (1 - σ(β(z0 - r)))           Eq. 8
+           Here each pair gives one of each: its chosen response is desirable and its rejected one undesirable (as
+           TRL runs KTO on paired data); a pair's loss is the mean of the two. z0 estimates KL(π‖π_ref) as the paper
+           does (Sec. 4.1), on mismatched pairs: every prompt of the micro-batch with the NEXT pair's chosen and
+           rejected responses, log π - log π_ref averaged over those 2B rows, clamped at >= 0, no gradient (two more
+           forward passes without grad per micro-batch: the policy's and the reference's; kto_reference_point).
 Two options for DPO's habit of lowering the chosen response's likelihood too (it only needs the rejected one to fall
 faster), both off by default:
   --rpo-alpha α       + α · (-log π(y_c|p) / |y_c|): the chosen response's NLL per token  RPO, Pang et al. 2024, Eq. 1
@@ -27,7 +35,7 @@ from tqdm import tqdm
 from minirlhf.cli import run_script
 from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
-from minirlhf.dpo import LOSSES, preference_loss
+from minirlhf.dpo import LOSSES, kto_reference_point, preference_loss
 from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training, evaluate_policy, held_out_prompts
 from minirlhf.folders import check_adapter_dir
@@ -50,7 +58,7 @@ METRICS = ["train/loss", "rewards/chosen", "rewards/rejected", "rewards/accuraci
 @dataclass
 class Args(RunArgs, EvalArgs, SamplingArgs, PairArgs, OptimArgs, DataArgs, ModelArgs):  # shared: settings.py
     loss: str = "sigmoid"
-    """sigmoid (DPO) | ipo | cdpo"""
+    """sigmoid (DPO) | ipo | cdpo | kto (each response labelled alone: chosen desirable, rejected undesirable)"""
     beta: float = 0.5
     """β: strength of the implicit KL constraint (smaller = further from the reference; 0.5 suits the built-in
     world's noisy labels, 0.1 is the usual choice on real data)"""
@@ -63,6 +71,11 @@ class Args(RunArgs, EvalArgs, SamplingArgs, PairArgs, OptimArgs, DataArgs, Model
     """sigmoid / cdpo: compare per-token average log-probs instead of sums (SimPO's length-normalised reward, Meng et
     al. 2024, Eq. 4, inside DPO's log-ratio): a long response no longer moves the margin more than a short one. The
     margin shrinks about |y|-fold: raise --beta with it. IPO always averages"""
+    kto_desirable_weight: float = 1.0
+    """kto: λ_D, the weight of a desirable (chosen) response's loss (the paper advises λ_D n_D / (λ_U n_U) in [1, 4/3];
+    on pairs n_D = n_U)"""
+    kto_undesirable_weight: float = 1.0
+    """kto: λ_U, the weight of an undesirable (rejected) response's loss"""
     sft_adapter: Optional[str] = None
     """start the policy from this trained adapter; the reference is then a frozen copy of it"""
     precompute_ref: bool = False
@@ -93,7 +106,8 @@ def response_lengths(batch, device):
     return batch["response_mask"].to(device).sum(-1).clamp(min=1)
 
 
-RANGES = {"beta": "> 0", "label_smoothing": "none or [0, 0.5)", "max_eval_pairs": ">= 1", "rpo_alpha": ">= 0"}
+RANGES = {"beta": "> 0", "label_smoothing": "none or [0, 0.5)", "max_eval_pairs": ">= 1", "rpo_alpha": ">= 0",
+          "kto_desirable_weight": "> 0", "kto_undesirable_weight": "> 0"}
 
 
 def check_args(args):
@@ -103,6 +117,17 @@ def check_args(args):
     check_choice("--loss", args.loss, LOSSES)
     if args.loss != "cdpo" and args.label_smoothing:
         raise InputError("--label-smoothing is the cdpo loss's ε: use it with --loss cdpo")
+    if args.loss != "kto" and (args.kto_desirable_weight, args.kto_undesirable_weight) != (1.0, 1.0):
+        raise InputError("--kto-desirable-weight and --kto-undesirable-weight are the kto loss's λ_D and λ_U: use them "
+                         "with --loss kto")
+    if args.loss == "kto":
+        if args.batch_size < 2:
+            raise InputError(f"--loss kto estimates its reference point z0 on each prompt paired with another pair's "
+                             f"responses: it needs --batch-size >= 2, got {args.batch_size}")
+        if args.precompute_ref or args.length_normalize:
+            raise InputError(f"--loss kto: not with --{'precompute-ref' if args.precompute_ref else 'length-normalize'}"
+                             " (KTO compares summed log-probs, and its z0 needs reference passes over mismatched "
+                             "pairs at every step)")
     if args.sft_adapter:
         check_adapter_dir(args.sft_adapter, "--sft-adapter")
 
@@ -113,7 +138,7 @@ def main(args):
     run = Run(args)  # ---- plumbing: --out / --resume checks, torchrun, threads, seed (minirlhf/run.py)
     device = run.device  # IPO uses length-averaged log-probs (as TRL); DPO the sums unless --length-normalize
     average = args.loss == "ipo" or args.length_normalize
-    columns = METRICS + (["nll/chosen"] if args.rpo_alpha > 0 else [])  # what each step logs
+    columns = METRICS + (["nll/chosen"] if args.rpo_alpha > 0 else []) + (["kl/z0"] if args.loss == "kto" else [])
 
     # 1. data first (the tokenizer is all it needs): tokenised pairs, held-out prompts for sampling; data that cannot
     # fill one optimizer step is one line here, before the model loads
@@ -177,13 +202,15 @@ def main(args):
             else:
                 with torch.no_grad(), reference(model):
                     ref = sequence_logps(model, batch, device, average, args.forward_batch_size)  # (2B,)
+            z0 = kto_z0(model, examples, pad_id, device, args.forward_batch_size) if args.loss == "kto" else None
             with lora_dropout_active(model):  # --lora-dropout acts here only (and in a checkpointed backward)
                 sums = sequence_logps(model, batch, device)  # (2B,) summed over each response's tokens
                 lengths = response_lengths(batch, device)  # (2B,)
                 losses, stats = preference_loss(sums, ref, lengths, args.loss, args.beta, args.label_smoothing,
-                                                args.rpo_alpha, average)  # (B,) each: dpo.py
+                                                args.rpo_alpha, average, z0, args.kto_desirable_weight,
+                                                args.kto_undesirable_weight)  # (B,) each: dpo.py
                 scaler.backward(losses.mean() / args.grad_accum)
-            recent.append(torch.stack([losses.detach(), *stats.values()], 1))  # (B, 7 or 8): the columns
+            recent.append(torch.stack([losses.detach(), *stats.values()], 1))  # (B, 7 to 9): the columns
         set_lr(optimizer, lr_at(step - 1, args.lr, total_steps, args.warmup_steps))
         grad_norm = optimizer_step(optimizer, params, loss=recent[-1][:, 0].mean(), grad_clip=args.grad_clip,
                                    step=step - 1, world_size=run.dist.world_size,
@@ -203,7 +230,8 @@ def main(args):
 
     # 4. save the policy adapter (PEFT format); evaluate after training
     run.save("policy", lambda folder: save_adapter(model, folder, "policy"))
-    return report(run, model, sample_eval, before, pairs(eval_pairs, pad_id, args.forward_batch_size), args, average)
+    return report(run, model, sample_eval, before, pair_chunks(eval_pairs, args.forward_batch_size), pad_id, args,
+                  average)
 
 
 def load_pairs(args, tokenizer, split, max_pairs):
@@ -215,11 +243,33 @@ def load_pairs(args, tokenizer, split, max_pairs):
     return data.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
 
 
+def pair_chunks(data, batch_size):
+    """Lists of batch_size pairs (the last may be shorter), in order."""
+    for i in range(0, len(data), batch_size):
+        yield [data[j] for j in range(i, min(i + batch_size, len(data)))]
+
+
 def pairs(data, pad_id, batch_size):
     """Collated batches of batch_size pairs (2 x batch_size rows: sequence_logps runs them through the model
     --forward-batch-size rows at a time), in order."""
-    for i in range(0, len(data), batch_size):
-        yield collate_pairs([data[j] for j in range(i, min(i + batch_size, len(data)))], pad_id)
+    for chunk in pair_chunks(data, batch_size):
+        yield collate_pairs(chunk, pad_id)
+
+
+@torch.no_grad()
+def kto_z0(model, examples, pad_id, device, rows):
+    """--loss kto: the reference point z0 of a batch of B pairs (Ethayarajh et al. 2024, Sec. 4.1), from MISMATCHED
+    pairs: pair i's prompt with pair (i + 1) mod B's chosen and rejected responses, 2B rows; the policy's and the
+    reference's summed log-probs of them (two passes without grad, `rows` rows at a time), then
+    dpo.kto_reference_point: max(0, mean of log π - log π_ref), detached. Two pairs with the same prompt make a
+    matched row; one pair alone is matched with itself."""
+    shifted = examples[1:] + examples[:1]
+    batch = collate_pairs([{"prompt_ids": e["prompt_ids"], "chosen_ids": s["chosen_ids"],
+                            "rejected_ids": s["rejected_ids"]} for e, s in zip(examples, shifted)], pad_id)
+    policy = sequence_logps(model, batch, device, rows=rows)  # (2B,)
+    with reference(model):
+        ref = sequence_logps(model, batch, device, rows=rows)  # (2B,)
+    return kto_reference_point(policy, ref)
 
 
 @torch.no_grad()
@@ -234,29 +284,32 @@ def with_reference_logps(model, data, pad_id, device, average, forward_batch_siz
 
 
 @torch.no_grad()
-def pair_eval(model, batches, args, device, average):
+def pair_eval(model, chunks, pad_id, args, device, average):
     """Held-out implicit-reward accuracy and loss (no sampling); with --rpo-alpha the loss holds the α x NLL term
-    too and eval/nll/chosen is its NLL."""
+    too and eval/nll/chosen is its NLL; with --loss kto each chunk's z0 is estimated on the chunk (kto_z0)."""
     stats = []
-    for batch in batches:
+    for chunk in chunks:
+        batch = collate_pairs(chunk, pad_id)
         sums = sequence_logps(model, batch, device, rows=args.forward_batch_size)  # (2B,)
         with reference(model):
             ref = sequence_logps(model, batch, device, average, args.forward_batch_size)
+        z0 = kto_z0(model, chunk, pad_id, device, args.forward_batch_size) if args.loss == "kto" else None
         losses, pair = preference_loss(sums, ref, response_lengths(batch, device), args.loss, args.beta,
-                                       args.label_smoothing, args.rpo_alpha, average)
+                                       args.label_smoothing, args.rpo_alpha, average, z0, args.kto_desirable_weight,
+                                       args.kto_undesirable_weight)
         stats.append(torch.stack([losses, pair["rewards/accuracies"], *([pair["nll/chosen"]] if args.rpo_alpha > 0
                                                                          else [])], 1))
     means = torch.cat(stats).mean(0).tolist()
     return dict(zip(["eval/loss", "eval/rewards/accuracies", "eval/nll/chosen"], means))
 
 
-def report(run, model, sample_eval, before, eval_batches, args, average):
+def report(run, model, sample_eval, before, eval_chunks, pad_id, args, average):
     """After training (rank 0): the held-out pair loss and accuracy and the sampling evaluation after training, into
     summary.json with the one before (and the gold verdict on the built-in world): report.final_summary."""
     if not run.is_main:
         return run.finish({})
     after = sample_eval()
-    pairs_eval = pair_eval(model, eval_batches, args, run.device, average)
+    pairs_eval = pair_eval(model, eval_chunks, pad_id, args, run.device, average)
     return final_summary(run, model, before, after, "eval/gold" in after[0], pairs_eval)
 
 

@@ -1,4 +1,4 @@
-"""Direct preference losses: DPO (with the conservative/label-smoothed variant) and IPO.
+"""Direct preference losses: DPO (with the conservative/label-smoothed variant), IPO and KTO.
 
 Legend: B batch (preference pairs). Every input is (B,): the log-probability of a whole response under the policy
 or the frozen reference (summed over its tokens, or length-averaged: the caller decides).
@@ -13,7 +13,11 @@ beta * (logps - ref_logps) detached, for logging (reward accuracy = mean(chosen_
 Both see only a difference of log-ratios, so DPO can lower the chosen response's likelihood as long as the rejected
 one falls faster (Pal et al. 2024, "Smaug"; Razin et al. 2024, "likelihood displacement"). rpo_nll is the term RPO
 adds to hold the chosen likelihood up.
+
+KTO needs no pair: each response is desirable or undesirable on its own, judged against a reference point z0 (an
+estimate of KL(pi || pi_ref)); kto_loss and kto_reference_point.
 """
+import torch
 import torch.nn.functional as F
 
 
@@ -72,11 +76,57 @@ def rpo_nll(chosen_logps, chosen_lengths):
     return -chosen_logps / chosen_lengths  # (B,)
 
 
-LOSSES = ("sigmoid", "ipo", "cdpo")
+def kto_loss(policy_logps, ref_logps, desirable, z0, beta=0.1, lambda_d=1.0, lambda_u=1.0):
+    """KTO, Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", Eq. 8:
+
+        r = log pi(y|x) - log pi_ref(y|x)
+        desirable y:    loss = lambda_D (1 - sigmoid(beta (r - z0)))
+        undesirable y:  loss = lambda_U (1 - sigmoid(beta (z0 - r)))
+
+    (the paper's lambda_y - v(x, y)). Each response is scored alone against the reference point z0 rather than
+    against a partner: a desirable response is pushed above z0, an undesirable one below it. z0 is a constant of the
+    loss (no gradient flows through it; kto_reference_point estimates it).
+
+    policy_logps, ref_logps (N,): log-probs of whole responses (summed over tokens), the policy's with grad;
+    desirable (N,) bool; z0: a float or 0-dim tensor (detached here). Returns (losses (N,), rewards (N,)), the
+    rewards beta * r detached, as dpo_loss's. lambda_d, lambda_u > 0: the paper advises lambda_D n_D / (lambda_U n_U)
+    in [1, 4/3] (n: how many of each)."""
+    if policy_logps.shape != ref_logps.shape or desirable.shape != policy_logps.shape:
+        raise ValueError(f"kto_loss: policy_logps, ref_logps and desirable must share one shape, got "
+                         f"{[tuple(t.shape) for t in (policy_logps, ref_logps, desirable)]}")
+    if desirable.dtype != torch.bool:
+        raise ValueError(f"kto_loss: desirable must be a bool tensor, got {desirable.dtype}")
+    if not beta > 0 or not lambda_d > 0 or not lambda_u > 0:
+        raise ValueError(f"kto_loss: beta, lambda_d and lambda_u must be > 0, got {beta}, {lambda_d}, {lambda_u}")
+    z0 = torch.as_tensor(z0, dtype=policy_logps.dtype, device=policy_logps.device).detach()  # ()
+    r = policy_logps - ref_logps  # (N,)
+    losses = torch.where(desirable, lambda_d * (1 - torch.sigmoid(beta * (r - z0))),
+                         lambda_u * (1 - torch.sigmoid(beta * (z0 - r))))  # (N,)
+    return losses, beta * r.detach()
+
+
+def kto_reference_point(mismatched_policy_logps, mismatched_ref_logps):
+    """KTO's reference point z0 (Ethayarajh et al. 2024, Sec. 4.1): an estimate of KL(pi || pi_ref) from MISMATCHED
+    pairs, each prompt x_i of a batch with another example's response y_j (j = i + 1 mod m in the paper), so that
+    z0 does not follow the responses being trained on:
+
+        z0 = max(0, mean_i [log pi(y_j|x_i) - log pi_ref(y_j|x_i)])        detached: no gradient flows through it
+
+    Inputs (M,): the mismatched responses' log-probs (summed over tokens) under the policy and the reference.
+    Returns a 0-dim tensor >= 0. (An average of log-ratios of responses not sampled from pi is a biased estimate of
+    the KL; the paper keeps it for its low cost and clamps it because a KL is never negative.)"""
+    if mismatched_policy_logps.shape != mismatched_ref_logps.shape or mismatched_policy_logps.dim() != 1 \
+            or not len(mismatched_policy_logps):
+        raise ValueError(f"kto_reference_point: two (M,) tensors with M >= 1 expected, got "
+                         f"{[tuple(t.shape) for t in (mismatched_policy_logps, mismatched_ref_logps)]}")
+    return (mismatched_policy_logps - mismatched_ref_logps).mean().clamp(min=0).detach()
+
+
+LOSSES = ("sigmoid", "ipo", "cdpo", "kto")
 
 
 def preference_loss(policy_logps, ref_logps, lengths, loss="sigmoid", beta=0.1, label_smoothing=None, rpo_alpha=0.0,
-                    average=False):
+                    average=False, z0=None, desirable_weight=1.0, undesirable_weight=1.0):
     """DPO's whole per-pair loss, from the sequence log-probs of a batch of pairs to what each pair costs and logs.
 
     Legend: B pairs, rows 2B with the B chosen responses first, then the B rejected ones, in the same pair order.
@@ -89,12 +139,18 @@ def preference_loss(policy_logps, ref_logps, lengths, loss="sigmoid", beta=0.1, 
          loss "sigmoid"  DPO, Rafailov et al. 2023, Eq. 7            -log sigmoid(beta x)           (dpo_loss)
               "cdpo"     conservative DPO, Mitchell 2023             label_smoothing eps, default 0.1 (dpo_loss)
               "ipo"      IPO, Azar et al. 2023, Eq. 17               (x - 1/(2 beta))^2              (ipo_loss)
+              "kto"      KTO, Ethayarajh et al. 2024, Eq. 8: no margin; the chosen response is a desirable example
+                         and the rejected one an undesirable one, each against the reference point z0 (kto_loss);
+                         a pair's loss is the mean of its two examples' (so the mean over pairs is the mean over
+                         examples); summed log-probs only
       3. + rpo_alpha x the chosen response's NLL per token (RPO, Pang et al. 2024, Eq. 1; rpo_nll)
 
     Returns (losses (B,), stats): stats maps the logged names to detached (B,) tensors: rewards/chosen,
     rewards/rejected (beta x log-ratio), rewards/accuracies (chosen > rejected), rewards/margins, logps/chosen,
-    logps/rejected (the compared log-probs), and nll/chosen with rpo_alpha > 0. The caller reduces (mean over pairs).
-    label_smoothing: None means 0.1 under "cdpo" and 0 otherwise; only "cdpo" takes one above 0."""
+    logps/rejected (the compared log-probs), nll/chosen with rpo_alpha > 0, and kl/z0 (z0 repeated) with "kto". The
+    caller reduces (mean over pairs).
+    label_smoothing: None means 0.1 under "cdpo" and 0 otherwise; only "cdpo" takes one above 0. z0 (a float or
+    0-dim tensor, kto_reference_point), desirable_weight (lambda_D), undesirable_weight (lambda_U): "kto" only."""
     if loss not in LOSSES:
         raise ValueError(f"preference_loss: loss must be one of {LOSSES}, got {loss!r}")
     eps = (0.1 if loss == "cdpo" else 0.0) if label_smoothing is None else label_smoothing
@@ -104,15 +160,25 @@ def preference_loss(policy_logps, ref_logps, lengths, loss="sigmoid", beta=0.1, 
             or len(policy_logps) % 2:
         raise ValueError(f"preference_loss: policy_logps, ref_logps and lengths must be (2B,) each, got "
                          f"{[tuple(t.shape) for t in (policy_logps, ref_logps, lengths)]}")
+    if (loss == "kto") != (z0 is not None) or (loss == "kto" and average):
+        raise ValueError(f"preference_loss: z0 goes with loss 'kto' (always, on summed log-probs) and only with it; "
+                         f"got loss {loss!r}, z0 {z0}, average {average}")
     b = len(policy_logps) // 2
     policy = policy_logps / lengths if average else policy_logps  # (2B,)  1.
-    args = (policy[:b], policy[b:], ref_logps[:b], ref_logps[b:])  # chosen, rejected; their references
-    losses, r_c, r_r = ipo_loss(*args, beta=beta) if loss == "ipo" else \
-        dpo_loss(*args, beta=beta, label_smoothing=eps)  # (B,) each  2.
+    if loss == "kto":  # 2. each row an example of its own: the chosen ones desirable, the rejected ones not
+        desirable = torch.arange(2 * b, device=policy.device) < b  # (2B,)
+        examples, rewards = kto_loss(policy, ref_logps, desirable, z0, beta, desirable_weight, undesirable_weight)
+        losses, r_c, r_r = (examples[:b] + examples[b:]) / 2, rewards[:b], rewards[b:]  # (B,) each
+    else:
+        args = (policy[:b], policy[b:], ref_logps[:b], ref_logps[b:])  # chosen, rejected; their references
+        losses, r_c, r_r = ipo_loss(*args, beta=beta) if loss == "ipo" else \
+            dpo_loss(*args, beta=beta, label_smoothing=eps)  # (B,) each  2.
     stats = {"rewards/chosen": r_c, "rewards/rejected": r_r, "rewards/accuracies": (r_c > r_r).to(r_c.dtype),
              "rewards/margins": r_c - r_r, "logps/chosen": policy[:b].detach(), "logps/rejected": policy[b:].detach()}
     if rpo_alpha > 0:  # 3.
         nll = rpo_nll(policy_logps[:b], lengths[:b])  # (B,): the chosen rows come first
         losses = losses + rpo_alpha * nll
         stats["nll/chosen"] = nll.detach()
+    if loss == "kto":
+        stats["kl/z0"] = torch.as_tensor(z0, dtype=r_c.dtype, device=r_c.device).detach().expand(b)  # (B,)
     return losses, stats

@@ -24,7 +24,8 @@ from minirlhf.assets import TINY_LLAMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-SCRIPTS = ("train_sft.py", "train_reward.py", "train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py")
+SCRIPTS = ("train_sft.py", "train_reward.py", "train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py",
+           "train_online_dpo.py")
 
 # ---- settings out of range: zero, negative, NaN, inf (validation.py), in every script that has the flag
 RANGE_CASES = [
@@ -99,8 +100,10 @@ CHOICE_CASES = [
     *[(s, ["--cost-per-hour", v], "--cost-per-hour") for s in SCRIPTS for v in ("-1", "nan")],
     *[(s, ["--report-to", "wandb"], "--report-to") for s in SCRIPTS],
     *[(s, ["--system-prompt", " "], "--system-prompt") for s in SCRIPTS],
-    *[(s, ["--top-p", "0"], "--top-p") for s in ("train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py")],
-    *[(s, ["--top-k", "-1"], "--top-k") for s in ("train_ppo.py", "train_grpo.py", "train_reinforce.py")],
+    *[(s, ["--top-p", "0"], "--top-p") for s in ("train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py",
+                                                "train_online_dpo.py")],
+    *[(s, ["--top-k", "-1"], "--top-k") for s in ("train_ppo.py", "train_grpo.py", "train_reinforce.py",
+                                                 "train_online_dpo.py")],
     ("train_ppo.py", ["--min-new-tokens", "25"], "--min-new-tokens"),
     ("train_reinforce.py", ["--baseline", "leave-one-out"], "--samples-per-prompt"),
     ("train_reinforce.py", ["--baseline", "reinforce++-baseline"], "--samples-per-prompt"),
@@ -113,7 +116,13 @@ CHOICE_CASES = [
     ("train_sft.py", ["--block-size", "100000"], "--block-size"),  # after loading: the data cannot fill one block
     ("train_reward.py", ["--split", "dev"], "--split"),
     ("train_reward.py", ["--loss", "hinge"], "--loss"),
-    ("train_dpo.py", ["--loss", "kto"], "--loss"),
+    ("train_dpo.py", ["--loss", "orpo"], "--loss"),
+    ("train_dpo.py", ["--loss", "kto", "--batch-size", "1"], "--batch-size"),
+    ("train_dpo.py", ["--loss", "kto", "--kto-desirable-weight", "nan"], "--kto-desirable-weight"),
+    ("train_online_dpo.py", ["--loss", "kto"], "--loss"),
+    ("train_online_dpo.py", ["--rollout-size", "7", "--minibatch-size", "7"], "--rollout-size"),
+    ("train_online_dpo.py", ["--beta", "nan"], "--beta"),
+    ("train_online_dpo.py", ["--tis-cap", "2"], "--tis-cap"),
     ("train_ppo.py", ["--reward", "oracle"], "--reward"),
     ("train_grpo.py", ["--group-size", "1"], "--group-size"),
     ("train_grpo.py", ["--group-size", "3"], "--group-size"),
@@ -206,6 +215,9 @@ DIVERGE = {
     "train_reinforce.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size",
                            "8", "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens", "4", "--save-every",
                            "1"],
+    "train_online_dpo.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size",
+                            "8", "--reward", "gold", "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens",
+                            "4", "--save-every", "1"],
 }
 
 

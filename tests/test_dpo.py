@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from minirlhf.dpo import dpo_loss, ipo_loss, preference_loss, rpo_nll
+from minirlhf.dpo import dpo_loss, ipo_loss, kto_loss, kto_reference_point, preference_loss, rpo_nll
 
 
 def _logps(seed, B=13):
@@ -208,6 +208,109 @@ def test_preference_loss_refuses_what_it_cannot_mean():
     with pytest.raises(ValueError, match="label_smoothing"):
         preference_loss(x, x, x + 1, "sigmoid", label_smoothing=0.1)
     with pytest.raises(ValueError, match="loss must be one of"):
-        preference_loss(x, x, x + 1, "kto")
+        preference_loss(x, x, x + 1, "orpo")
+    with pytest.raises(ValueError, match="z0"):
+        preference_loss(x, x, x + 1, "kto")  # KTO without its reference point
+    with pytest.raises(ValueError, match="z0"):
+        preference_loss(x, x, x + 1, "sigmoid", z0=0.5)
+    with pytest.raises(ValueError, match="z0"):
+        preference_loss(x, x, x + 1, "kto", z0=0.5, average=True)
     with pytest.raises(ValueError, match=r"\(2B,\)"):
         preference_loss(torch.zeros(3), torch.zeros(3), torch.ones(3))
+
+
+# ---- KTO (Ethayarajh et al. 2024, Eq. 8) ---------------------------------------------------------------------------
+def kto_by_hand(pol, ref, desirable, z0, beta, lambda_d, lambda_u):
+    """One example in Python floats: lambda_y - v(x, y) with v = lambda_y sigmoid(+-beta (r - z0))."""
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    r = pol - ref
+    return lambda_d * (1 - sigmoid(beta * (r - z0))) if desirable else lambda_u * (1 - sigmoid(beta * (z0 - r)))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("beta,lambda_d,lambda_u", [(0.1, 1.0, 1.0), (0.5, 1.33, 0.7)])
+@pytest.mark.parametrize("z0", [0.0, 2.5, "tensor"])
+def test_kto_matches_closed_form(seed, beta, lambda_d, lambda_u, z0):
+    c, r, rc, rr = _logps(seed)
+    pol, ref = torch.cat([c, r]).requires_grad_(), torch.cat([rc, rr])  # 26 examples
+    desirable = torch.rand(26, generator=torch.Generator().manual_seed(seed + 7)) < 0.5
+    z = torch.tensor(1.7, dtype=torch.float64, requires_grad=True) if z0 == "tensor" else z0
+    losses, rewards = kto_loss(pol, ref, desirable, z, beta, lambda_d, lambda_u)
+    z_value = 1.7 if z0 == "tensor" else z0
+    expected = [kto_by_hand(p, q, d, z_value, beta, lambda_d, lambda_u)
+                for p, q, d in zip(pol.tolist(), ref.tolist(), desirable.tolist())]
+    torch.testing.assert_close(losses, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rewards, beta * (pol - ref).detach(), rtol=1e-12, atol=1e-12)
+    assert 0 < desirable.sum() < 26 and not rewards.requires_grad
+    if z0 == "tensor":
+        losses.sum().backward()
+        assert z.grad is None  # the reference point is a constant of the loss
+
+
+def test_kto_gradient_signs_and_values():
+    """A descent step raises a desirable response's log-prob and lowers an undesirable one's; the gradient is
+    -/+ lambda beta s (1 - s), s = sigmoid(beta (r - z0)) for a desirable y, sigmoid(beta (z0 - r)) for an undesirable
+    one, written by hand."""
+    pol = torch.tensor([-3.0, -8.0, -1.0, -12.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-4.0, -6.0, -2.5, -11.0], dtype=torch.float64)
+    desirable = torch.tensor([True, True, False, False])
+    beta, z0, lambda_d, lambda_u = 0.5, 0.8, 1.2, 0.9
+    losses, _ = kto_loss(pol, ref, desirable, z0, beta, lambda_d, lambda_u)
+    losses.sum().backward()
+    sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    for i, (p, q, d) in enumerate(zip(pol.tolist(), ref.tolist(), desirable.tolist())):
+        s = sigmoid(beta * ((p - q) - z0)) if d else sigmoid(beta * (z0 - (p - q)))
+        want = -lambda_d * beta * s * (1 - s) if d else lambda_u * beta * s * (1 - s)
+        assert pol.grad[i].item() == pytest.approx(want, rel=1e-12)
+    assert (pol.grad[:2] < 0).all() and (pol.grad[2:] > 0).all()
+
+
+def test_kto_at_the_reference_with_z0_zero_is_half_lambda():
+    """pi = pi_ref and z0 = 0: every example sits at sigmoid(0) = 1/2, so its loss is lambda_y / 2."""
+    x = torch.full((4,), -5.0)
+    losses, _ = kto_loss(x, x, torch.tensor([True, False, True, False]), 0.0, 0.3, 2.0, 0.5)
+    assert losses.tolist() == [1.0, 0.25, 1.0, 0.25]
+
+
+def test_kto_reference_point_is_the_clamped_mean_log_ratio():
+    pol = torch.tensor([-3.0, -8.0, -1.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-4.0, -6.0, -2.5], dtype=torch.float64)
+    z0 = kto_reference_point(pol, ref)
+    assert z0.item() == pytest.approx((1.0 - 2.0 + 1.5) / 3, rel=1e-12) and not z0.requires_grad
+    assert kto_reference_point(ref, pol).item() == 0.0  # a negative mean log-ratio: a KL is never below 0
+    with pytest.raises(ValueError):
+        kto_reference_point(pol, ref[:2])
+
+
+def test_kto_bad_input_raises():
+    x = torch.zeros(4)
+    d = torch.tensor([True, False, True, False])
+    with pytest.raises(ValueError, match="bool"):
+        kto_loss(x, x, d.float(), 0.0)
+    with pytest.raises(ValueError, match="shape"):
+        kto_loss(x, x[:3], d, 0.0)
+    for bad in [dict(beta=0.0), dict(lambda_d=0.0), dict(lambda_u=-1.0)]:
+        with pytest.raises(ValueError, match="> 0"):
+            kto_loss(x, x, d, 0.0, **bad)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_preference_loss_kto_is_the_mean_of_a_desirable_and_an_undesirable_example(alpha):
+    """--loss kto on pairs: the chosen response desirable, the rejected one undesirable; a pair's loss is the mean of
+    the two examples' (by hand, float64), + RPO's term; kl/z0 logged last."""
+    g = torch.Generator().manual_seed(5)
+    B, beta, z0, lambda_d, lambda_u = 4, 0.4, 1.1, 1.3, 0.8
+    pol = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
+    ref = -torch.rand(2 * B, generator=g, dtype=torch.float64) * 20
+    lengths = torch.randint(1, 9, (2 * B,), generator=g).double()
+    losses, stats = preference_loss(pol, ref, lengths, "kto", beta, rpo_alpha=alpha,
+                                    z0=torch.tensor(z0, dtype=torch.float64), desirable_weight=lambda_d,
+                                    undesirable_weight=lambda_u)
+    for i in range(B):
+        chosen = kto_by_hand(pol[i].item(), ref[i].item(), True, z0, beta, lambda_d, lambda_u)
+        rejected = kto_by_hand(pol[B + i].item(), ref[B + i].item(), False, z0, beta, lambda_d, lambda_u)
+        want = (chosen + rejected) / 2 + alpha * (-pol[i].item() / lengths[i].item())
+        assert losses[i].item() == pytest.approx(want, rel=1e-12, abs=1e-12)
+        assert stats["rewards/rejected"][i].item() == pytest.approx(beta * (pol[B + i] - ref[B + i]).item(), rel=1e-12)
+    assert list(stats)[-1] == "kl/z0" and stats["kl/z0"].tolist() == [z0] * B
+    assert ("nll/chosen" in stats) == (alpha > 0)

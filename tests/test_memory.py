@@ -2,13 +2,13 @@
 heads.LOGITS_CHUNK the response positions whose logits exist at once, and splitting a pass (or an RL minibatch into
 micro-batches) does not change what it computes.
 
-- a spy on the trunk and the LM head of each of the six scripts, run in this process with --forward-batch-size 2 and
+- a spy on the trunk and the LM head of each of the seven scripts, run in this process with --forward-batch-size 2 and
   LOGITS_CHUNK 16: no call sees more rows (or positions) than that, and the calls did happen;
 - chunked log-probs, entropies, their gradients and the exact KL against the same computed in one piece; a chunked
   backward keeps no (positions, V) tensor;
 - an RL minibatch's loss computed in micro-batches by each RL script's own update step (minibatch_gradient: PPO policy
-  + value, GRPO with each --policy-loss, REINFORCE with one advantage per response and, REINFORCE++, one per token)
-  against the whole minibatch in one piece: same gradient, same statistics;
+  + value, GRPO with each --policy-loss, REINFORCE with one advantage per response and, REINFORCE++, one per token,
+  online DPO) against the whole minibatch in one piece: same gradient, same statistics;
 - the rollout's no-grad passes (sampling merged from chunks, old and reference log-probs, values, reward scores) in
   chunks of 2 rows against one pass.
 """
@@ -40,6 +40,7 @@ SCRIPTS = {  # script -> flags; each with-grad micro-batch is <= ROWS rows too (
     "train_ppo": RL + ["--ppo-epochs", "1"],
     "train_grpo": RL + ["--group-size", "2", "--ppo-epochs", "1"],
     "train_reinforce": RL,
+    "train_online_dpo": RL + ["--reward", "gold"],  # a micro-batch: 1 pair = 2 rows
     "train_dpo": ["--max-steps", "1", "--batch-size", "1", "--max-train-pairs", "4", "--max-eval-pairs", "5",
                   "--precompute-ref", "--eval-prompts", "3", "--eval-samples", "1", "--max-new-tokens", "6"],
     "train_reward": ["--max-steps", "1", "--batch-size", "1", "--max-train-pairs", "4", "--max-eval-pairs", "5"],
@@ -94,7 +95,8 @@ def test_no_model_call_sees_more_rows_than_the_flag(script, tmp_path, monkeypatc
             model.get_output_embeddings().register_forward_pre_hook(head_hook)
             return model
         return load_model
-    owner = sys.modules["minirlhf.roles"] if script in ("train_ppo", "train_grpo", "train_reinforce") else module
+    rl = ("train_ppo", "train_grpo", "train_reinforce", "train_online_dpo")
+    owner = sys.modules["minirlhf.roles"] if script in rl else module
     monkeypatch.setattr(owner, "load_model", spied(owner.load_model))
     args = parse_args(module.Args, SCRIPTS[script] + ["--forward-batch-size", str(ROWS), "--threads", "1",
                                                       "--out", str(tmp_path / "out")])
@@ -212,6 +214,11 @@ def minibatch_grads(script, model, batch, value_head, params, d, mb, rows, flags
     if script.__name__ == "train_ppo":
         stats = script.minibatch_gradient(model, value_head, batch, 1.0, mb, d["old"], d["old_values"], d["adv"],
                                           d["returns"], d["loss_mask"], d["tis"], args, scaler)
+    elif script.__name__ == "train_online_dpo":  # the 6 rows as 3 pairs (one tied: weight 0); mb -> pairs
+        pairs = mb[:len(mb) // 2] % 3  # [4, 0, 5] -> pairs [1, 0, 2]; mb[:5] -> [1, 0]
+        chosen, rejected, weights = torch.tensor([0, 3, 4]), torch.tensor([1, 2, 5]), torch.tensor([1.0, 0.0, 1.0])
+        stats = script.minibatch_gradient(model, batch, 1.0, pairs, chosen, rejected, weights, d["old"], d["ref"],
+                                          args, scaler)
     elif script.__name__ == "train_grpo":
         stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d["ref"], d["adv"],
                                                     d["loss_mask"], d["tis"], args, scaler)
@@ -229,7 +236,8 @@ GSPO = ["--policy-loss", "gspo", "--clip-eps", "0.01", "--clip-high", "0.02"]  #
 @pytest.mark.parametrize("script,flags", [("train_ppo", []), ("train_grpo", []), ("train_grpo", GSPO),
                                           ("train_grpo", GSPO + ["--loss-aggregation", "sequence"]),
                                           ("train_grpo", ["--policy-loss", "cispo", "--clip-high", "0.28"]),
-                                          ("train_reinforce", []), ("train_reinforce/reinforce++", [])])
+                                          ("train_reinforce", []), ("train_reinforce/reinforce++", []),
+                                          ("train_online_dpo", [])])
 def test_micro_batches_give_the_minibatch_gradient(asset_model, script, flags, monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     script, advantages = (script.split("/")[0], "adv_pp") if "/" in script else (script, "adv_seq")

@@ -247,6 +247,11 @@ def load_script(script):
     ("train_reward.py", ["--batch-size", "0"], "--batch-size"),
     ("train_dpo.py", ["--beta", "-1"], "--beta"),
     ("train_dpo.py", ["--loss", "sigmoid", "--label-smoothing", "0.2"], "cdpo"),
+    ("train_dpo.py", ["--loss", "kto", "--batch-size", "1"], "--batch-size >= 2"),
+    ("train_dpo.py", ["--loss", "kto", "--precompute-ref"], "not with --precompute-ref"),
+    ("train_dpo.py", ["--loss", "kto", "--length-normalize"], "not with --length-normalize"),
+    ("train_dpo.py", ["--kto-desirable-weight", "2"], "with --loss kto"),
+    ("train_dpo.py", ["--loss", "kto", "--kto-undesirable-weight", "0"], "--kto-undesirable-weight"),
     ("train_reward.py", ["--eval-only"], "--reward-model"),
     ("train_dpo.py", ["--max-train-pairs", "3", "--batch-size", "4"], "3 training pairs do not fill one"),
     ("train_reward.py", ["--max-train-pairs", "3", "--batch-size", "4"], "3 training pairs do not fill one"),
@@ -387,3 +392,55 @@ def test_best_of_n_table_smoke():
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| 1 |") or line.startswith("| 4 |")]
     assert len(rows) == 2 and rows[0].split("|")[2].strip() == "0.000"
     assert rows[1].split("|")[2].strip() == f"{math.log(4) - 0.75:.3f}"
+
+
+# ---- --loss kto ------------------------------------------------------------------------------------------------------
+def test_dpo_kto_smoke(tmp_path):
+    """--loss kto: kl/z0 logged each step. At step 1 the policy IS the reference (LoRA B = 0): every log-ratio is 0,
+    so z0 = 0 and each example sits at sigmoid(0) = 1/2: train/loss = (λ_D / 2 + λ_U / 2) / 2 = 0.6 here."""
+    run("train_dpo.py", *DPO_TINY, "--loss", "kto", "--kto-desirable-weight", "1.5", "--kto-undesirable-weight", "0.9",
+        "--out", str(tmp_path))
+    check_contract(str(tmp_path), ["eval/gold_before", "eval/gold_after", "eval/kl", "eval/loss"])
+    assert adapter_trained(os.path.join(tmp_path, "policy"))
+    rows = metrics_rows(str(tmp_path))
+    assert all("kl/z0" in r and r["kl/z0"] >= 0 for r in rows)
+    assert rows[0]["kl/z0"] == 0.0 and rows[0]["train/loss"] == pytest.approx(0.6, abs=1e-6)
+    assert rows[0]["rewards/chosen"] == 0.0 and rows[1]["rewards/margins"] != 0.0
+
+
+def test_dpo_kto_z0_is_the_mean_log_ratio_of_mismatched_pairs():
+    """train_dpo.kto_z0 against the mismatched rows built and scored one by one by hand: pair i's prompt with pair
+    i + 1's (cyclically) chosen and rejected responses, log π - log π_ref from a plain forward of the whole sequence
+    (float64, no padding), with the policy adapter and with the reference adapter; the mean, clamped at 0."""
+    import torch.nn.functional as F
+    from conftest import make_tiny_llama
+    from minirlhf import lora
+    module = load_script("train_dpo.py")
+    model = make_tiny_llama(dtype=torch.float64)
+    torch.manual_seed(0)
+    for adapter in ("policy", "reference"):  # models.reference(model) then uses the frozen "reference" adapter
+        lora.add_lora(model, "all-linear", r=4, alpha=8, adapter=adapter)
+        for _, m in lora.lora_layers(model, adapter):
+            torch.nn.init.normal_(m.lora_B[adapter].weight, std=0.3 if adapter == "reference" else 0.05)
+    lora.set_active_adapter(model, "policy")
+    g = torch.Generator().manual_seed(4)
+    ids = lambda n: torch.randint(3, 101, (n,), generator=g).tolist()  # noqa: E731
+    examples = [{"prompt_ids": ids(3 + i), "chosen_ids": ids(2 + i % 2), "rejected_ids": ids(4 - i % 3)}
+                for i in range(3)]
+
+    def logp(prompt, response):
+        seq = torch.tensor([prompt + response])
+        logprobs = F.log_softmax(model(input_ids=seq).logits[0, :-1], -1)  # position t predicts token t + 1
+        return sum(logprobs[len(prompt) - 1 + k, tok].item() for k, tok in enumerate(response))
+
+    ratios = []
+    for i, e in enumerate(examples):
+        other = examples[(i + 1) % 3]
+        for response in (other["chosen_ids"], other["rejected_ids"]):
+            policy = logp(e["prompt_ids"], response)
+            with lora.use_adapter(model, "reference"):
+                ratios.append(policy - logp(e["prompt_ids"], response))
+    want = sum(ratios) / len(ratios)
+    assert want > 0.05  # the policy differs from the reference, and the clamp does not hide the value
+    with torch.no_grad():
+        assert module.kto_z0(model, examples, 0, "cpu", 2).item() == pytest.approx(want, rel=1e-9)
