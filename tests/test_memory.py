@@ -2,12 +2,12 @@
 heads.LOGITS_CHUNK the response positions whose logits exist at once, and splitting a pass (or an RL minibatch into
 micro-batches) does not change what it computes.
 
-- a spy on the trunk and the LM head of each of the six scripts, run in this process with --forward-batch-size 2 and
+- a spy on the trunk and the LM head of each of the seven scripts, run in this process with --forward-batch-size 2 and
   LOGITS_CHUNK 16: no call sees more rows (or positions) than that, and the calls did happen;
 - chunked log-probs, entropies, their gradients and the exact KL against the same computed in one piece; a chunked
   backward keeps no (positions, V) tensor;
 - an RL minibatch's loss computed in micro-batches by each RL script's own update step (minibatch_gradient: PPO policy
-  + value, GRPO, REINFORCE) against the whole minibatch in one piece: same gradient, same statistics;
+  + value, GRPO, REINFORCE, distillation) against the whole minibatch in one piece: same gradient, same statistics;
 - the rollout's no-grad passes (sampling merged from chunks, old and reference log-probs, values, reward scores) in
   chunks of 2 rows against one pass.
 """
@@ -22,6 +22,7 @@ from minirlhf import heads, lora
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.cli import parse_args
 from minirlhf.evaluation import generate, sequence_kl
+from minirlhf.formats import load_adapter
 from minirlhf.heads import ScalarHead, in_row_chunks, response_logprobs
 from minirlhf.models import load_model, load_tokenizer
 from minirlhf.precision import LossScaler
@@ -37,6 +38,7 @@ SCRIPTS = {  # script -> flags; each with-grad micro-batch is <= ROWS rows too (
     "train_ppo": RL + ["--ppo-epochs", "1"],
     "train_grpo": RL + ["--group-size", "2", "--ppo-epochs", "1"],
     "train_reinforce": RL,
+    "train_distill": RL + ["--teacher", os.path.join(ASSETS_DIR, "reward-model")],  # an adapter on the same base
     "train_dpo": ["--max-steps", "1", "--batch-size", "1", "--max-train-pairs", "4", "--max-eval-pairs", "5",
                   "--precompute-ref", "--eval-prompts", "3", "--eval-samples", "1", "--max-new-tokens", "6"],
     "train_reward": ["--max-steps", "1", "--batch-size", "1", "--max-train-pairs", "4", "--max-eval-pairs", "5"],
@@ -91,7 +93,8 @@ def test_no_model_call_sees_more_rows_than_the_flag(script, tmp_path, monkeypatc
             model.get_output_embeddings().register_forward_pre_hook(head_hook)
             return model
         return load_model
-    owner = sys.modules["minirlhf.roles"] if script in ("train_ppo", "train_grpo", "train_reinforce") else module
+    rl = ("train_ppo", "train_grpo", "train_reinforce", "train_distill")  # their base is loaded by roles.load_policy
+    owner = sys.modules["minirlhf.roles"] if script in rl else module
     monkeypatch.setattr(owner, "load_model", spied(owner.load_model))
     args = parse_args(module.Args, SCRIPTS[script] + ["--forward-batch-size", str(ROWS), "--threads", "1",
                                                       "--out", str(tmp_path / "out")])
@@ -209,6 +212,10 @@ def minibatch_grads(script, model, batch, value_head, params, d, mb, rows):
         stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d["ref"], d["adv"],
                                                     d["loss_mask"], d["tis"], args, scaler)
         stats = {**stats, "logprobs": logprobs}
+    elif script.__name__ == "train_distill":  # the teacher: the embedded reward model's adapter, another distribution
+        if script.TEACHER not in lora.adapter_names(model):
+            load_adapter(model, os.path.join(ASSETS_DIR, "reward-model"), adapter=script.TEACHER)
+        stats = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], args, scaler)
     else:
         stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d["adv_seq"], d["loss_mask"],
                                                     d["tis"], args, scaler)
@@ -216,7 +223,7 @@ def minibatch_grads(script, model, batch, value_head, params, d, mb, rows):
     return [p.grad.clone() for p in params if p.grad is not None], stats
 
 
-@pytest.mark.parametrize("script", ["train_ppo", "train_grpo", "train_reinforce"])
+@pytest.mark.parametrize("script", ["train_ppo", "train_grpo", "train_reinforce", "train_distill"])
 def test_micro_batches_give_the_minibatch_gradient(asset_model, script, monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     module = __import__(script)

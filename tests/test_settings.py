@@ -16,7 +16,7 @@ from minirlhf.errors import InputError
 from minirlhf.validation import check_ranges
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train_sft", "train_reward", "train_dpo", "train_ppo", "train_grpo", "train_reinforce"]
+SCRIPTS = ["train_sft", "train_reward", "train_dpo", "train_ppo", "train_grpo", "train_reinforce", "train_distill"]
 # a shared flag a script gives another meaning, with its own help: SFT's prompt cut applies without packing only
 OWN_MEANING = {("train_sft", "max_prompt_length")}
 # knobs of different algorithms that happen to share a name (DPO's beta is not GRPO's): each script's own help
