@@ -28,10 +28,13 @@ DIVERGENCES = ("reverse-kl", "forward-kl", "jsd")
 
 
 def _kl(logp, logq):
-    """KL(p ‖ q) = Σ_v p (log p - log q) from log-probabilities, (..., V) -> (...). p = 0 adds 0 (log p is clamped to
-    the most negative finite float, as ops.entropy_from_logits: 0 * (-inf) would be nan, in the gradient too)."""
+    """KL(p ‖ q) = Σ_v p (log p - log q) from normalised log-probabilities, (..., V) -> (...). p = 0 adds 0 (log p is
+    clamped to the most negative finite float, as ops.entropy_from_logits: 0 * (-inf) would be nan, in the gradient
+    too). The log p inside is detached: its gradient term Σ_v p ∇log p = ∇Σ_v p = 0 in exact arithmetic, but in
+    floats it is the rounding of Σ_v p = 1, about 1e-8 where p = q, which Adam would scale up to steps of the size of
+    the learning rate; without it a student equal to its teacher gets a gradient of exactly 0 (reverse KL)."""
     logp = logp.clamp(min=torch.finfo(logp.dtype).min)
-    return (logp.exp() * (logp - logq)).sum(-1)
+    return (logp.exp() * (logp.detach() - logq)).sum(-1)
 
 
 def token_divergence(student_logits, teacher_logits, mask, kind="reverse-kl", beta=0.5):
