@@ -30,6 +30,8 @@ RUNS = {
     "ppo": ("train_ppo.py", PPO, 6),  # value head, GAE, adaptive KL controller
     "reinforce": ("train_reinforce.py", PPO, 6),  # + the running-mean baseline
     "grpo": ("train_grpo.py", PPO[:-2] + ["--group-size", "4", "--reward", "gold"], 6),  # groups, KL in the loss
+    "distill": ("train_distill.py", PPO[:-2] + ["--reward", "gold", "--teacher",  # a teacher adapter, loaded again
+                                                os.path.join(ROOT, "minirlhf", "assets", "reward-model")], 6),
 }
 NOISY = ("perf/", "time/")  # wall-clock metrics differ between any two runs
 

@@ -74,8 +74,8 @@ def test_each_script_shows_only_its_algorithms_knobs(scripts):
 
 
 def test_the_rl_scripts_share_their_defaults(scripts):
-    """Every shared flag has one default in the three RL scripts (only --out differs)."""
-    rl = [parse_args(scripts[n].Args, []) for n in ("train_ppo", "train_grpo", "train_reinforce")]
+    """Every shared flag has one default in the RL scripts (only --out differs)."""
+    rl = [parse_args(scripts[n].Args, []) for n in ("train_ppo", "train_grpo", "train_reinforce", "train_distill")]
     for f in dataclasses.fields(settings.RLArgs):
         values = {repr(getattr(a, f.name)) for a in rl}
         assert len(values) == 1 or f.name == "out", (f.name, values)
