@@ -22,10 +22,10 @@ One iteration reads top to bottom:
 The student's distribution is the one it samples from (--temperature, then --top-k / --top-p / --min-new-tokens:
 sampling.sampling_logits); the teacher's is its unfiltered softmax at the same temperature. The gradient reaches the
 student through its distributions only, not through which tokens it sampled (GKD, Sec. 3).
-Writes what train_grpo.py writes. Logged per iteration: loss/distill (the divergence per response token: 0 when the
-teacher is the student), objective/scores, objective/kl (k3 to the base, per sequence), policy/entropy,
-policy/approx_kl, time/*, perf/tokens_per_second, and every --eval-every iterations the eval/ metrics of
-evaluation.py (eval/kl: the exact KL of the student to the base).
+Writes what train_grpo.py writes (policy/: the student adapter; last_rollout.safetensors without advantages). Logged
+per iteration: loss/distill (the divergence per response token: 0 when the teacher is the student), objective/scores,
+objective/kl (k3 to the base, per sequence), policy/entropy, policy/approx_kl, time/*, perf/tokens_per_second, and
+every --eval-every iterations the eval/ metrics of evaluation.py (eval/kl: the exact KL of the student to the base).
 """
 from dataclasses import dataclass
 from typing import Optional
