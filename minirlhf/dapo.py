@@ -23,7 +23,6 @@ added to the score: a response that runs into the last L_cache tokens loses up t
 than only the truncated ones being punished at once. Here a response cannot outgrow L_max (--max-new-tokens cuts it),
 so the last line never applies: a cut response has |y| = L_max and gets the middle line's -1.
 """
-import torch
 
 
 def informative_groups(scores, group_size):

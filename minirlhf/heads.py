@@ -1,4 +1,6 @@
-"""What we read off the shared trunk's final hidden states: token log-probs (the LM head) and scalar / rating heads.
+"""What we read off the shared trunk's final hidden states: token log-probs (the LM head) and scalar / rating heads;
+for on-policy distillation, the per-token divergence between two adapters' next-token distributions
+(response_divergence).
 
 Legend: B batch, T tokens (prompt + response), H hidden size, V vocab, K rating classes, N response tokens in a batch.
 Two padding traps live here, and both are handled by looking at the attention mask, never at token ids:
@@ -17,7 +19,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from . import fast
+from .distill import token_divergence
 from .fast import unpad
+from .lora import use_adapter
 from .ops import entropy_from_logits, gather_logprobs
 from .precision import autocast
 from .sampling import as_settings, sampling_logits
@@ -120,14 +124,22 @@ def _chunk_logprobs(model, states, targets, steps, sampling, return_entropy):
     of -30 was tried: one dropped token made GRPO's loss/kl 2e10 on the built-in world.)"""
     logits = lm_logits(model, states)  # (n, H) -> (n, V), float32
     sampled = sampling_logits(logits, sampling, steps)  # (n, V): / temperature, -inf where the filter drops a token
-    logprobs = gather_logprobs(sampled, targets)  # (n,)
-    if sampling.filtered:  # -inf where the filter dropped the token -> its unfiltered log-prob
-        unfiltered = gather_logprobs(logits / sampling.temperature, targets)  # (n,)
-        logprobs = torch.where(torch.isfinite(logprobs), logprobs, unfiltered)
+    logprobs = _sampled_logprobs(logits, sampled, targets, sampling)  # (n,)
     if not return_entropy:
         return (logprobs,)
     # for logging: detached, so the (n, V) softmax intermediates are not kept for backward
     return logprobs, entropy_from_logits(sampled.detach())  # (n,), (n,): of the sampled distribution
+
+
+def _sampled_logprobs(logits, sampled, targets, sampling):
+    """(n,) log-probs of the (n,) targets under the sampled distribution's (n, V) logits `sampled`; a token its
+    filter dropped (-inf) gets its unfiltered log-prob at the same temperature from the raw (n, V) `logits` (the rule
+    of _chunk_logprobs)."""
+    logprobs = gather_logprobs(sampled, targets)  # (n,)
+    if sampling.filtered:  # -inf where the filter dropped the token -> its unfiltered log-prob
+        unfiltered = gather_logprobs(logits / sampling.temperature, targets)  # (n,)
+        logprobs = torch.where(torch.isfinite(logprobs), logprobs, unfiltered)
+    return logprobs
 
 
 def _token_logprobs(model, states, input_ids, response_mask, sampling, return_entropy):
@@ -182,6 +194,47 @@ def response_logprobs_and_states(model, input_ids, attention_mask, response_mask
     states = predicting_states(final_hidden(model, input_ids, attention_mask), response_mask)  # (B, T, H)
     logprobs, entropy = _token_logprobs(model, states, input_ids, response_mask, temperature, return_entropy=True)
     return logprobs, entropy, states
+
+
+def _chunk_divergence(model, teacher, states, teacher_states, targets, steps, sampling, kind, beta):
+    """One chunk of response_divergence: the student's (n, H) states and the teacher's, the (n,) tokens they predict
+    and their (n,) response steps -> (n,) divergences (with grad to the student), (n,) the student's log-probs of the
+    tokens and (n,) its entropies (both detached)."""
+    logits = lm_logits(model, states)  # (n, V) the student's (the active adapter's)
+    sampled = sampling_logits(logits, sampling, steps)  # (n, V): the distribution it samples from
+    with torch.no_grad(), use_adapter(model, teacher):  # (the LM head carries the teacher's LoRA if it was adapted)
+        teacher_logits = lm_logits(model, teacher_states) / sampling.temperature  # (n, V): unfiltered, detached
+    divergence = token_divergence(sampled, teacher_logits, torch.ones_like(targets, dtype=torch.bool), kind, beta)
+    sampled = sampled.detach()
+    return divergence, _sampled_logprobs(logits.detach(), sampled, targets, sampling), entropy_from_logits(sampled)
+
+
+def response_divergence(model, teacher, input_ids, attention_mask, response_mask, sampling, kind="reverse-kl",
+                        beta=0.5):
+    """On-policy distillation's per-token loss at every response position (distill.token_divergence), between the
+    student (the active adapter) and the teacher (adapter `teacher`, frozen), with grad to the student when called
+    with grad. input_ids, attention_mask, response_mask: (B, T), any padding side. Returns three (B, T) tensors on
+    input_ids' grid, 0 off the response: the divergence, the student's log-probs of the response tokens and its
+    entropies (both detached: for logging).
+
+    The student's distribution is the one it samples from (`sampling`, a SamplingSettings or a temperature:
+    sampling.sampling_logits, the temperature then the top-k / top-p / min-new-tokens filter); the teacher's is its
+    unfiltered softmax at the same temperature (as the reference's: rollout.reference_logprobs). Two trunk passes,
+    the teacher's without grad (only its (N, H) states at the response positions are kept), then the LM head on at
+    most LOGITS_CHUNK positions at a time, each chunk checkpointed with grad (as _token_logprobs): the two (chunk, V)
+    logits of one chunk exist at a time, in the forward and in the backward."""
+    sampling = as_settings(sampling)
+    predicts = response_mask.bool()  # (B, T)
+    with torch.no_grad(), use_adapter(model, teacher):
+        teacher_states = predicting_states(final_hidden(model, input_ids, attention_mask), response_mask)[predicts]
+    states = predicting_states(final_hidden(model, input_ids, attention_mask), response_mask)[predicts]  # (N, H)
+    targets = input_ids[predicts]  # (N,)
+    steps = (response_mask.long().cumsum(-1) - 1)[predicts]  # (N,) 0 for a response's first token, 1, 2, ...
+    plain = not torch.is_grad_enabled() or states.shape[0] <= LOGITS_CHUNK  # nothing to gain from a checkpoint
+    parts = [_chunk_divergence(model, teacher, *chunk, sampling, kind, beta) if plain else
+             checkpoint(_chunk_divergence, model, teacher, *chunk, sampling, kind, beta, use_reentrant=False)
+             for chunk in zip(*(x.split(LOGITS_CHUNK) for x in (states, teacher_states, targets, steps)))]
+    return tuple(to_token_grid(torch.cat(outs), response_mask) for outs in zip(*parts))  # (N,) -> (B, T) each
 
 
 class ScalarHead(nn.Module):

@@ -83,10 +83,11 @@ def log_iteration(run, iteration, metrics, stats, batch, held_out):
 
 
 def log_line(iteration, metrics, seconds):
-    """The one line per iteration the RL scripts print."""
+    """The one line per iteration the RL scripts print (train_distill.py's with its loss/distill)."""
     return (f"iter {iteration:3d} | score {metrics['objective/scores']:+.3f} | kl {metrics['objective/kl']:6.2f} | "
             f"entropy {metrics['policy/entropy']:.3f} | len {metrics['rollout/length']:4.1f} | approx_kl "
             f"{metrics['policy/approx_kl']:.4f}"
+            + (f" | distill {metrics['loss/distill']:.4f}" if "loss/distill" in metrics else "")
             + (f" | eval gold {metrics['eval/gold']:.3f} reward {metrics['eval/reward']:+.3f} kl "
                f"{metrics['eval/kl']:.2f}" if "eval/gold" in metrics else "") + f" | {seconds:.1f}s")
 

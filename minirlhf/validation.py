@@ -181,10 +181,11 @@ def check_kl_floor(args, measured_kl):
 
 
 def check_rl_args(args, ranges, kl_estimators=None):
-    """What train_ppo.py, train_grpo.py, train_reinforce.py and train_online_dpo.py check alike: check_common, the
-    reward source (a reward-model folder, file by file, whose head fits --reward-transform; or the gold score of the
-    built-in world), the KL estimator (k2 or k3 in the reward: one warning line, kl_estimator_warning), minibatch <=
-    rollout, a --target-kl with a starting --kl-coef, the sampling flags, --tis-cap and --mismatch-mask-threshold."""
+    """What train_ppo.py, train_grpo.py, train_reinforce.py, train_online_dpo.py and train_distill.py check alike:
+    check_common, the reward source (a reward-model folder, file by file, whose head fits --reward-transform; or the
+    gold score of the built-in world), the KL estimator (k2 or k3 in the reward: one warning line,
+    kl_estimator_warning), minibatch <= rollout, a --target-kl with a starting --kl-coef, the sampling flags, --tis-cap
+    and --mismatch-mask-threshold."""
     from .folders import check_reward_model_dir, read_head_config
     check_common(args, {**MISMATCH_RANGES, **ranges}, datasets="prompt")
     check_sampling(args)

@@ -20,12 +20,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from minirlhf.assets import TINY_LLAMA
+from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 SCRIPTS = ("train_sft.py", "train_reward.py", "train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py",
-           "train_online_dpo.py")
+           "train_online_dpo.py", "train_distill.py")
+TEACHER = os.path.join(ASSETS_DIR, "reward-model")  # an adapter folder on the embedded base: a valid --teacher
+REQUIRED = {"train_distill.py": ["--teacher", TEACHER]}  # a script's required flags, given before each case's own
 
 # ---- settings out of range: zero, negative, NaN, inf (validation.py), in every script that has the flag
 RANGE_CASES = [
@@ -101,9 +103,9 @@ CHOICE_CASES = [
     *[(s, ["--report-to", "wandb"], "--report-to") for s in SCRIPTS],
     *[(s, ["--system-prompt", " "], "--system-prompt") for s in SCRIPTS],
     *[(s, ["--top-p", "0"], "--top-p") for s in ("train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py",
-                                                "train_online_dpo.py")],
+                                                "train_online_dpo.py", "train_distill.py")],
     *[(s, ["--top-k", "-1"], "--top-k") for s in ("train_ppo.py", "train_grpo.py", "train_reinforce.py",
-                                                 "train_online_dpo.py")],
+                                                 "train_online_dpo.py", "train_distill.py")],
     ("train_ppo.py", ["--min-new-tokens", "25"], "--min-new-tokens"),
     ("train_reinforce.py", ["--baseline", "leave-one-out"], "--samples-per-prompt"),
     ("train_reinforce.py", ["--baseline", "reinforce++-baseline"], "--samples-per-prompt"),
@@ -127,6 +129,13 @@ CHOICE_CASES = [
     ("train_grpo.py", ["--group-size", "1"], "--group-size"),
     ("train_grpo.py", ["--group-size", "3"], "--group-size"),
     ("train_grpo.py", ["--beta", "nan"], "--beta"),
+    ("train_distill.py", ["--teacher", "/no/such/folder"], "--teacher"),
+    ("train_distill.py", ["--teacher", os.path.join(ASSETS_DIR, "tiny-llama")], "full model"),
+    ("train_distill.py", ["--divergence", "kl"], "--divergence"),
+    ("train_distill.py", ["--jsd-beta", "0.3"], "--divergence jsd"),  # β of a divergence not chosen
+    *[("train_distill.py", ["--divergence", "jsd", "--jsd-beta", v], "--jsd-beta") for v in ("0", "1", "nan")],
+    ("train_distill.py", ["--divergence", "forward-kl", "--top-k", "5"], "--divergence forward-kl"),
+    ("train_distill.py", ["--tis-cap", "2"], "--tis-cap"),
     ("train_reinforce.py", ["--kl-coef", "-1"], "--kl-coef"),
     ("train_reinforce.py", ["--kl-estimator", "k4"], "--kl-estimator"),
     ("train_ppo.py", ["--kl-estimator", "k5"], "--kl-estimator"),
@@ -195,7 +204,8 @@ def assert_one_line(code, script, expected):
 @pytest.mark.parametrize("script,argv,expected", CASES, ids=[f"{s}:{' '.join(a)}" for s, a, _ in CASES])
 def test_bad_setting_is_one_line_before_anything_loads(script, argv, expected, previous_run, monkeypatch):
     before = snapshot(previous_run)
-    code = run_in_process(script, ["--threads", "1", *argv, "--out", previous_run], monkeypatch)  # argv wins
+    code = run_in_process(script, [*REQUIRED.get(script, []), "--threads", "1", *argv, "--out", previous_run],
+                          monkeypatch)  # argv wins
     assert_one_line(code, script, expected)
     assert snapshot(previous_run) == before
 
@@ -218,6 +228,9 @@ DIVERGE = {
     "train_online_dpo.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size",
                             "8", "--reward", "gold", "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens",
                             "4", "--save-every", "1"],
+    "train_distill.py": ["--iterations", "6", "--warmup-iterations", "0", "--rollout-size", "8", "--minibatch-size",
+                         "8", "--eval-prompts", "2", "--eval-samples", "1", "--max-new-tokens", "4", "--save-every",
+                         "1", "--teacher", TEACHER],
 }
 
 

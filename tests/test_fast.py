@@ -24,7 +24,8 @@ from test_sampling import PAD, left_padded_prompts
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000,
                     tie_word_embeddings=True, max_position_embeddings=8192)
-SCRIPTS = ["train_sft", "train_reward", "train_dpo", "train_ppo", "train_grpo", "train_reinforce", "train_online_dpo"]
+SCRIPTS = ["train_sft", "train_reward", "train_dpo", "train_ppo", "train_grpo", "train_reinforce", "train_online_dpo",
+           "train_distill"]
 
 
 def smollm2_shape(layers=2):

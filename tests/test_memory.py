@@ -8,7 +8,7 @@ micro-batches) does not change what it computes.
   backward keeps no (positions, V) tensor;
 - an RL minibatch's loss computed in micro-batches by each RL script's own update step (minibatch_gradient: PPO policy
   + value, GRPO with each --policy-loss, REINFORCE with one advantage per response and, REINFORCE++, one per token,
-  online DPO) against the whole minibatch in one piece: same gradient, same statistics;
+  online DPO, distillation) against the whole minibatch in one piece: same gradient, same statistics;
 - the rollout's no-grad passes (sampling merged from chunks, old and reference log-probs, values, reward scores) in
   chunks of 2 rows against one pass.
 """
@@ -23,6 +23,7 @@ from minirlhf import heads, lora
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.cli import parse_args
 from minirlhf.evaluation import generate, sequence_kl
+from minirlhf.formats import load_adapter
 from minirlhf.heads import ScalarHead, in_row_chunks, response_logprobs
 from minirlhf.models import load_model, load_tokenizer
 from minirlhf.precision import LossScaler
@@ -41,6 +42,7 @@ SCRIPTS = {  # script -> flags; each with-grad micro-batch is <= ROWS rows too (
     "train_grpo": RL + ["--group-size", "2", "--ppo-epochs", "1"],
     "train_reinforce": RL,
     "train_online_dpo": RL + ["--reward", "gold"],  # a micro-batch: 1 pair = 2 rows
+    "train_distill": RL + ["--teacher", os.path.join(ASSETS_DIR, "reward-model")],  # an adapter on the same base
     "train_dpo": ["--max-steps", "1", "--batch-size", "1", "--max-train-pairs", "4", "--max-eval-pairs", "5",
                   "--precompute-ref", "--eval-prompts", "3", "--eval-samples", "1", "--max-new-tokens", "6"],
     "train_reward": ["--max-steps", "1", "--batch-size", "1", "--max-train-pairs", "4", "--max-eval-pairs", "5"],
@@ -95,7 +97,7 @@ def test_no_model_call_sees_more_rows_than_the_flag(script, tmp_path, monkeypatc
             model.get_output_embeddings().register_forward_pre_hook(head_hook)
             return model
         return load_model
-    rl = ("train_ppo", "train_grpo", "train_reinforce", "train_online_dpo")
+    rl = ("train_ppo", "train_grpo", "train_reinforce", "train_online_dpo", "train_distill")  # roles.load_policy's base
     owner = sys.modules["minirlhf.roles"] if script in rl else module
     monkeypatch.setattr(owner, "load_model", spied(owner.load_model))
     args = parse_args(module.Args, SCRIPTS[script] + ["--forward-batch-size", str(ROWS), "--threads", "1",
@@ -223,6 +225,10 @@ def minibatch_grads(script, model, batch, value_head, params, d, mb, rows, flags
         stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d["ref"], d["adv"],
                                                     d["loss_mask"], d["tis"], args, scaler)
         stats = {**stats, "logprobs": logprobs}
+    elif script.__name__ == "train_distill":  # the teacher: the embedded reward model's adapter, another distribution
+        if script.TEACHER not in lora.adapter_names(model):
+            load_adapter(model, os.path.join(ASSETS_DIR, "reward-model"), adapter=script.TEACHER)
+        stats = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], args, scaler)
     else:
         stats, logprobs = script.minibatch_gradient(model, batch, 1.0, mb, d["old"], d[advantages], d["loss_mask"],
                                                     d["tis"], args, scaler)
@@ -237,7 +243,7 @@ GSPO = ["--policy-loss", "gspo", "--clip-eps", "0.01", "--clip-high", "0.02"]  #
                                           ("train_grpo", GSPO + ["--loss-aggregation", "sequence"]),
                                           ("train_grpo", ["--policy-loss", "cispo", "--clip-high", "0.28"]),
                                           ("train_reinforce", []), ("train_reinforce/reinforce++", []),
-                                          ("train_online_dpo", [])])
+                                          ("train_online_dpo", []), ("train_distill", [])])
 def test_micro_batches_give_the_minibatch_gradient(asset_model, script, flags, monkeypatch):
     monkeypatch.syspath_prepend(REPO)
     script, advantages = (script.split("/")[0], "adv_pp") if "/" in script else (script, "adv_seq")

@@ -7,7 +7,6 @@ micro-batches that add up to the minibatch exactly; and train_grpo.py's --policy
 train_grpo.minibatch_gradient: tests/test_memory.py."""
 import math
 import os
-import sys
 
 import pytest
 import torch

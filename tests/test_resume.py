@@ -34,6 +34,8 @@ RUNS = {
     "grpo_dapo": ("train_grpo.py", PPO[:-2] + ["--group-size", "2", "--reward", "gold", "--max-new-tokens", "3",
                                                "--dynamic-sampling", "--overlong-buffer", "2"], 6),
     "online_dpo": ("train_online_dpo.py", PPO[:-2] + ["--reward", "gold"], 6),  # pairs of the policy's own samples
+    "distill": ("train_distill.py", PPO[:-2] + ["--reward", "gold", "--teacher",  # a teacher adapter, loaded again
+                                                os.path.join(ROOT, "minirlhf", "assets", "reward-model")], 6),
 }
 NOISY = ("perf/", "time/")  # wall-clock metrics differ between any two runs
 

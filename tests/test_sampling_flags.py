@@ -184,7 +184,7 @@ def test_defaults_are_the_plain_softmax_bit_for_bit(monkeypatch):
                               return_entropy=True)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     monkeypatch.syspath_prepend(ROOT)
-    for script in ("train_ppo", "train_grpo", "train_reinforce", "train_dpo"):  # the flags default to off
+    for script in ("train_ppo", "train_grpo", "train_reinforce", "train_distill", "train_dpo"):  # default: off
         module = __import__(script)
         assert not SamplingSettings.from_args(parse_args(module.Args, []), 1).filtered
 
@@ -273,7 +273,8 @@ BAD = [(["--top-k", "-1"], "--top-k must be >= 0, got -1"),
        (["--stop-strings", ".", ""], "--stop-strings must be non-empty texts")]
 
 
-@pytest.mark.parametrize("script", ["train_ppo.py", "train_grpo.py", "train_reinforce.py", "train_dpo.py"])
+@pytest.mark.parametrize("script", ["train_ppo.py", "train_grpo.py", "train_reinforce.py", "train_distill.py",
+                                    "train_dpo.py"])
 @pytest.mark.parametrize("argv,expected", BAD)
 def test_bad_sampling_flags_end_in_one_line(script, argv, expected, monkeypatch, tmp_path):
     code = run_in_process(script, argv + ["--out", str(tmp_path / "out")], monkeypatch)
@@ -303,6 +304,7 @@ def test_ppo_with_top_k_1_samples_a_point_mass_and_its_old_logprobs_are_zero(tmp
 
 @pytest.mark.parametrize("script,extra", [
     ("train_grpo", ["--group-size", "4"]), ("train_reinforce", []),
+    ("train_distill", ["--teacher", os.path.join(ROOT, "minirlhf", "assets", "reward-model")]),  # a filtered student
     ("train_dpo", None)])
 def test_scripts_run_with_every_sampling_flag(script, extra, tmp_path, monkeypatch):
     """--top-k 5 --top-p 0.9 --min-new-tokens 3 --stop-strings . and: the run finishes with finite numbers, and no

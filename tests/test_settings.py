@@ -16,7 +16,8 @@ from minirlhf.errors import InputError
 from minirlhf.validation import check_ranges
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ["train_sft", "train_reward", "train_dpo", "train_ppo", "train_grpo", "train_reinforce", "train_online_dpo"]
+SCRIPTS = ["train_sft", "train_reward", "train_dpo", "train_ppo", "train_grpo", "train_reinforce", "train_online_dpo",
+           "train_distill"]
 # a shared flag a script gives another meaning, with its own help: SFT's prompt cut applies without packing only
 OWN_MEANING = {("train_sft", "max_prompt_length")}
 # knobs of different algorithms that happen to share a name (DPO's beta is not GRPO's): each script's own help
@@ -74,8 +75,9 @@ def test_each_script_shows_only_its_algorithms_knobs(scripts):
 
 
 def test_the_rl_scripts_share_their_defaults(scripts):
-    """Every shared flag has one default in the four RL scripts (only --out differs)."""
-    rl = [parse_args(scripts[n].Args, []) for n in ("train_ppo", "train_grpo", "train_reinforce", "train_online_dpo")]
+    """Every shared flag has one default in the RL scripts (only --out differs)."""
+    rl = [parse_args(scripts[n].Args, []) for n in ("train_ppo", "train_grpo", "train_reinforce", "train_online_dpo",
+                                                    "train_distill")]
     for f in dataclasses.fields(settings.RLArgs):
         values = {repr(getattr(a, f.name)) for a in rl}
         assert len(values) == 1 or f.name == "out", (f.name, values)
