@@ -162,7 +162,7 @@ def test_grpo_pass_k_adds_metrics_and_changes_nothing_else(tmp_path):
                                                    "--threads", "1"]))
     for row, when in zip(table, ("before", "after")):
         assert [float(v) for v in row[-3:]] == pytest.approx(
-            [summaries["on"][f"eval/pass@{k}_{when}"] for k in (1, 2, 4)], abs=5e-4)
+            [summaries["on"][f"eval/pass@{k}_{when}"] for k in (1, 2, 4)], abs=5.01e-4)  # 3 decimals
 
 
 def test_compare_pass_k_needs_the_built_in_world(monkeypatch):
