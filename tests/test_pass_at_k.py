@@ -1,7 +1,7 @@
 """pass_at_k.py against exact combinatorics (math.comb, exact fractions), against the k-subsets enumerated and drawn at
 random, and against the closed form 1 - (1 - p)^k it estimates without bias; pass_at_k_evaluation on the embedded
 tiny Llama against the pass@k recomputed by hand from the same samples; --pass-k end to end in train_grpo.py (the
-training and the other evaluation numbers unchanged)."""
+training and the other evaluation numbers unchanged), train_dpo.py and python -m minirlhf.compare."""
 import itertools
 import json
 import math
@@ -129,20 +129,29 @@ def test_pass_at_k_evaluation_recomputed_by_hand_from_its_samples():
 
 
 @needs_tiny
-def test_grpo_pass_k_adds_metrics_and_changes_nothing_else(tmp_path):
+def test_pass_k_adds_metrics_and_changes_nothing_else(tmp_path):
     fast = ["--iterations", "2", "--rollout-size", "8", "--minibatch-size", "4", "--group-size", "4",
             "--eval-prompts", "4", "--eval-samples", "1", "--eval-every", "1", "--max-new-tokens", "8",
             "--threads", "1", "--reward", "gold"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": REPO}
-    outs = {name: str(tmp_path / name) for name in ("off", "on")}
-    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, "train_grpo.py"), *fast, "--out", outs[name],
-                               *(["--pass-k", "2", "1", "4"] if name == "on" else [])], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for name in outs]
+    # DPO evaluates each prompt --eval-samples 4 times, GRPO once: pass@k takes each prompt once either way, so the
+    # base model's numbers before training are the same
+    dpo = ["--max-steps", "2", "--batch-size", "4", "--max-eval-pairs", "8", "--eval-prompts", "4", "--eval-samples",
+           "4", "--max-new-tokens", "8", "--threads", "1", "--pass-k", "1", "2", "4"]
+    commands = {"off": ["train_grpo.py", *fast], "on": ["train_grpo.py", *fast, "--pass-k", "2", "1", "4"],
+                "dpo": ["train_dpo.py", *dpo]}
+    outs = {name: str(tmp_path / name) for name in commands}
+    procs = [subprocess.Popen([sys.executable, os.path.join(REPO, script), *argv, "--out", outs[name]], env=env,
+                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for name, (script, *argv) in commands.items()]
     for p in procs:
         out = p.communicate()[0]
         assert p.returncode == 0, out[-3000:]
     summaries = {name: json.load(open(os.path.join(out, "summary.json"))) for name, out in outs.items()}
     rows = {name: [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))] for name, out in outs.items()}
+    for k in (1, 2, 4):
+        assert summaries["dpo"][f"eval/pass@{k}_before"] == summaries["on"][f"eval/pass@{k}_before"]
+        assert 0 <= summaries["dpo"][f"eval/pass@{k}_after"] <= 1
     timing = ("time/", "perf/", "memory/", "cost/")
     for off, on in zip(rows["off"], rows["on"]):  # every training and evaluation number the same
         assert {k: v for k, v in off.items() if not k.startswith(timing)} == \
