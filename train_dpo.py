@@ -23,7 +23,8 @@ faster), both off by default:
 --sft-adapter when the policy starts from one). Dropout is off in every pass (it would make the log-ratios noisy),
 except the LoRA adapter's own --lora-dropout in the training step's policy pass (0 by default).
 On the built-in world the policy is sampled on held-out prompts before and after training and scored by the gold
-reward: eval/gold_before, eval/gold_after, eval/kl, eval/win_rate (gold after > gold before on the same prompt).
+reward: eval/gold_before, eval/gold_after, eval/kl, eval/win_rate (gold after > gold before on the same prompt), and
+with --pass-k 1 4 16 eval/pass@k (report.held_out_pass_at_k).
 """
 from dataclasses import dataclass
 from typing import Optional
@@ -44,7 +45,7 @@ from minirlhf.heads import in_row_chunks, response_logprobs
 from minirlhf.lora import copy_adapter, lora_parameters, set_active_adapter
 from minirlhf.models import dropout_off, load_model, load_tokenizer, parameter_report, reference
 from minirlhf.precision import LossScaler
-from minirlhf.report import final_summary
+from minirlhf.report import final_summary, held_out_pass_at_k
 from minirlhf.run import Run
 from minirlhf.settings import DataArgs, EvalArgs, ModelArgs, OptimArgs, PairArgs, RunArgs, SamplingArgs
 from minirlhf.training import (EpochOrder, lora_dropout_active, lr_at, make_optimizer, make_trainable, optimizer_step,
@@ -173,12 +174,14 @@ def main(args):
                                           show=run.is_main)
 
     def sample_eval():
-        return evaluate_policy(model, tokenizer, eval_prompts, eval_ids,
-                               gold_fn=world.gold_score if args.dataset == "builtin" else None,
-                               max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                               top_p=args.top_p, min_new_tokens=args.min_new_tokens,
-                               stop_strings=tuple(args.stop_strings), batch_size=args.forward_batch_size,
-                               seed=args.seed, device=device)
+        metrics, samples = evaluate_policy(model, tokenizer, eval_prompts, eval_ids,
+                                           gold_fn=world.gold_score if args.dataset == "builtin" else None,
+                                           max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                           top_k=args.top_k, top_p=args.top_p, min_new_tokens=args.min_new_tokens,
+                                           stop_strings=tuple(args.stop_strings), batch_size=args.forward_batch_size,
+                                           seed=args.seed, device=device)
+        metrics.update(held_out_pass_at_k(model, tokenizer, eval_prompts, eval_ids, args, device))  # --pass-k
+        return metrics, samples
 
     run.print(f"data: {len(train_data)} train pairs; {total_steps} steps of {per_step} pairs (per process "
               f"{args.batch_size} x {args.grad_accum} accum)")

@@ -10,6 +10,7 @@ evaluation.evaluate_policy (seeded: the same policy always gets the same samples
 evaluation with the same settings), and every reward model scores those same samples at their last real token. Columns:
   <reward model>  mean score (rating heads: expected rating)       gold   mean gold score (built-in world, 0..4)
   KL              mean exact KL(π‖π_base) per sequence, in nats     length mean response length in tokens
+  pass@k          (--pass-k, built-in world) the unbiased pass@k of max(k) more samples per prompt (pass_at_k.py)
 A folder may be the adapter folder itself or a run folder holding policy/ (train_ppo.py, train_grpo.py,
 train_reinforce.py, train_dpo.py) or reward_model/ (train_reward.py). The table is printed and, with --out, written as
 markdown.
@@ -24,10 +25,10 @@ from minirlhf import lora
 from minirlhf.assets import TINY_LLAMA
 from minirlhf.atomic import atomic_write_bytes
 from minirlhf.cli import format_args, run_script
-from minirlhf.data import load_prompt_dataset
+from minirlhf.data import load_prompt_dataset, world
 from minirlhf.data.tokenize import require_pad_token, tokenize_prompt_dataset
 from minirlhf.devices import get_device
-from minirlhf.evaluation import evaluate_policy
+from minirlhf.evaluation import evaluate_policy, pass_at_k_evaluation
 from minirlhf.errors import InputError
 from minirlhf.folders import check_adapter_dir, check_reward_model_dir
 from minirlhf.formats import load_adapter
@@ -48,6 +49,9 @@ class Args:
     """reward model folders written by train_reward.py (or run folders holding reward_model/)"""
     gold: bool = False
     """add the built-in world's gold score as a column (--dataset builtin only)"""
+    pass_k: list[int] = field(default_factory=list)
+    """add a column pass@k for each of these k (--dataset builtin only): max(k) more responses sampled per prompt,
+    a response correct when world.is_correct (evaluation.pass_at_k_evaluation); none: no such columns"""
     dataset: str = "builtin"
     """held-out prompts: 'builtin' or a data set minirlhf.data knows"""
     data_files: Optional[str] = None
@@ -158,11 +162,11 @@ def main(args):
     ids = [p for p in ids for _ in range(args.samples)]
     gold_fn = None
     if args.gold:
-        from minirlhf.data import world
         gold_fn = world.gold_score
 
+    ks = sorted(set(args.pass_k))
     header = ["policy"] + [f"RM {r}" for r in args.reward_models] + (["gold"] if args.gold else []) + \
-             ["KL (nats)", "length"]
+             ["KL (nats)", "length"] + [f"pass@{k}" for k in ks]
     table = []
     for j, path in enumerate(policies):
         scores = [[] for _ in reward_models]
@@ -180,12 +184,19 @@ def main(args):
                                          reward_fn=reward_fn if reward_models else None,
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          batch_size=args.forward_batch_size, seed=args.seed, device=device)
+            if ks:  # each prompt once, sampled max(k) times by a generator of its own
+                metrics.update(pass_at_k_evaluation(model, tokenizer, rows, data["prompt_ids"], ks=ks,
+                                                    correct_fn=world.is_correct, max_new_tokens=args.max_new_tokens,
+                                                    temperature=args.temperature, batch_size=args.forward_batch_size,
+                                                    seed=args.seed, device=device))
         table.append([args.policies[j]] + [f"{torch.cat(s).mean().item():+.3f}" for s in scores]
                      + ([f"{metrics['eval/gold']:.3f}"] if args.gold else [])
-                     + [f"{metrics['eval/kl']:.2f}", f"{metrics['eval/length']:.1f}"])
+                     + [f"{metrics['eval/kl']:.2f}", f"{metrics['eval/length']:.1f}"]
+                     + [f"{metrics[f'eval/pass@{k}']:.3f}" for k in ks])
     text = markdown_table(header, table)
     note = (f"\n\n{len(rows)} held-out prompts of {args.dataset} [{args.split}] x {args.samples} samples at "
-            f"temperature {args.temperature}, seed {args.seed}; base {args.model}.\n")
+            f"temperature {args.temperature}, seed {args.seed}; base {args.model}"
+            + (f"; pass@k from {max(ks)} more samples per prompt" if ks else "") + ".\n")
     print("\n" + text)
     if args.out:
         atomic_write_bytes(args.out, (text + note).encode())

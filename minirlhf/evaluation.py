@@ -10,6 +10,8 @@ Shared by train_dpo.py, train_ppo.py and `python -m minirlhf.compare`, so that e
                 unfiltered at temperature 1, whatever --temperature / --top-k / --top-p / --min-new-tokens sample
   eval/length   mean response length in tokens; eval/eos_fraction: share of responses that ended with EOS
                 (or a stop string: generate's `ended`)
+  eval/pass@k   (--pass-k, built-in world) mean over prompts of the unbiased pass@k from max(k) more samples per
+                prompt, drawn by pass_at_k_evaluation with a generator of its own (pass_at_k.py)
 """
 import os
 
@@ -21,6 +23,7 @@ from .data.tokenize import collate_prompts
 from .heads import final_hidden, lm_logits, predicting_states, to_token_grid
 from .kl import exact_kl
 from .models import reference
+from .pass_at_k import pass_at_k
 from .sampling import StopStrings, eval_mode, sample
 
 
@@ -120,6 +123,33 @@ def _evaluate(model, tokenizer, prompts, prompt_ids, gold_fn, reward_fn, max_new
     if rewards:
         metrics["eval/reward"] = sum(rewards) / len(rewards)
     return metrics, samples
+
+
+PASS_AT_K_SEED_OFFSET = 1  # pass@k's generator is seeded with seed + 1: its draws are not a copy of evaluate_policy's
+
+
+@torch.no_grad()
+def pass_at_k_evaluation(model, tokenizer, prompts, prompt_ids, *, ks, correct_fn, max_new_tokens=24,
+                         temperature=1.0, top_k=0, top_p=1.0, min_new_tokens=0, stop_strings=(), batch_size=64, seed=0,
+                         device="cpu"):
+    """{"eval/pass@k": mean over the B prompts of pass_at_k(n, c, k)} for every k in ks, n = max(ks).
+
+    prompts: B distinct message lists, prompt_ids: their token ids. Each prompt is sampled n times (generate(), the
+    same sampler settings as evaluate_policy, batch_size rows at a time, from one generator seeded with seed +
+    PASS_AT_K_SEED_OFFSET); correct_fn(messages, text) -> bool counts its c correct responses (world.is_correct)."""
+    n = max(ks)
+    sampler = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "min_new_tokens": min_new_tokens,
+               "stop_strings": stop_strings}
+    g = torch.Generator(device=device).manual_seed(seed + PASS_AT_K_SEED_OFFSET)
+    ids = [p for p in prompt_ids for _ in range(n)]  # B·n rows, each prompt's n contiguous
+    correct = []
+    with eval_mode(model):
+        for i in range(0, len(ids), batch_size):
+            texts = generate(model, tokenizer, ids[i:i + batch_size], max_new_tokens=max_new_tokens, **sampler,
+                             generator=g, device=device)["texts"]
+            correct += [bool(correct_fn(prompts[(i + j) // n], t)) for j, t in enumerate(texts)]
+    c = torch.tensor(correct).view(len(prompt_ids), n).sum(1)  # (B,): correct responses per prompt
+    return {f"eval/pass@{k}": pass_at_k(n, c, k).mean().item() for k in sorted(set(ks))}
 
 
 def held_out_prompts(dataset, split, data_files, tokenizer, n_prompts, samples, max_prompt_length, template=None,

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from . import distributed
 from .atomic import atomic_write_bytes
 from .data import world
-from .evaluation import evaluate_policy, gold_summary, held_out_prompts, save_samples, show_samples
+from .evaluation import (evaluate_policy, gold_summary, held_out_prompts, pass_at_k_evaluation, save_samples,
+                         show_samples)
 from .formats import save_adapter
 from .models import resident_bytes
 from .phases import format_totals
@@ -27,8 +28,8 @@ from .rollout import sampler_kwargs
 class HeldOut:
     """The held-out prompts (the first --eval-prompts of --eval-split, each --eval-samples times) and how the policy
     is measured on them: evaluation.evaluate_policy scored by the reward (its gold score stands in for the reward
-    model with --reward gold). held_out() -> (metrics, samples); its time is the phase "evaluation" of `clock`
-    (run.clock: phases.py)."""
+    model with --reward gold), and with --pass-k eval/pass@k (held_out_pass_at_k). held_out() -> (metrics,
+    samples); its time is the phase "evaluation" of `clock` (run.clock: phases.py)."""
 
     def __init__(self, model, tokenizer, reward, args, device, clock):
         self.model, self.tokenizer, self.reward, self.args, self.device = model, tokenizer, reward, args, device
@@ -51,7 +52,23 @@ class HeldOut:
             metrics["eval/reward"] = metrics["eval/gold"]
             for s in samples:
                 s["reward"] = s["gold"]
+        metrics.update(held_out_pass_at_k(self.model, self.tokenizer, self.prompts, self.prompt_ids, args,
+                                          self.device))
         return metrics, samples
+
+
+def held_out_pass_at_k(model, tokenizer, prompts, prompt_ids, args, device):
+    """--pass-k (built-in world): {"eval/pass@k": ...} of the active adapter on the held-out prompts (`prompts`,
+    `prompt_ids` as held_out_prompts repeats them: each --eval-samples times), max(k) responses sampled per prompt
+    with the evaluation's sampler settings (evaluation.pass_at_k_evaluation); {} without --pass-k. The RL scripts'
+    HeldOut and train_dpo.py's evaluation call it."""
+    if not args.pass_k:
+        return {}
+    every = args.eval_samples  # one of each prompt's copies
+    return pass_at_k_evaluation(model, tokenizer, prompts[::every], prompt_ids[::every], ks=args.pass_k,
+                                correct_fn=world.is_correct, max_new_tokens=args.max_new_tokens,
+                                **sampler_kwargs(args), batch_size=args.forward_batch_size, seed=args.seed,
+                                device=device)
 
 
 def iteration_metrics(batch, scores, kl, rlhf_reward, world_size):

@@ -187,7 +187,10 @@ class EvalArgs:
     """held-out prompts sampled per evaluation"""
     eval_samples: int = 2
     """responses sampled per held-out prompt (more: less noisy gold / reward numbers)"""
-    RANGES: ClassVar[dict] = {"eval_prompts": ">= 1", "eval_samples": ">= 1"}
+    pass_k: list[int] = field(default_factory=list)
+    """built-in world: also report eval/pass@k for these k (e.g. 1 4 16 64), from max(k) more responses sampled per
+    held-out prompt, its own seeded draw (pass_at_k.py; a response is correct when world.is_correct); none: off"""
+    RANGES: ClassVar[dict] = {"eval_prompts": ">= 1", "eval_samples": ">= 1"}  # --pass-k: validation.check_pass_k
 
 
 @dataclass

@@ -70,8 +70,9 @@ def check_choice(flag, value, allowed):
 
 def check_common(args, ranges, datasets="preference"):
     """The checks every script shares, on whichever of these fields `args` has: the numeric ranges (COMMON_RANGES +
-    the script's `ranges`), the choices (quantization, dtype, template, dataset, splits) and the device. Cheap: runs
-    before any model or data is loaded. `datasets`: "preference" or "prompt", the kind of --dataset the script reads."""
+    the script's `ranges`), the choices (quantization, dtype, template, dataset, splits), --pass-k and the device.
+    Cheap: runs before any model or data is loaded. `datasets`: "preference" or "prompt", the kind of --dataset the
+    script reads."""
     from .data.loading import KNOWN_PREFERENCE_DATASETS, KNOWN_PROMPT_DATASETS, SPLITS
     from .data.templates import TEMPLATES
     from .devices import get_device
@@ -95,11 +96,24 @@ def check_common(args, ranges, datasets="preference"):
     if getattr(args, "full_finetune", False) and getattr(args, "quantization", "none") != "none":
         raise InputError(f"--full-finetune trains every weight in float32, which a --quantization {args.quantization} "
                          "base cannot: pass --quantization none, or leave --full-finetune out to train a LoRA adapter")
+    if hasattr(args, "pass_k"):
+        check_pass_k(args)
     if hasattr(args, "device"):
         get_device(args.device)  # InputError for an unknown device or CUDA asked for where there is none
     if getattr(args, "model", None) and not getattr(args, "init_config", None):
         check_model_source(args.model)  # a local folder with config.json + weights, or a Hub id (no network here)
         check_lora_targets(args)
+
+
+def check_pass_k(args):
+    """--pass-k: every k >= 1, and only on the built-in world (correctness is its gold judge's: world.is_correct)."""
+    if not args.pass_k:
+        return
+    if any(k < 1 for k in args.pass_k):
+        raise InputError(f"--pass-k must be integers >= 1, got {' '.join(map(str, args.pass_k))}")
+    if args.dataset != "builtin":
+        raise InputError(f"--pass-k counts correct answers, which only the built-in world can judge: it needs "
+                         f"--dataset builtin, got {args.dataset}")
 
 
 def check_lora_targets(args):

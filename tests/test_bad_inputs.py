@@ -106,6 +106,10 @@ CHOICE_CASES = [
                                                 "train_online_dpo.py", "train_distill.py")],
     *[(s, ["--top-k", "-1"], "--top-k") for s in ("train_ppo.py", "train_grpo.py", "train_reinforce.py",
                                                  "train_online_dpo.py", "train_distill.py")],
+    *[(s, ["--pass-k", "4", "0"], "--pass-k must be integers >= 1") for s in ("train_dpo.py", "train_ppo.py",
+                                                                            "train_grpo.py", "train_reinforce.py")],
+    *[(s, ["--dataset", "juyoungml/HelpSteer2-binarized", "--pass-k", "4"], "--pass-k counts correct answers")
+      for s in ("train_dpo.py", "train_ppo.py", "train_grpo.py", "train_reinforce.py")],
     ("train_ppo.py", ["--min-new-tokens", "25"], "--min-new-tokens"),
     ("train_reinforce.py", ["--baseline", "leave-one-out"], "--samples-per-prompt"),
     ("train_reinforce.py", ["--baseline", "reinforce++-baseline"], "--samples-per-prompt"),

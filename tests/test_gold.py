@@ -4,6 +4,8 @@ LABELLED is the labelled set: (request, response, content class, gold score). Re
 SmolLM2-135M-Instruct's own words on these requests; the others are written in its style (short sentences, polite
 openers and closers, markdown, restating the question). Each row is one assertion that fails if a rule moves.
 """
+import random
+
 import pytest
 
 from minirlhf.data import gold, world
@@ -104,6 +106,24 @@ LABELLED = [
 def test_labelled(request_text, response, content, expected):
     assert world.judge(request_text, response)[0] == content
     assert world.gold_score(request_text, response) == expected
+
+
+@pytest.mark.parametrize("request_text, response, content, expected", LABELLED)
+def test_is_correct_is_the_labelled_content_not_a_gold_threshold(request_text, response, content, expected):
+    assert world.is_correct(request_text, response) is (content == C)
+
+
+def test_is_correct_on_every_style_of_every_request():
+    # by hand: the styles that state the right answer alone are correct, whatever their form penalties (rambling 3.0,
+    # repetitive 2.0); truncated ("The answer is"), evasive, wrong, hedged and empty ones are not
+    right = {"concise", "rambling", "repetitive"}
+    rng = random.Random(0)
+    for request_text, _ in _requests():
+        for style in gold.STYLES:
+            response = world.respond(request_text, style, rng)
+            assert world.is_correct(request_text, response) is (style in right), (request_text, style, response)
+    assert world.is_correct("What is 6 plus 4?", "10") and world.gold_score("What is 6 plus 4?", "10") == 3.5
+    assert not world.is_correct("What is 6 plus 4?", "") and not world.is_correct("What is 6 plus 4?", "   ")
 
 
 def test_labelled_set_covers_every_task_and_class():

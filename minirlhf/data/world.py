@@ -18,6 +18,8 @@ own words are not answers), rates content first (correct 4, evasive 1, wrong 0.5
   logistic, so P(a ≻ b) = σ((s_a - s_b)/τ) exactly (Bradley-Terry with temperature τ). chosen_score and
   rejected_score are the ratings rounded and clipped to 0..4 (monotone, so margin = their difference ≥ 0).
 - `prompt_rows(split)`: prompts for RL, at most 64 per task, round-robin over tasks.
+- `is_correct(prompt, response)`: the answer is right (gold.py's content class "correct"), the correctness pass@k
+  counts (pass_at_k.py).
 - `accuracy_ceiling(split, indices=None)`: the share of preference pairs (all, or those at `indices`) where
   gold(chosen) > gold(rejected), i.e. what a perfect reward model scores against these noisy labels: 86.4 % (train),
   85.0 % (test) with τ = 0.8.
@@ -137,6 +139,13 @@ def judge(prompt, response):
     """(content class, [form penalties]) behind gold_score, e.g. ("correct", ["long"])."""
     text, answer, vocab, _ = _spec(prompt)
     return gold.judge(response, answer, vocab, text)
+
+
+def is_correct(prompt, response):
+    """Whether `response` answers `prompt` right: its content class (judge) is "correct", whatever its form penalties
+    ("The answer is 7" cut before its period is correct at gold 3.5, "I am not sure." at gold 1.0 is not). Read from
+    the content judgement itself, not from a gold threshold, which would mix the answer with its style."""
+    return judge(prompt, response)[0] == "correct"
 
 
 def respond(prompt, style, rng):
