@@ -196,3 +196,29 @@ def test_gold_is_no_ensemble_member_of_best_of_n(monkeypatch):
     code = run_module_or_script("minirlhf.best_of_n", ["--reward-model", "gold", RM], monkeypatch)
     assert code == (f"python -m minirlhf.best_of_n: error: --reward-model: gold is the proxy on its own, not an "
                     f"ensemble member, got ['gold', {RM!r}]")
+
+
+# ---------------------------------------------------------------- end to end
+def test_grpo_and_best_of_n_run_on_an_ensemble(tmp_path, monkeypatch, capsys):
+    """Two members: the run logs their disagreement every iteration, checks both heads unchanged, and best-of-n
+    selects with the combined proxy."""
+    import json
+    import subprocess
+    other = other_reward_model(tmp_path / "other")
+    out = tmp_path / "grpo"
+    subprocess.run([sys.executable, os.path.join(ROOT, "train_grpo.py"), "--reward-model", RM, other,
+                    "--reward-ensemble", "mean-minus-std", "--reward-ensemble-lambda", "0.5", "--iterations", "2",
+                    "--rollout-size", "8", "--group-size", "4", "--minibatch-size", "4", "--eval-prompts", "4",
+                    "--eval-samples", "1", "--eval-every", "2", "--max-new-tokens", "8", "--threads", "1",
+                    "--out", str(out)], check=True, capture_output=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["objective/ensemble_std"] > 0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["params/frozen_unchanged"] is True
+    assert json.loads((out / "args.json").read_text())["reward_model"] == [RM, other]
+
+    argv = ["--n", "1", "2", "--prompts", "3", "--max-new-tokens", "8", "--threads", "1", "--reward-model", RM, other,
+            "--reward-ensemble", "min"]
+    assert run_module_or_script("minirlhf.best_of_n", argv, monkeypatch) is None
+    assert f"proxy = min of 2: ScalarHead from {RM}, {other}" in capsys.readouterr().out
