@@ -113,7 +113,7 @@ def main(args):
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
-    run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
+    run.start(args.iterations, model=model, frozen=reward.heads, optimizer=optimizer,
               samples_per_step=args.rollout_size * run.dist.world_size,
               state={"prompts": train_prompts, "generator": generator, "scaler": scaler})  # ---- plumbing: resume
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
@@ -153,6 +153,7 @@ def main(args):
         # 3e. logging (and every --eval-every iterations the held-out evaluation)
         metrics = iteration_metrics(batch, b_scores, b_kl, b_scores, run.dist.world_size)
         metrics["train/lr"] = optimizer.param_groups[0]["lr"]
+        metrics.update(reward.metrics())  # with an ensemble of reward models: objective/ensemble_std (logged only)
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the student adapter, the last rollout and the evaluation after training

@@ -99,7 +99,7 @@ def main(args):
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
-    run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
+    run.start(args.iterations, model=model, frozen=reward.heads, optimizer=optimizer,
               samples_per_step=args.rollout_size * run.dist.world_size,
               state={"prompts": train_prompts, "generator": generator, "scaler": scaler})  # ---- plumbing: resume
     before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
@@ -146,6 +146,7 @@ def main(args):
         metrics = iteration_metrics(batch, b_scores, b_kl, b_scores - args.beta * b_kl.sum(-1), run.dist.world_size)
         metrics.update({"objective/kl_coef": args.beta, "pairs/trained": p_weights.sum().item(),
                         "pairs/tie_fraction": 1 - p_weights.mean().item(), "train/lr": optimizer.param_groups[0]["lr"]})
+        metrics.update(reward.metrics())  # with an ensemble of reward models: objective/ensemble_std
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the policy adapter, the last rollout and the evaluation after training

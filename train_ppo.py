@@ -6,7 +6,8 @@
 The roles on the one base (minirlhf/roles.py), all in memory once:
   policy     LoRA adapter "policy" (trainable, B = 0 at the start, so the policy starts AS the base)
   value      ScalarHead on the policy's hidden states (zero-initialised: V = 0 at the start)
-  reward     LoRA adapter "reward" + its head, loaded frozen from --reward-model (a train_reward.py folder)
+  reward     LoRA adapter "reward" + its head, loaded frozen from --reward-model (a train_reward.py folder); several
+             folders: an ensemble, adapters "reward", "reward1", ..., combined by --reward-ensemble
   reference  the base with every adapter disabled (models.reference): exactly where the policy started
 
 One iteration reads top to bottom (cleanrl's ppo.py; Ziegler et al. 2019, Stiennon et al. 2020):
@@ -29,6 +30,7 @@ phases.py; their totals are time/*_seconds in summary.json), perf/tokens_per_sec
 time), mismatch/kl, mismatch/k1, mismatch/max_ratio (the sampler's log-probs of the rollout's tokens against the
 recomputed old ones: mismatch.py; with --tis-cap / --mismatch-mask-threshold also mismatch/tis_capped,
 mismatch/tis_weight, mismatch/masked_responses), and every --eval-every iterations the eval/ metrics of evaluation.py.
+With several --reward-model folders also objective/ensemble_std: the members' std, averaged over the rollout.
 objective/kl and policy/approx_kl are of the sampling distribution (the --top-k / --top-p / --min-new-tokens filtered
 one, when set); eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
@@ -112,7 +114,7 @@ def main(args):
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
     generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
-    run.start(args.iterations, model=model, heads={"value": value_head}, frozen=[reward.head] if reward.head else [],
+    run.start(args.iterations, model=model, heads={"value": value_head}, frozen=reward.heads,
               optimizer=optimizer, samples_per_step=args.rollout_size * run.dist.world_size,
               state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
                                           **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume
@@ -174,6 +176,7 @@ def main(args):
                 check_kl_floor(args, metrics["objective/kl"])
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
         metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"], **mismatch})
+        metrics.update(reward.metrics())  # with an ensemble of reward models: objective/ensemble_std
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. save the value head; the policy adapter, the last rollout and the evaluation after training: finish

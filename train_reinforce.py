@@ -107,7 +107,7 @@ def main(args):
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
     baseline = RunningMeanBaseline() if args.baseline == "running-mean" else None  # per process: its own mean
     generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)  # the sampler's
-    run.start(args.iterations, model=model, frozen=[reward.head] if reward.head else [], optimizer=optimizer,
+    run.start(args.iterations, model=model, frozen=reward.heads, optimizer=optimizer,
               samples_per_step=args.rollout_size * run.dist.world_size,
               state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
                      **({"baseline": baseline} if baseline else {}),
@@ -175,6 +175,7 @@ def main(args):
                 check_kl_floor(args, metrics["objective/kl"])
             kl_ctl.update(metrics["objective/kl"], len(b_scores) * run.dist.world_size)
         metrics.update({"objective/kl_coef": kl_coef, "train/lr": optimizer.param_groups[0]["lr"], **mismatch})
+        metrics.update(reward.metrics())  # with an ensemble of reward models: objective/ensemble_std
         log_iteration(run, iteration, metrics, stats, batch, held_out)
 
     # 4. the policy adapter, the last rollout and the evaluation after training

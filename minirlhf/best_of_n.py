@@ -2,6 +2,7 @@
 
     python -m minirlhf.best_of_n --n 1 2 4 8 16 32 64      # a table on the built-in world (embedded reward model)
     python -m minirlhf.best_of_n --model DIR --reward-model RUN/reward_model   # another base, a reward model on it
+    python -m minirlhf.best_of_n --reward-model A B C --reward-ensemble min    # an ensemble as the proxy
 
 Legend: B prompts, N = max(ns) samples per prompt, n <= N the samples one selection sees.
 The baseline every RLHF paper compares to (Stiennon et al. 2020; Nakano et al. 2021; Gao et al. 2023): no training,
@@ -117,8 +118,14 @@ class Args:
     """auto (CUDA if present, else CPU) | cpu | cuda"""
     n: list[int] = field(default_factory=lambda: list(NS))
     """the n of best-of-n (one row each); max(n) responses are sampled per prompt"""
-    reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
-    """the proxy: a reward_model/ folder of train_reward.py (default: the embedded one) or 'gold'"""
+    reward_model: list[str] = field(default_factory=lambda: [os.path.join(ASSETS_DIR, "reward-model")])
+    """the proxy: a reward_model/ folder of train_reward.py (default: the embedded one), several (an ensemble,
+    combined by --reward-ensemble) or 'gold'"""
+    reward_ensemble: str = "mean"
+    """how the scores of several --reward-model folders combine: mean | min | mean-minus-var | mean-minus-std
+    (minirlhf/reward_ensemble.py)"""
+    reward_ensemble_lambda: float = 1.0
+    """λ of mean-minus-var and mean-minus-std"""
     prompts: int = 120
     """held-out prompts of the built-in world's test split"""
     max_new_tokens: int = 24
@@ -142,15 +149,20 @@ def main(args):
     from .devices import get_device
     from .errors import InputError
     from .evaluation import held_out_prompts
-    from .folders import check_reward_model_dir
     from .models import load_model, load_tokenizer
+    from .reward_ensemble import ENSEMBLES
     from .roles import Reward
-    from .validation import check_common
-    check_common(args, {"prompts": ">= 1"})  # ranges, --quantization, --dtype, --template, --device, --model
+    from .validation import check_choice, check_common, check_reward_models
+    check_common(args, {"prompts": ">= 1", "reward_ensemble_lambda": ">= 0"})  # ranges, --quantization, --dtype, ...
     if min(args.n) < 1:
         raise InputError(f"--n must be integers >= 1, got {args.n}")
-    if args.reward_model != "gold":
-        check_reward_model_dir(args.reward_model, "--reward-model")  # before anything is loaded
+    check_choice("--reward-ensemble", args.reward_ensemble, ENSEMBLES)
+    gold = args.reward_model == ["gold"]
+    if "gold" in args.reward_model and not gold:
+        raise InputError(f"--reward-model: gold is the proxy on its own, not an ensemble member, got "
+                         f"{args.reward_model}")
+    if not gold:
+        check_reward_models(args.reward_model)  # before anything is loaded
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
@@ -158,8 +170,8 @@ def main(args):
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
                        tokenizer=tokenizer)
     reward = Reward(model, types.SimpleNamespace(  # the RL scripts' reward, with the settings it reads
-        reward="gold" if args.reward_model == "gold" else "model", reward_model=args.reward_model,
-        reward_transform="expected",
+        reward="gold" if gold else "model", reward_model=args.reward_model, reward_ensemble=args.reward_ensemble,
+        reward_ensemble_lambda=args.reward_ensemble_lambda, reward_transform="expected",
         reward_entropy_coef=0.0, forward_batch_size=args.forward_batch_size, dataset="builtin"))
     prompts, ids = held_out_prompts("builtin", "test", None, tokenizer, args.prompts, 1, args.max_prompt_length,
                                     args.template, system_prompt=args.system_prompt)

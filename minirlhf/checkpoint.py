@@ -154,6 +154,16 @@ def _structure_problem(state):
     return None
 
 
+def same_setting(ours, theirs):
+    """Whether a setting of this run equals the checkpoint's: a flag that takes one value or several (--reward-model)
+    given one value is the same setting as a list, ["x"] == "x"."""
+    return ours == theirs or _single(ours) == _single(theirs)
+
+
+def _single(value):
+    return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+
 def load_checkpoint(run_dir, args, dist):
     """Read the checkpoint of the run in `run_dir` (its --out; or the checkpoint folder itself) and check that it
     fits: same settings (RESUME_MAY_DIFFER aside) and the same number of processes. Returns (state, this rank's
@@ -187,7 +197,7 @@ def load_checkpoint(run_dir, args, dist):
                          + (_first(["--" + k.replace("_", "-") for k in only], 5) + f", which {script} has not"
                             if only else f"fewer flags than {script}'s")
                          + "; resume it with the script that wrote it")
-    differ = [k for k in sorted(ours) if ours[k] != theirs[k]]
+    differ = [k for k in sorted(ours) if not same_setting(ours[k], theirs[k])]
     if differ:
         raise InputError(f"--resume {run_dir}: the checkpoint was trained with different settings: "
                          + _first([f"--{k.replace('_', '-')} {theirs[k]!r} there, {ours[k]!r} here" for k in differ],

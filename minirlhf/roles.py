@@ -4,7 +4,7 @@ every role): the policy is a LoRA adapter "policy" (trainable), the reward model
 (models.reference).
 
     tokenizer, model, params = load_policy(args)   # the one frozen base and the policy adapter on it (B = 0)
-    reward = Reward(model, args)                   # the reward adapter + head, or the gold score; reward(batch): (B,)
+    reward = Reward(model, args)                   # the reward adapter(s) + head(s), or gold; reward(batch): (B,)
     print(roles(model, reward, args, world_size))  # which role is what, and the batch sizes
 """
 import torch
@@ -14,6 +14,7 @@ from .data.tokenize import require_pad_token
 from .heads import RatingHead, in_row_chunks, sequence_scores
 from .lora import adapter_names, use_adapter
 from .models import load_model, load_reward_model, load_tokenizer, parameter_report
+from .reward_ensemble import combine, ensemble_std
 from .reward_losses import expected_rating, rating_entropy
 from .token_rewards import missing_eos_penalty
 from .training import make_trainable
@@ -44,40 +45,69 @@ def roles(model, reward, args, world_size):
 class Reward:
     """The reward of a prompt + response: the reward model of --reward-model (its LoRA adapter "reward" and head on
     the shared base, frozen; read at the last real token; a rating head gives E[rating], optionally minus
-    reward_entropy_coef x its entropy) or, with --reward gold, the built-in world's gold score (a verifiable reward)."""
+    reward_entropy_coef x its entropy) or, with --reward gold, the built-in world's gold score (a verifiable reward).
+    Several --reward-model folders are an ensemble on the same base (adapters "reward", "reward1", ...): each member
+    scores every response and --reward-ensemble combines the scores (reward_ensemble.combine); one folder is its own
+    score, exactly."""
 
     def __init__(self, model, args):
         self.model, self.gold_only = model, args.reward == "gold"
         self.transform, self.entropy_coef = args.reward_transform, args.reward_entropy_coef
+        self.ensemble, self.ensemble_lambda = args.reward_ensemble, args.reward_ensemble_lambda
         self.forward_batch_size = args.forward_batch_size  # rows per reward-model pass
         self.missing_eos_penalty = getattr(args, "missing_eos_penalty", None)
         self.gold = world.gold_score if args.dataset == "builtin" else None
-        self.head = None
+        self.members = []  # (adapter name, head): the first is "reward", as with one reward model
         if not self.gold_only:
-            _, self.head = load_reward_model(model, args.reward_model)  # adapter "reward"; "policy" stays active
-            self.head.requires_grad_(False)
-        self.describe = (f"{type(self.head).__name__} from {args.reward_model}" if self.head is not None
-                         else "gold reward")
+            for i, path in enumerate(args.reward_model):  # "policy" stays the active adapter
+                adapter, head = load_reward_model(model, path, adapter="reward" if i == 0 else f"reward{i}")
+                self.members.append((adapter, head.requires_grad_(False)))
+        self.heads = [head for _, head in self.members]  # frozen: checked unchanged at the end of the run
+        self.std = None  # the last rollout's mean ensemble std (metrics(); an ensemble only)
+        if self.gold_only:
+            self.describe = "gold reward"
+        else:
+            self.describe = f"{type(self.heads[0]).__name__} from {', '.join(args.reward_model)}"
+            if len(self.members) > 1:
+                self.describe = f"{self.ensemble} of {len(self.members)}: {self.describe}"
 
     def __call__(self, batch):
         """(B,) rewards of a sample_rollout batch: the score, minus --missing-eos-penalty for a response cut off
-        before its EOS (TRL's missing_eos_penalty)."""
-        scores = self.score(batch)
+        before its EOS (TRL's missing_eos_penalty). Notes the members' disagreement for metrics()."""
+        members = self.member_scores(batch)  # (M, B)
+        if len(members) > 1:
+            self.std = ensemble_std(members).mean().item()
+        scores = combine(members, self.ensemble, self.ensemble_lambda)  # (B,); one member: its scores
         if self.missing_eos_penalty is not None:
             scores = missing_eos_penalty(scores, batch["ended"], self.missing_eos_penalty)
         return scores
 
-    @torch.no_grad()
+    def metrics(self):
+        """What an iteration logs about the reward: objective/ensemble_std, the members' population std averaged
+        over the last rollout (their disagreement: it grows as the policy finds what only some members like);
+        nothing for one reward model or gold."""
+        return {} if self.std is None else {"objective/ensemble_std": self.std}
+
     def score(self, batch):
-        """(B,) scores of a sample_rollout / evaluation.generate batch (--forward-batch-size rows per pass)."""
+        """(B,) scores of a sample_rollout / evaluation.generate batch: the members' scores combined."""
+        return combine(self.member_scores(batch), self.ensemble, self.ensemble_lambda)
+
+    @torch.no_grad()
+    def member_scores(self, batch):
+        """(M, B) scores of a batch by each of the M reward models (--forward-batch-size rows per pass); (1, B) gold
+        scores with --reward gold."""
         if self.gold_only:
-            return torch.tensor([self.gold(p, t) for p, t in zip(batch["prompts"], batch["texts"])],
+            return torch.tensor([[self.gold(p, t) for p, t in zip(batch["prompts"], batch["texts"])]],
                                 device=batch["input_ids"].device)
+        return torch.stack([self.member_score(adapter, head, batch) for adapter, head in self.members])
+
+    def member_score(self, adapter, head, batch):
+        """(B,) one reward model's scores: its head at the last real token; E[rating] for a rating head."""
         ids, attention = batch["input_ids"], batch["attention_mask"]  # (B, T)
-        with use_adapter(self.model, "reward"):
-            out = in_row_chunks(lambda rows: sequence_scores(self.model, self.head, ids[rows], attention[rows]),
+        with use_adapter(self.model, adapter):
+            out = in_row_chunks(lambda rows: sequence_scores(self.model, head, ids[rows], attention[rows]),
                                 len(ids), self.forward_batch_size)  # (B,) / (B, K)
-        if not isinstance(self.head, RatingHead):
+        if not isinstance(head, RatingHead):
             return out
         rating = expected_rating(out)  # (B, K) -> (B,)
         if self.transform == "expected-minus-entropy":  # an unsure reward model's score counts less

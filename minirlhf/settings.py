@@ -198,8 +198,14 @@ class RLArgs(RunArgs, EvalArgs, SamplingArgs, OptimArgs, DataArgs, ModelArgs):
     """the rollout loop and the reward it optimises"""
     reward: str = "model"
     """model (the reward model in --reward-model) | gold (the built-in world's gold score, a verifiable reward)"""
-    reward_model: str = os.path.join(ASSETS_DIR, "reward-model")
-    """a reward_model/ folder written by train_reward.py: PEFT adapter + head (default: the embedded one)"""
+    reward_model: list[str] = field(default_factory=lambda: [os.path.join(ASSETS_DIR, "reward-model")])
+    """reward_model/ folder(s) written by train_reward.py: PEFT adapter + head (default: the embedded one); several:
+    an ensemble on the one base, combined by --reward-ensemble (reward_ensemble.py)"""
+    reward_ensemble: str = "mean"
+    """how the scores of several --reward-model folders combine: mean | min (worst case) | mean-minus-var (UWO: mean -
+    λ·variance) | mean-minus-std (mean - λ·std); population spread over the members; one folder: its own score"""
+    reward_ensemble_lambda: float = 1.0
+    """λ of mean-minus-var and mean-minus-std"""
     reward_transform: str = "expected"
     """rating (distributional) heads only: expected (E[rating]) | expected-minus-entropy (E[rating] - c·H[rating])"""
     reward_entropy_coef: float = 0.1
@@ -229,7 +235,7 @@ class RLArgs(RunArgs, EvalArgs, SamplingArgs, OptimArgs, DataArgs, ModelArgs):
     lora_alpha: float = 16.0
     RANGES: ClassVar[dict] = {"iterations": ">= 1", "rollout_size": ">= 1", "minibatch_size": ">= 1",
                               "warmup_iterations": ">= 0", "missing_eos_penalty": "none or >= 0",
-                              "reward_entropy_coef": ">= 0"}
+                              "reward_entropy_coef": ">= 0", "reward_ensemble_lambda": ">= 0"}
     RENAMED: ClassVar[dict] = {"--entropy-coef": "--reward-entropy-coef"}
 
 

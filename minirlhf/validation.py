@@ -194,17 +194,40 @@ def check_kl_floor(args, measured_kl):
                          f"--target-kl above it or drop the filters")
 
 
+def check_reward_models(folders, flag="--reward-model"):
+    """The folders of --reward-model (one, or an ensemble's members), each checked file by file before anything is
+    loaded: LoRA reward models of train_reward.py (a fully fine-tuned one is its own base: it cannot share the
+    policy's), no folder twice, and one kind of head for all (a Bradley-Terry score and an expected rating are on
+    different scales: their mean, min or spread would mean nothing). Returns that kind: scalar | rating."""
+    from .folders import check_reward_model_dir, read_head_config
+    kinds = {}
+    for folder in folders:
+        if check_reward_model_dir(folder, flag) == "full":  # one line naming the missing file
+            raise InputError(f"{flag} {folder!r} is a fully fine-tuned model, not an adapter on the shared base; "
+                             "train it with LoRA (train_reward.py without --full-finetune)")
+        kinds[folder] = read_head_config(folder, flag)["kind"]  # checked above: scalar | rating
+    twice = next((f for i, f in enumerate(folders) if any(os.path.samefile(f, g) for g in folders[:i])), None)
+    if twice is not None:
+        raise InputError(f"{flag} names {twice!r} twice: an ensemble's members must be different reward models")
+    if len(set(kinds.values())) > 1:
+        raise InputError(f"{flag}: an ensemble's members must have one kind of head, got "
+                         + ", ".join(f"{kind} in {folder!r}" for folder, kind in kinds.items())
+                         + " (their scores are on different scales)")
+    return kinds[folders[0]]
+
+
 def check_rl_args(args, ranges, kl_estimators=None):
     """What train_ppo.py, train_grpo.py, train_reinforce.py, train_online_dpo.py and train_distill.py check alike:
-    check_common, the reward source (a reward-model folder, file by file, whose head fits --reward-transform; or the
-    gold score of the built-in world), the KL estimator (k2 or k3 in the reward: one warning line,
-    kl_estimator_warning), minibatch <= rollout, a --target-kl with a starting --kl-coef, the sampling flags, --tis-cap
-    and --mismatch-mask-threshold."""
-    from .folders import check_reward_model_dir, read_head_config
+    check_common, the reward source (the reward-model folder(s), file by file, whose head fits --reward-transform,
+    and --reward-ensemble; or the gold score of the built-in world), the KL estimator (k2 or k3 in the reward: one
+    warning line, kl_estimator_warning), minibatch <= rollout, a --target-kl with a starting --kl-coef, the sampling
+    flags, --tis-cap and --mismatch-mask-threshold."""
+    from .reward_ensemble import ENSEMBLES
     check_common(args, {**MISMATCH_RANGES, **ranges}, datasets="prompt")
     check_sampling(args)
     check_choice("--reward", args.reward, ("model", "gold"))
     check_choice("--reward-transform", args.reward_transform, ("expected", "expected-minus-entropy"))
+    check_choice("--reward-ensemble", args.reward_ensemble, ENSEMBLES)
     if kl_estimators:
         check_choice("--kl-estimator", args.kl_estimator, kl_estimators)
     if args.minibatch_size > args.rollout_size:
@@ -214,12 +237,9 @@ def check_rl_args(args, ranges, kl_estimators=None):
     if args.reward == "gold" and args.dataset != "builtin":
         raise InputError("--reward gold is the built-in world's gold score: it needs --dataset builtin")
     if args.reward == "model":
-        if check_reward_model_dir(args.reward_model) == "full":  # one line naming the missing file
-            raise InputError(f"--reward-model {args.reward_model!r} is a fully fine-tuned model, not an adapter on "
-                             "the shared base; train it with LoRA (train_reward.py without --full-finetune)")
-        kind = read_head_config(args.reward_model, "--reward-model")["kind"]  # checked above: scalar | rating
+        kind = check_reward_models(args.reward_model)
         if kind != "rating" and args.reward_transform != "expected":
             raise InputError(f"--reward-transform {args.reward_transform} needs a rating (distributional) reward "
-                             f"head; {args.reward_model!r} holds a {kind} head")
+                             f"head; {args.reward_model[0]!r} holds a {kind} head")
     if kl_estimators and (line := kl_estimator_warning(args.kl_estimator)):
         warn(line)  # once the shared checks have passed: a command they refuse prints its error alone

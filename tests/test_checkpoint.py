@@ -207,6 +207,20 @@ def test_a_missing_checkpoint_and_other_settings_are_input_errors(tmp_path):
     ck.load_checkpoint(str(tmp_path), Args(out="elsewhere", resume=str(tmp_path), overwrite=True), DistInfo())
 
 
+def test_a_flag_of_one_or_several_values_given_one_is_the_same_setting(tmp_path):
+    """--reward-model takes one folder or several: a checkpoint that holds one folder as a plain value resumes with
+    the same folder given as a one-element list; another list is another setting."""
+    model, head = Tiny(), torch.nn.Linear(3, 1)
+    opt = torch.optim.AdamW(list(p for p in model.parameters() if p.requires_grad) + list(head.parameters()))
+    ck.save_training(str(tmp_path), DistInfo(), step=1, args=Args(out=str(tmp_path), lora_targets="q_proj"),
+                     model=model, heads={"value": head}, optimizer=opt, shared={}, local={})
+    ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path), lora_targets=["q_proj"]), DistInfo())
+    with pytest.raises(InputError, match=r"--lora-targets 'q_proj' there, \['q_proj', 'v_proj'\] here"):
+        ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())
+    with pytest.raises(InputError, match=r"--lora-targets 'q_proj' there, \['k_proj'\] here"):
+        ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path), lora_targets=["k_proj"]), DistInfo())
+
+
 def test_a_checkpoint_of_another_model_is_an_input_error(tmp_path):
     save_tiny(tmp_path)
     checkpoint = ck.load_checkpoint(str(tmp_path), Args(out=str(tmp_path)), DistInfo())

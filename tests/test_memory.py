@@ -298,9 +298,9 @@ def test_rollout_passes_in_chunks_equal_one_pass(asset_model):
             assert a.shape == batch["mask"].shape
             torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
 
-    args = types.SimpleNamespace(reward="model", reward_model=os.path.join(ASSETS_DIR, "reward-model"),
-                                 reward_transform="expected", reward_entropy_coef=0.1, dataset="builtin",
-                                 forward_batch_size=64)
+    args = types.SimpleNamespace(reward="model", reward_model=[os.path.join(ASSETS_DIR, "reward-model")],
+                                 reward_ensemble="mean", reward_ensemble_lambda=1.0, reward_transform="expected",
+                                 reward_entropy_coef=0.1, dataset="builtin", forward_batch_size=64)
     reward = Reward(model, args)
     whole = reward.score(batch)
     reward.forward_batch_size = 2
