@@ -14,8 +14,6 @@ correction=0), not the sample one (1/(M - 1)): so M = 1 is allowed, its spread i
 returns the one member's scores unchanged. The members agree where they were trained and drift apart where the policy
 wanders off it; min and mean - λ·spread pay the policy less there, so exploiting one member's error stops paying.
 """
-import torch
-
 ENSEMBLES = ("mean", "min", "mean-minus-var", "mean-minus-std")
 
 
