@@ -1,8 +1,8 @@
 """The reward–KL frontier: every algorithm of minirlhf on the built-in world, the held-out gold score it reaches
 against the exact KL(π‖π_ref) it pays for it.
 
-    python bench/frontier.py              # the full run: 7 algorithms x 4 settings x 2 seeds, and best-of-N
-                                          # (58 runs, 2 at a time, one thread each; estimated 40-50 minutes on 2
+    python bench/frontier.py              # the full run: 14 algorithms x 4 settings x 2 seeds, and best-of-N
+                                          # (114 runs, 2 at a time, one thread each; estimated 1.5-2 hours on 2
                                           # idle cores); writes docs/frontier.md and docs/frontier.png
     python bench/frontier.py --quick      # a smoke run: seed 0, PPO / RLOO / DPO at 2 settings for 2 steps, and
                                           # best-of-N up to 4, on 8 prompts; writes under runs/frontier-quick/
@@ -12,9 +12,9 @@ against the exact KL(π‖π_ref) it pays for it.
 Run the full run by hand on an otherwise idle machine, never in CI. Every algorithm has a knob that trades reward for
 distance from the reference policy (the SFT model minirlhf/assets/tiny-llama, which every script starts from and is
 pulled back to):
-    PPO, REINFORCE, RLOO   --kl-coef   β of score − β·KL(sequence): larger = closer to the reference
-    GRPO, Dr. GRPO         --beta      weight of the k3 KL term in the loss
-    DPO, IPO               --beta      strength of the implicit KL constraint: larger = closer to the reference
+    PPO, REINFORCE, RLOO, REINFORCE++(-baseline)   --kl-coef   β of score − β·KL: larger = closer to the reference
+    GRPO, Dr. GRPO, GSPO, CISPO, DAPO              --beta      weight of the k3 KL term in the loss
+    DPO, IPO, KTO, online DPO                      --beta      strength of the implicit KL constraint: larger = closer
     best-of-N              N           no training: sample N responses, keep the reward model's favourite
 A point is one script run at one setting and one seed, with the script's defaults otherwise: the RL scripts optimise
 the shipped reward model, a learned proxy, so the frontier shows what gold score optimising a proxy buys. Every run
@@ -90,6 +90,21 @@ ALGORITHMS = (
               (0.05, 0.1, 0.3, 1.0), (0.05, 1.0)),
     Algorithm("DPO", "dpo", ("train_dpo.py",), "--beta", (0.1, 0.3, 0.5, 1.0), (0.1, 1.0)),
     Algorithm("IPO", "ipo", ("train_dpo.py", "--loss", "ipo"), "--beta", (0.1, 0.3, 0.5, 1.0), (0.1, 1.0)),
+    Algorithm("GSPO (clip 3e-4 / 4e-4)", "gspo",
+              ("train_grpo.py", "--policy-loss", "gspo", "--clip-eps", "3e-4", "--clip-high", "4e-4"), "--beta",
+              (0.0, 0.02, 0.04, 0.2), (0.0, 0.2)),
+    Algorithm("CISPO (weight clip 1.28)", "cispo",
+              ("train_grpo.py", "--policy-loss", "cispo", "--clip-eps", "1", "--clip-high", "0.28"), "--beta",
+              (0.0, 0.02, 0.04, 0.2), (0.0, 0.2)),
+    Algorithm("DAPO dynamic sampling", "dapo", ("train_grpo.py", "--dynamic-sampling"), "--beta",
+              (0.0, 0.02, 0.04, 0.2), (0.0, 0.2)),
+    Algorithm("REINFORCE++", "reinforce-pp", ("train_reinforce.py", "--baseline", "reinforce++"), "--kl-coef",
+              (0.05, 0.1, 0.3, 1.0), (0.05, 1.0)),
+    Algorithm("REINFORCE++-baseline (k = 4)", "reinforce-pp-baseline",
+              ("train_reinforce.py", "--baseline", "reinforce++-baseline", "--samples-per-prompt", "4"), "--kl-coef",
+              (0.05, 0.1, 0.3, 1.0), (0.05, 1.0)),
+    Algorithm("online DPO", "online-dpo", ("train_online_dpo.py",), "--beta", (0.1, 0.3, 0.5, 1.0), (0.1, 1.0)),
+    Algorithm("KTO", "kto", ("train_dpo.py", "--loss", "kto"), "--beta", (0.1, 0.3, 0.5, 1.0), (0.1, 1.0)),
     Algorithm("best-of-N", "best-of-n", ("-m", "minirlhf.best_of_n"), "--n", (BEST_OF_N,), (QUICK_BEST_OF_N,)),
 )
 QUICK_ALGORITHMS = ("ppo", "rloo", "dpo", "best-of-n")  # --quick without --algorithms

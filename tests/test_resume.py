@@ -153,7 +153,8 @@ def test_sigint_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tmp_path):
     assert_identical(full["trainable"], again["trainable"], "trainable")
 
 
-def test_resume_with_other_settings_fails_clearly(uninterrupted, tmp_path):
+@pytest.mark.parametrize("uninterrupted", ["reward", "dpo", "sft", "ppo", "reinforce", "grpo"], indirect=True)  # the
+def test_resume_with_other_settings_fails_clearly(uninterrupted, tmp_path):  # check is run.py's, the same for all
     name, out = uninterrupted
     flags = [("--lora-r", "4")] + ([("--model", "some/other-model")] if name == "dpo" else [])  # one script is enough
     for flag in flags:
