@@ -31,7 +31,7 @@ analytic upper bound log N − (N−1)/N (Stiennon et al. 2020; Beirami et al. 2
 dashed; its headroom is measured from its own N = 1 row (the SFT model, one sample per prompt).
 
 The table gives, per algorithm and setting, the mean over seeds ± the spread (half the range: with 2 seeds, mean ±
-spread are the two runs), and marks each algorithm's best setting among those with mean KL ≤ 5 nats (the issue's
+spread are the two runs), and marks each algorithm's best setting among those with mean KL ≤ 5 nats (the KL
 budget). The picture draws one curve per algorithm through those means, error bars = the spread, each seed's run as
 a faint dot, the SFT model's gold at KL 0 and GOLD_MAX as a line.
 
@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from common import REPO, Child, load_average, machine, write_doc
 
 MARK_BEGIN, MARK_END = "<!-- bench/frontier.py: begin (generated) -->", "<!-- bench/frontier.py: end -->"
-KL_LIMIT = 5.0  # nats per sequence: the budget for "best setting"
+KL_LIMIT = 5.0  # nats per sequence: the KL budget of the "best setting"
 SEEDS = (0, 1)
 EVAL = ("--eval-every", "0", "--eval-prompts", "120", "--eval-samples", "4")  # the same evaluation for every run
 QUICK_RL = ("--iterations", "2", "--eval-every", "0", "--eval-prompts", "8", "--eval-samples", "1")

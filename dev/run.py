@@ -10,7 +10,7 @@ Run it by hand on an OTHERWISE IDLE machine, never in CI: the numbers are wall-c
 OpenMP threads spin-wait on each other and a run can be many times slower; the header records the load average at
 the start and the end of the run, and the matmul rate is measured at both ends as a check.
 
-What it measures (the issue): on the embedded tiny model and on a SmolLM2-135M-shaped model built locally from its
+What it measures: on the embedded tiny model and on a SmolLM2-135M-shaped model built locally from its
 config (LlamaForCausalLM, hidden 576, 30 layers, 9 heads, 3 KV heads, intermediate 1536, vocab 49152, tied
 embeddings; random weights, no download):
 - training throughput (tokens/s, peak memory) of an SFT, a reward-model and a DPO step at stated batch and lengths,

@@ -1,4 +1,4 @@
-"""Data parallelism (issue 7): under `torchrun --nproc_per_node 2` (gloo, CPU) with a per-process batch b, a script
+"""Data parallelism: under `torchrun --nproc_per_node 2` (gloo, CPU) with a per-process batch b, a script
 ends with the same weights as one process with batch 2b and the same seed: the data is sharded from one shared
 permutation (training.epoch_order) and the gradients are averaged (distributed.all_reduce_mean_grads). PPO, whose
 rollouts are per process, must run to completion. Only rank 0 writes.

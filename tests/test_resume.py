@@ -1,4 +1,4 @@
-"""Exact resume (issue 7): a run SIGKILLed after a checkpoint and continued with --resume ends with exactly the weights,
+"""Exact resume: a run SIGKILLed after a checkpoint and continued with --resume ends with exactly the weights,
 optimizer state and logged training metrics of the same run left alone (bit for bit on the CPU); Ctrl-C (SIGINT)
 saves a checkpoint and exits cleanly; a resume with different settings fails with one clear line.
 

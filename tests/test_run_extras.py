@@ -1,4 +1,4 @@
-"""What run.Run adds around every script (issue 14): peak memory per phase (PhaseMemory, CUDA faked), samples, rate
+"""What run.Run adds around every script: peak memory per phase (PhaseMemory, CUDA faked), samples, rate
 and cost (--cost-per-hour, a resumed run counting only its own steps), --deterministic, --report-to tensorboard
 (tracking.RunLog's event files read back with TensorBoard's own reader) and the checks made before anything loads.
 Run is driven here by a tiny nn.Module through the same calls a script makes."""
