@@ -19,7 +19,8 @@ here. The groups:
     PairArgs      batches of preference pairs: lengths, counts, steps                train_reward.py, train_dpo.py
     SamplingArgs  how responses are sampled                                          the RL scripts, DPO's evaluation
     EvalArgs      the held-out sampling evaluation                                   the RL scripts, train_dpo.py
-    RLArgs        the rollout loop and its reward (all of the above but PairArgs)    PPO, GRPO, REINFORCE, online DPO
+    RLArgs        the rollout loop and its reward (all of the above but PairArgs)    the RL scripts, online DPO,
+                                                                                     distillation
     RewardKLArgs  the KL penalty inside the reward, r - β·KL                         PPO, REINFORCE
 
 Each group's RANGES are the values its flags accept (validation.check_ranges reads them from every class an `Args`
