@@ -139,15 +139,26 @@ def test_micro_batches_add_up_to_the_minibatch_exactly(aggregation, seed):
     """One minibatch of 7 rows vs micro-batches of 3 + 1 + 3 rows, each given the minibatch's aggregation_count:
     losses, stats and gradients add up to the one-piece ones (float64, 1e-12)."""
     logprobs, old, ref, advantages, mask = _batch(seed)
-    kwargs = dict(clip_eps=0.2, beta=0.3, aggregation=aggregation, max_len=13, clip_eps_high=0.28)
+    stats, grad = assert_micro_batches_add_up(logprobs, old, ref, advantages, mask, clip_eps=0.2, beta=0.3,
+                                              aggregation=aggregation, max_len=13, clip_eps_high=0.28)
+    assert 0 < stats["clipfrac"] < 1 and (grad != 0).any()
+
+
+def assert_micro_batches_add_up(logprobs, old, ref, advantages, mask, tis=None, **kwargs):
+    """grpo_loss on 7 rows in one piece vs on 3 + 1 + 3 rows, each given the minibatch's aggregation_count (as
+    train_grpo.minibatch_gradient does): losses, stats and gradients add up (float64, 1e-12). Returns the one-piece
+    stats and gradient for the caller's own checks. tis: (7, T) TIS weights or None."""
+    def loss_of(lp, rows, n=None):
+        return grpo_loss(lp[rows], old[rows], ref[rows], advantages[rows], mask[rows], n=n,
+                         tis_weights=None if tis is None else tis[rows], **kwargs)
     whole = logprobs.clone().requires_grad_(True)
-    loss, stats = grpo_loss(whole, old, ref, advantages, mask, **kwargs)
+    loss, stats = loss_of(whole, slice(None))
     loss.backward()
-    n = aggregation_count(mask, aggregation)
+    n = aggregation_count(mask, kwargs.get("aggregation", "token"))
     pieces = logprobs.clone().requires_grad_(True)
     total_loss, total_stats = 0.0, {k: 0.0 for k in stats}
     for rows in torch.arange(7).split([3, 1, 3]):
-        part, part_stats = grpo_loss(pieces[rows], old[rows], ref[rows], advantages[rows], mask[rows], n=n, **kwargs)
+        part, part_stats = loss_of(pieces, rows, n)
         part.backward()
         total_loss = total_loss + part.detach()
         total_stats = {k: total_stats[k] + part_stats[k] for k in stats}
@@ -155,7 +166,7 @@ def test_micro_batches_add_up_to_the_minibatch_exactly(aggregation, seed):
     for k in stats:
         torch.testing.assert_close(total_stats[k], stats[k], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(pieces.grad, whole.grad, rtol=1e-12, atol=1e-12)
-    assert 0 < stats["clipfrac"] < 1 and (whole.grad != 0).any()
+    return stats, whole.grad
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
