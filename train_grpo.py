@@ -57,13 +57,13 @@ from minirlhf.rollout import (TrainPrompts, add_up, join_rollouts, minibatches, 
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
-from minirlhf.settings import RLArgs
+from minirlhf.settings import GroupArgs, RLArgs
 from minirlhf.token_rewards import per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
-from minirlhf.validation import check_choice, check_rl_args
+from minirlhf.validation import check_choice, check_group_minibatches, check_rl_args
 
 @dataclass
-class Args(RLArgs):  # + the model, data, sampling, evaluation, run and rollout settings (minirlhf/settings.py)
+class Args(GroupArgs, RLArgs):  # + the model, data, sampling, evaluation, run and rollout settings (minirlhf/settings.py)
     group_size: int = 8
     """responses sampled per prompt (G): each is judged against its group (--rollout-size = prompts x G)"""
     ppo_epochs: int = 2
@@ -132,6 +132,7 @@ def check_args(args):
     if args.rollout_size % args.group_size:
         raise InputError(f"grpo needs --group-size >= 2 dividing --rollout-size {args.rollout_size}, "
                          f"got {args.group_size}")
+    check_group_minibatches(args, args.group_size, "--group-size")
 
 
 def main(args):
@@ -192,8 +193,9 @@ def main(args):
         # per token, --loss-aggregation (grpo.py); b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
         stats = []
-        for _ in range(args.ppo_epochs):
-            for mb in minibatches(len(b_scores), min(args.minibatch_size, len(b_scores))):  # fewer: dynamic sampling
+        for _ in range(args.ppo_epochs):  # (fewer rows than a minibatch: dynamic sampling; --group-minibatches: groups)
+            for mb in minibatches(len(b_scores), min(args.minibatch_size, len(b_scores)),
+                                  group_size=G if args.group_minibatches else 1):
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats, mb_logprobs = minibatch_gradient(model, batch, sampling, mb, b_old_logprobs, b_ref_logprobs,
                                                            b_advantages, b_loss_mask, b_tis, args, scaler)  # below

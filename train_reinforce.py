@@ -49,13 +49,13 @@ from minirlhf.rollout import (TrainPrompts, add_up, minibatches, old_logprobs_an
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
-from minirlhf.settings import RLArgs, RewardKLArgs
+from minirlhf.settings import GroupArgs, RLArgs, RewardKLArgs
 from minirlhf.token_rewards import KL_ESTIMATORS, per_token_kl
 from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
-from minirlhf.validation import check_choice, check_kl_floor, check_rl_args
+from minirlhf.validation import check_choice, check_group_minibatches, check_kl_floor, check_rl_args
 
 @dataclass
-class Args(RewardKLArgs, RLArgs):  # + the model, data, sampling, evaluation, run, rollout and KL settings (settings.py)
+class Args(GroupArgs, RewardKLArgs, RLArgs):  # + the model, data, sampling, evaluation, run, rollout and KL settings (settings.py)
     baseline: str = "running-mean"
     """how a reward becomes an advantage: running-mean (minus the mean of every reward seen so far in the run, the
     SmolLM2 + HelpSteer2 setup) | leave-one-out (RLOO: minus the mean of the other k - 1 responses to its prompt;
@@ -85,6 +85,7 @@ def check_args(args):
     if args.baseline in ("leave-one-out", "reinforce++-baseline") and args.samples_per_prompt < 2:
         raise InputError(f"--baseline {args.baseline} needs --samples-per-prompt >= 2 dividing --rollout-size "
                          f"{args.rollout_size}, got {args.samples_per_prompt}")
+    check_group_minibatches(args, args.samples_per_prompt, "--samples-per-prompt")
 
 
 def main(args):
@@ -154,7 +155,7 @@ def main(args):
         # log π times its TIS weight with --tis-cap; b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
         stats = []
-        for mb in minibatches(len(b_scores), args.minibatch_size):
+        for mb in minibatches(len(b_scores), args.minibatch_size, group_size=k if args.group_minibatches else 1):
             optimizer.zero_grad(set_to_none=True)
             mb_stats, mb_logprobs = minibatch_gradient(model, batch, sampling, mb, b_old_logprobs, b_advantages,
                                                        b_loss_mask, b_tis, args, scaler)  # below

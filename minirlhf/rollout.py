@@ -205,11 +205,22 @@ def add_up(parts):
     return {k: functools.reduce(operator.add, [part[k] for part in parts]) for k in parts[0]}
 
 
-def minibatches(batch_size, minibatch_size, generator=None):
-    """Shuffled index tensors covering range(batch_size) once, each of minibatch_size (the last may be smaller)."""
+def minibatches(batch_size, minibatch_size, generator=None, group_size=1):
+    """Shuffled index tensors covering range(batch_size) once, each of minibatch_size (the last may be smaller).
+
+    group_size > 1 (--group-minibatches): the rollout is groups of group_size consecutive rows (one prompt each, as
+    sample_rollout lays out a prompt sampled G times) and the GROUPS are shuffled, not the rows: a minibatch holds
+    whole groups, in order, so its rows share few prompts, and the packed forward (fast/unpad.py) computes each of
+    them once instead of once per row. Every row is still in exactly one minibatch per epoch."""
     if not 1 <= minibatch_size <= batch_size:
         raise ValueError(f"minibatch size must lie in [1, {batch_size}], got {minibatch_size}")
-    order = torch.randperm(batch_size, generator=generator)
+    if group_size == 1:
+        order = torch.randperm(batch_size, generator=generator)
+    else:
+        if batch_size % group_size:
+            raise ValueError(f"a rollout of {batch_size} rows is not made of groups of {group_size}")
+        groups = torch.randperm(batch_size // group_size, generator=generator)  # (B / G,)
+        order = (groups[:, None] * group_size + torch.arange(group_size)).flatten()  # (B,) each group's rows together
     return list(order.split(minibatch_size))
 
 

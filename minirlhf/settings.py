@@ -22,6 +22,7 @@ here. The groups:
     RLArgs        the rollout loop and its reward (all of the above but PairArgs)    the RL scripts, online DPO,
                                                                                      distillation
     RewardKLArgs  the KL penalty inside the reward, r - β·KL                         PPO, REINFORCE
+    GroupArgs     minibatches of whole groups of responses to one prompt            GRPO, REINFORCE
 
 Each group's RANGES are the values its flags accept (validation.check_ranges reads them from every class an `Args`
 is made of). A flag that was renamed is listed in RENAMED: cli.parse_args refuses the old name with a pointer.
@@ -238,6 +239,17 @@ class RLArgs(RunArgs, EvalArgs, SamplingArgs, OptimArgs, DataArgs, ModelArgs):
                               "warmup_iterations": ">= 0", "missing_eos_penalty": "none or >= 0",
                               "reward_entropy_coef": ">= 0", "reward_ensemble_lambda": ">= 0"}
     RENAMED: ClassVar[dict] = {"--entropy-coef": "--reward-entropy-coef"}
+
+
+@dataclass
+class GroupArgs:
+    """the update's minibatches when each prompt is sampled several times"""
+    group_minibatches: bool = False
+    """shuffle the rollout's groups (the responses to one prompt) into the update's minibatches, not the responses one
+    by one: a minibatch then holds whole groups, and the packed forward computes each of its prompts once instead of
+    once per response (fewer FLOPs, less activation memory where prompts are long: SmolLM2's chat template is ~40
+    tokens for 16-token answers). The minibatch size should be a multiple of the group size. Off: responses are
+    shuffled one by one (a minibatch mixes many prompts)"""
 
 
 @dataclass

@@ -216,6 +216,14 @@ def check_reward_models(folders, flag="--reward-model"):
     return kinds[folders[0]]
 
 
+def check_group_minibatches(args, group_size, flag):
+    """--group-minibatches puts whole groups of `group_size` responses (flag: the script's name for it) into each
+    minibatch: the minibatch size must then be a multiple of it."""
+    if args.group_minibatches and args.minibatch_size % group_size:
+        raise InputError(f"--group-minibatches needs --minibatch-size {args.minibatch_size} to be a multiple of "
+                         f"{flag} {group_size} (a minibatch holds whole groups)")
+
+
 def check_rl_args(args, ranges, kl_estimators=None):
     """What train_ppo.py, train_grpo.py, train_reinforce.py, train_online_dpo.py and train_distill.py check alike:
     check_common, the reward source (the reward-model folder(s), file by file, whose head fits --reward-transform,

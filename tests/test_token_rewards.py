@@ -155,6 +155,19 @@ def test_minibatches_cover_every_index_once():
         minibatches(4, 5)
 
 
+def test_group_minibatches_hold_whole_groups_in_order():
+    G = 4
+    batches = minibatches(24, 8, torch.Generator().manual_seed(0), group_size=G)  # 6 groups, 2 per minibatch
+    assert [len(b) for b in batches] == [8, 8, 8]
+    assert sorted(torch.cat(batches).tolist()) == list(range(24))
+    for b in batches:
+        for group in b.view(-1, G):  # each block of G rows is one whole group, its rows in order
+            assert group.tolist() == list(range(group[0].item(), group[0].item() + G)) and group[0] % G == 0
+    assert [b[0].item() for b in batches] != [0, 8, 16]  # the groups are shuffled (this seed moves them)
+    with pytest.raises(ValueError, match="groups of 4"):
+        minibatches(22, 8, group_size=G)
+
+
 def test_bad_masks_are_refused():
     with pytest.raises(ValueError, match="contiguous"):
         last_real_index(torch.tensor([[1, 0, 1]]))
