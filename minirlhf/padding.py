@@ -19,7 +19,10 @@ odd V (49153) leaves a ragged last tile or falls back to a slower kernel for the
 ~25% speedup of nanoGPT from this change alone, 2023), and NVIDIA's "Matrix Multiplication Background" user guide
 gives the alignment rules.
 """
+import ctypes
+import mmap
 import re
+import sys
 
 import torch
 
@@ -112,7 +115,33 @@ def resize_for_tokenizer(model, tokenizer):
     n = len(tokenizer)
     if n <= model.get_input_embeddings().weight.shape[0]:
         return None
-    device = model.get_input_embeddings().weight.device
+    old = [w.detach() for w in (model.get_input_embeddings().weight,  # its data, even if the parameter is reused
+                                getattr(model.get_output_embeddings(), "weight", None)) if w is not None]
+    device = old[0].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         model.resize_token_embeddings(n, pad_to_multiple_of=VOCAB_MULTIPLE, mean_resizing=True)
+    in_use = {p.data_ptr() for p in model.parameters()}
+    for weight in {w.data_ptr(): w for w in old if w.data_ptr() not in in_use}.values():  # tied: one
+        release_file_pages(weight)
     return model.get_input_embeddings().weight.shape[0]
+
+
+def release_file_pages(tensor):
+    """Give back the memory pages of a CPU tensor nothing will read again (its values become undefined).
+
+    transformers reads a safetensors checkpoint through a memory map: a weight's values are the file's pages, mapped
+    into the process, and a page counts in its resident memory once read. Growing the embeddings copies the old rows
+    into a new tensor; the old tensor is dropped, but its pages stay mapped as long as the other weights keep the map
+    open: SmolLM2's 113 MB embedding would be resident twice for the whole run. madvise(MADV_DONTNEED) unmaps the
+    pages that lie wholly inside the tensor (a page it shares with a neighbouring tensor is kept); a file-backed page
+    would be read again from the file if touched, an anonymous one would read as zeros: either way nothing reads it.
+    Linux only; elsewhere (and on a GPU, or for a tensor smaller than a page) it does nothing."""
+    if tensor.device.type != "cpu" or not tensor.is_contiguous() or not sys.platform.startswith("linux"):
+        return
+    page = mmap.PAGESIZE
+    start = tensor.data_ptr()  # its own bytes only: the storage may be the whole file's map, shared with others
+    end = start + tensor.numel() * tensor.element_size()
+    first, last = -(-start // page) * page, end // page * page  # the whole pages inside [start, end)
+    if last > first:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), 4)  # MADV_DONTNEED

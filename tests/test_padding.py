@@ -3,7 +3,9 @@ embeddings to a multiple of 64 does (and does not do) to the model. Every tokeni
 97-word WordLevel vocabulary plus the special tokens of each case, so a case with 4 specials has len 101, the
 vocabulary of conftest's tiny Llama."""
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -11,8 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from conftest import make_tiny_llama
 from minirlhf.assets import TINY_LLAMA
-from minirlhf.padding import (PAD_TOKEN, VOCAB_MULTIPLE, ensure_pad_token, padded_vocab_size, resize_for_tokenizer,
-                              unused_pad_candidate)
+from minirlhf.padding import (PAD_TOKEN, VOCAB_MULTIPLE, ensure_pad_token, padded_vocab_size, release_file_pages,
+                              resize_for_tokenizer, unused_pad_candidate)
 
 WORDS = [f"w{i}" for i in range(97)]
 CHAT = "{% for m in messages %}<|start|>{{ m['role'] }}\n{{ m['content'] }}<|end|>\n{% endfor %}"
@@ -171,3 +173,36 @@ def test_reused_pad_needs_no_resize():
     model = make_tiny_llama()
     assert ensure_pad_token(tok) == "reused" and tok.pad_token == "<|finetune_right_pad_id|>"
     assert resize_for_tokenizer(model, tok) is None and model.config.vocab_size == len(tok) == 101
+
+
+def _mapped_kib(path):
+    """KiB of `path`'s pages resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if line[0] in "0123456789abcdef" and "-" in line.split()[0]:
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux: reads /proc/self/smaps")
+def test_release_file_pages_unmaps_only_the_tensor(tmp_path):
+    """A weight read through a memory map, as transformers reads safetensors: after release_file_pages the pages wholly
+    inside it leave the process's resident memory, and the neighbour that shares a page with it keeps its values."""
+    path = str(tmp_path / "weights.bin")
+    values = torch.arange(3 * 2**18, dtype=torch.float32)  # 3 MiB: two "tensors" of 1.5 MiB, back to back
+    values.numpy().tofile(path)
+    mapped = torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c"))  # private copy-on-write map, like safetensors
+    first, second = mapped[: 3 * 2**17 + 5], mapped[3 * 2**17 + 5:]  # a boundary in the middle of a page
+    assert first.sum().item() > 0 and second.sum().item() > 0  # read every page
+    before = _mapped_kib(path)
+    assert before >= 3 * 1024 - 8
+    release_file_pages(first)
+    after = _mapped_kib(path)
+    # at least the first tensor's whole pages (a kernel that maps the file in large folios may drop a neighbouring
+    # part of one too: those pages are read from the file again when touched, below)
+    assert before - after >= 1.5 * 1024 - 8
+    assert torch.equal(second, values[3 * 2**17 + 5:])  # the neighbour, sharing a page with it, is intact
+    assert torch.equal(first, values[: 3 * 2**17 + 5])  # a file-backed page comes back from the file if read
