@@ -148,6 +148,17 @@ def model_shape(config):
 
 
 # ------------------------------------------------------------------------------------------ the machine
+def last_level_cache():
+    """The last-level cache's size (sysfs, cpu0's highest cache index), e.g. "480 MiB"; "?" when not found."""
+    caches = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        last = sorted(x for x in os.listdir(caches) if x.startswith("index"))[-1]
+        size = open(os.path.join(caches, last, "size")).read().strip()
+    except (OSError, IndexError):
+        return "?"
+    return f"{int(size[:-1]) / 1024:g} MiB" if size.endswith("K") else size
+
+
 def read_bandwidth(nbytes, repeats):
     """Bytes read per second by x.sum() over a float32 tensor of nbytes: the best of `repeats` calls."""
     x = torch.ones(nbytes // FP32)
@@ -265,9 +276,13 @@ def install(rec):
     unpad.packing_for, heads.lm_logits = packing_seen, lm_logits_seen
 
     reference_logprobs, minibatch_gradient = train_grpo.reference_logprobs, train_grpo.minibatch_gradient
+    loaded = {"minibatch_gradient": minibatch_gradient}
+
+    def update_timed(*a, **k):
+        loaded["update_call"] = (a, k)  # the last one's arguments: profile_update calls it again
+        return rec.timed("update", minibatch_gradient, *a, **k)
     train_grpo.reference_logprobs = lambda *a, **k: rec.timed("reference", reference_logprobs, *a, **k)
-    train_grpo.minibatch_gradient = lambda *a, **k: rec.timed("update", minibatch_gradient, *a, **k)
-    loaded = {}
+    train_grpo.minibatch_gradient = update_timed
     load_policy = train_grpo.load_policy
 
     def load_policy_kept(args):
@@ -285,6 +300,7 @@ def profile_decode(rec, model, tokenizer, args):
     from minirlhf.data.tokenize import collate_prompts, tokenize_prompt_dataset
     from minirlhf.lora import use_adapter
     from minirlhf.sampling import sample
+    r = args.lora_r
     data = tokenize_prompt_dataset(load_prompt_dataset("builtin", split="train"), tokenizer, 64)
     batch = collate_prompts([{"prompt_ids": data[i]["prompt_ids"]} for i in range(4) for _ in range(4)],
                             tokenizer.pad_token_id)
@@ -293,7 +309,7 @@ def profile_decode(rec, model, tokenizer, args):
                   temperature=args.temperature, min_new_tokens=args.max_new_tokens, generator=generator)
     with use_adapter(model, "policy"):
         sample(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, **common)  # warm-up
-        rec.profiler = profile(activities=[ProfilerActivity.CPU])
+        rec.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
         sample(model, batch["input_ids"], batch["attention_mask"], args.max_new_tokens, **common)
         rec.profiler.stop()
     events = list(rec.profiler.events())
@@ -302,27 +318,82 @@ def profile_decode(rec, model, tokenizer, args):
     inside = [(e.time_range.start, e.time_range.end) for e in steps]
     start = min(e.time_range.start for e in events)
     end = max(e.time_range.end for e in events)
-    parts = dict(matmul=0.0, attention=0.0, step_other_ops=0.0, loop_ops=0.0)
+    parts = dict(matmul=0.0, lora_matmul=0.0, attention=0.0, step_other_ops=0.0, loop_ops=0.0)
+    ops = {"step": {}, "loop": {}}  # self CPU microseconds per operator name, inside / outside Decoder.step
     for e in events:
         if e.name.startswith("roofline:") or e.name.startswith("ProfilerStep"):
             continue
         in_step = any(a <= e.time_range.start < b for a, b in inside)
         name, us = e.name, e.self_cpu_time_total
+        where = ops["step" if in_step else "loop"]
+        where[name] = where.get(name, 0.0) + us
         if not in_step:
             parts["loop_ops"] += us
-        elif name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear") or "gemm" in name:
-            parts["matmul"] += us
-        elif "scaled_dot_product" in name or "attention" in name:
-            parts["attention"] += us
         else:
-            parts["step_other_ops"] += us
+            kind = category(e, r)
+            parts["step_other_ops" if kind == "other" else kind] += us
     step_us = sum(b - a for a, b in inside)
-    window_us = end - start
-    parts["step_python"] = step_us - parts["matmul"] - parts["attention"] - parts["step_other_ops"]
-    parts["loop_python"] = window_us - step_us - parts["loop_ops"]
+    parts["step_python"] = step_us - sum(parts[k] for k in ("matmul", "lora_matmul", "attention", "step_other_ops"))
+    parts["loop_python"] = (end - start) - step_us - parts["loop_ops"]
     n = max(len(steps), 1)
-    return dict(steps=len(steps), per_step={k: v / n / 1e6 for k, v in parts.items()},
-                rows=len(batch["input_ids"]))
+    tops = {k: [(name, us / n / 1e6) for name, us in sorted(v.items(), key=lambda t: -t[1])[:5]]
+           for k, v in ops.items()}
+    return dict(steps=len(steps), per_step={k: v / n / 1e6 for k, v in parts.items()}, top=tops,
+                rows=len(batch["input_ids"]), sweep=matmul_sweep(model, len(batch["input_ids"])))
+
+
+def category(event, r):
+    """A profiler event's kind: matmul, lora_matmul (a matmul with an operand of LoRA rank r: an adapter's A or B,
+    forward or backward; needs record_shapes), attention (scaled_dot_product_attention, forward or backward), other."""
+    name = event.name
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear") or "gemm" in name:
+        return "lora_matmul" if any(r in shape for shape in event.input_shapes or ()) else "matmul"
+    return "attention" if "scaled_dot_product" in name or "attention" in name else "other"
+
+
+def profile_update(loaded, r):
+    """The run's last minibatch_gradient call (forward + backward of one minibatch), again, under torch.profiler:
+    its wall seconds split into matmuls, attention, other operators (self CPU time) and the rest (Python, autograd's
+    engine), and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+    a, k = loaded["update_call"]
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        start = time.perf_counter()
+        loaded["minibatch_gradient"](*a, **k)
+        wall = time.perf_counter() - start
+    parts, ops = dict(matmul=0.0, lora_matmul=0.0, attention=0.0, other=0.0), {}
+    for e in prof.events():
+        parts[category(e, r)] += e.self_cpu_time_total / 1e6
+        ops[e.name] = ops.get(e.name, 0.0) + e.self_cpu_time_total / 1e6
+    parts["rest"] = wall - sum(parts.values())
+    return dict(wall=wall, parts=parts, top=sorted(ops.items(), key=lambda t: -t[1])[:8])
+
+
+def matmul_sweep(model, rows, repeats=3):
+    """What a decode step's matmuls alone reach: one sweep over every weight a step multiplies (each LoRA layer's base
+    weight, then the LM head), x of `rows` rows, best of `repeats` sweeps; bytes of those weights / seconds (GB/s),
+    for: w.sum() (reading them, no matmul), F.linear(x, w), the LoRA layers as called (policy adapter active: W x +
+    B A x, as the sampler runs them when it does not merge), and F.linear in bfloat16 (copies of the weights)."""
+    import torch.nn.functional as F
+    from minirlhf.lora import LoRALinear, use_adapter
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    head = model.get_output_embeddings().weight
+    weights = [m.base_layer.weight for m in layers] + [head]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    x = {n: torch.randn(rows, n) for n in {w.shape[1] for w in weights}}
+    half = [w.to(torch.bfloat16) for w in weights]
+    x16 = {n: v.to(torch.bfloat16) for n, v in x.items()}
+
+    def best(fn):
+        fn()
+        return nbytes / min(_seconds(fn) for _ in range(repeats))
+
+    with torch.no_grad(), use_adapter(model, "policy"):
+        out = dict(read=best(lambda: [w.sum() for w in weights]),
+                   linear=best(lambda: [F.linear(x[w.shape[1]], w) for w in weights]),
+                   lora=best(lambda: [m(x[m.in_features]) for m in layers] + [F.linear(x[head.shape[1]], head)]),
+                   bf16=best(lambda: [F.linear(x16[w.shape[1]], w) for w in half]))
+    return dict(out, bytes=nbytes)
 
 
 def child(job):
@@ -350,6 +421,7 @@ def child(job):
                   ru_maxrss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if job["profile"]:
         result["profile"] = profile_decode(rec, model, tokenizer, args)
+        result["profile_update"] = profile_update(loaded, args.lora_r)
     return result
 
 
@@ -367,13 +439,13 @@ def summarise(r, limits):
     def of(kind):
         return [x for x in timed if x["kind"] == kind]
 
-    def row(phase, work, seconds_per, calls, achieved, limit, unit, target=None, share=None):
+    def row(phase, work, seconds_per, calls, achieved, limit, unit, target=None):
         frac = achieved / limit if achieved is not None and limit else None
         return dict(phase=phase, work=work, time=f"{seconds_per * 1000:,.1f} ms x {calls:g}",
                     achieved="" if achieved is None else f"{achieved / 1e9:,.1f} {unit}",
                     limit="" if limit is None else f"{limit / 1e9:,.1f} {unit}",
                     fraction="" if frac is None else f"{frac:.3f}",
-                    share=f"{(share if share is not None else seconds_per * calls / n_it) / iteration_s:.0%}",
+                    share=f"{seconds_per * calls / iteration_s:.0%}",
                     target="" if target is None else f">= {target}",
                     met="" if target is None else ("yes" if frac >= target else "**no**"), frac=frac)
 
@@ -433,6 +505,17 @@ def summarise(r, limits):
     return rows, iteration_s, n_it
 
 
+def top(pairs):
+    """'aten::mm 12.3 ms, ...' from (name, seconds) pairs."""
+    return ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in pairs)
+
+
+def shown(argv):
+    """argv without --out DIR (a temporary folder)."""
+    i = argv.index("--out")
+    return argv[:i] + argv[i + 2:]
+
+
 def block_for(results, limits, header):
     cols = ["phase", "work per call", "time per call x calls per iteration", "achieved", "limit", "fraction",
             "share of the iteration", "target", "met?"]
@@ -447,16 +530,45 @@ def block_for(results, limits, header):
                          + " |")
         notes.append(f"- {label} ({r['parameters'] / 1e6:.1f} M parameters): iteration {iteration_s:.2f} s (mean of "
                      f"{n_it} after a warm-up; phases of the run's clock), peak RSS {mib(r['peak_rss'])} "
-                     f"(VmHWM; ru_maxrss {mib(r['ru_maxrss'])}); run `train_grpo.py "
-                     f"{' '.join(a for a in r['argv'] if not a.startswith('/tmp'))}`.")
+                     f"(VmHWM; ru_maxrss {mib(r['ru_maxrss'])}); the run: `train_grpo.py "
+                     f"{' '.join(shown(r['argv']))}`.")
         if "profile" in r:
             p = r["profile"]["per_step"]
             total = sum(p.values())
             parts = ", ".join(f"{k.replace('_', ' ')} {v * 1000:.1f} ms ({v / total:.0%})" for k, v in p.items())
             notes.append(f"- {label}, one decode step under torch.profiler ({r['profile']['rows']} rows, "
                          f"{r['profile']['steps']} steps, min_new_tokens = max_new_tokens): {total * 1000:.1f} ms = "
-                         f"{parts}. (The profiler's own overhead lands in the ops and the Python share.)")
+                         f"{parts}. (The profiler's own overhead lands in the ops and the Python share.) Top "
+                         "operators by self time per step, inside Decoder.step: " + top(r["profile"]["top"]["step"])
+                         + "; in the sampling loop between steps: " + top(r["profile"]["top"]["loop"]) + ".")
+            u = r["profile_update"]
+            notes.append(f"- {label}, the update's last minibatch (forward + backward) again under torch.profiler: "
+                         f"{u['wall']:.2f} s = " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s ({v / u['wall']:.0%})" for k, v in
+                                                            u["parts"].items())
+                         + " (rest: what no operator's self time accounts for: Python, autograd's engine). Top "
+                         "operators: " + top(u["top"]) + ".")
+            sw = r["profile"]["sweep"]
+            notes.append(f"- {label}, a decode step's matmuls alone ({r['profile']['rows']} rows, every LoRA layer's "
+                         f"base weight and the LM head, {mib(sw['bytes'])} of float32): reading the weights (w.sum()) "
+                         f"{sw['read'] / 1e9:.1f} GB/s; F.linear {sw['linear'] / 1e9:.1f} GB/s; the LoRA layers as "
+                         f"called (unmerged adapter) {sw['lora'] / 1e9:.1f} GB/s; F.linear on bfloat16 copies "
+                         f"{sw['bf16'] / 1e9:.1f} GB/s of float32-equivalent bytes (the bytes a float32 step "
+                         f"reads / time). Each vs the read bandwidth {limits['read'] / 1e9:.1f} GB/s.")
     return "\n".join(lines + [""] + notes)
+
+
+def run_child(job, name, threads):
+    """This file's --child JOB in a fresh interpreter with `threads` threads: its JSON result."""
+    log = os.path.join(tempfile.gettempdir(), f"minirlhf-roofline-{os.getpid()}.log")
+    c = Child([os.path.abspath(__file__), "--child", json.dumps(job), "--threads", str(threads)], log, threads,
+              OFFLINE).wait()
+    if c.returncode != 0:
+        sys.stderr.write(c.tail())
+        raise SystemExit(f"dev/roofline.py: error: the {name} measurement failed (exit {c.returncode})")
+    result = json.loads(c.result_line())
+    os.remove(log)
+    print(f"  {name:<8} {c.wall_seconds:6.1f}s", file=sys.stderr, flush=True)
+    return result
 
 
 def main():
@@ -475,32 +587,31 @@ def main():
     torch.set_num_threads(args.threads)
     if args.child:
         job = json.loads(args.child)
-        print(json.dumps(dict(child(job), model=job["model"])))
+        if job["kind"] == "run":
+            result = dict(child(job), model=job["model"])
+        else:  # the machine's limits
+            result = dict(matmul=matmul_rate(2048, 2048, 2048, job["repeats"]))
+            if job["kind"] == "limits":
+                result.update(read=read_bandwidth(job["nbytes"], job["repeats"]),
+                              copy=copy_bandwidth(job["nbytes"], job["repeats"]),
+                              mlp=matmul_rate(1024, 576, 1536, 10),
+                              head=matmul_rate(1024, 576, 49152, 2 if job["quick"] else 3))
+        print(json.dumps(result))
         return
 
     started, load_start = time.time(), load_average()
     command = " ".join(["python", "dev/roofline.py", *sys.argv[1:]])
     repeats = 3 if args.quick else 5
     nbytes = MEMORY_BYTES // 4 if args.quick else MEMORY_BYTES
-    limits = dict(matmul=matmul_rate(2048, 2048, 2048, repeats), read=read_bandwidth(nbytes, repeats),
-                  copy=copy_bandwidth(nbytes, repeats), mlp=matmul_rate(1024, 576, 1536, 10),
-                  head=matmul_rate(1024, 576, 49152, 2 if args.quick else 3))
+    # every measurement in a child process: this one stays small, so no child's peak RSS starts from its size
+    limits = run_child(dict(kind="limits", quick=args.quick, repeats=repeats, nbytes=nbytes), "limits", args.threads)
     print(f"limits: matmul {limits['matmul'] / 1e9:.1f} GFLOP/s, read {limits['read'] / 1e9:.1f} GB/s",
           file=sys.stderr)
     names = ["tiny", "smollm2"] if args.model == "both" else [args.model]
-    results = {}
-    for name in names:
-        job = dict(model=name, quick=args.quick, threads=args.threads, profile=name == "smollm2" and not args.quick)
-        log = os.path.join(tempfile.gettempdir(), f"minirlhf-roofline-{os.getpid()}.log")
-        c = Child([os.path.abspath(__file__), "--child", json.dumps(job), "--threads", str(args.threads)], log,
-                  args.threads, OFFLINE).wait()
-        if c.returncode != 0:
-            sys.stderr.write(c.tail())
-            raise SystemExit(f"dev/roofline.py: error: the {name} run failed (exit {c.returncode})")
-        results[name] = json.loads(c.result_line())
-        os.remove(log)
-        print(f"  {name:<8} {c.wall_seconds:6.1f}s", file=sys.stderr, flush=True)
-    matmul_end = matmul_rate(2048, 2048, 2048, repeats)
+    results = {name: run_child(dict(kind="run", model=name, quick=args.quick, threads=args.threads,
+                                    profile=name == "smollm2" and not args.quick), name, args.threads)
+               for name in names}
+    matmul_end = run_child(dict(kind="matmul", repeats=repeats), "matmul", args.threads)["matmul"]
     cpu, cores = machine()
     header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpu}, {cores} cores; torch {torch.__version__}, "
               f"transformers {transformers.__version__}, Python {platform.python_version()}; "
@@ -510,7 +621,8 @@ def main():
               f"**{limits['matmul'] / 1e9:.1f} GFLOP/s** ({matmul_end / 1e9:.1f} at the end); at SmolLM2's shapes "
               f"(1024 x 576) @ (576 x 1536) {limits['mlp'] / 1e9:.1f}, (1024 x 576) @ (576 x 49152) "
               f"{limits['head'] / 1e9:.1f} GFLOP/s. Memory: **{limits['read'] / 1e9:.1f} GB/s read** (x.sum() over "
-              f"{nbytes / 2**30:.2g} GiB of float32, bytes read / best of {repeats}); copy {limits['copy'] / 1e9:.1f} "
+              f"{nbytes / 2**30:.2g} GiB of float32, bytes read / best of {repeats}; last-level cache "
+              f"{last_level_cache()}); copy {limits['copy'] / 1e9:.1f} "
               f"GB/s (y.copy_(x), bytes read + written).")
     block = block_for(results, limits, header)
     print(block)
