@@ -84,7 +84,7 @@ MEMORY_BYTES = 2**30  # the bandwidth probe's tensor (--quick: a quarter)
 TARGETS = {"decode": 0.6, "update": 0.6}  # fractions of the limit, on SmolLM2
 FP32 = 4  # bytes per value
 WORKLOADS = {
-    "tiny": dict(label="tiny (assets/tiny-llama)", argv=["--reward", "gold"], iterations=6, quick_iterations=3),
+    "tiny": dict(label="tiny (assets/tiny-llama)", argv=["--reward", "gold"], iterations=6, quick_iterations=2),
     "smollm2": dict(label="SmolLM2-135M-Instruct", iterations=4, quick_iterations=2, argv=[
         "--model", "smollm2", "--reward", "gold", "--dtype", "float32", "--rollout-size", "16", "--group-size", "4",
         "--max-new-tokens", "16", "--minibatch-size", "8", "--ppo-epochs", "2", "--lora-r", "8", "--lora-alpha", "16",
