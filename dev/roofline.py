@@ -13,8 +13,8 @@ Run it by hand on an otherwise idle machine: the numbers are wall-clock times (s
    - the fp32 matmul rate: torch.mm at 2048 x 2048 x 2048 (dev/run.py's matmul_rate: 2·m·k·n / median time), and at
      the shapes SmolLM2's passes multiply ((1024 x 576) @ (576 x 1536): the MLP; (1024 x 576) @ (576 x 49152): the
      LM head). Compute-bound phases are compared with the 2048³ rate;
-   - the memory read bandwidth: `x.sum()` over a float32 tensor of MEMORY_BYTES (1 GiB; far larger than any
-     last-level cache), bytes read / the best time of a few repeats; and, for reference, `y.copy_(x)`: (bytes read +
+   - the memory read bandwidth: `x.sum()` over a float32 tensor of MEMORY_BYTES (1 GiB: larger than the last-level
+     cache, whose size the header states), bytes read / the best time of a few repeats; and, for reference, `y.copy_(x)`: (bytes read +
      bytes written) / best time. Decode steps are compared with the read bandwidth.
 2. The run: train_grpo.py itself, in a child process per model (its own peak memory), with timing wrappers put
    around minirlhf's functions (nothing in minirlhf/ or train_grpo.py is changed):
@@ -46,13 +46,18 @@ Run it by hand on an otherwise idle machine: the numbers are wall-clock times (s
      dev/run.py) + 2·n_lora (the active adapter's A and B, when it is not merged); + 2·H·V at each position where the
      LM head runs (response positions; the prefill: each distinct prompt's last token). Padding and packing filler
      are not counted: they are work the pass does but does not need, so they lower the achieved rate.
-     Backward of a LoRA model over a frozen base: the frozen matmuls need input gradients only (1x their forward),
-     attention 2x, the LoRA branches 2x (input and weight gradients): ~2x the forward's non-LoRA FLOPs less the
-     weight gradients.
+     Backward of a LoRA model over a frozen base: the frozen matmuls need input gradients only (1x their forward: no
+     weight gradients), attention 2x, the LoRA branches 2x (input and weight gradients); so forward + backward is
+     ~2x the forward (full fine-tuning: 3x).
 Targets (the project's plan, SmolLM2): decode steps >= 0.6 of the read bandwidth, update >= 0.6 of the matmul rate.
-With --profile (on by default in a full run) one rollout of the trained SmolLM2 policy is sampled under
-torch.profiler, from its first decode step on, and each step's time is split: matmuls, attention, other tensor ops
-inside Decoder.step, the sampling loop's tensor ops between steps, and what no operator accounts for (Python).
+4. Why (a full run, not --quick; after the SmolLM2 run, on its trained policy, each in the notes under the table):
+   - one rollout (4 training prompts x 4, every row forced to full length) under torch.profiler from its first decode
+     step on: a step's time split into matmuls (LoRA's rank-r ones apart), attention, other operators inside
+     Decoder.step, the sampling loop's operators between steps, and what no operator's self time accounts for
+     (Python, the profiler's own overhead), with the top operators of each;
+   - the run's last update minibatch (forward + backward) again under torch.profiler, split the same way;
+   - a decode step's matmuls alone: one sweep of F.linear over every weight a step multiplies, at the step's rows,
+     against reading the same weights, the LoRA layers as called, and bfloat16 copies.
 """
 import argparse
 import importlib.util
@@ -188,7 +193,7 @@ class Recorder:
     def __init__(self):
         self.phase, self.iteration, self.records, self.iterations = None, 1, [], []
         self.span = None  # the record of the outermost timed call running now: trunk passes are added to it
-        self.profiler = None  # --profile: started after a prefill, by the prefill wrapper
+        self.profiler = None  # profile_decode's: started after a prefill, by the prefill wrapper
 
     def counting(self):
         return self.phase in ("generation", "scoring", "logprobs", "update")
@@ -248,9 +253,11 @@ def install(rec):
             return step(self, tokens, running)
         start = time.perf_counter()
         out = step(self, tokens, running)
-        rec.records.append(dict(kind="step", iteration=rec.iteration, seconds=time.perf_counter() - start,
-                                rows=len(self.rows_kept), cache=self.length, merged=bool(self.merged),
-                                n_lora=0 if self.merged else lora_params(self.model)))
+        seconds = time.perf_counter() - start
+        if not hasattr(self, "roofline_n_lora"):  # once per rollout (the adapter does not change during one)
+            self.roofline_n_lora = 0 if self.merged else lora_params(self.model)
+        rec.records.append(dict(kind="step", iteration=rec.iteration, seconds=seconds, rows=len(self.rows_kept),
+                                cache=self.length, merged=bool(self.merged), n_lora=self.roofline_n_lora))
         return out
     decode.Decoder.prefill, decode.Decoder._prefill, decode.Decoder.step = prefill_timed, prefill_work, step_timed
 
@@ -357,16 +364,19 @@ def profile_update(loaded, r):
     engine), and the top operators."""
     from torch.profiler import ProfilerActivity, profile
     a, k = loaded["update_call"]
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as prof:
         start = time.perf_counter()
         loaded["minibatch_gradient"](*a, **k)
         wall = time.perf_counter() - start
-    parts, ops = dict(matmul=0.0, lora_matmul=0.0, attention=0.0, other=0.0), {}
+    parts, ops, matmul_flops = dict(matmul=0.0, lora_matmul=0.0, attention=0.0, other=0.0), {}, 0
     for e in prof.events():
-        parts[category(e, r)] += e.self_cpu_time_total / 1e6
+        kind = category(e, r)
+        parts[kind] += e.self_cpu_time_total / 1e6
         ops[e.name] = ops.get(e.name, 0.0) + e.self_cpu_time_total / 1e6
+        if e.name in ("aten::mm", "aten::addmm", "aten::bmm"):  # the products themselves (not aten::linear)
+            matmul_flops += e.flops or 0
     parts["rest"] = wall - sum(parts.values())
-    return dict(wall=wall, parts=parts, top=sorted(ops.items(), key=lambda t: -t[1])[:8])
+    return dict(wall=wall, parts=parts, top=sorted(ops.items(), key=lambda t: -t[1])[:8], matmul_flops=matmul_flops)
 
 
 def matmul_sweep(model, rows, repeats=3):
@@ -479,15 +489,10 @@ def summarise(r, limits):
         calls = of(kind)
         if not calls:
             continue
-        flops = 0
-        tokens = grid = padded = lm = 0
+        flops = tokens = grid = padded = lm = 0
         for c in calls:
-            fwd = [p for p in c["passes"]]
-            share_lm = c["lm_positions"] / max(len(fwd), 1)
-            for p in fwd:
-                flops += forward_flops(shape, p["tokens"], p["width"], share_lm, p["n_lora"])
-                if p["grad"]:
-                    flops += backward_flops(shape, p["tokens"], p["width"], share_lm, p["n_lora"])
+            for p in c["passes"]:  # (one pass per call here; the LM-head positions shared out if there were more)
+                flops += pass_flops(shape, p, c["lm_positions"] / len(c["passes"]))
                 tokens, grid, padded = tokens + p["tokens"], grid + p["grid"], padded + p["padded"]
             lm += c["lm_positions"]
         secs = sum(c["seconds"] for c in calls)
@@ -516,6 +521,14 @@ def shown(argv):
     return argv[:i] + argv[i + 2:]
 
 
+def pass_flops(shape, p, lm_positions, attention=True):
+    """Forward (+ backward, for a pass with gradient) FLOPs of one recorded trunk pass `p`; attention=False: the
+    matmuls with weights only (what the profiler's aten::mm FLOPs cover)."""
+    width = p["width"] if attention else 0
+    flops = forward_flops(shape, p["tokens"], width, lm_positions, p["n_lora"])
+    return flops + (backward_flops(shape, p["tokens"], width, lm_positions, p["n_lora"]) if p["grad"] else 0)
+
+
 def block_for(results, limits, header):
     cols = ["phase", "work per call", "time per call x calls per iteration", "achieved", "limit", "fraction",
             "share of the iteration", "target", "met?"]
@@ -542,11 +555,19 @@ def block_for(results, limits, header):
                          "operators by self time per step, inside Decoder.step: " + top(r["profile"]["top"]["step"])
                          + "; in the sampling loop between steps: " + top(r["profile"]["top"]["loop"]) + ".")
             u = r["profile_update"]
+            last = [x for x in r["records"] if x["kind"] == "update"][-1]  # the call profile_update repeated
+            real = sum(pass_flops(r["shape"], p, last["lm_positions"] / len(last["passes"]), attention=False)
+                       for p in last["passes"])
+            grid = sum(pass_flops(r["shape"], dict(p, tokens=p["grid"]), last["lm_positions"] / len(last["passes"]),
+                                  attention=False) for p in last["passes"])
             notes.append(f"- {label}, the update's last minibatch (forward + backward) again under torch.profiler: "
                          f"{u['wall']:.2f} s = " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s ({v / u['wall']:.0%})" for k, v in
                                                             u["parts"].items())
                          + " (rest: what no operator's self time accounts for: Python, autograd's engine). Top "
-                         "operators: " + top(u["top"]) + ".")
+                         "operators: " + top(u["top"]) + f". A check of the counting: the profiler's FLOPs of its "
+                         f"aten::mm / addmm / bmm, {u['matmul_flops'] / 1e9:.1f} GFLOP, against this file's count "
+                         f"of the same call's matmuls (forward + backward, attention left out) {real / 1e9:.1f} GFLOP "
+                         f"over the real tokens, {grid / 1e9:.1f} GFLOP over the packed grid (filler included).")
             sw = r["profile"]["sweep"]
             notes.append(f"- {label}, a decode step's matmuls alone ({r['profile']['rows']} rows, every LoRA layer's "
                          f"base weight and the LM head, {mib(sw['bytes'])} of float32): reading the weights (w.sum()) "
