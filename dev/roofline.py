@@ -20,7 +20,8 @@ Run it by hand on an otherwise idle machine: the numbers are wall-clock times (s
    around minirlhf's functions (nothing in minirlhf/ or train_grpo.py is changed):
        fast.decode.Decoder.prefill / .step     the sampler's prefill and each decode step (the forward only; the
                                                sampling on the logits, softmax and multinomial over the vocabulary,
-                                               runs between steps, in sampling._sample: the row "sampling loop")
+                                               runs between steps, in sampling._sample: it is in the row "the
+                                               rest", the generation phase less prefill and steps)
        train_grpo.reference_logprobs           the reference's log-prob pass (GRPO's old log-probs are the sampler's
                                                own: no second pass, unless --tis-cap / --mismatch-mask-threshold)
        train_grpo.minibatch_gradient           the update's forward + backward of one minibatch
@@ -51,7 +52,8 @@ Run it by hand on an otherwise idle machine: the numbers are wall-clock times (s
      ~2x the forward (full fine-tuning: 3x).
 Targets (the project's plan, SmolLM2): decode steps >= 0.6 of the read bandwidth, update >= 0.6 of the matmul rate.
 4. Why (a full run, not --quick; after the SmolLM2 run, on its trained policy, each in the notes under the table):
-   - one rollout (4 training prompts x 4, every row forced to full length) under torch.profiler from its first decode
+   - one rollout (4 training prompts x 4, every row forced to full length: min_new_tokens = max_new_tokens, which
+     adds an EOS mask to each step's sampling) under torch.profiler from its first decode
      step on: a step's time split into matmuls (LoRA's rank-r ones apart), attention, other operators inside
      Decoder.step, the sampling loop's operators between steps, and what no operator's self time accounts for
      (Python, the profiler's own overhead), with the top operators of each;
@@ -480,8 +482,8 @@ def summarise(r, limits):
                         f"{weights / 2**20:.1f} MiB, {merged}, + KV cache L={steps[0]['cache']})",
                         secs / len(steps), len(steps) / n_it, nbytes / secs, limits["read"], "GB/s", target))
         rest = phase_s["generation"] - (secs + sum(p["seconds"] for p in prefills)) / n_it
-        rows.append(row("generation: sampling loop (softmax, multinomial over V, bookkeeping)",
-                        f"per step, vocab {shape['vocab']:,}", rest / max(len(steps) / n_it, 1),
+        rows.append(row("generation: the rest, per step (sampling on the logits: softmax, multinomial over V; "
+                        "the Decoder's setup and LoRA merge; detokenizing)", f"vocab {shape['vocab']:,}", rest / max(len(steps) / n_it, 1),
                         len(steps) / n_it, None, None, ""))
     rows.append(row("scoring (gold reward)", "", phase_s["scoring"], 1, None, None, ""))
     for kind, phase, target in (("reference", "log-probs: reference pass (no grad)", None),
@@ -543,7 +545,9 @@ def block_for(results, limits, header):
                          + " |")
         notes.append(f"- {label} ({r['parameters'] / 1e6:.1f} M parameters): iteration {iteration_s:.2f} s (mean of "
                      f"{n_it} after a warm-up; phases of the run's clock), peak RSS {mib(r['peak_rss'])} "
-                     f"(VmHWM; ru_maxrss {mib(r['ru_maxrss'])}); the run: `train_grpo.py "
+                     f"(VmHWM; ru_maxrss {mib(r['ru_maxrss'])}); its process used {r['cpu_seconds']:.0f} CPU "
+                     f"seconds in {r['wall_seconds']:.0f} s (fewer than threads x wall: it waited for a core); "
+                     f"the run: `train_grpo.py "
                      f"{' '.join(shown(r['argv']))}`.")
         if "profile" in r:
             p = r["profile"]["per_step"]
@@ -586,7 +590,7 @@ def run_child(job, name, threads):
     if c.returncode != 0:
         sys.stderr.write(c.tail())
         raise SystemExit(f"dev/roofline.py: error: the {name} measurement failed (exit {c.returncode})")
-    result = json.loads(c.result_line())
+    result = dict(json.loads(c.result_line()), cpu_seconds=c.cpu_seconds, wall_seconds=c.wall_seconds)
     os.remove(log)
     print(f"  {name:<8} {c.wall_seconds:6.1f}s", file=sys.stderr, flush=True)
     return result
