@@ -14,8 +14,8 @@ Run it by hand on an otherwise idle machine: the numbers are wall-clock times (s
      the shapes SmolLM2's passes multiply ((1024 x 576) @ (576 x 1536): the MLP; (1024 x 576) @ (576 x 49152): the
      LM head). Compute-bound phases are compared with the 2048³ rate;
    - the memory read bandwidth: `x.sum()` over a float32 tensor of MEMORY_BYTES (1 GiB: larger than the last-level
-     cache, whose size the header states), bytes read / the best time of a few repeats; and, for reference, `y.copy_(x)`: (bytes read +
-     bytes written) / best time. Decode steps are compared with the read bandwidth.
+     cache, whose size the header states), bytes read / the best time of a few repeats; and, for reference,
+     `y.copy_(x)`: (bytes read + bytes written) / best time. Decode steps are compared with the read bandwidth.
 2. The run: train_grpo.py itself, in a child process per model (its own peak memory), with timing wrappers put
    around minirlhf's functions (nothing in minirlhf/ or train_grpo.py is changed):
        fast.decode.Decoder.prefill / .step     the sampler's prefill and each decode step (the forward only; the
@@ -483,7 +483,8 @@ def summarise(r, limits):
                         secs / len(steps), len(steps) / n_it, nbytes / secs, limits["read"], "GB/s", target))
         rest = phase_s["generation"] - (secs + sum(p["seconds"] for p in prefills)) / n_it
         rows.append(row("generation: the rest, per step (sampling on the logits: softmax, multinomial over V; "
-                        "the Decoder's setup and LoRA merge; detokenizing)", f"vocab {shape['vocab']:,}", rest / max(len(steps) / n_it, 1),
+                        "the Decoder's setup and LoRA merge; detokenizing)", f"vocab {shape['vocab']:,}",
+                        rest / max(len(steps) / n_it, 1),
                         len(steps) / n_it, None, None, ""))
     rows.append(row("scoring (gold reward)", "", phase_s["scoring"], 1, None, None, ""))
     for kind, phase, target in (("reference", "log-probs: reference pass (no grad)", None),
@@ -565,8 +566,9 @@ def block_for(results, limits, header):
             grid = sum(pass_flops(r["shape"], dict(p, tokens=p["grid"]), last["lm_positions"] / len(last["passes"]),
                                   attention=False) for p in last["passes"])
             notes.append(f"- {label}, the update's last minibatch (forward + backward) again under torch.profiler: "
-                         f"{u['wall']:.2f} s = " + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s ({v / u['wall']:.0%})" for k, v in
-                                                            u["parts"].items())
+                         f"{u['wall']:.2f} s = "
+                         + ", ".join(f"{k.replace('_', ' ')} {v:.2f} s ({v / u['wall']:.0%})"
+                                     for k, v in u["parts"].items())
                          + " (rest: what no operator's self time accounts for: Python, autograd's engine). Top "
                          "operators: " + top(u["top"]) + f". A check of the counting: the profiler's FLOPs of its "
                          f"aten::mm / addmm / bmm, {u['matmul_flops'] / 1e9:.1f} GFLOP, against this file's count "
