@@ -45,7 +45,8 @@ from minirlhf.ops import masked_sum
 from minirlhf.precision import LossScaler
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import TrainPrompts, add_up, minibatches, reference_logprobs, sample_rollout
+from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, reference_logprobs,
+                              sample_rollout)
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
 from minirlhf.settings import RLArgs
@@ -168,13 +169,13 @@ def minibatch_gradient(model, batch, sampling, mb, old_logprobs, args, scaler):
     and steps after). Returns the minibatch's statistics, {name: scalar tensor}.
 
     mb: the minibatch's rows of the rollout (an index tensor); old_logprobs (B, R): the sampler's log-probs, for
-    policy/approx_kl. Micro-batches of <= --forward-batch-size rows, a backward each (the teacher's trunk pass, without
+    policy/approx_kl. Micro-batches of <= --micro-batch-size rows, a backward each (the teacher's trunk pass, without
     grad, too): the loss is a sum over tokens / the minibatch's count, so the micro-batches add up exactly
     (tests/test_memory.py)."""
     P, mask = batch["P"], batch["mask"]  # (B, R)
     beta = 0.5 if args.jsd_beta is None else args.jsd_beta
     n_tokens, parts = mask[mb].sum().clamp(min=1), []  # the minibatch's response tokens: every mean is / them
-    for mu in mb.split(args.forward_batch_size):
+    for mu in mb.split(micro_batch_rows(args)):
         mu_mask = mask[mu]  # (b, R)
         divergence, logprobs, entropy = (x[:, P:] for x in response_divergence(  # (b, T) -> (b, R) each
             model, TEACHER, batch["input_ids"][mu], batch["attention_mask"][mu], batch["response_mask"][mu], sampling,

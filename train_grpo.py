@@ -52,8 +52,9 @@ from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import (TrainPrompts, add_up, join_rollouts, minibatches, old_logprobs_and_corrections,
-                              policy_logprobs, reference_logprobs, rollout_rows, sample_rollout)
+from minirlhf.rollout import (TrainPrompts, add_up, join_rollouts, micro_batch_rows, minibatches,
+                              old_logprobs_and_corrections, policy_logprobs, reference_logprobs, rollout_rows,
+                              sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -274,11 +275,11 @@ def minibatch_gradient(model, batch, sampling, mb, old_logprobs, ref_logprobs, a
 
     mb: the minibatch's rows of the rollout (an index tensor); old_logprobs, ref_logprobs, advantages, loss_mask (the
     update's mask) and tis (TIS weights, or None) hold the whole rollout, (B, R) each. Micro-batches of
-    <= --forward-batch-size rows, a backward each: as each loss is a sum over its tokens (or responses) / n, their
+    <= --micro-batch-size rows, a backward each: as each loss is a sum over its tokens (or responses) / n, their
     gradients and statistics add up to the minibatch's exactly (tests/test_memory.py)."""
     n_tokens, parts, logprobs = loss_mask[mb].sum().clamp(min=1), [], []  # its real tokens: the entropy mean / them
     n = aggregation_count(loss_mask[mb], args.loss_aggregation)  # and the loss by this: tokens or rows
-    for mu in mb.split(args.forward_batch_size):
+    for mu in mb.split(micro_batch_rows(args)):
         mu_mask = loss_mask[mu]  # (b, R)
         newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
         logprobs.append(newlogprobs.detach())

@@ -43,7 +43,8 @@ from minirlhf.ops import masked_sum
 from minirlhf.precision import LossScaler
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import TrainPrompts, add_up, minibatches, policy_logprobs, reference_logprobs, sample_rollout
+from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, policy_logprobs,
+                              reference_logprobs, sample_rollout)
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
 from minirlhf.settings import RLArgs
@@ -176,7 +177,7 @@ def minibatch_gradient(model, batch, sampling, mb, chosen, rejected, weights, ol
 
     mb: the minibatch's pairs (an index tensor into chosen, rejected, weights (B / 2,) each: rows of the rollout and
     pair weights); old_logprobs (the sampler's, for approx_kl) and ref_logprobs hold the whole rollout, (B, R) each.
-    Micro-batches of <= --forward-batch-size rows (half as many pairs, at least one), a backward each: the loss and
+    Micro-batches of <= --micro-batch-size rows (half as many pairs, at least one), a backward each: the loss and
     every statistic is a sum over its pairs (or tokens) / the minibatch's count, so the micro-batches add up to the
     minibatch's exactly (tests/test_memory.py)."""
     mb_rows = torch.cat([chosen[mb], rejected[mb]])  # (2b,)
@@ -184,7 +185,7 @@ def minibatch_gradient(model, batch, sampling, mb, chosen, rejected, weights, ol
     untied = weights.bool()  # (B / 2,)
     n_tokens = (batch["mask"][mb_rows] & untied[mb].repeat(2)[:, None]).sum().clamp(min=1)  # the untied pairs' tokens
     parts = []
-    for mu in mb.split(max(1, args.forward_batch_size // 2)):
+    for mu in mb.split(max(1, micro_batch_rows(args) // 2)):
         rows, w = torch.cat([chosen[mu], rejected[mu]]), weights[mu]  # (2u,): chosen rows first; (u,)
         logprobs, entropy, _ = policy_logprobs(model, batch, sampling, rows)  # (2u, R) each
         mask = batch["mask"][rows]  # (2u, R)

@@ -49,8 +49,8 @@ from minirlhf.ops import masked_sum
 from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import (TrainPrompts, add_up, minibatches, old_logprobs_and_corrections, policy_logprobs,
-                              reference_logprobs, rollout_logprobs, sample_rollout)
+from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, old_logprobs_and_corrections,
+                              policy_logprobs, reference_logprobs, rollout_logprobs, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -192,10 +192,10 @@ def minibatch_gradient(model, value_head, batch, sampling, mb, old_logprobs, old
 
     mb: the minibatch's rows of the rollout (an index tensor); old_logprobs, old_values, advantages, returns,
     loss_mask (the update's mask) and tis (TIS weights, or None) hold the whole rollout, (B, R) each. Micro-batches
-    of <= --forward-batch-size rows, a backward each: as each loss is a sum over its tokens / n_tokens, their
+    of <= --micro-batch-size rows, a backward each: as each loss is a sum over its tokens / n_tokens, their
     gradients and statistics add up to the minibatch's means exactly (tests/test_memory.py)."""
     n_tokens, parts = loss_mask[mb].sum().clamp(min=1), []  # the minibatch's real tokens: means / them
-    for mu in mb.split(args.forward_batch_size):
+    for mu in mb.split(micro_batch_rows(args)):
         mu_mask = loss_mask[mu]  # (b, R)
         newlogprobs, entropy, vpred = policy_logprobs(model, batch, sampling, mu, value_head)  # (b, R) each
         pg_loss, pg_stats = policy_loss(newlogprobs, old_logprobs[mu], advantages[mu], mu_mask, args.clip_eps,

@@ -44,8 +44,8 @@ from minirlhf.reinforce import reinforce_loss
 from minirlhf.reinforce_pp import reinforce_pp_advantages
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import (TrainPrompts, add_up, minibatches, old_logprobs_and_corrections, policy_logprobs,
-                              reference_logprobs, sample_rollout)
+from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, old_logprobs_and_corrections,
+                              policy_logprobs, reference_logprobs, sample_rollout)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -192,11 +192,11 @@ def minibatch_gradient(model, batch, sampling, mb, old_logprobs, advantages, los
 
     mb: the minibatch's rows of the rollout (an index tensor); advantages (B,) one per response, or (B, R) one per
     token (REINFORCE++); old_logprobs (for approx_kl), loss_mask (the update's mask: the statistics' tokens) and tis
-    (TIS weights, or None) hold the whole rollout, (B, R) each. Micro-batches of <= --forward-batch-size rows, a
+    (TIS weights, or None) hold the whole rollout, (B, R) each. Micro-batches of <= --micro-batch-size rows, a
     backward each: the loss is a mean over the minibatch's rows (sum / len(mb)) and each statistic a mean over its
     tokens, so the micro-batches add up exactly (tests/test_memory.py)."""
     n_tokens, parts, logprobs = loss_mask[mb].sum().clamp(min=1), [], []  # the minibatch's real tokens: means / them
-    for mu in mb.split(args.forward_batch_size):
+    for mu in mb.split(micro_batch_rows(args)):
         mu_mask = loss_mask[mu]  # (b, R)
         newlogprobs, entropy, _ = policy_logprobs(model, batch, sampling, mu)  # (b, R) each
         logprobs.append(newlogprobs.detach())

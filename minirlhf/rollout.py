@@ -11,11 +11,11 @@ Legend: B responses, P prompt columns (left-padded), R response columns (right-p
     old_logprobs, tis, update_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args, old_logprobs)
     ref_logprobs = reference_logprobs(model, batch, args.temperature, args.forward_batch_size)   # (B, R) each
     for mb in minibatches(B, args.minibatch_size):     # the update: one optimizer step per minibatch, computed in
-        for mu in mb.split(args.forward_batch_size):   # micro-batches of rows, with a backward each
+        for mu in mb.split(micro_batch_rows(args)):    # micro-batches of rows, with a backward each
             logprobs, entropy, values = policy_logprobs(model, batch, sampling, mu, value_head)  # (b, R)
         stats.append(add_up(micro_batch_stats))        # the minibatch's statistics: sums over its micro-batches
-Every pass over a rollout runs on at most --forward-batch-size rows (sampling, scoring, log-probs, the update's
-micro-batches): its memory is bounded by the flag, not by --rollout-size.
+Every pass over a rollout runs on at most --forward-batch-size rows (sampling, scoring, log-probs; the update's
+micro-batches: --micro-batch-size, by default the same): its memory is bounded by the flag, not by --rollout-size.
 The policy's log-probs (old and new) are those of the distribution the rollout was sampled from (`sampling`: the
 temperature and the top-k / top-p / min-new-tokens filter, heads.py); the reference's are its unfiltered softmax at
 the same temperature: KL(π_sampled ‖ π_ref) is what the penalty means (docs/negative_kl.md).
@@ -203,6 +203,11 @@ def add_up(parts):
     """{name: the sum over parts} of a list of dicts of scalar tensors: the statistics of a minibatch from those of
     its micro-batches (each a sum over its rows / the minibatch's count, so the sums are the minibatch's means)."""
     return {k: functools.reduce(operator.add, [part[k] for part in parts]) for k in parts[0]}
+
+
+def micro_batch_rows(args):
+    """Rows per forward + backward of the update: --micro-batch-size, or --forward-batch-size when it is not given."""
+    return args.micro_batch_size or args.forward_batch_size
 
 
 def minibatches(batch_size, minibatch_size, generator=None, group_size=1):

@@ -222,6 +222,9 @@ class RLArgs(RunArgs, EvalArgs, SamplingArgs, OptimArgs, DataArgs, ModelArgs):
     shard of the prompts)"""
     minibatch_size: int = 32
     """responses per optimizer step"""
+    micro_batch_size: Optional[int] = None
+    """responses per forward + backward of the update (a minibatch is computed in micro-batches of this many rows,
+    their gradients added: the same step, less activation memory, smaller matmuls); none: --forward-batch-size"""
     warmup_iterations: int = 2
     """linear warmup, in iterations"""
     tis_cap: Optional[float] = None
@@ -236,6 +239,7 @@ class RLArgs(RunArgs, EvalArgs, SamplingArgs, OptimArgs, DataArgs, ModelArgs):
     lora_r: int = 8
     lora_alpha: float = 16.0
     RANGES: ClassVar[dict] = {"iterations": ">= 1", "rollout_size": ">= 1", "minibatch_size": ">= 1",
+                              "micro_batch_size": "none or >= 1",
                               "warmup_iterations": ">= 0", "missing_eos_penalty": "none or >= 0",
                               "reward_entropy_coef": ">= 0", "reward_ensemble_lambda": ">= 0"}
     RENAMED: ClassVar[dict] = {"--entropy-coef": "--reward-entropy-coef"}

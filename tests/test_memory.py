@@ -257,6 +257,8 @@ def test_micro_batches_give_the_minibatch_gradient(asset_model, script, flags, m
             return minibatch_grads(module, model, batch, value_head, params, data, rows, n, flags, advantages)
         whole, whole_stats = grads(mb, len(mb))
         micro, micro_stats = grads(mb, 2)  # 2 + 2 + 2 rows
+        via_flag, via_flag_stats = minibatch_grads(module, model, batch, value_head, params, data, mb, len(mb),
+                                                   flags + ["--micro-batch-size", "2"], advantages)  # the same split
         odd, odd_stats = grads(mb[:5], 5)
         odd_micro, odd_micro_stats = grads(mb[:5], 2)
     finally:
@@ -271,6 +273,8 @@ def test_micro_batches_give_the_minibatch_gradient(asset_model, script, flags, m
         assert a_stats.keys() == b_stats.keys()
         for k in a_stats:
             torch.testing.assert_close(b_stats[k], a_stats[k], rtol=0, atol=1e-6)
+    assert all(torch.equal(x, y) for x, y in zip(micro, via_flag)) and len(via_flag) == len(micro)
+    assert all(torch.equal(micro_stats[k], via_flag_stats[k]) for k in micro_stats)  # --micro-batch-size splits it
     assert whole_stats["loss/total"] != 0 and whole_stats["policy/entropy"] > 0
     if "gspo" in flags:  # the clip binds on some responses, not all
         assert 0 < whole_stats["policy/clipfrac"] < 1, whole_stats["policy/clipfrac"]
