@@ -50,7 +50,7 @@ def test_every_command_is_accepted_and_sets_what_it_claims(quick, tmp_path):
             if run.algorithm.ensemble:  # the shipped reward model and the two trained members, combined
                 assert args.reward_model == list(frontier.members(str(tmp_path))), run.command
                 assert (args.reward_ensemble, args.reward_ensemble_lambda, args.reward_ensemble_normalize) == (
-                    "mean-minus-std", 1.0, True), run.command
+                    "mean-minus-std", 1.0, False), run.command
             else:
                 assert args.reward_model == parse_args(type(args), []).reward_model, run.command
         else:  # DPO / IPO: one epoch over the pairs
