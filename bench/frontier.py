@@ -90,8 +90,7 @@ class Algorithm:
 
 
 # How the ensembles combine their members' scores (minirlhf/reward_ensemble.py): the best of six single PPO runs
-# (seed 0) at --kl-coef 0.1 and 0.3 among mean-minus-std λ = 1 and λ = 0.5 and mean, with and without
-# --reward-ensemble-normalize (docs/frontier.md, "Reward-model ensembles").
+# (seed 0, --kl-coef 0.1 and 0.3; docs/frontier.md, "Reward-model ensembles", lists them), narrowly.
 ENSEMBLE = ("--reward-ensemble", "mean-minus-std", "--reward-ensemble-lambda", "1")
 ENSEMBLE_NAME = "mean − 1·std"
 ALGORITHMS = (
