@@ -11,6 +11,7 @@ import torch
 
 from .data import load_preference_dataset, world
 from .data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
+from .errors import InputError
 from .heads import RatingHead, in_row_chunks, sequence_scores
 from .lora import adapter_names, use_adapter
 from .models import load_model, load_reward_model, load_tokenizer, parameter_report
@@ -134,7 +135,12 @@ class Reward:
                 batch = {k: v.to(device) for k, v in collate_pairs(rows, pad_id).items()
                          if k in ("input_ids", "attention_mask")}  # (2b, T): b chosen rows, then b rejected
                 scores.append(torch.stack([self.member_score(adapter, head, batch) for adapter, head in self.members]))
-        return reference_statistics(torch.cat(scores, dim=1))  # (M, 2N) -> (M,), (M,)
+        mean, std = reference_statistics(torch.cat(scores, dim=1))  # (M, 2N) -> (M,), (M,)
+        flat = [path for path, s in zip(args.reward_model, std.tolist()) if not s > 0]  # constant (or NaN) scores
+        if flat:
+            raise InputError(f"--reward-ensemble-normalize: {flat[0]!r} gives every response of the reference set "
+                             "the same score (std 0): it cannot be standardised")
+        return mean, std
 
     def member_score(self, adapter, head, batch):
         """(B,) one reward model's scores: its head at the last real token; E[rating] for a rating head."""

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.cli import parse_args
+from minirlhf.errors import InputError
 from minirlhf.formats import save_head
 from minirlhf.heads import RatingHead
 from minirlhf.lora import adapter_names
@@ -180,6 +181,9 @@ def test_normalize_flag_puts_members_on_one_scale(tmp_path, monkeypatch):
     torch.testing.assert_close(ensemble(batch).double(), 1.5 * raw.double(), rtol=0, atol=1e-5)  # spread 0
     assert ensemble.metrics()["objective/ensemble_std"] < 1e-5
     assert "normalised (reference mean, std: " in ensemble.describe
+    flat = scaled_reward_model(tmp_path / "flat", 0.0)  # scores every response 0: nothing to standardise by
+    with pytest.raises(InputError, match="--reward-ensemble-normalize: .*flat.* the same score"):
+        reward_of([RM, flat], normalize=True)
     ensemble.reference = None  # the same two members unnormalised: mean 1.5R minus their spread |R - 2R| / 2
     torch.testing.assert_close(ensemble(batch).double(), 1.5 * raw.double() - raw.double().abs() / 2, rtol=0,
                                atol=1e-5)
