@@ -485,8 +485,8 @@ def main(argv=None):
     notes = (f"\nGold and KL: mean over the seeds ± half their range; KL(π‖π_ref) is exact (nats per sequence, "
              f"held-out prompts), best-of-N's is the upper bound log N − (N−1)/N. Headroom closed = (gold after − "
              f"gold before) / ({GOLD_MAX:g} − gold before). Reward model = the mean score of the proxy the RL run "
-             f"optimises (the shipped reward model; for an ensemble, its members' combined score). **best**: the algorithm's highest gold among its settings with mean KL "
-             f"≤ {KL_LIMIT:g}. Seconds: wall / CPU time of one run (imports and loading included); CPU well below "
+             f"optimises (the shipped reward model; for an ensemble, its members' combined score). **best**: the "
+             f"algorithm's highest gold among its settings with mean KL ≤ {KL_LIMIT:g}. Seconds: wall / CPU time of one run (imports and loading included); CPU well below "
              f"wall means the run waited for a core. Every run's numbers: "
              f"{shown(os.path.join(results_dir, 'points.json'))}.")
     block = header + "\n" + table(rows, sft_gold(results), GOLD_MAX) + "\n" + notes

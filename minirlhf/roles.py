@@ -70,7 +70,7 @@ class Reward:
                 self.members.append((adapter, head.requires_grad_(False)))
         self.heads = [head for _, head in self.members]  # frozen: checked unchanged at the end of the run
         self.std = None  # the last rollout's mean ensemble std (metrics(); an ensemble only)
-        self.reference = None  # (mean (M,), std (M,)) of each member over the reference set: --reward-ensemble-normalize
+        self.reference = None  # --reward-ensemble-normalize: each member's (mean (M,), std (M,)) over the reference
         if getattr(args, "reward_ensemble_normalize", False) and not self.gold_only:
             self.reference = self.reference_statistics(tokenizer, args)
         if self.gold_only:
