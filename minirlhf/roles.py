@@ -120,10 +120,10 @@ class Reward:
         """Each member's mean and population std (float64, (M,) each) over the FIXED reference set: the chosen and
         the rejected responses of the first REFERENCE_PAIRS preference pairs of the built-in world's training split
         (what the members were trained on; over these 1024 responses the three frontier members' means and stds
-        came within 0.06 of those over all 6000, which take ~15 s per member to score on one CPU thread, these
-        ~3 s), formatted as the run formats its prompts
-        (--template, --system-prompt), scored --forward-batch-size pairs at a time. The same set for every member and
-        every run: the statistics are a property of the reward model, not of the policy."""
+        came within 0.06 of those over all 6000, which take ~15 s per member to score on one CPU thread, these ~2 s),
+        formatted as the run formats its prompts (--template, --system-prompt), scored --forward-batch-size pairs at
+        a time. The same set for every member and every run: the statistics are a property of the reward model, not
+        of the policy."""
         rows = load_preference_dataset("builtin", split="train")
         rows = rows.select(range(min(REFERENCE_PAIRS, len(rows))))
         pairs = tokenize_preference_dataset(rows, tokenizer, template=args.template, system_prompt=args.system_prompt,
