@@ -104,7 +104,7 @@ def main(args):
     tokenizer, model, params = load_policy(args)  # the base, and on it the student: LoRA adapter "policy", B = 0
     load_adapter(model, args.teacher, adapter=TEACHER, flag="--teacher")  # frozen; "policy" stays the active one
     sampling = SamplingSettings.from_args(args, tokenizer.eos_token_id)  # the distribution the student samples from
-    reward = Reward(model, args)  # the reward adapter + head from --reward-model, or the gold score
+    reward = Reward(model, args, tokenizer)  # the reward adapter(s) + head(s) of --reward-model, or gold
     dropout_off(model)  # sampling and the update's distributions must come from one and the same student
     run.print(roles(model, reward, args, run.dist.world_size), f"teacher = adapter {TEACHER!r} from {args.teacher}")
 

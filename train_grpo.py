@@ -143,7 +143,7 @@ def main(args):
     # 1. ONE frozen base serves every role: the policy adapter (trainable), the reward adapter + head (frozen)
     tokenizer, model, params = load_policy(args)  # the base, and on it the policy: LoRA adapter "policy", B = 0
     sampling = SamplingSettings.from_args(args, tokenizer.eos_token_id)  # the distribution rollouts are drawn from
-    reward = Reward(model, args)  # the reward adapter + head from --reward-model, or the gold score
+    reward = Reward(model, args, tokenizer)  # the reward adapter(s) + head(s) of --reward-model, or gold
     dropout_off(model)  # sampling, old and new log-probs must come from one and the same policy
     run.print(roles(model, reward, args, run.dist.world_size))
 

@@ -102,7 +102,7 @@ def main(args):
     # first advantages come from the rewards alone; the gradient dV/dw = h is not zero, so the head still learns.
     value_head = ScalarHead(model.config.hidden_size, init_std=0.0).to(device)
     params += list(value_head.parameters())
-    reward = Reward(model, args)  # the reward adapter + head from --reward-model, or the gold score
+    reward = Reward(model, args, tokenizer)  # the reward adapter(s) + head(s) of --reward-model, or gold
     dropout_off(model)  # sampling, old and new log-probs must come from one and the same policy
     run.print(roles(model, reward, args, run.dist.world_size),
               f"value head: {sum(p.numel() for p in value_head.parameters())} parameters on the policy's hidden states")

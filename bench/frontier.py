@@ -1,9 +1,10 @@
 """The reward–KL frontier: every algorithm of minirlhf on the built-in world, the held-out gold score it reaches
 against the exact KL(π‖π_ref) it pays for it.
 
-    python bench/frontier.py              # the full run: 14 algorithms x 4 settings x 2 seeds, and best-of-N
-                                          # (114 runs, 2 at a time, one thread each; 29 minutes measured on 2
-                                          # idle cores); writes docs/frontier.md and docs/frontier.png
+    python bench/frontier.py              # the full run: 16 algorithms x 4 settings x 2 seeds, and best-of-N
+                                          # (130 runs, 2 at a time, one thread each, after the 2 ensemble members'
+                                          # trainings; the first 114 took 29 minutes on 2 idle cores); writes
+                                          # docs/frontier.md and docs/frontier.png
     python bench/frontier.py --quick      # a smoke run: seed 0, PPO / RLOO / DPO at 2 settings for 2 steps, and
                                           # best-of-N up to 4, on 8 prompts; writes under runs/frontier-quick/
     python bench/frontier.py --quick --algorithms grpo dr-grpo reinforce ipo   # the same smoke run of the others
@@ -17,7 +18,11 @@ pulled back to):
     DPO, IPO, KTO, online DPO                      --beta      strength of the implicit KL constraint: larger = closer
     best-of-N              N           no training: sample N responses, keep the reward model's favourite
 A point is one script run at one setting and one seed, with the script's defaults otherwise: the RL scripts optimise
-the shipped reward model, a learned proxy, so the frontier shows what gold score optimising a proxy buys. Every run
+the shipped reward model, a learned proxy, so the frontier shows what gold score optimising a proxy buys. The two
+ensemble rows (PPO and GRPO) optimise instead an ensemble of 3 reward models (Coste et al. 2023): the shipped one
+(train_reward.py's defaults, seed 0) and two more trained with --seed 1 and --seed 2, combined by ENSEMBLE
+(minirlhf/reward_ensemble.py). The bench trains those two members first, as prerequisites cached like the runs
+(RESULTS/reward-models/seedN; --dry-run lists their commands first). Every run
 samples the same held-out prompts before and after training (--eval-prompts 120 --eval-samples 4, as train_dpo.py's
 default; --eval-every 0: no evaluation in between, which only saves time: the trained policy is bit-identical) and its
 summary.json gives
@@ -63,6 +68,11 @@ BEST_OF_N, QUICK_BEST_OF_N = (1, 2, 4, 8, 16, 32, 64), (1, 2, 4)
 QUICK_PROMPTS = 8  # best-of-N's held-out prompts under --quick
 
 
+SHIPPED_REWARD_MODEL = "minirlhf/assets/reward-model"  # what every RL script optimises by default
+MEMBER_SEEDS = (1, 2)  # the ensembles' other members: train_reward.py with its defaults and these seeds
+QUICK_MEMBER = ("--max-steps", "2", "--max-train-pairs", "64", "--max-eval-pairs", "16")
+
+
 @dataclass(frozen=True)
 class Algorithm:
     name: str  # the table's and the legend's label
@@ -71,6 +81,7 @@ class Algorithm:
     knob: str  # the flag set to each setting
     settings: tuple  # the full run's settings of the knob
     quick: tuple  # --quick's settings
+    ensemble: bool = False  # its proxy is the shipped reward model + the MEMBER_SEEDS members (trained first)
 
     @property
     def trains(self):
@@ -78,6 +89,10 @@ class Algorithm:
         return self.argv[0].startswith("train_")
 
 
+# How the ensembles combine their members' scores (minirlhf/reward_ensemble.py): the best of six single PPO runs
+# (seed 0, --kl-coef 0.1 and 0.3; docs/frontier.md, "Reward-model ensembles", lists them), narrowly.
+ENSEMBLE = ("--reward-ensemble", "mean-minus-std", "--reward-ensemble-lambda", "1")
+ENSEMBLE_NAME = "mean − 1·std"
 ALGORITHMS = (
     Algorithm("PPO", "ppo", ("train_ppo.py",), "--kl-coef", (0.05, 0.1, 0.3, 1.0), (0.05, 1.0)),
     Algorithm("GRPO", "grpo", ("train_grpo.py",), "--beta", (0.0, 0.02, 0.04, 0.2), (0.0, 0.2)),
@@ -105,6 +120,10 @@ ALGORITHMS = (
               (0.05, 0.1, 0.3, 1.0), (0.05, 1.0)),
     Algorithm("online DPO", "online-dpo", ("train_online_dpo.py",), "--beta", (0.1, 0.3, 0.5, 1.0), (0.1, 1.0)),
     Algorithm("KTO", "kto", ("train_dpo.py", "--loss", "kto"), "--beta", (0.1, 0.3, 0.5, 1.0), (0.1, 1.0)),
+    Algorithm(f"PPO, ensemble of 3 ({ENSEMBLE_NAME})", "ppo-ensemble", ("train_ppo.py", *ENSEMBLE), "--kl-coef",
+              (0.05, 0.1, 0.3, 1.0), (0.05, 1.0), ensemble=True),
+    Algorithm(f"GRPO, ensemble of 3 ({ENSEMBLE_NAME})", "grpo-ensemble", ("train_grpo.py", *ENSEMBLE), "--beta",
+              (0.0, 0.02, 0.04, 0.2), (0.0, 0.2), ensemble=True),
     Algorithm("best-of-N", "best-of-n", ("-m", "minirlhf.best_of_n"), "--n", (BEST_OF_N,), (QUICK_BEST_OF_N,)),
 )
 QUICK_ALGORITHMS = ("ppo", "rloo", "dpo", "best-of-n")  # --quick without --algorithms
@@ -139,13 +158,33 @@ def shown(path):
     return os.path.relpath(path, REPO) if os.path.abspath(path).startswith(REPO + os.sep) else path
 
 
+MEMBER = Algorithm("reward model (an ensemble member)", "reward-models", ("train_reward.py",), "--seed", MEMBER_SEEDS,
+                   MEMBER_SEEDS)  # not on the frontier: the prerequisite of the ensembles
+
+
+def member_run(seed, results, quick, threads=1):
+    """The Run that trains the ensembles' member of `seed`: train_reward.py with its defaults, into
+    RESULTS/reward-models/seedN (its reward model in seedN/reward_model)."""
+    out = os.path.join(results, MEMBER.key, f"seed{seed}")
+    argv = ("train_reward.py", "--seed", str(seed), "--threads", str(threads), *(QUICK_MEMBER if quick else ()),
+            "--out", shown(out))
+    return Run(MEMBER, seed, seed, out, argv)
+
+
+def members(results):
+    """The --reward-model folders of an ensemble: the shipped reward model (seed 0), then the trained members."""
+    return (SHIPPED_REWARD_MODEL, *(shown(os.path.join(results, MEMBER.key, f"seed{seed}", "reward_model"))
+                                    for seed in MEMBER_SEEDS))
+
+
 def make_run(algorithm, setting, seed, results, quick, threads=1):
     """The Run of `algorithm` at `setting` (best-of-N: its tuple of N) and `seed`, its folder under `results`."""
     if algorithm.trains:
         out = os.path.join(results, algorithm.key, f"{algorithm.knob.lstrip('-')}{setting:g}-seed{seed}")
         size = (QUICK_DPO if algorithm.argv[0] == "train_dpo.py" else QUICK_RL) if quick else EVAL
-        argv = (*algorithm.argv, algorithm.knob, f"{setting:g}", "--seed", str(seed), "--threads", str(threads),
-                *size, "--out", shown(out))
+        proxy = ("--reward-model", *members(results)) if algorithm.ensemble else ()
+        argv = (*algorithm.argv, *proxy, algorithm.knob, f"{setting:g}", "--seed", str(seed), "--threads",
+                str(threads), *size, "--out", shown(out))
     else:  # best-of-N: one run for every N; it has no --out, the bench keeps its output in the folder
         out = os.path.join(results, algorithm.key, f"seed{seed}")
         argv = (*algorithm.argv, algorithm.knob, *map(str, setting), "--seed", str(seed), "--threads", str(threads),
@@ -157,6 +196,12 @@ def plan(algorithms, seeds, results, quick, threads=1):
     """Every Run, seed by seed (an interrupted bench has whole frontiers of the first seeds)."""
     return [make_run(a, s, seed, results, quick, threads) for seed in seeds for a in algorithms
             for s in (a.quick if quick else a.settings)]
+
+
+def prerequisites(algorithms, results, quick, threads=1):
+    """The Runs that must finish before `algorithms` can run: the ensembles' members (none without an ensemble)."""
+    needed = any(a.ensemble for a in algorithms)
+    return [member_run(seed, results, quick, threads) for seed in MEMBER_SEEDS] if needed else []
 
 
 # --------------------------------------------------------------------------------------------- running (cached)
@@ -396,15 +441,20 @@ def main(argv=None):
                                        else os.path.join(REPO, "docs", "frontier.md")))
     keys = args.algorithms or (QUICK_ALGORITHMS if args.quick else [a.key for a in ALGORITHMS])
     chosen = [a for a in ALGORITHMS if a.key in keys]
-    runs = plan(chosen, seeds, results_dir, args.quick, args.threads)
-    if args.dry_run:
-        for run in runs:
+    first, runs = prerequisites(chosen, results_dir, args.quick, args.threads), plan(chosen, seeds, results_dir,
+                                                                                     args.quick, args.threads)
+    if args.dry_run:  # the prerequisites first: they run first
+        for run in first + runs:
             print(f"{'done' if is_done(run) else 'todo'}  {run.command}")
         return
 
     from minirlhf.data.gold import GOLD_MAX
-    began, load_start, todo = time.time(), load_average(), sum(not is_done(run) for run in runs)
+    began, load_start = time.time(), load_average()
+    todo, todo_first = sum(not is_done(run) for run in runs), sum(not is_done(run) for run in first)
     command = " ".join(["python", "bench/frontier.py", *(sys.argv[1:] if argv is None else argv)])
+    if run_all(first, args.jobs, args.threads):  # the ensembles' members: cached like the runs
+        raise SystemExit("bench/frontier.py: error: an ensemble member's training failed; see the .log files under "
+                         + shown(os.path.join(results_dir, MEMBER.key)))
     failed = run_all(runs, args.jobs, args.threads)
     results = [(run, points(run, GOLD_MAX)) for run in runs if run not in failed]
     if not results:
@@ -416,18 +466,27 @@ def main(argv=None):
     cpu, cores = machine()
     header = (f"Measured {time.strftime('%Y-%m-%d %H:%M')} on {cpu}, {cores} cores; torch {importlib.metadata.version('torch')}"
               f"; {args.jobs} run(s) at a time, {args.threads} thread(s) each; seeds {', '.join(map(str, seeds))}. "
-              f"This call ran {todo - len(failed)} of the {len(results)} runs in {(time.time() - began) / 60:.1f} min"
-              f" (load average {load_start} at its start, {load_average()} at its end); the runs took "
+              f"This call ran {todo - len(failed)} of the {len(results)} runs"
+              + (f" (and trained {todo_first} of the {len(first)} ensemble members)" if first else "")
+              + f" in {(time.time() - began) / 60:.1f} min (load average {load_start} at its start, "
+              f"{load_average()} at its end)"
+              + (f"; the other {len(results) - (todo - len(failed))} runs were already in "
+                 f"{shown(results_dir)} from an earlier call" if todo - len(failed) < len(results) else "")
+              + "; the runs took "
               f"{sum(p['seconds'] for p in firsts) / 60:.1f} min of wall time and "
               f"{sum(p['cpu_seconds'] for p in firsts) / 60:.1f} min of CPU time in all, and started at load "
               f"averages {min(p['load'] for p in firsts):.2f} to {max(p['load'] for p in firsts):.2f}"
               + (". **--quick: a smoke run, not a measurement**" if args.quick else "") + ".\n\n"
-              f"Command: `{command}`\n\n![gold against KL, every algorithm]({os.path.basename(png)})\n")
+              f"Command: `{command}`\n\n![gold against KL, every algorithm]({os.path.basename(png)})\n"
+              + ("\nThe ensembles' members, trained first (cached like the runs): "
+                 + "; ".join(f"`{run.command}`" for run in first)
+                 + f"; their --reward-model folders: `{' '.join(members(results_dir))}` (seed 0 is the "
+                 "shipped reward model).\n" if first else ""))
     notes = (f"\nGold and KL: mean over the seeds ± half their range; KL(π‖π_ref) is exact (nats per sequence, "
              f"held-out prompts), best-of-N's is the upper bound log N − (N−1)/N. Headroom closed = (gold after − "
-             f"gold before) / ({GOLD_MAX:g} − gold before). Reward model = the shipped reward model's mean score "
-             f"(what the RL runs optimise). **best**: the algorithm's highest gold among its settings with mean KL "
-             f"≤ {KL_LIMIT:g}. Seconds: wall / CPU time of one run (imports and loading included); CPU well below "
+             f"gold before) / ({GOLD_MAX:g} − gold before). Reward model = the mean score of the proxy the RL run "
+             f"optimises (the shipped reward model; for an ensemble, its members' combined score). **best**: the "
+             f"algorithm's highest gold among its settings with mean KL ≤ {KL_LIMIT:g}. Seconds: wall / CPU time of one run (imports and loading included); CPU well below "
              f"wall means the run waited for a core. Every run's numbers: "
              f"{shown(os.path.join(results_dir, 'points.json'))}.")
     block = header + "\n" + table(rows, sft_gold(results), GOLD_MAX) + "\n" + notes

@@ -126,6 +126,11 @@ class Args:
     (minirlhf/reward_ensemble.py)"""
     reward_ensemble_lambda: float = 1.0
     """λ of mean-minus-var and mean-minus-std"""
+    reward_ensemble_normalize: bool = False
+    """before they combine, standardise each --reward-model's scores by its mean and std over a fixed reference set
+    (the built-in world's first 512 training pairs, chosen and rejected) and put all on the members' average offset
+    and scale, so that the members' arbitrary Bradley-Terry offsets and scales do not pass for disagreement
+    (reward_ensemble.py); off: the raw scores"""
     prompts: int = 120
     """held-out prompts of the built-in world's test split"""
     max_new_tokens: int = 24
@@ -152,7 +157,7 @@ def main(args):
     from .models import load_model, load_tokenizer
     from .reward_ensemble import ENSEMBLES
     from .roles import Reward
-    from .validation import check_choice, check_common, check_reward_models
+    from .validation import check_choice, check_common, check_ensemble_normalize, check_reward_models
     check_common(args, {"prompts": ">= 1", "reward_ensemble_lambda": ">= 0"})  # ranges, --quantization, --dtype, ...
     if min(args.n) < 1:
         raise InputError(f"--n must be integers >= 1, got {args.n}")
@@ -163,6 +168,8 @@ def main(args):
                          f"{args.reward_model}")
     if not gold:
         check_reward_models(args.reward_model)  # before anything is loaded
+    if args.reward_ensemble_normalize:
+        check_ensemble_normalize("gold" if gold else "model", "builtin")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer(args.model)
@@ -171,8 +178,9 @@ def main(args):
                        tokenizer=tokenizer)
     reward = Reward(model, types.SimpleNamespace(  # the RL scripts' reward, with the settings it reads
         reward="gold" if gold else "model", reward_model=args.reward_model, reward_ensemble=args.reward_ensemble,
-        reward_ensemble_lambda=args.reward_ensemble_lambda, reward_transform="expected",
-        reward_entropy_coef=0.0, forward_batch_size=args.forward_batch_size, dataset="builtin"))
+        reward_ensemble_lambda=args.reward_ensemble_lambda, reward_ensemble_normalize=args.reward_ensemble_normalize,
+        reward_transform="expected", reward_entropy_coef=0.0, forward_batch_size=args.forward_batch_size,
+        dataset="builtin", template=args.template, system_prompt=args.system_prompt), tokenizer)
     prompts, ids = held_out_prompts("builtin", "test", None, tokenizer, args.prompts, 1, args.max_prompt_length,
                                     args.template, system_prompt=args.system_prompt)
     rows = best_of_n_evaluation(model, tokenizer, prompts, ids, reward_fn=reward.score, gold_fn=world.gold_score,

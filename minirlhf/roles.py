@@ -9,15 +9,19 @@ every role): the policy is a LoRA adapter "policy" (trainable), the reward model
 """
 import torch
 
-from .data import world
-from .data.tokenize import require_pad_token
+from .data import load_preference_dataset, world
+from .data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
+from .errors import InputError
 from .heads import RatingHead, in_row_chunks, sequence_scores
 from .lora import adapter_names, use_adapter
 from .models import load_model, load_reward_model, load_tokenizer, parameter_report
-from .reward_ensemble import combine, ensemble_std
+from .reward_ensemble import combine, ensemble_std, normalize_members, reference_statistics
 from .reward_losses import expected_rating, rating_entropy
+from .sampling import eval_mode
 from .token_rewards import missing_eos_penalty
 from .training import make_trainable
+
+REFERENCE_PAIRS = 512  # --reward-ensemble-normalize's reference set: the first this many training pairs of the world
 
 
 def load_policy(args):
@@ -48,9 +52,11 @@ class Reward:
     reward_entropy_coef x its entropy) or, with --reward gold, the built-in world's gold score (a verifiable reward).
     Several --reward-model folders are an ensemble on the same base (adapters "reward", "reward1", ...): each member
     scores every response and --reward-ensemble combines the scores (reward_ensemble.combine); one folder is its own
-    score, exactly."""
+    score, exactly. With --reward-ensemble-normalize each member's scores are first standardised by its mean and std
+    over a fixed reference set (reference_statistics; needs the tokenizer) and put on the members' average offset and
+    scale (reward_ensemble.normalize_members)."""
 
-    def __init__(self, model, args):
+    def __init__(self, model, args, tokenizer=None):
         self.model, self.gold_only = model, args.reward == "gold"
         self.transform, self.entropy_coef = args.reward_transform, args.reward_entropy_coef
         self.ensemble, self.ensemble_lambda = args.reward_ensemble, args.reward_ensemble_lambda
@@ -64,12 +70,18 @@ class Reward:
                 self.members.append((adapter, head.requires_grad_(False)))
         self.heads = [head for _, head in self.members]  # frozen: checked unchanged at the end of the run
         self.std = None  # the last rollout's mean ensemble std (metrics(); an ensemble only)
+        self.reference = None  # --reward-ensemble-normalize: each member's (mean (M,), std (M,)) over the reference
+        if getattr(args, "reward_ensemble_normalize", False) and not self.gold_only:
+            self.reference = self.reference_statistics(tokenizer, args)
         if self.gold_only:
             self.describe = "gold reward"
         else:
             self.describe = f"{type(self.heads[0]).__name__} from {', '.join(args.reward_model)}"
             if len(self.members) > 1:
                 self.describe = f"{self.ensemble} of {len(self.members)}: {self.describe}"
+            if self.reference is not None:
+                self.describe += "; normalised (reference mean, std: " + ", ".join(
+                    f"{m:+.3f}, {s:.3f}" for m, s in zip(*self.reference)) + ")"
 
     def __call__(self, batch):
         """(B,) rewards of a sample_rollout batch: the score, minus --missing-eos-penalty for a response cut off
@@ -95,11 +107,41 @@ class Reward:
     @torch.no_grad()
     def member_scores(self, batch):
         """(M, B) scores of a batch by each of the M reward models (--forward-batch-size rows per pass); (1, B) gold
-        scores with --reward gold."""
+        scores with --reward gold. With --reward-ensemble-normalize each member's row is standardised
+        and put on the members' average offset and scale (reward_ensemble.normalize_members)."""
         if self.gold_only:
             return torch.tensor([[self.gold(p, t) for p, t in zip(batch["prompts"], batch["texts"])]],
                                 device=batch["input_ids"].device)
-        return torch.stack([self.member_score(adapter, head, batch) for adapter, head in self.members])
+        scores = torch.stack([self.member_score(adapter, head, batch) for adapter, head in self.members])  # (M, B)
+        return scores if self.reference is None else normalize_members(scores, *self.reference)
+
+    @torch.no_grad()
+    def reference_statistics(self, tokenizer, args):
+        """Each member's mean and population std (float64, (M,) each) over the FIXED reference set: the chosen and
+        the rejected responses of the first REFERENCE_PAIRS preference pairs of the built-in world's training split
+        (what the members were trained on; over these 1024 responses the three frontier members' means and stds
+        came within 0.06 of those over all 6000, which take ~15 s per member to score on one CPU thread, these ~2 s),
+        formatted as the run formats its prompts (--template, --system-prompt), scored --forward-batch-size pairs at
+        a time. The same set for every member and every run: the statistics are a property of the reward model, not
+        of the policy."""
+        rows = load_preference_dataset("builtin", split="train")
+        rows = rows.select(range(min(REFERENCE_PAIRS, len(rows))))
+        pairs = tokenize_preference_dataset(rows, tokenizer, template=args.template, system_prompt=args.system_prompt,
+                                            name="the reference set (--dataset builtin [train])")
+        pairs = pairs.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+        pad_id, device, scores = require_pad_token(tokenizer), next(self.model.parameters()).device, []
+        with eval_mode(self.model):
+            for i in range(0, len(pairs), self.forward_batch_size):
+                rows = [pairs[j] for j in range(i, min(i + self.forward_batch_size, len(pairs)))]
+                batch = {k: v.to(device) for k, v in collate_pairs(rows, pad_id).items()
+                         if k in ("input_ids", "attention_mask")}  # (2b, T): b chosen rows, then b rejected
+                scores.append(torch.stack([self.member_score(adapter, head, batch) for adapter, head in self.members]))
+        mean, std = reference_statistics(torch.cat(scores, dim=1))  # (M, 2N) -> (M,), (M,)
+        flat = [path for path, s in zip(args.reward_model, std.tolist()) if not s > 0]  # constant (or NaN) scores
+        if flat:
+            raise InputError(f"--reward-ensemble-normalize: {flat[0]!r} gives every response of the reference set "
+                             "the same score (std 0): it cannot be standardised")
+        return mean, std
 
     def member_score(self, adapter, head, batch):
         """(B,) one reward model's scores: its head at the last real token; E[rating] for a rating head."""

@@ -208,6 +208,11 @@ class RLArgs(RunArgs, EvalArgs, SamplingArgs, OptimArgs, DataArgs, ModelArgs):
     λ·variance) | mean-minus-std (mean - λ·std); population spread over the members; one folder: its own score"""
     reward_ensemble_lambda: float = 1.0
     """λ of mean-minus-var and mean-minus-std"""
+    reward_ensemble_normalize: bool = False
+    """before they combine, standardise each --reward-model's scores by its mean and std over a fixed reference set
+    (the built-in world's first 512 training pairs, chosen and rejected) and put all on the members' average offset
+    and scale, so that the members' arbitrary Bradley-Terry offsets and scales do not pass for disagreement
+    (reward_ensemble.py); off: the raw scores"""
     reward_transform: str = "expected"
     """rating (distributional) heads only: expected (E[rating]) | expected-minus-entropy (E[rating] - c·H[rating])"""
     reward_entropy_coef: float = 0.1

@@ -224,6 +224,17 @@ def check_group_minibatches(args, group_size, flag):
                          f"{flag} {group_size} (a minibatch holds whole groups)")
 
 
+def check_ensemble_normalize(reward, dataset):
+    """--reward-ensemble-normalize standardises reward models over the built-in world's training pairs: it needs
+    --reward model and --dataset builtin (their prompts are the reference set's)."""
+    if reward != "model":
+        raise InputError("--reward-ensemble-normalize standardises reward models' scores: it needs --reward model, "
+                         f"got --reward {reward}")
+    if dataset != "builtin":
+        raise InputError("--reward-ensemble-normalize: its reference set is the built-in world's training pairs; it "
+                         f"needs --dataset builtin, got {dataset!r}")
+
+
 def check_rl_args(args, ranges, kl_estimators=None):
     """What train_ppo.py, train_grpo.py, train_reinforce.py, train_online_dpo.py and train_distill.py check alike:
     check_common, the reward source (the reward-model folder(s), file by file, whose head fits --reward-transform,
@@ -244,6 +255,8 @@ def check_rl_args(args, ranges, kl_estimators=None):
         raise InputError("--target-kl needs --kl-coef > 0 (its starting value)")
     if args.reward == "gold" and args.dataset != "builtin":
         raise InputError("--reward gold is the built-in world's gold score: it needs --dataset builtin")
+    if args.reward_ensemble_normalize:
+        check_ensemble_normalize(args.reward, args.dataset)
     if args.reward == "model":
         kind = check_reward_models(args.reward_model)
         if kind != "rating" and args.reward_transform != "expected":

@@ -47,8 +47,40 @@ def test_every_command_is_accepted_and_sets_what_it_claims(quick, tmp_path):
         assert (args.eval_prompts, args.eval_samples) == ((8, 1) if quick else (120, 4)), run.command
         if hasattr(args, "reward"):  # RL: the shipped reward model (a proxy), the script's 40 iterations
             assert args.reward == "model" and args.iterations == (2 if quick else 40), run.command
+            if run.algorithm.ensemble:  # the shipped reward model and the two trained members, combined
+                assert args.reward_model == list(frontier.members(str(tmp_path))), run.command
+                assert (args.reward_ensemble, args.reward_ensemble_lambda, args.reward_ensemble_normalize) == (
+                    "mean-minus-std", 1.0, False), run.command
+            else:
+                assert args.reward_model == parse_args(type(args), []).reward_model, run.command
         else:  # DPO / IPO: one epoch over the pairs
             assert args.max_steps == (2 if quick else -1), run.command
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_ensembles_train_their_members_first(quick, tmp_path, capsys):
+    """The ensembles' prerequisites: train_reward.py with its defaults at --seed 1 and 2 (--quick: 2 steps), writing
+    the reward models the ensemble commands name; none without an ensemble; --dry-run lists them first."""
+    import train_reward
+    ensembles = [a for a in frontier.ALGORITHMS if a.ensemble]
+    assert {a.key for a in ensembles} == {"ppo-ensemble", "grpo-ensemble"}
+    assert frontier.prerequisites([ALG["ppo"], ALG["dpo"]], str(tmp_path), quick) == []
+    first = frontier.prerequisites(frontier.ALGORITHMS, str(tmp_path), quick)
+    assert [run.seed for run in first] == list(frontier.MEMBER_SEEDS) == [1, 2]
+    for run in first:
+        args = parse_args(train_reward.Args, list(run.argv[1:]))
+        assert run.argv[0] == "train_reward.py" and args.seed == run.seed and args.threads == 1
+        assert args.out == run.out and args.loss == "bt" and args.max_steps == (2 if quick else -1)
+    assert frontier.members(str(tmp_path)) == (frontier.SHIPPED_REWARD_MODEL,
+                                               *(os.path.join(run.out, "reward_model") for run in first))
+    frontier.main(["--dry-run", "--results", str(tmp_path), "--algorithms", "grpo-ensemble", "ppo"]
+                  + (["--quick"] if quick else []))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[2] for line in lines[:2]] == ["train_reward.py"] * 2 and all(
+        line.startswith("todo  ") for line in lines)
+    assert len(lines) == 2 + (1 if quick else 2) * 2 * (2 if quick else 4)
+    assert frontier.SHIPPED_REWARD_MODEL == os.path.relpath(os.path.join(frontier.REPO, "minirlhf", "assets",
+                                                                         "reward-model"), frontier.REPO)
 
 
 def test_each_algorithm_is_what_its_name_says(tmp_path):

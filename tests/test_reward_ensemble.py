@@ -1,7 +1,8 @@
 """minirlhf/reward_ensemble.py and an ensemble of reward models on one base (roles.Reward --reward-model A B ...):
-combine against hand values in float64 and numpy's population statistics; one member gives that member's scores
-exactly; the members load as distinct adapters, each scoring as it does alone; bad ensemble flags end in one line
-before anything loads."""
+combine and the members' normalisation against hand values in float64 and numpy's population statistics; one member
+gives that member's scores exactly; the members load as distinct adapters, each scoring as it does alone; with
+--reward-ensemble-normalize two members that differ by a scale score alike; bad ensemble flags end in one line before
+anything loads."""
 import os
 import runpy
 import shutil
@@ -15,10 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from minirlhf.assets import ASSETS_DIR, TINY_LLAMA
 from minirlhf.cli import parse_args
+from minirlhf.errors import InputError
 from minirlhf.formats import save_head
 from minirlhf.heads import RatingHead
 from minirlhf.lora import adapter_names
-from minirlhf.reward_ensemble import ENSEMBLES, combine, ensemble_std
+from minirlhf.reward_ensemble import ENSEMBLES, combine, ensemble_std, normalize_members, reference_statistics
 from minirlhf.settings import RLArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,6 +87,46 @@ def test_combine_refuses_bad_input():
         combine(torch.zeros(2, 4), "median")
 
 
+# ---------------------------------------------------------------- normalised members: the arithmetic
+def test_reference_statistics_and_normalize_members_hand_values_float64():
+    reference = torch.tensor([[1.0, 3.0, 5.0, 7.0], [10.0, 10.0, 14.0, 14.0]], dtype=torch.float64)  # M = 2, N = 4
+    mean, std = reference_statistics(reference)
+    # member 0: mean 4, deviations -3 -1 1 3, population variance 20/4 = 5; member 1: mean 12, deviations ±2: var 4
+    assert torch.equal(mean, torch.tensor([4.0, 12.0], dtype=torch.float64))
+    torch.testing.assert_close(std, torch.tensor([5 ** 0.5, 2.0], dtype=torch.float64), rtol=0, atol=1e-15)
+    scores = torch.tensor([[4.0, 9.0], [12.0, 8.0]], dtype=torch.float64)  # (M, B)
+    # z: member 0 (0, 5/√5 = √5), member 1 (0, -4/2 = -2); then μ̄ + σ̄·z with μ̄ = 8, σ̄ = (√5 + 2)/2
+    bar = (5 ** 0.5 + 2) / 2
+    want = torch.tensor([[8.0, 8 + bar * 5 ** 0.5], [8.0, 8 - 2 * bar]], dtype=torch.float64)
+    torch.testing.assert_close(normalize_members(scores, mean, std), want, rtol=0, atol=1e-14)
+
+
+def test_normalize_members_removes_offsets_and_scales_only():
+    """Members that are one reward model up to an offset and a positive scale become the same scores (spread 0); one
+    member is its own score; an order-changing disagreement survives."""
+    g = torch.Generator().manual_seed(4)
+    base, ref = torch.randn(7, generator=g, dtype=torch.float64), torch.randn(40, generator=g, dtype=torch.float64)
+    affine = [(0.0, 1.0), (3.0, 2.5), (-1.5, 0.4)]  # (offset, scale) of each member
+    scores = torch.stack([a + b * base for a, b in affine])  # (3, 7)
+    mean, std = reference_statistics(torch.stack([a + b * ref for a, b in affine]))  # (3,) each
+    out = normalize_members(scores, mean, std)
+    torch.testing.assert_close(ensemble_std(out), torch.zeros(7, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert ensemble_std(scores).min() > 0.1  # raw: the offsets and scales pass for disagreement
+    # every row is μ̄ + σ̄·z, z the first member's (offset 0, scale 1) standardised scores
+    z = (base - ref.mean()) / ref.std(correction=0)
+    mu = sum(a + b * ref.mean() for a, b in affine) / 3  # μ̄
+    sigma = sum(b * ref.std(correction=0) for _, b in affine) / 3  # σ̄
+    torch.testing.assert_close(out, (mu + sigma * z).expand(3, 7), rtol=0, atol=1e-12)
+    one = normalize_members(scores[:1], mean[:1], std[:1])
+    torch.testing.assert_close(one, scores[:1], rtol=0, atol=1e-12)
+    flipped = torch.stack([base, -base])  # a disagreement on the order is no offset or scale: it stays
+    assert ensemble_std(normalize_members(flipped, *reference_statistics(torch.stack([ref, -ref])))).max() > 0.5
+    with pytest.raises(ValueError, match="std must be > 0"):
+        normalize_members(scores, mean, torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="need scores"):
+        normalize_members(scores, mean[:2], std[:2])
+
+
 # ---------------------------------------------------------------- the members on one base (roles.Reward)
 def other_reward_model(folder):
     """A second reward model: the shipped one with its adapter's B matrices x 1.5 and its head's weight negated."""
@@ -97,15 +139,54 @@ def other_reward_model(folder):
     return str(folder)
 
 
-def reward_of(folders, ensemble="mean", lam=1.0):
-    """roles.Reward on a freshly loaded embedded base, with the settings it reads."""
+def reward_of(folders, ensemble="mean", lam=1.0, normalize=None):
+    """roles.Reward on a freshly loaded embedded base, with the settings it reads (normalize None: the setting left
+    out, as before it existed)."""
     from minirlhf.models import load_model, load_tokenizer
     from minirlhf.roles import Reward
-    model = load_model(TINY_LLAMA, dtype="float32", device="cpu", tokenizer=load_tokenizer(TINY_LLAMA)).eval()
+    tokenizer = load_tokenizer(TINY_LLAMA)
+    model = load_model(TINY_LLAMA, dtype="float32", device="cpu", tokenizer=tokenizer).eval()
     args = types.SimpleNamespace(reward="model", reward_model=folders, reward_ensemble=ensemble,
                                  reward_ensemble_lambda=lam, reward_transform="expected", reward_entropy_coef=0.0,
-                                 dataset="builtin", forward_batch_size=3)
-    return Reward(model, args)
+                                 dataset="builtin", forward_batch_size=3, template=None, system_prompt=None)
+    if normalize is not None:
+        args.reward_ensemble_normalize = normalize
+    return Reward(model, args, tokenizer)
+
+
+def scaled_reward_model(folder, factor):
+    """The shipped reward model with its head's weight times `factor`: every score exactly `factor` times (no bias)."""
+    shutil.copytree(RM, folder)
+    head = load_file(os.path.join(folder, "head.safetensors"))
+    save_file({k: v * factor for k, v in head.items()}, os.path.join(folder, "head.safetensors"))
+    return str(folder)
+
+
+def test_normalize_flag_puts_members_on_one_scale(tmp_path, monkeypatch):
+    """--reward-ensemble-normalize: the shipped reward model and a copy scoring exactly 2x it differ only by a scale,
+    so raw they disagree by |R - 2R| / 2 and normalised not at all: both become μ̄ + σ̄·z = 1.5·R."""
+    from minirlhf import roles
+    monkeypatch.setattr(roles, "REFERENCE_PAIRS", 16)  # a small reference set: fast
+    double = scaled_reward_model(tmp_path / "double", 2.0)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, 200, (4, 10), generator=g)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "ended": torch.ones(4, dtype=torch.bool)}
+    raw = reward_of([RM], normalize=False).score(batch)  # (B,): off, one member's scores as they are
+    ensemble = reward_of([RM, double], ensemble="mean-minus-std", normalize=True)
+    mean, std = ensemble.reference  # (2,) each, float64: the second member's are exactly twice the first's
+    torch.testing.assert_close(mean[1], 2 * mean[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(std[1], 2 * std[0], rtol=1e-6, atol=0)
+    members = ensemble.member_scores(batch).double()  # (2, B)
+    torch.testing.assert_close(members, (1.5 * raw.double()).expand(2, 4), rtol=0, atol=1e-5)
+    torch.testing.assert_close(ensemble(batch).double(), 1.5 * raw.double(), rtol=0, atol=1e-5)  # spread 0
+    assert ensemble.metrics()["objective/ensemble_std"] < 1e-5
+    assert "normalised (reference mean, std: " in ensemble.describe
+    flat = scaled_reward_model(tmp_path / "flat", 0.0)  # scores every response 0: nothing to standardise by
+    with pytest.raises(InputError, match="--reward-ensemble-normalize: .*flat.* the same score"):
+        reward_of([RM, flat], normalize=True)
+    ensemble.reference = None  # the same two members unnormalised: mean 1.5R minus their spread |R - 2R| / 2
+    torch.testing.assert_close(ensemble(batch).double(), 1.5 * raw.double() - raw.double().abs() / 2, rtol=0,
+                               atol=1e-5)
 
 
 def test_members_load_as_distinct_adapters_and_score_as_alone(tmp_path):
@@ -141,6 +222,8 @@ def test_reward_model_is_a_list_whose_default_is_the_shipped_one():
     assert parse_args(RLArgs, ["--reward-model", "a", "b"]).reward_model == ["a", "b"]
     args = parse_args(RLArgs, ["--reward-model", "a"])
     assert args.reward_model == ["a"] and args.reward_ensemble == "mean" and args.reward_ensemble_lambda == 1.0
+    assert args.reward_ensemble_normalize is False  # off by default: the raw scores, as before
+    assert parse_args(RLArgs, ["--reward-ensemble-normalize"]).reward_ensemble_normalize is True
 
 
 def rating_reward_model(folder):
@@ -190,6 +273,19 @@ def test_bad_ensemble_flags_are_one_line(name, argv, expected, tmp_path, monkeyp
     assert isinstance(code, str) and "\n" not in code and code.startswith(f"{prog}: error: "), code
     assert expected in code, code
     assert not os.path.exists(tmp_path / "out")  # refused before anything was written
+
+
+@pytest.mark.parametrize("name,argv,expected", [
+    ("train_ppo.py", ["--reward", "gold"], "--reward-ensemble-normalize standardises reward models' scores: it needs "
+                                           "--reward model, got --reward gold"),
+    ("train_grpo.py", ["--dataset", "rajpurkar/squad"], "--reward-ensemble-normalize: its reference set is the "
+                                                        "built-in world's training pairs; it needs --dataset builtin"),
+    ("minirlhf.best_of_n", ["--reward-model", "gold"], "it needs --reward model, got --reward gold")])
+def test_bad_normalize_is_one_line(name, argv, expected, tmp_path, monkeypatch):
+    out = [] if name.startswith("minirlhf") else ["--out", str(tmp_path / "out")]
+    code = run_module_or_script(name, ["--threads", "1", "--reward-ensemble-normalize", *argv, *out], monkeypatch)
+    assert isinstance(code, str) and "\n" not in code and expected in code, code
+    assert not os.path.exists(tmp_path / "out")
 
 
 def test_gold_is_no_ensemble_member_of_best_of_n(monkeypatch):
