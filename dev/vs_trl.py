@@ -216,20 +216,21 @@ def trl_tokens(job, out):
 
 
 # ------------------------------------------------------------------------------------------------- processes
-def run_process(argv, threads, log, label, peak=None):
+def run_process(argv, threads, log, label, children=None):
     """Run one whole process (python argv...) from the repo root; returns (wall seconds, the JSON line it printed last).
-    Its output goes to `log`; on failure one line names the job and the log's tail is shown. `peak`: a dict that gets
-    peak[label] = the process's peak resident memory in bytes (bench/common.py's Child: its VmHWM, read from /proc
-    while it runs, so nothing of this parent is counted; wait4's ru_maxrss would be: a child started by vfork + exec
-    inherits the parent's high-water mark)."""
+    Its output goes to `log`; on failure one line names the job and the log's tail is shown. `children`: a dict that
+    gets children[label] = the finished bench/common.py Child: its CPU seconds (user + sys, from wait4) and its peak
+    resident memory (peak_rss_bytes: its VmHWM, read from /proc while it runs, so nothing of this parent is counted;
+    wait4's ru_maxrss would be: a child started by vfork + exec inherits the parent's high-water mark)."""
     child = run_script(argv, log, threads, OFFLINE)
     if child.returncode != 0:
         sys.stderr.write(child.tail())
         raise SystemExit(f"vs_trl.py: error: {label} failed (exit {child.returncode}); its output is in {log}")
-    print(f"  {label:<40} {child.wall_seconds:7.1f} s  peak RSS {child.peak_rss_bytes / 2**20:,.0f} MiB",
+    print(f"  {label:<40} {child.wall_seconds:7.1f} s  CPU {child.cpu_seconds:6.1f} s  peak RSS "
+          f"{child.peak_rss_bytes / 2**20:,.0f} MiB",
           file=sys.stderr, flush=True)
-    if peak is not None:
-        peak[label] = child.peak_rss_bytes
+    if children is not None:
+        children[label] = child
     return child.wall_seconds, child.result_line()
 
 
@@ -291,12 +292,12 @@ def measure_grpo(quick, threads, tmp, seed=None, model="tiny"):
     smollm2 = model == "smollm2"
     ours_out, trl_out = os.path.join(tmp, "grpo-ours"), os.path.join(tmp, "grpo-trl")
     os.makedirs(trl_out)
-    peak = {}
+    children = {}
     t_ours = run_process(ours_command("grpo", s, threads, ours_out), threads, ours_out + ".log",
-                         f"grpo minirlhf {s['iterations']} iterations", peak)[0]
+                         f"grpo minirlhf {s['iterations']} iterations", children)[0]
     t_trl, line = run_process(trl_command(trl_spec("grpo", s, threads, trl_out)), threads, trl_out + ".log",
-                              f"grpo TRL {s['iterations']} iterations", peak)
-    rss_ours, rss_trl = peak.values()
+                              f"grpo TRL {s['iterations']} iterations", children)
+    ours_child, trl_child = children.values()
     trl = json.loads(line)
     with open(os.path.join(ours_out, "summary.json")) as f:
         summary = json.load(f)
@@ -314,7 +315,8 @@ def measure_grpo(quick, threads, tmp, seed=None, model="tiny"):
     scores = json.loads(line)
     gold_ok = smollm2 or scores["minirlhf"]["eval/gold"] >= scores["TRL"]["eval/gold"]
     target = SMOLLM2_TARGETS["grpo"] if smollm2 else TARGETS["grpo"]
-    setting = (f"{s['iterations']} iterations x {s['rollout_size']} completions (G {s['group_size']}, "
+    iterations = f"{s['iterations']} iteration" + "s" * (s["iterations"] != 1)
+    setting = (f"{iterations} x {s['rollout_size']} completions (G {s['group_size']}, "
                f"{s['ppo_epochs']} epochs, minibatch {s['minibatch_size']}, {s['max_new_tokens']} new tokens), gold "
                f"reward, LoRA r {s['lora_r']}"
                + (f", lr {s['lr']:g}, beta {s['beta']:g}, temperature {s['temperature']:g}" if smollm2 else "")
@@ -342,8 +344,13 @@ def measure_grpo(quick, threads, tmp, seed=None, model="tiny"):
                      "trainer.train()'s train_runtime", ours=f"{summary['time/train_seconds']:.1f} s",
                      trl=f"{trl['train_runtime']:.1f} s", ratio=trl["train_runtime"] / summary["time/train_seconds"],
                      target=None, met="", detail=""))
-    if smollm2:  # memory: the target is on minirlhf's peak alone
-        limit = SMOLLM2_TARGETS["peak_rss_mib"]
+    if smollm2:  # CPU time (less sensitive than wall time to other work on the machine); memory: the target is on
+        # minirlhf's peak alone
+        cpu_ours, cpu_trl = ours_child.cpu_seconds, trl_child.cpu_seconds
+        rows.append(dict(job="GRPO end to end, CPU time", setting="each whole process's user + system seconds "
+                         "(minirlhf's evaluations included)", ours=f"{cpu_ours:.1f} s", trl=f"{cpu_trl:.1f} s",
+                         ratio=cpu_trl / cpu_ours, target=None, met="", detail=""))
+        limit, rss_ours, rss_trl = SMOLLM2_TARGETS["peak_rss_mib"], ours_child.peak_rss_bytes, trl_child.peak_rss_bytes
         rows.append(dict(job="peak resident memory (RSS)", setting="each whole process's VmHWM (/proc, polled "
                          "while it runs)", ours=f"{rss_ours / 2**20:,.0f} MiB", trl=f"{rss_trl / 2**20:,.0f} MiB",
                          ratio=rss_trl / rss_ours, target=limit, target_text=f"minirlhf <= {limit:,} MiB",
