@@ -288,8 +288,8 @@ def measure_pair_job(job, steps, repeats, threads, tmp):
 
 def measure_grpo(quick, threads, tmp, seed=None, model="tiny"):
     """GRPO end to end: minirlhf's script, then TRL's trainer, then both adapters scored by minirlhf's evaluator.
-    Returns the table's rows, the token check, and the gold scores (and, with model "smollm2", the memory row and the
-    vocabulary both sides used)."""
+    Returns the table's rows, the token check and the gold scores (with model "smollm2": rows for CPU time and peak
+    memory too, and the vocabulary both sides used in the token check)."""
     s = grpo_settings(quick, seed, model)
     smollm2 = model == "smollm2"
     ours_out, trl_out = os.path.join(tmp, "grpo-ours"), os.path.join(tmp, "grpo-trl")
