@@ -30,6 +30,7 @@ from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, Re
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from minirlhf.data import load_preference_dataset, load_prompt_dataset, world  # noqa: E402  the same data
+from minirlhf.padding import ensure_pad_token, resize_for_tokenizer  # noqa: E402  the same vocabulary
 
 
 def common(job):
@@ -72,7 +73,24 @@ def rendered_pairs(tokenizer):
     return Dataset.from_dict({"prompt": prompts, "chosen": rows["chosen"], "rejected": rows["rejected"]})
 
 
-def dpo(job, tokenizer):
+def model_and_tokenizer(job):
+    """The tokenizer of job["model"] and the model to hand TRL: the folder itself when the tokenizer already has a pad
+    token distinct from EOS (the tiny model; TRL loads it, as model_init_kwargs say), else the model loaded as TRL
+    loads a path (trl's create_model_from_path, fp32) after minirlhf's two steps of models.load_tokenizer /
+    load_model: padding.ensure_pad_token (SmolLM2 pads with its EOS: "<|pad|>" is added, id 49152) and
+    padding.resize_for_tokenizer (the embeddings grow to 49216 rows, the new ones the mean row). Without them TRL
+    would pad with EOS and sample from 49152 rows, minirlhf from 49216."""
+    tokenizer = AutoTokenizer.from_pretrained(job["model"])
+    if ensure_pad_token(tokenizer) == "kept":
+        return job["model"], tokenizer
+    from trl.trainer.utils import create_model_from_path
+    model = create_model_from_path(job["model"], dtype=torch.float32)
+    resize_for_tokenizer(model, tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def dpo(job, tokenizer, model):
     """DPOTrainer on LoRA: the reference is the base with the adapter disabled, computed every step (as
     train_dpo.py), or once before training with precompute_ref (train_dpo.py --precompute-ref)."""
     config = DPOConfig(
@@ -89,14 +107,14 @@ def dpo(job, tokenizer):
         precompute_ref_batch_size=job["forward_batch_size"],  # minirlhf's --forward-batch-size
         disable_dropout=True,
     )
-    trainer = DPOTrainer(model=job["model"], args=config, train_dataset=rendered_pairs(tokenizer),
+    trainer = DPOTrainer(model=model, args=config, train_dataset=rendered_pairs(tokenizer),
                          processing_class=tokenizer, peft_config=lora(job, "CAUSAL_LM"))
     data = trainer.train_dataset
     tokens = {k: list(data[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     return trainer, tokens
 
 
-def reward(job, tokenizer):
+def reward(job, tokenizer, model):
     """RewardTrainer: AutoModelForSequenceClassification (num_labels 1: a bias-free linear head on the last real
     token's state, as minirlhf's ScalarHead) + LoRA, the head trained in full (PEFT's modules_to_save), BT loss."""
     config = RewardConfig(
@@ -111,7 +129,7 @@ def reward(job, tokenizer):
         disable_dropout=True,
     )
     # no "margin" column: with one, RewardTrainer would train the margin loss (train_reward.py --loss margin)
-    trainer = RewardTrainer(model=job["model"], args=config, train_dataset=rendered_pairs(tokenizer),
+    trainer = RewardTrainer(model=model, args=config, train_dataset=rendered_pairs(tokenizer),
                             processing_class=tokenizer, peft_config=lora(job, "SEQ_CLS"))
     data = trainer.train_dataset
     return trainer, {k: list(data[k]) for k in ("chosen_ids", "rejected_ids")}
@@ -129,7 +147,7 @@ def gold_reward(prompts, completions, **kwargs):
 LOSS_TYPE = {"token": "bnpo", "sequence": "grpo", "constant": "dr_grpo"}
 
 
-def grpo(job, tokenizer):
+def grpo(job, tokenizer, model):
     """GRPOTrainer doing train_grpo.py's work: every iteration samples rollout_size completions (rollout_size / G
     prompts x G), then ppo_epochs passes over them in minibatches of minibatch_size, one optimizer step each."""
     if job["min_new_tokens"] or job["missing_eos_penalty"] is not None:
@@ -137,7 +155,7 @@ def grpo(job, tokenizer):
     per_iteration = job["ppo_epochs"] * (job["rollout_size"] // job["minibatch_size"])  # optimizer steps
     config = GRPOConfig(
         **{**common(job), "logging_steps": per_iteration},  # one log row per iteration, as train_grpo.py
-        model_init_kwargs={"dtype": torch.float32},
+        model_init_kwargs={"dtype": torch.float32} if isinstance(model, str) else None,  # (a model: loaded in fp32)
         num_generations=job["group_size"],
         generation_batch_size=job["rollout_size"],  # -> steps_per_generation = rollout_size / minibatch_size
         per_device_train_batch_size=job["minibatch_size"],
@@ -167,7 +185,7 @@ def grpo(job, tokenizer):
         log_completions=False,
     )
     prompts = list(load_prompt_dataset("builtin", split="train")["prompt"])  # message lists: conversational
-    trainer = GRPOTrainer(model=job["model"], reward_funcs=gold_reward, args=config,
+    trainer = GRPOTrainer(model=model, reward_funcs=gold_reward, args=config,
                           train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tokenizer,
                           peft_config=lora(job, "CAUSAL_LM"))
     # the prompt ids TRL samples from (GRPOTrainer._tokenize_prompts: the chat template, add_generation_prompt)
@@ -182,17 +200,21 @@ JOBS = {"dpo": dpo, "reward": reward, "grpo": grpo}
 def main():
     job = JOB
     datasets.disable_progress_bars()  # as minirlhf's scripts
-    tokenizer = AutoTokenizer.from_pretrained(job["model"])
-    trainer, tokens = JOBS[job["job"]](job, tokenizer)
+    model, tokenizer = model_and_tokenizer(job)
+    trainer, tokens = JOBS[job["job"]](job, tokenizer, model)
     setup = time.time() - STARTED
     result = trainer.train()
     out = {"setup_seconds": setup, "train_runtime": result.metrics["train_runtime"],
            "global_step": trainer.state.global_step}
     if job["job"] == "grpo":  # the adapter (PEFT format), for minirlhf's evaluator outside this process
-        trainer.save_model(os.path.join(job["out"], "policy"))
+        # the LoRA weights only: PEFT's default ("auto") would add the embeddings and LM head to the file when the
+        # vocabulary was grown (SmolLM2); they are frozen, the base's, which the evaluator grows the same way
+        trainer.model.save_pretrained(os.path.join(job["out"], "policy"), save_embedding_layers=False)
         lengths = [row["completions/mean_length"] for row in trainer.state.log_history
                    if "completions/mean_length" in row]
         out["completion_length"] = sum(lengths) / max(1, len(lengths))
+        out["vocabulary"] = dict(pad_token=tokenizer.pad_token, pad_token_id=tokenizer.pad_token_id,
+                                 embedding_rows=trainer.model.get_input_embeddings().weight.shape[0])
     with open(os.path.join(job["out"], "tokens.json"), "w") as f:
         json.dump(tokens, f)
     out["process_seconds"] = time.time() - STARTED
