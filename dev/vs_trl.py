@@ -45,7 +45,8 @@ score after training at least TRL's.
   embeddings to 49216 rows (minirlhf.padding); dev/trl_jobs.py applies the same two functions to TRL's tokenizer
   and model. The work is examples/smollm2_cpu.sh's GRPO stage, shortened (SMOLLM2_GRPO: 3 iterations x 16
   completions, G 4, minibatch 8, 2 epochs, 16 new tokens, lr 2e-4, beta 0.1, temperature 0.7), mapped onto
-  GRPOTrainer as the tiny job's, 2 threads a process unless --threads says otherwise. minirlhf's held-out
+  GRPOTrainer as the tiny job's, 2 threads a process unless --threads says otherwise; minirlhf with the recipe's
+  update layout (SMOLLM2_UPDATE: --group-minibatches --micro-batch-size 4). minirlhf's held-out
   evaluations (before and after training) are cut to one prompt, one sample and subtracted; the table adds each
   process's CPU seconds and peak resident memory (its VmHWM, read from /proc while it runs). Both adapters are then
   scored by minirlhf's evaluator on the recipe's 48 prompts x 2 samples (three iterations move little: reported,
@@ -93,6 +94,9 @@ MODELS = {"tiny": TINY_LLAMA, "smollm2": "smollm2"}
 SMOLLM2_GRPO = dict(iterations=3, rollout_size=16, group_size=4, minibatch_size=8, ppo_epochs=2, max_new_tokens=16,
                     lr=2e-4, beta=0.1, temperature=0.7)
 SMOLLM2_QUICK_ITERATIONS = 1
+# minirlhf's update layout in the recipe: minibatches of whole groups (each prompt computed once per minibatch; every
+# response still in one minibatch per epoch, as TRL's) in micro-batches of one group (memory). TRL: its own layout.
+SMOLLM2_UPDATE = ["--group-minibatches", "--micro-batch-size", "4"]
 SMOLLM2_THREADS = 2  # the recipe's THREADS: both cores of a laptop-sized CPU
 SMOLLM2_EVAL = dict(prompts=48, samples=2)  # the recipe's held-out evaluation, for scoring both adapters afterwards
 SMOLLM2_QUICK_EVAL = dict(prompts=4, samples=1)
@@ -144,8 +148,8 @@ def ours_command(job, s, threads, out, steps=None):
                             "max_new_tokens", "lr", "beta", "temperature") for x in ("--" + k.replace("_", "-"),
                                                                                      str(s[k]))]
         # on SmolLM2 the held-out evaluations before and after training are cut to one prompt, one sample
-        model = (["--model", "smollm2", "--eval-prompts", "1", "--eval-samples", "1"] if s["model"] == "smollm2"
-                 else [])
+        model = (["--model", "smollm2", "--eval-prompts", "1", "--eval-samples", "1", *SMOLLM2_UPDATE]
+                 if s["model"] == "smollm2" else [])
         return ["train_grpo.py", *model, "--reward", "gold", "--eval-every", "0", *work, *lora, *common]
     pairs = ["--batch-size", str(s["batch_size"]), "--max-steps", str(steps), "--lr", str(s["lr"]),
              "--warmup-steps", str(s["warmup_steps"]), "--max-length", str(s["max_length"]),
