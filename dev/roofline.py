@@ -34,7 +34,8 @@ Run it by hand on an otherwise idle machine: the numbers are wall-clock times (s
    Workloads. tiny: train_grpo.py's defaults with --reward gold (rollout 64 = 8 prompts x 8, 24 new tokens,
    minibatch 32, 2 epochs, LoRA r 8 all-linear). smollm2: --model smollm2 (SmolLM2-135M-Instruct, fp32) --reward
    gold, rollout 16 = 4 prompts x 4, 16 new tokens, minibatch 8, 2 epochs, LoRA r 8 all-linear, temperature 0.7 and
-   lr 2e-4 (examples/smollm2_cpu.sh's), one held-out prompt per evaluation.
+   lr 2e-4 and the update in minibatches of whole groups, micro-batches of one group (examples/smollm2_cpu.sh's),
+   one held-out prompt per evaluation.
 3. What each phase is compared with (the counting functions below; tests/test_roofline.py checks them by hand):
    - decode step: bytes it must read / step time vs the read bandwidth. Bytes = every weight its matmuls read (all
      decoder linear layers and the LM head, 4 bytes each in fp32; the merged W + BA copies when the sampler merged the
@@ -95,8 +96,8 @@ WORKLOADS = {
     "smollm2": dict(label="SmolLM2-135M-Instruct", iterations=4, quick_iterations=2, argv=[
         "--model", "smollm2", "--reward", "gold", "--dtype", "float32", "--rollout-size", "16", "--group-size", "4",
         "--max-new-tokens", "16", "--minibatch-size", "8", "--ppo-epochs", "2", "--lora-r", "8", "--lora-alpha", "16",
-        "--lora-targets", "all-linear", "--temperature", "0.7", "--lr", "2e-4", "--eval-prompts", "1",
-        "--eval-samples", "1"]),
+        "--lora-targets", "all-linear", "--temperature", "0.7", "--lr", "2e-4", "--group-minibatches",
+        "--micro-batch-size", "4", "--eval-prompts", "1", "--eval-samples", "1"]),
 }
 
 
