@@ -111,7 +111,9 @@ def resize_for_tokenizer(model, tokenizer):
     random numbers of everything after it (LoRA init, sampling) for a given seed.
     Serving: a LoRA adapter of linear layers loads onto the unmodified base; only weights that include the embeddings
     or the LM head (full fine-tuning, a merged model, --lora-targets lm_head) have the new row count and must be
-    served with this tokenizer (see docs/real_models.md, "The pad token")."""
+    served with this tokenizer (see docs/real_models.md, "The pad token").
+    The old embedding (and untied LM head) tensors are dropped and their pages given back (release_file_pages): a
+    reference to them kept from before the call reads undefined values."""
     n = len(tokenizer)
     if n <= model.get_input_embeddings().weight.shape[0]:
         return None
