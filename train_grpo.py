@@ -64,7 +64,7 @@ from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_choice, check_group_minibatches, check_rl_args
 
 @dataclass
-class Args(GroupArgs, RLArgs):  # + the model, data, sampling, evaluation, run and rollout settings (minirlhf/settings.py)
+class Args(GroupArgs, RLArgs):  # + model, data, sampling, evaluation, run and rollout settings (minirlhf/settings.py)
     group_size: int = 8
     """responses sampled per prompt (G): each is judged against its group (--rollout-size = prompts x G)"""
     ppo_epochs: int = 2
@@ -194,9 +194,9 @@ def main(args):
         # per token, --loss-aggregation (grpo.py); b_loss_mask: b_mask less the responses the mismatch mask drops
         run.phase("update")
         stats = []
-        for _ in range(args.ppo_epochs):  # (fewer rows than a minibatch: dynamic sampling; --group-minibatches: groups)
+        for _ in range(args.ppo_epochs):  # (dynamic sampling may keep fewer rows than a minibatch)
             for mb in minibatches(len(b_scores), min(args.minibatch_size, len(b_scores)),
-                                  group_size=G if args.group_minibatches else 1):
+                                  group_size=G if args.group_minibatches else 1):  # whole groups: --group-minibatches
                 optimizer.zero_grad(set_to_none=True)
                 mb_stats, mb_logprobs = minibatch_gradient(model, batch, sampling, mb, b_old_logprobs, b_ref_logprobs,
                                                            b_advantages, b_loss_mask, b_tis, args, scaler)  # below

@@ -257,7 +257,7 @@ class GroupArgs:
     """shuffle the rollout's groups (the responses to one prompt) into the update's minibatches, not the responses one
     by one: a minibatch then holds whole groups, and the packed forward computes each of its prompts once instead of
     once per response (fewer FLOPs, less activation memory where prompts are long: SmolLM2's chat template is ~40
-    tokens for 16-token answers). The minibatch size should be a multiple of the group size. Off: responses are
+    tokens for 16-token answers). The minibatch size must be a multiple of the group size. Off: responses are
     shuffled one by one (a minibatch mixes many prompts)"""
 
 
