@@ -55,7 +55,7 @@ from minirlhf.training import lr_at, make_optimizer, optimizer_step, set_lr
 from minirlhf.validation import check_choice, check_group_minibatches, check_kl_floor, check_rl_args
 
 @dataclass
-class Args(GroupArgs, RewardKLArgs, RLArgs):  # + model, data, sampling, evaluation, run, rollout, KL settings (settings.py)
+class Args(GroupArgs, RewardKLArgs, RLArgs):  # + model, data, sampling, eval, run, rollout, KL settings (settings.py)
     baseline: str = "running-mean"
     """how a reward becomes an advantage: running-mean (minus the mean of every reward seen so far in the run, the
     SmolLM2 + HelpSteer2 setup) | leave-one-out (RLOO: minus the mean of the other k - 1 responses to its prompt;
