@@ -68,6 +68,16 @@ def test_gradient_zero_where_clipped_and_kl_gradient_closed_form():
     assert binds[mask].any() and (~binds[mask]).any()  # both cases occur in this batch
 
 
+def aggregate_rows(rows, aggregation, L):
+    """The loss from per-token terms, a list per response (its real tokens only), by hand: token (over all real
+    tokens), sequence (each response's mean, then their mean) or constant (over responses x L)."""
+    if aggregation == "token":
+        return sum(map(sum, rows)) / sum(map(len, rows))
+    if aggregation == "sequence":
+        return sum(sum(row) / len(row) for row in rows) / len(rows)
+    return sum(map(sum, rows)) / (len(rows) * L)
+
+
 def reference_variants(logprobs, old, ref, advantages, mask, eps, beta, aggregation, L, eps_high):
     """The same loss per token with Python floats (upper clip 1 + eps_high), reduced by `aggregation` by hand:
     token: sum / #tokens; sequence: mean over rows of each row's mean; constant: sum / (#rows * L)."""
@@ -80,11 +90,7 @@ def reference_variants(logprobs, old, ref, advantages, mask, eps, beta, aggregat
                 row.append(-min(ratio * a, min(max(ratio, 1 - eps), 1 + eps_high) * a)
                            + beta * (math.exp(r - lp) - (r - lp) - 1))
         rows.append(row)
-    if aggregation == "token":
-        return sum(map(sum, rows)) / sum(map(len, rows))
-    if aggregation == "sequence":
-        return sum(sum(row) / len(row) for row in rows) / len(rows)
-    return sum(map(sum, rows)) / (len(rows) * L)
+    return aggregate_rows(rows, aggregation, L)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -14,7 +14,7 @@ import torch
 from minirlhf.cli import parse_args
 from minirlhf.errors import InputError
 from minirlhf.grpo import AGGREGATIONS, grpo_loss
-from test_grpo import assert_micro_batches_add_up
+from test_grpo import aggregate_rows, assert_micro_batches_add_up
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -52,11 +52,7 @@ def reference(logprobs, old, ref, advantages, mask, policy_loss, eps, eps_high, 
                 pg = -clip(math.exp(lp - o), 1 - eps, 1 + eps_high) * a * lp
             row.append(w * pg + beta * (math.exp(r - lp) - (r - lp) - 1))
         rows.append(row)
-    if aggregation == "token":
-        return sum(map(sum, rows)) / sum(map(len, rows))
-    if aggregation == "sequence":
-        return sum(sum(row) / len(row) for row in rows) / len(rows)
-    return sum(map(sum, rows)) / (len(rows) * L)
+    return aggregate_rows(rows, aggregation, L)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
