@@ -158,14 +158,7 @@ def main(args):
     # 2. one frozen base; the policy is a LoRA adapter on it, the reference is the base itself
     model = load_model(args.model, quantization=args.quantization, dtype=args.dtype, device=args.device,
                        tokenizer=tokenizer, gradient_checkpointing=args.gradient_checkpointing)
-    if args.sft_adapter:
-        load_adapter(model, args.sft_adapter, adapter="policy", trainable=True, flag="--sft-adapter")
-        copy_adapter(model, "policy", "reference")  # the reference is where the policy starts
-        set_active_adapter(model, "policy")
-        params = lora_parameters(model, "policy")
-    else:
-        params = make_trainable(model, "policy", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                                lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+    params = add_policy(model, args)  # a fresh LoRA adapter "policy", or --sft-adapter's (then also the reference)
     dropout_off(model)  # no dropout in the reference, evaluation and sampling passes; the training step's policy
     # pass switches on the LoRA dropout alone (training.lora_dropout_active): --lora-dropout does what it says
     run.print(parameter_report(model))
@@ -235,6 +228,19 @@ def main(args):
     run.save("policy", lambda folder: save_adapter(model, folder, "policy"))
     return report(run, model, sample_eval, before, pair_chunks(eval_pairs, args.forward_batch_size), pad_id, args,
                   average)
+
+
+def add_policy(model, args):
+    """The trainable LoRA adapter "policy" on the frozen base, and its parameters: a fresh one (--lora-r, ...; the
+    reference is then the base, adapters off) or --sft-adapter's weights, copied into a frozen adapter "reference" as
+    well: the reference is where the policy starts."""
+    if not args.sft_adapter:
+        return make_trainable(model, "policy", lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                              lora_dropout=args.lora_dropout, lora_targets=args.lora_targets)
+    load_adapter(model, args.sft_adapter, adapter="policy", trainable=True, flag="--sft-adapter")
+    copy_adapter(model, "policy", "reference")
+    set_active_adapter(model, "policy")
+    return lora_parameters(model, "policy")
 
 
 def load_pairs(args, tokenizer, split, max_pairs):

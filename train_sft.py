@@ -185,22 +185,7 @@ def main(args):
     # data first (the tokenizer is all it needs): packed blocks (loss on every token) or padded examples (loss on
     # response tokens); data that cannot fill one batch is one line here, before the model loads
     tokenizer = load_tokenizer(args.tokenizer or args.model, flag="--tokenizer" if args.tokenizer else "--model")
-
-    def data(split):
-        rows = demonstrations(args, split)
-        if args.packing:
-            ids = tokenize_rows(tokenizer, rows, args.template, args.system_prompt)
-            if sum(len(x) + 1 for x in ids) < args.block_size:  # + 1: the EOS pack() puts after each
-                raise InputError(f"--block-size {args.block_size}: the {split} split's {len(ids)} demonstrations hold "
-                                 f"{sum(len(x) + 1 for x in ids)} tokens, not one block; lower --block-size")
-            return (pack(ids, args.block_size, tokenizer.eos_token_id).to(run.device),)  # (N, L)
-        examples = padded_examples(tokenizer, rows, args, f"{args.dataset} [{split}]")  # (N, T) ids, attention, loss
-        if not examples[2].any():  # the loss would be a mean over no token: 0.0, never measured
-            raise InputError(f"--block-size {args.block_size}: no response token of the {split} split's "
-                             f"{len(rows)} examples fits after its prompt; raise --block-size or lower "
-                             "--max-prompt-length")
-        return tuple(t.to(run.device) for t in examples)
-    train_data, eval_data = data(args.split), data(args.eval_split)
+    train_data, eval_data = (sft_data(args, tokenizer, split, run.device) for split in (args.split, args.eval_split))
     n_eval_all = len(eval_data[0])
     if args.max_eval_blocks > 0:
         eval_data = tuple(t[:args.max_eval_blocks] for t in eval_data)  # the first N: every evaluation the same rows
@@ -266,6 +251,39 @@ def main(args):
 
     # save: the adapter (PEFT format), and a whole model when every weight trained or the adapter is merged
     unchanged = run.frozen_unchanged()  # before a merge rewrites the base
+    where = save_outputs(run, model, tokenizer, args)
+    summary = run.finish({"params/frozen_unchanged": unchanged, "train/loss": metrics.get("train/loss"),
+                          "eval/loss": metrics.get("eval/loss"), "eval/blocks": len(eval_data[0]),
+                          "eval/blocks_available": n_eval_all})
+    if run.is_main:
+        print(f"done in {summary['time/total_seconds']:.0f}s: train/loss {summary['train/loss']:.4f} "
+              f"eval/loss {summary['eval/loss']:.4f} (on {len(eval_data[0])} of {n_eval_all} held-out {what}); "
+              f"saved in {where}")
+    return summary
+
+
+def sft_data(args, tokenizer, split, device):
+    """One split's training data: (blocks,) (N, L) packed with EOS between demonstrations (loss on every token), or
+    (ids, attention, loss mask) (N, T) padded examples (loss on response tokens). Data that cannot fill one block, or
+    keeps no response token, is one line naming the flag to change."""
+    rows = demonstrations(args, split)
+    if args.packing:
+        ids = tokenize_rows(tokenizer, rows, args.template, args.system_prompt)
+        if sum(len(x) + 1 for x in ids) < args.block_size:  # + 1: the EOS pack() puts after each
+            raise InputError(f"--block-size {args.block_size}: the {split} split's {len(ids)} demonstrations hold "
+                             f"{sum(len(x) + 1 for x in ids)} tokens, not one block; lower --block-size")
+        return (pack(ids, args.block_size, tokenizer.eos_token_id).to(device),)  # (N, L)
+    examples = padded_examples(tokenizer, rows, args, f"{args.dataset} [{split}]")  # (N, T) ids, attention, loss
+    if not examples[2].any():  # the loss would be a mean over no token: 0.0, never measured
+        raise InputError(f"--block-size {args.block_size}: no response token of the {split} split's "
+                         f"{len(rows)} examples fits after its prompt; raise --block-size or lower "
+                         "--max-prompt-length")
+    return tuple(t.to(device) for t in examples)
+
+
+def save_outputs(run, model, tokenizer, args):
+    """Save the "sft" adapter (PEFT format) when LoRA trained, and a whole model (with its tokenizer) when every
+    weight trained or --merge folds the adapter in. Returns the folder the final message names."""
     lora_run = "sft" in adapter_names(model)
     if lora_run:
         run.save("adapter", lambda folder: save_adapter(model, folder, "sft"))
@@ -277,15 +295,7 @@ def main(args):
         tokenizer.save_pretrained(folder)
     if not lora_run or args.merge:
         run.save("model", save)
-    summary = run.finish({"params/frozen_unchanged": unchanged, "train/loss": metrics.get("train/loss"),
-                          "eval/loss": metrics.get("eval/loss"), "eval/blocks": len(eval_data[0]),
-                          "eval/blocks_available": n_eval_all})
-    where = os.path.join(args.out, "model" if not lora_run or args.merge else "adapter")
-    if run.is_main:
-        print(f"done in {summary['time/total_seconds']:.0f}s: train/loss {summary['train/loss']:.4f} "
-              f"eval/loss {summary['eval/loss']:.4f} (on {len(eval_data[0])} of {n_eval_all} held-out {what}); "
-              f"saved in {where}")
-    return summary
+    return os.path.join(args.out, "model" if not lora_run or args.merge else "adapter")
 
 
 def fresh_model(init_config_arg, tokenizer):

@@ -60,7 +60,8 @@ Targets (the project's plan, SmolLM2): decode steps >= 0.6 of the read bandwidth
      (Python, the profiler's own overhead), with the top operators of each;
    - the run's last update minibatch (forward + backward) again under torch.profiler, split the same way;
    - a decode step's matmuls alone: one sweep of F.linear over every weight a step multiplies, at the step's rows,
-     against reading the same weights, the LoRA layers as called, and bfloat16 copies.
+     against reading the same weights, the LoRA layers as called, and bfloat16 copies; and F.linear at a quarter of
+     the rows and at 4x the rows: a matmul bound by memory would keep its time as the rows grow.
 """
 import argparse
 import importlib.util
@@ -382,6 +383,17 @@ def profile_update(loaded, r):
     return dict(wall=wall, parts=parts, top=sorted(ops.items(), key=lambda t: -t[1])[:8], matmul_flops=matmul_flops)
 
 
+def rows_verdict(sweep):
+    """What F.linear's rows sweep [(rows, bytes/s, FLOP/s), ...] (fewest rows first) says of a decode step's matmuls. A
+    product bound by memory reads the same weights at any small number of rows, so its time stays; one bound by its
+    arithmetic takes longer as the rows grow. Bound by memory when the time grows less than 1.5x over the sweep."""
+    (m0, rate0, _), (m1, rate1, _) = sweep[0], sweep[-1]
+    growth = rate0 / rate1  # time at m1 rows / time at m0 rows: the same bytes either way
+    if growth < 1.5:
+        return f"from {m0} to {m1} rows its time grows {growth:.1f}x: bound by memory"
+    return f"from {m0} to {m1} rows its time grows {growth:.1f}x: bound by its arithmetic rate at these rows, not memory"
+
+
 def matmul_sweep(model, rows, repeats=3):
     """What a decode step's matmuls alone reach: one sweep over every weight a step multiplies (each LoRA layer's base
     weight, then the LM head), x of `rows` rows, best of `repeats` sweeps; bytes of those weights / seconds (GB/s),
@@ -401,11 +413,17 @@ def matmul_sweep(model, rows, repeats=3):
         fn()
         return nbytes / min(_seconds(fn) for _ in range(repeats))
 
+    def linear_at(m):  # F.linear with m rows: (GB/s of weights, GFLOP/s); a kernel waiting on memory keeps its time
+        xm = {n: torch.randn(m, n) for n in x}  # as the rows grow, one bound by arithmetic slows in proportion
+        rate = best(lambda: [F.linear(xm[w.shape[1]], w) for w in weights])
+        return m, rate, rate / FP32 * 2 * m  # bytes/s -> weights/s -> 2·m FLOPs per weight
+
     with torch.no_grad(), use_adapter(model, "policy"):
         out = dict(read=best(lambda: [w.sum() for w in weights]),
                    linear=best(lambda: [F.linear(x[w.shape[1]], w) for w in weights]),
                    lora=best(lambda: [m(x[m.in_features]) for m in layers] + [F.linear(x[head.shape[1]], head)]),
-                   bf16=best(lambda: [F.linear(x16[w.shape[1]], w) for w in half]))
+                   bf16=best(lambda: [F.linear(x16[w.shape[1]], w) for w in half]),
+                   rows_sweep=[linear_at(m) for m in sorted({max(1, rows // 4), rows, 4 * rows})])
     return dict(out, bytes=nbytes)
 
 
@@ -581,7 +599,10 @@ def block_for(results, limits, header):
                          f"{sw['read'] / 1e9:.1f} GB/s; F.linear {sw['linear'] / 1e9:.1f} GB/s; the LoRA layers as "
                          f"called (unmerged adapter) {sw['lora'] / 1e9:.1f} GB/s; F.linear on bfloat16 copies "
                          f"{sw['bf16'] / 1e9:.1f} GB/s of float32-equivalent bytes (the bytes a float32 step "
-                         f"reads / time). Each vs the read bandwidth {limits['read'] / 1e9:.1f} GB/s.")
+                         f"reads / time). Each vs the read bandwidth {limits['read'] / 1e9:.1f} GB/s. F.linear at "
+                         + ", ".join(f"{m} rows {gbs / 1e9:.1f} GB/s ({flops / 1e9:.0f} GFLOP/s)"
+                                     for m, gbs, flops in sw["rows_sweep"])
+                         + f": {rows_verdict(sw['rows_sweep'])}.")
     return "\n".join(lines + [""] + notes)
 
 

@@ -78,3 +78,12 @@ def test_decode_step_bytes_by_hand(roofline, tiny):
     cache = 2 * 4 * 4 * 20 * 192 * 4  # keys and values, 4 layers, 4 rows, 20 columns, 6 heads x 32, float32
     assert roofline.decode_step_bytes(shape, 4, 20) == weights + cache == 7_962_624
     assert roofline.decode_step_bytes(shape, 4, 20, n_lora=1000) == weights + cache + 4000  # A, B not merged
+
+
+def test_rows_verdict(roofline):
+    # the same weight bytes each way: a step bound by memory keeps its time as the rows grow, one bound by arithmetic
+    # slows in proportion (SmolLM2's sweep on the 2-core Xeon: 13.2, 8.5, 4.5 GB/s at 4, 16, 64 rows)
+    memory = [(4, 20e9, 40e9), (16, 19e9, 152e9), (64, 16e9, 512e9)]  # time grows 1.25x
+    arithmetic = [(4, 13.2e9, 26e9), (16, 8.5e9, 68e9), (64, 4.5e9, 144e9)]  # 2.9x
+    assert roofline.rows_verdict(memory) == "from 4 to 64 rows its time grows 1.2x: bound by memory"
+    assert roofline.rows_verdict(arithmetic).startswith("from 4 to 64 rows its time grows 2.9x: bound by its arithmetic")
