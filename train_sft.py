@@ -218,8 +218,8 @@ def main(args):
 
     # the loop: a batch of blocks -> next-token loss -> (average gradients over processes) -> AdamW step
     metrics, tokens, tick = {}, 0, time.time()
-    eval_rows = min(args.batch_size, args.forward_batch_size)  # held-out rows per pass: the training batch (as
-    # before this flag existed: the same eval/loss to the last bit), at most --forward-batch-size
+    eval_rows = min(args.batch_size, args.forward_batch_size)  # held-out rows per pass: the training batch's, at
+    # most --forward-batch-size (the rows of a pass change eval/loss by float rounding only)
     model.train()
     for step in run.steps(desc="sft"):  # ---- plumbing: Ctrl-C and checkpoints between steps
         batch = [t[order.take(args.batch_size)] for t in train_data]  # (B, L) each

@@ -284,8 +284,8 @@ def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path):
 
 # ---- dropout means what the flags say
 def test_sampling_restores_every_module_mode():
-    """sample() used to end with model.train(was_training), switching back on a dropout that dropout_off had
-    turned off in a training-mode (checkpointed) model."""
+    """sample() restores every module's own mode: ending with model.train(was_training) would switch back on a
+    dropout that dropout_off had turned off in a training-mode (checkpointed) model."""
     from conftest import make_tiny_llama
     from minirlhf import lora
     from minirlhf.sampling import sample

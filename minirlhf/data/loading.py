@@ -189,7 +189,7 @@ def _normalised(rows, normalise, features, name, split, origin):
 def warn_once(message):
     """warnings.warn(message), issued from this one line so that Python's default filter prints an identical
     message once per process (it remembers message and location): train_dpo.py reads its eval split twice, for the
-    pairs and for the sampling prompts, and each read used to print the skip report from its own line. Under
+    pairs and for the sampling prompts, and from two lines the same skip report would print twice. Under
     torchrun only rank 0 warns: every process reads the same rows."""
     if os.environ.get("RANK", "0") == "0":
         warnings.warn(message, stacklevel=1)
