@@ -30,12 +30,9 @@ every --eval-every iterations the eval/ metrics of evaluation.py (eval/kl: the e
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 from minirlhf.cli import run_script
 from minirlhf.distill import DIVERGENCES
 from minirlhf.errors import InputError
-from minirlhf.evaluation import before_training
 from minirlhf.folders import check_adapter_dir
 from minirlhf.formats import load_adapter
 from minirlhf.heads import response_divergence
@@ -45,8 +42,8 @@ from minirlhf.ops import masked_sum
 from minirlhf.precision import LossScaler
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, reference_logprobs,
-                              sample_rollout)
+from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, reference_logprobs, sample_rollout,
+                              start_rl_run)
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
 from minirlhf.settings import RLArgs
@@ -113,11 +110,8 @@ def main(args):
     held_out = HeldOut(model, tokenizer, reward, args, device, run.clock)  # times itself: "evaluation"
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
-    run.start(args.iterations, model=model, frozen=reward.heads, optimizer=optimizer,
-              samples_per_step=args.rollout_size * run.dist.world_size,
-              state={"prompts": train_prompts, "generator": generator, "scaler": scaler})  # ---- plumbing: resume
-    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
+    # ---- plumbing: the rollout sampler's generator, resume, the evaluation before training (read back on resume)
+    generator, before = start_rl_run(run, args, model, reward, train_prompts, held_out, optimizer, scaler)
 
     # 3. the loop: the student samples -> (score, KL to the base: logged) -> minibatches of the divergence to the
     # teacher at every sampled token. b_ tensors hold the whole rollout (B responses); (B, R) = the response columns.

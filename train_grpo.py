@@ -44,7 +44,6 @@ import torch
 from minirlhf.baselines import SCALES, group_advantages
 from minirlhf.cli import run_script
 from minirlhf.dapo import informative_groups, overlong_penalty
-from minirlhf.evaluation import before_training
 from minirlhf.errors import InputError
 from minirlhf.grpo import AGGREGATIONS, KL_LOSSES, POLICY_LOSSES, aggregation_count, grpo_loss
 from minirlhf.mismatch import mismatch_stats
@@ -54,7 +53,7 @@ from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
 from minirlhf.rollout import (TrainPrompts, add_up, join_rollouts, micro_batch_rows, minibatches,
                               old_logprobs_and_corrections, policy_logprobs, reference_logprobs, rollout_rows,
-                              sample_rollout)
+                              sample_rollout, start_rl_run)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -152,11 +151,8 @@ def main(args):
     held_out = HeldOut(model, tokenizer, reward, args, device, run.clock)  # times itself: "evaluation"
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
-    run.start(args.iterations, model=model, frozen=reward.heads, optimizer=optimizer,
-              samples_per_step=args.rollout_size * run.dist.world_size,
-              state={"prompts": train_prompts, "generator": generator, "scaler": scaler})  # ---- plumbing: resume
-    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
+    # ---- plumbing: the rollout sampler's generator, resume, the evaluation before training (read back on resume)
+    generator, before = start_rl_run(run, args, model, reward, train_prompts, held_out, optimizer, scaler)
 
     # 3. the loop: rollout in groups -> reward -> group-normalised advantages -> minibatch epochs of the GRPO loss
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.

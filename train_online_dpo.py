@@ -36,15 +36,14 @@ import torch
 from minirlhf.cli import run_script
 from minirlhf.dpo import preference_loss
 from minirlhf.errors import InputError
-from minirlhf.evaluation import before_training
 from minirlhf.kl import k3
 from minirlhf.models import dropout_off
 from minirlhf.ops import masked_sum
 from minirlhf.precision import LossScaler
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
-from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, policy_logprobs,
-                              reference_logprobs, sample_rollout)
+from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, policy_logprobs, reference_logprobs,
+                              sample_rollout, start_rl_run)
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
 from minirlhf.settings import RLArgs
@@ -99,11 +98,8 @@ def main(args):
     held_out = HeldOut(model, tokenizer, reward, args, device, run.clock)  # times itself: "evaluation"
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
-    run.start(args.iterations, model=model, frozen=reward.heads, optimizer=optimizer,
-              samples_per_step=args.rollout_size * run.dist.world_size,
-              state={"prompts": train_prompts, "generator": generator, "scaler": scaler})  # ---- plumbing: resume
-    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
+    # ---- plumbing: the rollout sampler's generator, resume, the evaluation before training (read back on resume)
+    generator, before = start_rl_run(run, args, model, reward, train_prompts, held_out, optimizer, scaler)
 
     # 3. the loop: two samples per prompt -> reward -> chosen / rejected -> one pass of DPO over the pairs
     # b_ tensors hold the whole rollout (B responses), p_ tensors one value per pair (B / 2); (B, R) = response columns

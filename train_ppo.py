@@ -36,10 +36,7 @@ one, when set); eval/kl is the exact KL of the unfiltered π at temperature 1.
 """
 from dataclasses import dataclass
 
-import torch
-
 from minirlhf.cli import run_script
-from minirlhf.evaluation import before_training
 from minirlhf.formats import save_head
 from minirlhf.gae import gae
 from minirlhf.heads import ScalarHead
@@ -50,7 +47,7 @@ from minirlhf.ppo import policy_loss, value_loss
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
 from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, old_logprobs_and_corrections,
-                              policy_logprobs, reference_logprobs, rollout_logprobs, sample_rollout)
+                              policy_logprobs, reference_logprobs, rollout_logprobs, sample_rollout, start_rl_run)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -113,12 +110,10 @@ def main(args):
     optimizer = make_optimizer(params, args.lr)
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
-    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + run.dist.rank)  # the rollout sampler's
-    run.start(args.iterations, model=model, heads={"value": value_head}, frozen=reward.heads,
-              optimizer=optimizer, samples_per_step=args.rollout_size * run.dist.world_size,
-              state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
-                                          **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume
-    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
+    # ---- plumbing: the rollout sampler's generator, resume (the value head and KL controller too), the evaluation
+    # before training (read back on resume)
+    generator, before = start_rl_run(run, args, model, reward, train_prompts, held_out, optimizer, scaler,
+                                     heads={"value": value_head}, kl_controller=kl_ctl)
 
     # 3. the loop: rollout -> reward -> KL -> advantages -> minibatch epochs
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.

@@ -35,7 +35,6 @@ import torch
 from minirlhf.baselines import RunningMeanBaseline, leave_one_out_advantages
 from minirlhf.cli import run_script
 from minirlhf.errors import InputError
-from minirlhf.evaluation import before_training
 from minirlhf.kl import AdaptiveKLController, k3
 from minirlhf.mismatch import mismatch_stats
 from minirlhf.models import dropout_off
@@ -45,7 +44,7 @@ from minirlhf.reinforce_pp import reinforce_pp_advantages
 from minirlhf.report import HeldOut, finish, iteration_metrics, log_iteration
 from minirlhf.roles import Reward, load_policy, roles
 from minirlhf.rollout import (TrainPrompts, add_up, micro_batch_rows, minibatches, old_logprobs_and_corrections,
-                              policy_logprobs, reference_logprobs, sample_rollout)
+                              policy_logprobs, reference_logprobs, sample_rollout, start_rl_run)
 from minirlhf.precision import LossScaler
 from minirlhf.run import Run
 from minirlhf.sampling import SamplingSettings
@@ -107,13 +106,10 @@ def main(args):
     scaler = LossScaler(model)  # fp16's loss scaling; a plain backward otherwise (precision.py)
     kl_ctl = AdaptiveKLController(args.kl_coef, args.target_kl, args.kl_horizon) if args.target_kl else None
     baseline = RunningMeanBaseline() if args.baseline == "running-mean" else None  # per process: its own mean
-    generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)  # the sampler's
-    run.start(args.iterations, model=model, frozen=reward.heads, optimizer=optimizer,
-              samples_per_step=args.rollout_size * run.dist.world_size,
-              state={"prompts": train_prompts, "generator": generator, "scaler": scaler,
-                     **({"baseline": baseline} if baseline else {}),
-                     **({"kl_controller": kl_ctl} if kl_ctl else {})})  # ---- plumbing: resume, metrics.jsonl
-    before = run.once("before", lambda: before_training(held_out), default=({}, []))  # ---- (read back on resume)
+    # ---- plumbing: the rollout sampler's generator, resume (the baseline and KL controller too), the evaluation
+    # before training (read back on resume)
+    generator, before = start_rl_run(run, args, model, reward, train_prompts, held_out, optimizer, scaler,
+                                     baseline=baseline, kl_controller=kl_ctl)
 
     # 3. the loop: rollout -> KL-regularised reward -> minus the baseline -> one pass of -log π · A
     # b_ tensors hold the whole rollout (B responses), mb_ tensors one minibatch; (B, R) = the response columns.

@@ -6,6 +6,7 @@ evaluation, logging and the end of a run, report.py.)
 Legend: B responses, P prompt columns (left-padded), R response columns (right-padded), T = P + R, H hidden size.
 
     sampling = SamplingSettings.from_args(args, tokenizer.eos_token_id)   # --temperature, --top-k, --top-p, ...
+    generator, before = start_rl_run(run, args, model, reward, train_prompts, held_out, optimizer, scaler)  # resume
     batch = sample_rollout(model, tokenizer, train_prompts.take(k), args, generator)   # prompts -> responses
     old_logprobs, values = rollout_logprobs(model, batch, sampling, args.forward_batch_size, value_head)
     old_logprobs, tis, update_mask, mismatch = old_logprobs_and_corrections(model, batch, sampling, args, old_logprobs)
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from .data import describe_source, load_prompt_dataset
 from .data.tokenize import tokenize_prompt_dataset
 from .errors import InputError
-from .evaluation import generate
+from .evaluation import before_training, generate
 from .heads import in_row_chunks, response_logprobs, response_logprobs_and_states
 from .mismatch import rollout_correction
 from .models import reference
@@ -71,6 +72,20 @@ class TrainPrompts:
 
     def load_state_dict(self, state):
         self.order.load_state_dict(state)
+
+
+def start_rl_run(run, args, model, reward, prompts, held_out, optimizer, scaler, heads=None, **state):
+    """The RL scripts' start, once their prompts, held-out evaluation, optimizer and loss scaler exist: the rollout
+    sampler's generator (seeded seed·1000 + rank: every process draws its own samples), run.start with all a resume
+    restores (the policy, the trained `heads`, the reward's frozen heads, the optimizer, the prompts' order, the
+    generator, the scaler, and each of `state` that is not None: a KL controller, a baseline), then the evaluation
+    before training (a resumed run reads it back). Returns (generator, (metrics, samples) of that evaluation)."""
+    generator = torch.Generator(device=run.device).manual_seed(args.seed * 1000 + run.dist.rank)
+    run.start(args.iterations, model=model, heads=heads, frozen=reward.heads, optimizer=optimizer,
+              samples_per_step=args.rollout_size * run.dist.world_size,
+              state={"prompts": prompts, "generator": generator, "scaler": scaler,
+                     **{name: v for name, v in state.items() if v is not None}})
+    return generator, run.once("before", lambda: before_training(held_out), default=({}, []))
 
 
 def sample_rollout(model, tokenizer, prompts, args, generator):
