@@ -4,6 +4,7 @@ recipe runs under bash with `python` replaced by a recorder (bench/common.recipe
 arguments go through minirlhf.cli.parse_args with the script's own Args."""
 import glob
 import importlib
+import importlib.util
 import os
 import re
 
@@ -163,6 +164,26 @@ def test_laptop_recipe_commands_are_accepted_and_chained():
         earlier.append(common.flag_value(argv, "--out"))
     text = open(LAPTOP).read()
     assert "\nset -euo pipefail\n" in text and re.search(r'^OUT=\$\{OUT:-runs/[\w/.-]+\}$', text, re.M)
+
+
+def test_vs_trl_times_the_laptop_recipes_grpo_stage():
+    """dev/vs_trl.py --model smollm2 times the laptop recipe's GRPO stage, shortened (fewer iterations and new tokens):
+    every other setting it writes out, and its update layout, must be the recipe's, or a change to one side alone
+    would time another job."""
+    import train_grpo
+    spec = importlib.util.spec_from_file_location("dev_vs_trl", os.path.join(REPO, "dev", "vs_trl.py"))
+    vs_trl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(vs_trl)
+    stage = [argv for argv in laptop_commands() if argv[0] == "train_grpo.py"]
+    assert len(stage) == 1
+    recipe = vars(parse_args(train_grpo.Args, stage[0][1:]))
+    job = vars(parse_args(train_grpo.Args, ["--model", "smollm2", *vs_trl.SMOLLM2_UPDATE]))
+    job.update(vs_trl.SMOLLM2_GRPO)
+    shortened = {"iterations", "max_new_tokens"}
+    assert shortened < set(vs_trl.SMOLLM2_GRPO) and all(job[k] < recipe[k] for k in shortened)
+    same = set(vs_trl.SMOLLM2_GRPO) - shortened | {"group_minibatches", "micro_batch_size"}
+    assert {k: job[k] for k in same} == {k: recipe[k] for k in same}
+    assert job["micro_batch_size"] == 4 and job["group_minibatches"]  # the layout the flags name, not defaults
 
 
 def test_real_model_bench_adds_the_fp32_memory_yardstick():
