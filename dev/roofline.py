@@ -391,7 +391,8 @@ def rows_verdict(sweep):
     growth = rate0 / rate1  # time at m1 rows / time at m0 rows: the same bytes either way
     if growth < 1.5:
         return f"from {m0} to {m1} rows its time grows {growth:.1f}x: bound by memory"
-    return f"from {m0} to {m1} rows its time grows {growth:.1f}x: bound by its arithmetic rate at these rows, not memory"
+    return (f"from {m0} to {m1} rows its time grows {growth:.1f}x: bound by its arithmetic rate at these rows, "
+            "not memory")
 
 
 def matmul_sweep(model, rows, repeats=3):
