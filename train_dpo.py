@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from minirlhf.cli import run_script
 from minirlhf.data import describe_source, load_preference_dataset, world
-from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
+from minirlhf.data.tokenize import collate_pairs, pair_batches, require_pad_token, tokenize_preference_dataset
 from minirlhf.dpo import LOSSES, kto_reference_point, preference_loss
 from minirlhf.errors import InputError
 from minirlhf.evaluation import before_training, evaluate_policy, held_out_prompts
@@ -258,13 +258,6 @@ def pair_chunks(data, batch_size):
         yield [data[j] for j in range(i, min(i + batch_size, len(data)))]
 
 
-def pairs(data, pad_id, batch_size):
-    """Collated batches of batch_size pairs (2 x batch_size rows: sequence_logps runs them through the model
-    --forward-batch-size rows at a time), in order."""
-    for chunk in pair_chunks(data, batch_size):
-        yield collate_pairs(chunk, pad_id)
-
-
 @torch.no_grad()
 def kto_z0(model, examples, pad_id, device, rows):
     """--loss kto: the reference point z0 of a batch of B pairs (Ethayarajh et al. 2024, Sec. 4.1), from MISMATCHED
@@ -286,7 +279,7 @@ def with_reference_logps(model, data, pad_id, device, average, forward_batch_siz
     """--precompute-ref: the data with a column ref_logps = [log π_ref(chosen), log π_ref(rejected)] per pair."""
     ref_logps = []
     with reference(model):
-        for batch in tqdm(pairs(data, pad_id, forward_batch_size), desc="reference log-probs", disable=not show):
+        for batch in tqdm(pair_batches(data, pad_id, forward_batch_size), desc="reference log-probs", disable=not show):
             logps = sequence_logps(model, batch, device, average, forward_batch_size).cpu()  # (2b,)
             ref_logps += torch.stack(logps.chunk(2), 1).tolist()  # b rows of [chosen, rejected]
     return data.add_column("ref_logps", ref_logps)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from minirlhf.cli import run_script
 from minirlhf.data import describe_source, load_preference_dataset, world
 from minirlhf.data.loading import SPLITS
-from minirlhf.data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
+from minirlhf.data.tokenize import collate_pairs, pair_batches, require_pad_token, tokenize_preference_dataset
 from minirlhf.errors import InputError
 from minirlhf.folders import check_reward_model_dir
 from minirlhf.formats import save_adapter, save_head
@@ -91,8 +91,8 @@ def evaluate(model, head, data, args, pad_id, device):
     rows scored --forward-batch-size at a time."""
     correct, margins, losses = [], [], []
     with eval_mode(model):
-        for i in tqdm(range(0, len(data), args.forward_batch_size), desc="eval", leave=False, mininterval=5):
-            batch = collate_pairs([data[j] for j in range(i, min(i + args.forward_batch_size, len(data)))], pad_id)
+        for batch in tqdm(pair_batches(data, pad_id, args.forward_batch_size), desc="eval", leave=False, mininterval=5,
+                          total=-(-len(data) // args.forward_batch_size)):
             r_c, r_r, out_c, out_r = pair_scores(model, head, batch, device, args.forward_batch_size)
             correct.append((r_c > r_r).float())
             margins.append(r_c - r_r)

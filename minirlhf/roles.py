@@ -10,7 +10,7 @@ every role): the policy is a LoRA adapter "policy" (trainable), the reward model
 import torch
 
 from .data import load_preference_dataset, world
-from .data.tokenize import collate_pairs, require_pad_token, tokenize_preference_dataset
+from .data.tokenize import pair_batches, require_pad_token, tokenize_preference_dataset
 from .errors import InputError
 from .heads import RatingHead, in_row_chunks, sequence_scores
 from .lora import adapter_names, use_adapter
@@ -131,10 +131,8 @@ class Reward:
         pairs = pairs.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
         pad_id, device, scores = require_pad_token(tokenizer), next(self.model.parameters()).device, []
         with eval_mode(self.model):
-            for i in range(0, len(pairs), self.forward_batch_size):
-                rows = [pairs[j] for j in range(i, min(i + self.forward_batch_size, len(pairs)))]
-                batch = {k: v.to(device) for k, v in collate_pairs(rows, pad_id).items()
-                         if k in ("input_ids", "attention_mask")}  # (2b, T): b chosen rows, then b rejected
+            for batch in pair_batches(pairs, pad_id, self.forward_batch_size):  # (2b, T): b chosen rows, b rejected
+                batch = {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
                 scores.append(torch.stack([self.member_score(adapter, head, batch) for adapter, head in self.members]))
         mean, std = reference_statistics(torch.cat(scores, dim=1))  # (M, 2N) -> (M,), (M,)
         flat = [path for path, s in zip(args.reward_model, std.tolist()) if not s > 0]  # constant (or NaN) scores

@@ -1,6 +1,6 @@
-"""The algorithm-free steps of an RL iteration, shared by train_ppo.py, train_grpo.py, train_reinforce.py and
-train_online_dpo.py and train_distill.py: the prompts, the rollout (sampling), the log-prob passes over it and
-the minibatches of the update. (The roles on the one base, policy / reward / reference, are roles.py; the
+"""The algorithm-free steps of an RL iteration, shared by train_ppo.py, train_grpo.py, train_reinforce.py,
+train_online_dpo.py and train_distill.py: the prompts, the loop's start (start_rl_run), the rollout (sampling), the
+log-prob passes over it and the minibatches of the update. (The roles on the one base, policy / reward / reference, are roles.py; the
 evaluation, logging and the end of a run, report.py.)
 
 Legend: B responses, P prompt columns (left-padded), R response columns (right-padded), T = P + R, H hidden size.

@@ -10,7 +10,7 @@ from datasets import Dataset
 
 from minirlhf.data import load_preference_dataset
 from minirlhf.data.templates import format_prompt
-from minirlhf.data.tokenize import (collate_pairs, collate_prompts, pad, require_pad_token, tokenize_pair,
+from minirlhf.data.tokenize import (collate_pairs, collate_prompts, pad, pair_batches, require_pad_token, tokenize_pair,
                                     tokenize_preference_dataset, tokenize_prompt, tokenize_prompt_dataset)
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -381,3 +381,14 @@ def test_sft_padded_examples_report_their_cuts(tiny_tokenizer):
     prompts = full_prompt_ids(tiny_tokenizer, [r["prompt"] for r in rows], SMOL_SYSTEM)
     assert loss.sum(1).tolist() == responses
     assert attention.sum(1).tolist() == [len(p) + n for p, n in zip(prompts, responses)]
+
+
+def test_pair_batches_are_consecutive_collated_pairs():
+    data = [{"prompt_ids": [5] * (i + 1), "chosen_ids": [6, 1], "rejected_ids": [7] * (i % 3 + 1) + [1]}
+            for i in range(7)]
+    batches = list(pair_batches(data, 0, 3))
+    assert [len(b["input_ids"]) for b in batches] == [6, 6, 2]  # 3, 3, 1 pairs: 2 rows each
+    for start, batch in zip((0, 3, 6), batches):
+        expected = collate_pairs(data[start:start + 3], 0)
+        assert all(torch.equal(batch[k], expected[k]) for k in ("input_ids", "attention_mask", "response_mask"))
+    assert len(list(pair_batches(Dataset.from_list(data), 0, 7))) == 1

@@ -289,6 +289,13 @@ def collate_pairs(batch, pad_token_id, padding_side="right"):
     }
 
 
+def pair_batches(data, pad_token_id, size):
+    """collate_pairs batches of `size` consecutive pairs of `data` (a list or datasets.Dataset of tokenised pairs), in
+    order; the last may hold fewer."""
+    for i in range(0, len(data), size):
+        yield collate_pairs([data[j] for j in range(i, min(i + size, len(data)))], pad_token_id)
+
+
 def collate_prompts(batch, pad_token_id):
     """A batch of B tokenised prompts -> input_ids, attention_mask (B, T), LEFT-padded so that every prompt ends at
     the last column and sampling appends new tokens to all rows at once. Other fields (e.g. the prompt messages,
